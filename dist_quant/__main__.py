@@ -1,0 +1,4 @@
+from dist_quant.cli import main
+
+if __name__ == "__main__":
+    main()

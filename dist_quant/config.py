@@ -1,0 +1,221 @@
+"""The one validated, frozen configuration of a training run.
+
+Every field is one command-line option (``--field-name``, underscores become dashes) of both
+``dist-quant train`` and ``python -m dist_quant.train``; the help text is the field's ``help``
+metadata. ``TrainConfig.validate`` raises :class:`dist_quant.errors.ConfigError` naming the option
+and the allowed range, before any process starts.
+
+Fields that move the bandwidth/accuracy trade-off: ``compressor``, ``bucket_size``, ``bits``,
+``error_feedback`` and ``downlink`` (fewer bytes, more gradient noise); ``workers`` and
+``batch_size`` (more data per step, more payloads per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_quant.errors import ConfigError
+
+METHODS = ("ps", "ddp")
+DDP_HOOKS = ("none", "fp16", "powersgd")
+HEADER_DTYPES = ("fp32", "fp16")
+INITS = ("he", "lecun", "double")
+BACKENDS = ("auto", "gloo", "nccl")
+DEVICES = ("auto", "cpu", "cuda")
+ON_NONFINITE = ("skip", "abort")
+BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- what runs -------------------------------------------------------------------------
+    method: str = _opt("ps", "ps: parameter server with compressed payloads; ddp: torch DDP "
+                       "allreduce baseline (see --ddp-hook).", choices=METHODS)
+    workers: int = _opt(4, "Number of worker processes W (the server is an extra rank 0).")
+    # --- uplink compression ----------------------------------------------------------------
+    compressor: str = _opt("onebit", "Uplink compressor: none (fp32), fp16, bf16, onebit, kbit, "
+                           "sign.")
+    bucket_size: int = _opt(512, "Coordinates per (a, b) header for onebit/kbit; 0 = the whole "
+                            "flattened gradient (the sheet's per-tensor rule).")
+    bits: int = _opt(2, "Bits per coordinate for the kbit compressor (1..8).")
+    header_dtype: str = _opt("fp32", "Type of the (a, b) headers on the wire; fp16 rounds outward "
+                             "so the decode stays unbiased.", choices=HEADER_DTYPES)
+    error_feedback: bool = _opt(False, "Wrap the uplink compressor in error feedback.")
+    # --- downlink --------------------------------------------------------------------------
+    downlink: str = _opt("none", "Downlink compressor: none sends fp32 parameters; any other "
+                         "compressor sends the compressed change of the workers' replica.")
+    downlink_bucket_size: int = _opt(512, "Bucket size of the downlink compressor.")
+    # --- data and model --------------------------------------------------------------------
+    dataset: str = _opt("mnist1d", "mnist1d (generated), teacher (synthetic), mnist (IDX files "
+                        "in --data-dir) or a path to an .npz with x, y, x_test, y_test.")
+    data_dir: str = _opt("", "Directory holding the MNIST IDX files (for --dataset mnist).")
+    train_size: int = _opt(4000, "Training examples to generate (mnist1d, teacher).")
+    test_size: int = _opt(1000, "Test examples to generate (mnist1d, teacher).")
+    hidden: str = _opt("256,256", "Hidden layer widths, comma separated.")
+    keep_prob: float = _opt(0.9, "Dropout KEEP probability p in (0, 1] (1 disables dropout; "
+                            "torch's Dropout takes the drop probability 1 - p).")
+    batchnorm: bool = _opt(True, "BatchNorm after every hidden Linear.")
+    init: str = _opt("he", "Hidden weight init: he (2/fan_in), lecun (1/fan_in), double "
+                     "(4/fan_in).", choices=INITS)
+    # --- optimisation ----------------------------------------------------------------------
+    steps: int = _opt(600, "Synchronous steps to run.")
+    batch_size: int = _opt(32, "Minibatch size per worker.")
+    lr: float = _opt(0.05, "Learning rate eta.")
+    momentum: float = _opt(0.9, "Momentum mu on the stochastic gradient only (0 <= mu < 1).")
+    weight_decay: float = _opt(5e-4, "L2 coefficient lambda, applied at the server outside "
+                               "momentum.")
+    decay_all: bool = _opt(False, "Also decay biases and BatchNorm parameters.")
+    seed: int = _opt(0, "Run seed; worker r's generator is seeded from (seed, r).")
+    # --- DDP baseline ----------------------------------------------------------------------
+    ddp_hook: str = _opt("none", "Communication hook for --method ddp: none (fp32 allreduce), "
+                         "fp16 (torch fp16_compress_hook), powersgd.", choices=DDP_HOOKS)
+    powersgd_rank: int = _opt(2, "Matrix approximation rank of the PowerSGD hook.")
+    # --- run bookkeeping -------------------------------------------------------------------
+    run_dir: str = _opt("", "Directory for config.json, metrics.jsonl, summary.json and "
+                        "checkpoints (default: runs/<time>-<method>).")
+    eval_every: int = _opt(50, "Evaluate on the test split every N steps (and at the end).")
+    checkpoint_every: int = _opt(0, "Write a checkpoint every N steps (0 = only at the end).")
+    resume: str = _opt("", "Run directory whose latest checkpoint the run continues from.")
+    # --- processes and faults --------------------------------------------------------------
+    backend: str = _opt("auto", "torch.distributed backend; auto = nccl on CUDA, else gloo.",
+                        choices=BACKENDS)
+    device: str = _opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
+    timeout: float = _opt(60.0, "Process-group timeout in seconds: a dead peer ends the run "
+                          "after at most this long.")
+    on_nonfinite: str = _opt("skip", "A non-finite or invalid worker payload: skip it (the step "
+                             "uses the other workers) or abort the run.", choices=ON_NONFINITE)
+    progress: bool = _opt(True, "Show a progress bar on rank 0.")
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> TrainConfig:
+        """Check every field; raise ConfigError naming the option. Returns self."""
+        def bad(name: str, msg: str) -> None:
+            raise ConfigError("--" + name.replace("_", "-"), msg)
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f.name, f"must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+        if not 1 <= self.workers <= 256:
+            bad("workers", f"must be in 1..256; got {self.workers}")
+        if self.bucket_size < 0:
+            bad("bucket_size", f"must be >= 0 (0 = whole tensor); got {self.bucket_size}")
+        if self.downlink_bucket_size < 0:
+            bad("downlink_bucket_size", f"must be >= 0; got {self.downlink_bucket_size}")
+        if not 1 <= self.bits <= 8:
+            bad("bits", f"must be in 1..8; got {self.bits}")
+        if not (0.0 < self.keep_prob <= 1.0):
+            bad("keep_prob", f"is a keep probability, must be in (0, 1]; got {self.keep_prob}")
+        try:
+            widths = self.hidden_sizes
+        except ValueError:
+            bad("hidden", f"must be comma-separated positive integers; got {self.hidden!r}")
+        if any(w <= 0 for w in widths):
+            bad("hidden", f"widths must be positive; got {self.hidden!r}")
+        if self.steps < 1:
+            bad("steps", f"must be >= 1; got {self.steps}")
+        if self.batch_size < 1:
+            bad("batch_size", f"must be >= 1; got {self.batch_size}")
+        if not self.lr > 0:
+            bad("lr", f"must be > 0; got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            bad("momentum", f"must be in [0, 1); got {self.momentum}")
+        if self.weight_decay < 0:
+            bad("weight_decay", f"must be >= 0; got {self.weight_decay}")
+        if self.train_size < 10 or self.test_size < 10:
+            bad("train_size" if self.train_size < 10 else "test_size", "must be >= 10")
+        if self.eval_every < 1:
+            bad("eval_every", f"must be >= 1; got {self.eval_every}")
+        if self.checkpoint_every < 0:
+            bad("checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
+        if self.powersgd_rank < 1:
+            bad("powersgd_rank", f"must be >= 1; got {self.powersgd_rank}")
+        if not self.timeout > 0:
+            bad("timeout", f"must be > 0 seconds; got {self.timeout}")
+        if self.dataset not in BUILTIN_DATASETS and not self.dataset.endswith(".npz"):
+            bad("dataset", f"must be one of {', '.join(BUILTIN_DATASETS)} or a path to an .npz; "
+                f"got {self.dataset!r}")
+        if self.dataset.endswith(".npz") and not Path(self.dataset).is_file():
+            bad("dataset", f"file not found: {self.dataset}")
+        if self.dataset == "mnist" and not Path(self.data_dir or ".").is_dir():
+            bad("data_dir", f"directory not found: {self.data_dir!r}")
+        if self.resume and not Path(self.resume).is_dir():
+            bad("resume", f"run directory not found: {self.resume}")
+        self._validate_compressors()
+        return self
+
+    def _validate_compressors(self) -> None:
+        from dist_quant.compress import available_compressors
+
+        names = available_compressors()
+        if self.compressor not in names:
+            raise ConfigError("--compressor", f"must be one of {', '.join(names)}; "
+                              f"got {self.compressor!r}")
+        if self.downlink not in names:
+            raise ConfigError("--downlink", f"must be one of {', '.join(names)}; "
+                              f"got {self.downlink!r}")
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return tuple(int(w) for w in self.hidden.split(",") if w.strip())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError("--" + sorted(unknown)[0].replace("_", "-"), "unknown option")
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_argv(self) -> list[str]:
+        """The command-line options that reproduce this config (non-default fields only)."""
+        argv: list[str] = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == f.default:
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                argv += [flag, str(value)]
+        return argv
+
+
+def click_options(cls: type = TrainConfig):
+    """Decorator adding one click option per config field (the CLI stays a thin mapping)."""
+    import click
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(cls)):
+            dashed = f.name.replace("_", "-")
+            kwargs: dict[str, Any] = {"default": f.default, "show_default": True,
+                                      "help": f.metadata.get("help", "")}
+            if isinstance(f.default, bool):
+                fn = click.option(f"--{dashed}/--no-{dashed}", f.name, **kwargs)(fn)
+                continue
+            if f.metadata.get("choices"):
+                kwargs["type"] = click.Choice(f.metadata["choices"])
+            else:
+                kwargs["type"] = type(f.default)
+            fn = click.option(f"--{dashed}", f.name, **kwargs)(fn)
+        return fn
+
+    return decorate

@@ -1,0 +1,135 @@
+"""What a run leaves in its directory, written by rank 0 only.
+
+Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster`` read):
+
+- ``config.json``: the resolved :class:`~dist_quant.config.TrainConfig` under ``"config"``,
+  plus ``"versions"`` (python, torch, numpy, dist_quant) and ``"git_commit"`` (or null).
+- ``metrics.jsonl``: one JSON object per line.
+
+  * step lines: ``{"kind": "step", "step": t, "loss": float, "bytes_up": int,
+    "bytes_down": int, "cum_bytes_up": int, "cum_bytes_down": int, "wall": s,
+    "time": {"compute": s, "encode": s, "communicate": s, "decode": s, "update": s},
+    "skipped": int}``. ``bytes_*`` are this step's bytes handed to the transport, summed over
+    all ranks that send in that direction (uplink: workers -> server; downlink:
+    server -> workers; for allreduce baselines, what each rank sends, summed, split evenly).
+  * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
+    "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``.
+- ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,
+  ``fp32_bytes_up``, ``fp32_bytes_down`` (what fp32 would have sent for the same steps),
+  ``steps``, ``workers``, ``params``, ``wall_seconds``, ``compressor``, ``method``,
+  ``skipped_payloads``.
+- ``checkpoints/``: ``step_<t>.pt`` files written atomically, plus ``latest`` (a text file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+PHASES = ("compute", "encode", "communicate", "decode", "update")
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from dist_quant import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "dist_quant": __version__}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Appends step and eval lines to ``metrics.jsonl`` and writes the JSON files.
+
+    ``resume=True`` keeps the existing lines up to the resumed step (later ones are dropped, as
+    they will be recomputed) and continues the byte counters from there.
+    """
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.cum_up = 0
+        self.cum_down = 0
+        self.skipped = 0
+        self.t0 = time.perf_counter()
+        self.wall_offset = 0.0
+        metrics = self.dir / "metrics.jsonl"
+        if resume_step is not None and metrics.exists():
+            kept = []
+            for line in metrics.read_text().splitlines():
+                rec = json.loads(line)
+                if rec["step"] <= resume_step:
+                    kept.append(line)
+                    self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
+                    self.wall_offset = rec["wall"]
+                    self.skipped += rec.get("skipped", 0)
+            metrics.write_text("".join(k + "\n" for k in kept))
+        else:
+            metrics.write_text("")
+        write_json_atomic(self.dir / "config.json",
+                          {"config": config, "versions": versions(), "git_commit": git_commit()})
+        self._fh = open(metrics, "a", buffering=1)  # noqa: SIM115 (closed in close())
+
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.t0
+
+    def step(self, step: int, loss: float, bytes_up: int, bytes_down: int,
+             times: dict[str, float], skipped: int = 0) -> dict[str, Any]:
+        self.cum_up += int(bytes_up)
+        self.cum_down += int(bytes_down)
+        self.skipped += int(skipped)
+        rec = {"kind": "step", "step": int(step), "loss": float(loss),
+               "bytes_up": int(bytes_up), "bytes_down": int(bytes_down),
+               "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
+               "wall": self.wall(), "time": {p: float(times.get(p, 0.0)) for p in PHASES},
+               "skipped": int(skipped)}
+        self._fh.write(json.dumps(rec) + "\n")
+        return rec
+
+    def eval(self, step: int, test_loss: float, test_accuracy: float) -> dict[str, Any]:
+        rec = {"kind": "eval", "step": int(step), "test_loss": float(test_loss),
+               "test_accuracy": float(test_accuracy), "cum_bytes_up": self.cum_up,
+               "cum_bytes_down": self.cum_down, "wall": self.wall()}
+        self._fh.write(json.dumps(rec) + "\n")
+        return rec
+
+    def summary(self, **fields: Any) -> dict[str, Any]:
+        out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
+               "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
+        write_json_atomic(self.dir / "summary.json", out)
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
