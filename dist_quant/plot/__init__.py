@@ -1,0 +1,1 @@
+"""Figures and the report table read from run directories (``dist-quant plot``)."""

@@ -1,0 +1,53 @@
+"""``dist-quant plot RUN_OR_SWEEP_DIRS...``: figures and ``report.md`` from recorded runs.
+
+Example::
+
+    dist-quant plot runs/sweep-2024-06-01 --out benchmarks/2024-06-01
+    dist-quant plot runs/a runs/b --target 0.65
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from dist_quant.errors import ConfigError
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True,
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory for the PNGs and report.md (default: <first path>/plots).")
+@click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Target test accuracy as a fraction (default: 90% of the best final "
+                   "accuracy over the runs given, rounded down to 0.1 point).")
+def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> None:
+    """Plot accuracy against bytes and wall time, phase times, bytes and time to a target
+    accuracy, and write report.md with one table per link cap.
+
+    Each path is a run directory (holding summary.json) or a sweep directory searched for
+    them recursively.
+    """
+    from dist_quant.plot.figures import draw_all
+    from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
+    from dist_quant.plot.runs import find_runs, group_by_cap
+
+    try:
+        runs = find_runs(list(paths))
+    except ConfigError as e:
+        raise click.BadParameter(str(e), param_hint="RUN_OR_SWEEP_DIRS") from e
+    out = out or paths[0] / "plots"
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_by_cap(runs)
+    if target is None:
+        target = default_target(runs)
+        note = (f"{100 * TARGET_FRACTION:g}% of the best final accuracy over the "
+                f"{len(runs)} runs, rounded down to 0.1 point; set with --target")
+    else:
+        note = "given with --target"
+    figures = draw_all(groups, target, out)
+    report = write_report(groups, target, note, figures, out)
+    for path in [*figures, report]:
+        click.echo(str(path))

@@ -1,0 +1,82 @@
+"""Short, stable names for runs, read from the ``"config"`` object of ``config.json``.
+
+``method_label`` names the method: ``"PS onebit b512"``, ``"PS onebit whole"`` (bucket 0, the
+sheet's per-tensor rule), ``"PS 2bit b512"``, ``"PS sign+EF"``, ``"PS onebit b512 up+down"``
+(the downlink uses the uplink compressor), ``"PS fp32"``, ``"DDP fp32"``, ``"DDP fp16"``,
+``"DDP PowerSGD r2"``. ``run_labels`` adds ``key=value`` for the config fields that tell apart
+runs sharing a name (a seed, a worker count, a learning rate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+from typing import Any
+
+from dist_quant.config import TrainConfig
+
+PS_FLOATS = {"none": "fp32", "fp16": "fp16", "bf16": "bf16"}
+DDP_HOOKS = {"none": "DDP fp32", "fp16": "DDP fp16"}
+# fields that never change what was trained
+BOOKKEEPING = {"run_dir", "resume", "progress", "checkpoint_every", "eval_every", "backend",
+               "device", "timeout", "data_dir"}
+
+
+def resolved(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with the defaults of this version for any field an older run did not record."""
+    return {**dataclasses.asdict(TrainConfig()), **config}
+
+
+def compressor_label(name: str, bucket_size: int, bits: int) -> str:
+    if name in PS_FLOATS:
+        return PS_FLOATS[name]
+    bucket = "whole" if bucket_size == 0 else f"b{bucket_size}"
+    if name == "onebit":
+        return f"onebit {bucket}"
+    if name == "kbit":
+        return f"{bits}bit {bucket}"
+    return name
+
+
+def method_label(config: dict[str, Any]) -> str:
+    c = resolved(config)
+    if c["method"] == "ddp":
+        if c["ddp_hook"] == "powersgd":
+            return f"DDP PowerSGD r{c['powersgd_rank']}"
+        return DDP_HOOKS.get(c["ddp_hook"], f"DDP {c['ddp_hook']}")
+    label = "PS " + compressor_label(c["compressor"], c["bucket_size"], c["bits"])
+    if c["error_feedback"]:
+        label += "+EF"
+    if c["header_dtype"] != "fp32" and c["compressor"] not in PS_FLOATS:
+        label += f" {c['header_dtype']} headers"
+    if c["downlink"] != "none":
+        down = compressor_label(c["downlink"], c["downlink_bucket_size"], c["bits"])
+        same = c["downlink"] == c["compressor"] and (
+            c["downlink_bucket_size"] == c["bucket_size"] or c["downlink"] in PS_FLOATS)
+        label += " up+down" if same else f" down {down}"
+    return label
+
+
+def run_labels(configs: list[dict[str, Any]]) -> list[str]:
+    """``method_label`` of each config, made unique by the fields in which equal names differ."""
+    labels = [method_label(c) for c in configs]
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, label in enumerate(labels):
+        groups[label].append(i)
+    out = list(labels)
+    for label, members in groups.items():
+        if len(members) < 2:
+            continue
+        full = [resolved(configs[i]) for i in members]
+        keys = sorted({k for f in full for k in f} - BOOKKEEPING)
+        keys = [k for k in keys if len({repr(f.get(k)) for f in full}) > 1]
+        for i, f in zip(members, full, strict=True):
+            extra = " ".join(f"{k}={f.get(k)}" for k in keys)
+            out[i] = f"{label} {extra}" if extra else label
+    counts = {label: out.count(label) for label in out}
+    seen: dict[str, int] = defaultdict(int)
+    for i, label in enumerate(list(out)):  # identical configs (a repeated run): number them
+        if counts[label] > 1:
+            seen[label] += 1
+            out[i] = f"{label} #{seen[label]}"
+    return out
