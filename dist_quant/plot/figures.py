@@ -144,7 +144,7 @@ def time_per_phase(groups: Groups, out: Path) -> Path:
         ax.set_title(cap, fontsize="medium")
         ax.grid(True, axis="x", alpha=0.3)
     handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside upper center", ncols=len(PHASES), fontsize="small")
+    fig.legend(handles, names, loc="outside right upper", fontsize="small")
     return save(fig, out, "time_per_phase.png")
 
 
