@@ -1,0 +1,98 @@
+"""Gradient compressors and their registry.
+
+>>> from dist_quant.compress import get_compressor
+>>> comp = get_compressor("onebit", bucket_size=512)
+>>> payload = comp.encode(grad, generator=gen)          # doctest: +SKIP
+>>> comp.decode(payload.to_tensor())                    # doctest: +SKIP
+
+Names: ``none`` (fp32), ``fp16``, ``bf16``, ``onebit`` (the sheet's unbiased 1-bit rule),
+``kbit`` (``bits`` in 1..8), ``sign`` (scaled sign, biased). Options, all keyword:
+
+- ``bucket_size`` (onebit, kbit, sign): coordinates per header; ``None`` or 0 = whole tensor.
+- ``bits`` (kbit): 1..8; ``onebit`` is ``kbit`` with ``bits=1`` (same code, same payload).
+- ``header_dtype`` (onebit, kbit, sign): ``fp32`` (default), ``fp16`` or ``bf16``.
+- ``error_feedback`` (all): wrap in :class:`ErrorFeedback`.
+
+Options a compressor does not use are ignored, so a caller may pass one configuration's worth to
+any name; unknown option names and out-of-range values raise :class:`ConfigError` naming them.
+Wire layout: :mod:`dist_quant.compress.wire`; mathematics: :mod:`dist_quant.compress.quantize`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dist_quant.compress.base import Compressor
+from dist_quant.compress.error_feedback import ErrorFeedback
+from dist_quant.compress.floats import BF16Compressor, FP16Compressor, NoneCompressor
+from dist_quant.compress.quantize import KBitCompressor
+from dist_quant.compress.sign import SignCompressor
+from dist_quant.compress.wire import HEADER_DTYPES, Payload, WireRangeError
+from dist_quant.errors import ConfigError
+
+OPTIONS = ("bucket_size", "bits", "header_dtype", "error_feedback")
+
+
+def _bucket(bucket_size: int | None) -> int:
+    if bucket_size is None:
+        return 0
+    if isinstance(bucket_size, bool) or not isinstance(bucket_size, int) or bucket_size < 0:
+        raise ConfigError("bucket_size", f"must be an integer >= 0 (0 or None = whole tensor); "
+                          f"got {bucket_size!r}")
+    return bucket_size
+
+
+def _header(header_dtype: str | None) -> str:
+    if header_dtype is None:
+        return "fp32"
+    if header_dtype not in HEADER_DTYPES:
+        raise ConfigError("header_dtype", f"must be one of {', '.join(HEADER_DTYPES)}; "
+                          f"got {header_dtype!r}")
+    return header_dtype
+
+
+def _bits(bits: int | None) -> int:
+    if bits is None:
+        raise ConfigError("bits", "kbit needs bits in 1..8")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ConfigError("bits", f"must be an integer in 1..8; got {bits!r}")
+    return bits
+
+
+_REGISTRY: dict[str, Callable[..., Compressor]] = {
+    "none": lambda **o: NoneCompressor(),
+    "fp16": lambda **o: FP16Compressor(),
+    "bf16": lambda **o: BF16Compressor(),
+    "onebit": lambda **o: KBitCompressor(1, _bucket(o.get("bucket_size")),
+                                         _header(o.get("header_dtype"))),
+    "kbit": lambda **o: KBitCompressor(_bits(o.get("bits")), _bucket(o.get("bucket_size")),
+                                       _header(o.get("header_dtype"))),
+    "sign": lambda **o: SignCompressor(_bucket(o.get("bucket_size")),
+                                       _header(o.get("header_dtype"))),
+}
+
+
+def available_compressors() -> tuple[str, ...]:
+    """Registered compressor names."""
+    return tuple(_REGISTRY)
+
+
+def get_compressor(name: str, **options) -> Compressor | ErrorFeedback:
+    """A compressor by name; see the module docstring for the options."""
+    if name not in _REGISTRY:
+        raise ConfigError("compressor", f"must be one of {', '.join(_REGISTRY)}; got {name!r}")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown compressor option (known: {', '.join(OPTIONS)})")
+    compressor = _REGISTRY[name](**options)
+    return ErrorFeedback(compressor) if options.get("error_feedback") else compressor
+
+
+__all__ = [
+    "Compressor",
+    "ErrorFeedback",
+    "Payload",
+    "WireRangeError",
+    "available_compressors",
+    "get_compressor",
+]

@@ -1,0 +1,184 @@
+"""The compressor interface shared by every wire format.
+
+A compressor is stateless: ``encode(flat_tensor, generator) -> Payload`` and
+``decode(payload) -> float32 tensor``. The payload is the exact bytes that travel (see
+:mod:`dist_quant.compress.wire`); its size is known before encoding (``payload_nbytes``), so a
+server can post fixed-size receives. Subclasses supply the body: ``_body_nbytes``, ``_encode_body``,
+``_decode_body``, and optionally ``_check_body`` (validation of the per-bucket reals) and a
+faster ``decode_mean``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_quant.compress import wire
+from dist_quant.errors import NonFiniteGradientError, PayloadError
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def count_nonfinite(x: torch.Tensor) -> int:
+    return int(x.numel() - torch.isfinite(x).sum().item())
+
+
+class Compressor:
+    """Base class; see the module docstring. Attributes recorded in every payload's header."""
+
+    name: str = ""
+    kind: str = ""  # key of wire.COMPRESSOR_IDS
+    bits: int = 32
+    bucket_size: int = 0  # 0 = the whole tensor
+    header_dtype: str = "fp32"
+    uses_header_dtype: bool = False
+    unbiased: bool = True
+
+    # ---- sizes -------------------------------------------------------------------------------
+    def num_buckets(self, n: int) -> int:
+        if n == 0:
+            return 0
+        d = self.bucket_size or n
+        return -(-n // d)
+
+    def payload_nbytes(self, n: int) -> int:
+        """Exact bytes of the payload of ``n`` coordinates (fixed header included)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        return wire.FIXED_NBYTES + self._body_nbytes(n)
+
+    def _body_nbytes(self, n: int) -> int:
+        raise NotImplementedError
+
+    # ---- header ------------------------------------------------------------------------------
+    def _header(self, n: int, nonfinite_count: int = 0) -> wire.Header:
+        return wire.Header(
+            version=wire.VERSION,
+            compressor_id=wire.COMPRESSOR_IDS[self.kind],
+            flags=wire.FLAG_NONFINITE if nonfinite_count else 0,
+            bits=self.bits,
+            header_dtype=wire.HEADER_DTYPE_CODES[self.header_dtype] if self.uses_header_dtype
+            else 0,
+            n=n,
+            bucket_size=self.bucket_size,
+            nonfinite_count=nonfinite_count,
+        )
+
+    # ---- encode ------------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> wire.Payload:
+        """Encode a tensor (flattened; fp16/bf16/fp32/fp64) into its payload on x's device.
+
+        Raises :class:`NonFiniteGradientError` if ``x`` holds NaN or Inf (nothing is encoded).
+        """
+        flat = self._check_input(x)
+        out = wire.new_payload(self._header(flat.numel()), self.payload_nbytes(flat.numel()),
+                               flat.device)
+        self._encode_body(flat, out[wire.FIXED_NBYTES:], generator)
+        return wire.Payload(out)
+
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"encode expects a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"encode expects a float16/bfloat16/float32/float64 tensor, "
+                             f"got {x.dtype}")
+        return x.reshape(-1)
+
+    def _encode_body(self, x: torch.Tensor, body: torch.Tensor,
+                     generator: torch.Generator | None) -> None:
+        raise NotImplementedError
+
+    def nonfinite_payload(self, n: int, count: int) -> wire.Payload:
+        """A payload of exactly ``payload_nbytes(n)`` bytes that tells the receiver the worker's
+        gradient held ``count`` non-finite values; decoding it raises NonFiniteGradientError."""
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        out = wire.new_payload(self._header(n, count), self.payload_nbytes(n),
+                               torch.device("cpu"))
+        return wire.Payload(out)
+
+    # ---- decode ------------------------------------------------------------------------------
+    def validate(self, data: torch.Tensor) -> wire.Header:
+        """Check a payload's header and length against this compressor; return the header."""
+        h = wire.read_header(data)
+        if h.version != wire.VERSION:
+            raise PayloadError(f"unknown payload version {h.version} (this decoder reads "
+                               f"version {wire.VERSION})")
+        if h.compressor_id not in wire.COMPRESSOR_NAMES:
+            raise PayloadError(f"unknown compressor id {h.compressor_id}")
+        if h.compressor_id != wire.COMPRESSOR_IDS[self.kind]:
+            raise PayloadError(f"payload was encoded by compressor "
+                               f"{wire.COMPRESSOR_NAMES[h.compressor_id]!r}, this decoder is "
+                               f"{self.kind!r}")
+        if h.flags & ~wire.KNOWN_FLAGS:
+            raise PayloadError(f"unknown flag bits {h.flags:#04x}")
+        expected = self._header(h.n, h.nonfinite_count)
+        for field in ("bits", "header_dtype", "bucket_size"):
+            got, want = getattr(h, field), getattr(expected, field)
+            if got != want:
+                raise PayloadError(f"payload {field} is {got}, this decoder expects {want}")
+        if not h.nonfinite and h.nonfinite_count:
+            raise PayloadError(f"non-finite count {h.nonfinite_count} without the flag")
+        want_len = self.payload_nbytes(h.n)
+        if data.numel() != want_len:
+            raise PayloadError(f"wrong payload length: {data.numel()} bytes, but n={h.n} needs "
+                               f"{want_len}")
+        if h.nonfinite:
+            raise NonFiniteGradientError(h.nonfinite_count, h.n)
+        return h
+
+    def decode(self, payload: wire.Payload | torch.Tensor) -> torch.Tensor:
+        """Validate and decode one payload into a flat float32 tensor on its device."""
+        data = wire.as_bytes(payload)
+        h = self.validate(data)
+        body = data[wire.FIXED_NBYTES:]
+        self._check_body(body, h.n)
+        return self._decode_body(body, h.n)
+
+    def _check_body(self, body: torch.Tensor, n: int) -> None:
+        """Validate the per-bucket reals of a body (subclasses with headers override)."""
+
+    def _decode_body(self, body: torch.Tensor, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _validate_rows(self, batch: torch.Tensor) -> int:
+        """Validate every row of a ``[W, nbytes]`` batch; the errors name the row. Returns n."""
+        if batch.dtype != torch.uint8 or batch.dim() != 2 or batch.shape[0] < 1:
+            raise PayloadError(f"decode_mean expects a [W, nbytes] uint8 tensor with W >= 1, "
+                               f"got dtype {batch.dtype} shape {tuple(batch.shape)}")
+        n = None
+        for row in range(batch.shape[0]):
+            try:
+                h = self.validate(batch[row])
+                self._check_body(batch[row, wire.FIXED_NBYTES:], h.n)
+            except NonFiniteGradientError as err:
+                err.row = row
+                err.args = (f"row {row}: {err.args[0]}",)
+                raise
+            except PayloadError as err:
+                raise PayloadError(f"row {row}: {err}") from None
+            if n is None:
+                n = h.n
+            elif h.n != n:
+                raise PayloadError(f"row {row}: n={h.n} differs from row 0's n={n}")
+        return n
+
+    def decode_mean(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the decodes of the W rows of a ``[W, nbytes]`` uint8 tensor (float32).
+
+        ``out`` (optional, float32 of length n) is reused instead of allocating the result.
+        """
+        n = self._validate_rows(batch)
+        out = _result(out, n, batch.device)
+        out.zero_()
+        for row in range(batch.shape[0]):
+            out.add_(self._decode_body(batch[row, wire.FIXED_NBYTES:], n))
+        return out.div_(batch.shape[0])
+
+
+def _result(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    if out is None:
+        return torch.empty(n, dtype=torch.float32, device=device)
+    if out.dtype != torch.float32 or out.numel() != n or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of {n} elements, got "
+                         f"{out.dtype} with {out.numel()}")
+    return out.view(-1)

@@ -1,0 +1,57 @@
+"""Float compressors: ``none`` (fp32, 32 bits/coordinate), ``fp16`` and ``bf16`` (16 bits).
+
+``none`` is the identity on fp32 values (fp16/bf16 inputs are widened exactly, fp64 inputs rounded
+to nearest fp32), so training with it equals the uncompressed reference. ``fp16``/``bf16`` round
+to nearest: deterministic and biased by at most half an ulp per coordinate. A finite value beyond
+the type's range would become Inf on the wire; encode raises :class:`WireRangeError` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_quant.compress import wire
+from dist_quant.compress.base import Compressor, count_nonfinite
+from dist_quant.errors import NonFiniteGradientError
+
+
+class FloatCompressor(Compressor):
+    kind = ""
+    dtype = torch.float32
+
+    def _body_nbytes(self, n: int) -> int:
+        return n * self.bits // 8
+
+    def _encode_body(self, x, body, generator):
+        cast = x.to(self.dtype)
+        bad = count_nonfinite(cast)
+        if bad:
+            count = count_nonfinite(x)
+            if count:
+                raise NonFiniteGradientError(count, x.numel())
+            raise wire.WireRangeError(f"{bad} finite value(s) exceed the {self.name} range "
+                                      f"(largest |x| = {x.abs().max().item():.4g})")
+        body.view(self.dtype).copy_(cast)
+
+    def _decode_body(self, body, n):
+        return wire.view_as(body, 0, n, self.dtype).to(torch.float32, copy=True)
+
+
+class NoneCompressor(FloatCompressor):
+    name = kind = "none"
+    dtype = torch.float32
+    bits = 32
+
+
+class FP16Compressor(FloatCompressor):
+    name = kind = "fp16"
+    dtype = torch.float16
+    bits = 16
+    unbiased = False
+
+
+class BF16Compressor(FloatCompressor):
+    name = kind = "bf16"
+    dtype = torch.bfloat16
+    bits = 16
+    unbiased = False

@@ -1,0 +1,190 @@
+"""Unbiased k-bit stochastic quantisation; ``onebit`` is its ``k = 1`` case (MATH 4a-4g).
+
+The rule, per bucket of ``d`` consecutive coordinates (``d = n``: the sheet's whole-tensor rule).
+With ``L = 2^k - 1``, the worker sends an offset ``b``, a level spacing ``a`` and, for every
+coordinate, an integer ``t_i`` in ``0..L``; the server reconstructs ``a t_i + b``.
+
+1. ``b`` = the bucket's minimum rounded *down* to the header type, ``a`` = ``(max - b) / L``
+   rounded *up* (MATH 4e: every level the decoder can form lies where the encoder assumed, and
+   ``b + L a >= max``). For ``k = 1`` these are the sheet's ``b = min g``, ``a = max g - min g``.
+2. ``y_i = (g_i - b) / a``, clamped to ``[0, L]`` (rounding can push it out, MATH 4d); ``y_i = 0``
+   when ``a = 0`` (a constant bucket decodes exactly to ``b``).
+3. ``t_i = floor(y_i) + 1`` with probability ``frac(y_i)``, else ``floor(y_i)``: the two
+   neighbouring levels of ``g_i``, independently across coordinates.
+
+Unbiasedness (4a, 4g): ``E[a t_i + b] = a (floor(y_i) + frac(y_i)) + b = a y_i + b = g_i``.
+Variance (4c, 4g): with lower/upper neighbouring levels ``l_i <= g_i <= u_i = l_i + a`` the decode
+is a two-point law, ``V = (g_i - l_i)(u_i - g_i)``; for ``k = 1``, ``l = b`` and ``u = a + b``, so
+``V = (g_i - b)(a + b - g_i)``. Every term shrinks as ``b`` rises and ``a + b`` falls, so the
+minimum-variance unbiased choice is ``b = min``, ``a + b = max``: total variance
+``sum_i (g_i - min)(max - g_i) <= n (max - min)^2 / 4``. Other ``(a, b)`` covering [min, max] are
+unbiased too (4b), only noisier.
+
+Buckets (4f): each bucket carries two header reals, ``2 h / d`` extra bits per coordinate for
+``h``-bit headers (1/8 bit at d = 512 with fp32 headers), and the variance is summed over buckets
+of their own (much smaller) ranges.
+
+The random draw, exactly: ``q_i = floor(y_i 2^24)`` and ``t_i = (q_i + r_i) >> 24`` with ``r_i``
+uniform on ``0..2^24 - 1``. Then ``P(t_i = floor(y_i) + 1) = frac(q_i / 2^24)``, which differs
+from ``frac(y_i)`` by less than ``2^-24``: the decode's bias is below ``a 2^-24`` per coordinate
+(an fp32 ``y_i`` in [0, 1) carries 24 significant bits, so this is also where the float
+arithmetic stops). The pure-torch path takes ``r_i`` from ``torch.randint`` on the given
+generator; the compiled CPU path (:mod:`dist_quant.compress.fast`) takes it from a counter-based
+hash seeded by two draws of the same generator. Same law, different streams: payloads are
+deterministic given the generator and the path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_quant.compress import fast, wire
+from dist_quant.compress.base import Compressor, _result
+from dist_quant.compress.rounding import round_down, round_up
+from dist_quant.errors import NonFiniteGradientError, PayloadError
+
+DRAW_BITS = 24
+
+
+def bucket_minmax(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-bucket minimum and maximum of ``x`` (buckets of ``d``, the last one may be short)."""
+    n = x.numel()
+    full = n // d
+    parts_lo, parts_hi = [], []
+    if full:
+        lo, hi = torch.aminmax(x[: full * d].view(full, d), dim=1)
+        parts_lo.append(lo)
+        parts_hi.append(hi)
+    if n % d:
+        lo, hi = torch.aminmax(x[full * d:])
+        parts_lo.append(lo.reshape(1))
+        parts_hi.append(hi.reshape(1))
+    return torch.cat(parts_lo), torch.cat(parts_hi)
+
+
+def header_values(lo: torch.Tensor, hi: torch.Tensor, levels: int,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` in the header type from per-bucket min/max: ``b`` rounded down, ``a`` up."""
+    b = round_down(lo.double(), dtype)
+    a = round_up((hi.double() - b.double()) / levels, dtype)
+    # (hi - b) / L can round down in float64 when b is far larger than hi - b; step a up
+    # until the top level covers the maximum (one step suffices: a grows by one ulp)
+    short = b.double() + levels * a.double() < hi.double()
+    if short.any():
+        a = torch.where(short, torch.nextafter(a, torch.full_like(a, float("inf"))), a)
+    return a, b
+
+
+def _bucketed(x: torch.Tensor, d: int, nb: int, fill: float = 0.0) -> torch.Tensor:
+    """``x`` padded to ``nb * d`` and viewed as ``[nb, d]``."""
+    pad = nb * d - x.numel()
+    if pad:
+        x = torch.cat([x, x.new_full((pad,), fill)])
+    return x.view(nb, d)
+
+
+class KBitCompressor(Compressor):
+    """k-bit unbiased stochastic rounding with per-bucket ``(a, b)``; see the module docstring."""
+
+    kind = "kbit"
+    uses_header_dtype = True
+
+    def __init__(self, bits: int = 1, bucket_size: int = 0, header_dtype: str = "fp32"):
+        self.bits = bits
+        self.bucket_size = bucket_size
+        self.header_dtype = header_dtype
+        self.name = "onebit" if bits == 1 else "kbit"
+        self.levels = (1 << bits) - 1
+        self.hdtype = wire.HEADER_DTYPES[header_dtype]
+        self.hbytes = torch.empty((), dtype=self.hdtype).element_size()
+
+    def __repr__(self) -> str:
+        return (f"KBitCompressor(bits={self.bits}, bucket_size={self.bucket_size}, "
+                f"header_dtype={self.header_dtype!r})")
+
+    def _body_nbytes(self, n: int) -> int:
+        return 2 * self.num_buckets(n) * self.hbytes + wire.packed_nbytes(n, self.bits)
+
+    def _split(self, body: torch.Tensor, n: int):
+        nb = self.num_buckets(n)
+        a = wire.view_as(body, 0, nb, self.hdtype)
+        b = wire.view_as(body, nb * self.hbytes, nb, self.hdtype)
+        bits = body[2 * nb * self.hbytes:]
+        return a, b, bits
+
+    # ---- encode ------------------------------------------------------------------------------
+    def _encode_body(self, x, body, generator):
+        n = x.numel()
+        if n == 0:
+            return
+        if fast.usable(x, self):
+            count = fast.kbit_encode(x, body, self, generator)
+            if count:
+                raise NonFiniteGradientError(count, n)
+            return
+        self._encode_body_torch(x, body, generator)
+
+    def _encode_body_torch(self, x, body, generator):
+        n = x.numel()
+        d = self.bucket_size or n
+        nb = self.num_buckets(n)
+        lo, hi = bucket_minmax(x, d)
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise NonFiniteGradientError(n - int(torch.isfinite(x).sum()), n)
+        a, b = header_values(lo, hi, self.levels, self.hdtype)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise wire.WireRangeError(
+                f"bucket range [{lo.min().item():.4g}, {hi.max().item():.4g}] does not fit "
+                f"header_dtype {self.header_dtype}")
+        a_out, b_out, bits_out = self._split(body, n)
+        a_out.copy_(a)
+        b_out.copy_(b)
+        a32 = a.float().unsqueeze(1)
+        b32 = b.float().unsqueeze(1)
+        xb = _bucketed(x.float(), d, nb)
+        y = (xb - b32) / torch.where(a32 > 0, a32, torch.ones_like(a32))
+        y = torch.where(a32 > 0, y, torch.zeros_like(y)).clamp_(0, self.levels)
+        q = (y.reshape(-1)[:n] * float(1 << DRAW_BITS)).to(torch.int64)
+        r = torch.randint(0, 1 << DRAW_BITS, (n,), generator=generator, device=x.device,
+                          dtype=torch.int64)
+        t = (q + r) >> DRAW_BITS
+        bits_out.copy_(wire.pack_bits(t, self.bits))
+
+    # ---- decode ------------------------------------------------------------------------------
+    def _check_body(self, body, n):
+        a, b, _ = self._split(body, n)
+        if not torch.isfinite(a).all():
+            raise PayloadError(f"non-finite scale a in {int((~torch.isfinite(a)).sum())} "
+                               f"bucket(s)")
+        if (a < 0).any():
+            raise PayloadError(f"negative scale a in {int((a < 0).sum())} bucket(s)")
+        if not torch.isfinite(b).all():
+            raise PayloadError(f"non-finite offset b in {int((~torch.isfinite(b)).sum())} "
+                               f"bucket(s)")
+
+    def _decode_body(self, body, n, out=None):
+        if n == 0:
+            return torch.empty(0, dtype=torch.float32, device=body.device)
+        if fast.usable(body, self):
+            return fast.kbit_decode(body, n, self, _result(out, n, body.device))
+        a, b, bits = self._split(body, n)
+        d = self.bucket_size or n
+        nb = self.num_buckets(n)
+        t = _bucketed(wire.unpack_bits(bits, n, self.bits).float(), d, nb)
+        values = (t * a.float().unsqueeze(1) + b.float().unsqueeze(1)).reshape(-1)[:n]
+        if out is None:
+            return values
+        return out.copy_(values)
+
+    def decode_mean(self, batch, out=None):
+        n = self._validate_rows(batch)
+        out = _result(out, n, batch.device)
+        if n == 0:
+            return out
+        body = batch[:, wire.FIXED_NBYTES:]
+        if fast.usable(batch, self):
+            return fast.kbit_decode_mean(body, n, self, out)
+        out.zero_()
+        for row in range(batch.shape[0]):
+            out.add_(self._decode_body(body[row], n))
+        return out.div_(batch.shape[0])

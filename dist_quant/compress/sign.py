@@ -1,0 +1,77 @@
+"""Scaled sign: a biased 1-bit baseline (signSGD with a per-bucket scale).
+
+Per bucket of ``d`` coordinates the worker sends ``s = mean |g_i|`` (in the header type, rounded
+to nearest) and one bit per coordinate, ``1`` for ``g_i >= 0``; the server reconstructs
+``s sign(g_i)`` (``+s`` for a set bit, ``-s`` otherwise). For a fixed sign pattern this ``s``
+minimises ``||g - s sign(g)||^2``. The decode is biased (``E = s sign(g_i) != g_i`` in general):
+use it with error feedback, or as the baseline that shows what unbiasedness buys.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_quant.compress import wire
+from dist_quant.compress.base import Compressor, count_nonfinite
+from dist_quant.compress.quantize import _bucketed
+from dist_quant.errors import NonFiniteGradientError, PayloadError
+
+
+class SignCompressor(Compressor):
+    name = kind = "sign"
+    bits = 1
+    uses_header_dtype = True
+    unbiased = False
+
+    def __init__(self, bucket_size: int = 0, header_dtype: str = "fp32"):
+        self.bucket_size = bucket_size
+        self.header_dtype = header_dtype
+        self.hdtype = wire.HEADER_DTYPES[header_dtype]
+        self.hbytes = torch.empty((), dtype=self.hdtype).element_size()
+
+    def __repr__(self) -> str:
+        return f"SignCompressor(bucket_size={self.bucket_size}, header_dtype={self.header_dtype!r})"
+
+    def _body_nbytes(self, n: int) -> int:
+        return self.num_buckets(n) * self.hbytes + wire.packed_nbytes(n, 1)
+
+    def _split(self, body, n):
+        nb = self.num_buckets(n)
+        return wire.view_as(body, 0, nb, self.hdtype), body[nb * self.hbytes:]
+
+    def _encode_body(self, x, body, generator):
+        n = x.numel()
+        if n == 0:
+            return
+        count = count_nonfinite(x)
+        if count:
+            raise NonFiniteGradientError(count, n)
+        d = self.bucket_size or n
+        nb = self.num_buckets(n)
+        sizes = torch.full((nb,), float(d), dtype=torch.float64, device=x.device)
+        sizes[-1] = n - (nb - 1) * d
+        s = (_bucketed(x.double().abs(), d, nb).sum(1) / sizes).to(self.hdtype)
+        if not torch.isfinite(s).all():
+            raise wire.WireRangeError(f"mean |g| of a bucket exceeds header_dtype "
+                                      f"{self.header_dtype}")
+        s_out, bits_out = self._split(body, n)
+        s_out.copy_(s)
+        bits_out.copy_(wire.pack_bits(x >= 0, 1))
+
+    def _check_body(self, body, n):
+        s, _ = self._split(body, n)
+        if not torch.isfinite(s).all():
+            raise PayloadError(f"non-finite scale s in {int((~torch.isfinite(s)).sum())} "
+                               f"bucket(s)")
+        if (s < 0).any():
+            raise PayloadError(f"negative scale s in {int((s < 0).sum())} bucket(s)")
+
+    def _decode_body(self, body, n):
+        if n == 0:
+            return torch.empty(0, dtype=torch.float32, device=body.device)
+        s, bits = self._split(body, n)
+        d = self.bucket_size or n
+        nb = self.num_buckets(n)
+        t = _bucketed(wire.unpack_bits(bits, n, 1).float(), d, nb)
+        s = s.float().unsqueeze(1)
+        return (s * (2 * t - 1)).reshape(-1)[:n]
