@@ -93,6 +93,13 @@ class TrainConfig:
     on_nonfinite: str = _opt("skip", "A non-finite or invalid worker payload: skip it (the step "
                              "uses the other workers) or abort the run.", choices=ON_NONFINITE)
     progress: bool = _opt(True, "Show a progress bar on rank 0.")
+    # --- experiments and testing aids ------------------------------------------------------
+    simulate: bool = _opt(False, "Run the W workers and the server in one process (the "
+                          "single-process reference; same parameters as the distributed run).")
+    stop_accuracy: float = _opt(0.0, "Stop once test accuracy at an evaluation reaches this "
+                                "fraction (0..1); 0 = run all steps. For time-to-target sweeps.")
+    inject_nonfinite: str = _opt("", "Testing aid: WORKER:STEP makes worker WORKER (0-based) "
+                                 "hold a NaN gradient at step STEP (1-based); empty = never.")
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -149,6 +156,23 @@ class TrainConfig:
             bad("data_dir", f"directory not found: {self.data_dir!r}")
         if self.resume and not Path(self.resume).is_dir():
             bad("resume", f"run directory not found: {self.resume}")
+        if not 0.0 <= self.stop_accuracy <= 1.0:
+            bad("stop_accuracy", f"is a fraction, must be in [0, 1]; got {self.stop_accuracy}")
+        if self.inject_nonfinite:
+            try:
+                worker, step = self.nonfinite_at
+            except ValueError:
+                bad("inject_nonfinite", f"must be WORKER:STEP; got {self.inject_nonfinite!r}")
+            if not (0 <= worker < self.workers and step >= 1):
+                bad("inject_nonfinite", f"needs 0 <= WORKER < {self.workers} and STEP >= 1; "
+                    f"got {self.inject_nonfinite!r}")
+        if self.simulate and self.method != "ps":
+            bad("simulate", "runs the parameter-server job only (--method ps)")
+        if self.dataset in ("mnist1d", "teacher") and self.train_size // self.workers < \
+                self.batch_size:
+            bad("batch_size", f"{self.batch_size} exceeds a worker's shard "
+                f"({self.train_size} // {self.workers} = {self.train_size // self.workers} "
+                "examples)")
         self._validate_compressors()
         return self
 
@@ -166,6 +190,14 @@ class TrainConfig:
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(w) for w in self.hidden.split(",") if w.strip())
+
+    @property
+    def nonfinite_at(self) -> tuple[int, int] | None:
+        """(worker index, step) of ``--inject-nonfinite``, or None."""
+        if not self.inject_nonfinite:
+            return None
+        worker, step = self.inject_nonfinite.split(":")
+        return int(worker), int(step)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

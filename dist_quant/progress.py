@@ -1,0 +1,74 @@
+"""The progress bar of rank 0 and the one-line summary that ends every run.
+
+On a terminal the bar is redrawn in place (at most ten times a second) on stderr::
+
+    [#########...........]  270/600  loss 1.234  acc 61.3%  up 0.61 MB  down 53.9 MB
+
+Elsewhere (logs, pipes) one such line is printed per evaluation instead. The summary line
+goes to stdout::
+
+    test accuracy 72.4% | up 0.71 MB, down 89.9 MB | uplink 1/30.5 of fp32 (3.28%) | ...
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, TextIO
+
+MB = 1e6
+WIDTH = 20
+
+
+class Progress:
+    def __init__(self, total: int, enabled: bool = True, start: int = 0,
+                 stream: TextIO | None = None):
+        self.total, self.enabled = int(total), bool(enabled)
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.last_draw = 0.0
+        self.last_acc = float("nan")
+        self.drawn = False
+        self.step = start
+
+    def line(self, step: int, loss: float, acc: float, up: int, down: int) -> str:
+        done = int(WIDTH * step / max(self.total, 1))
+        acc_text = "  -  " if math.isnan(acc) else f"{100 * acc:.1f}%"
+        return (f"[{'#' * done}{'.' * (WIDTH - done)}] {step:>{len(str(self.total))}}/"
+                f"{self.total}  loss {loss:.3f}  acc {acc_text}  up {up / MB:.2f} MB  "
+                f"down {down / MB:.2f} MB")
+
+    def update(self, step: int, loss: float, acc: float, up: int, down: int) -> None:
+        if not self.enabled:
+            return
+        new_eval = not (math.isnan(acc) or acc == self.last_acc) or step == self.total
+        self.step, self.last_acc = step, acc
+        if self.tty:
+            now = time.monotonic()
+            if now - self.last_draw >= 0.1 or step == self.total:
+                self.stream.write("\r" + self.line(step, loss, acc, up, down))
+                self.stream.flush()
+                self.last_draw, self.drawn = now, True
+        elif new_eval:
+            self.stream.write(self.line(step, loss, acc, up, down) + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """Accuracy, MB up and down, and the uplink's ratio to fp32, in one line."""
+    up, down = summary["bytes_up"], summary["bytes_down"]
+    fp32_up, fp32_down = summary["fp32_bytes_up"], summary["fp32_bytes_down"]
+    ratio = up / fp32_up if fp32_up else float("nan")
+    parts = [f"test accuracy {100 * summary['test_accuracy']:.1f}%",
+             f"up {up / MB:.2f} MB, down {down / MB:.2f} MB",
+             f"uplink 1/{1 / ratio:.1f} of fp32 ({100 * ratio:.2f}%)" if ratio else "uplink 0",
+             f"downlink {100 * down / fp32_down:.1f}% of fp32" if fp32_down else "",
+             f"{summary['steps']} steps, {summary['workers']} workers, "
+             f"{summary['params']} params, {summary['wall_seconds']:.1f} s"]
+    return " | ".join(p for p in parts if p)

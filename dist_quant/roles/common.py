@@ -1,0 +1,106 @@
+"""What the server and the workers build identically: seeds, the model, the compressors, and
+the flat views of parameters, gradients and BatchNorm statistics.
+
+Seeds. Every generator is seeded from ``SeedSequence([seed, *tags])``: the initial weights from
+``(seed, INIT)`` (the same on every rank, so all replicas start equal), worker ``i``'s quantiser
+from ``(seed, i, QUANTISER)`` and its dropout masks from ``(seed, i, DROPOUT)``, the server's
+downlink quantiser from ``(seed, DOWNLINK)``. ``i`` is the worker index 0..W-1 (not the global
+rank), so the simulator and any rank layout draw the same numbers. The global RNG is never used.
+
+Flat order. Parameters are flattened in ``model.parameters()`` order; this is the order of the
+coordinates in every payload.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from dist_quant.compress import get_compressor
+from dist_quant.config import TrainConfig
+from dist_quant.model import build_mlp
+
+INIT, QUANTISER, DROPOUT, DOWNLINK = 0x1417, 0x9A47, 0xD209, 0xD0A1
+
+
+def derive_seed(seed: int, *tags: int) -> int:
+    """A 63-bit seed from the run seed and integer tags (independent streams per tag tuple)."""
+    state = np.random.SeedSequence([int(seed), *map(int, tags)]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+def generator(device: torch.device, seed: int, *tags: int) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, *tags))
+
+
+def build_model(cfg: TrainConfig, in_features: int, num_classes: int, device: torch.device,
+                dropout_generator: torch.Generator | None = None) -> nn.Sequential:
+    """The MLP with its initial weights drawn from ``(seed, INIT)`` on the CPU, then moved."""
+    model = build_mlp(in_features, cfg.hidden_sizes, num_classes, keep_prob=cfg.keep_prob,
+                      batchnorm=cfg.batchnorm, init=cfg.init,
+                      generator=generator(torch.device("cpu"), cfg.seed, INIT),
+                      dropout_generator=dropout_generator)
+    return model.to(device)
+
+
+def uplink_compressor(cfg: TrainConfig, stateful: bool):
+    """The uplink compressor; ``stateful`` adds error feedback when configured (workers only:
+    the server decodes with the stateless inner compressor, the payloads are the same)."""
+    return get_compressor(cfg.compressor, bucket_size=cfg.bucket_size, bits=cfg.bits,
+                          header_dtype=cfg.header_dtype,
+                          error_feedback=cfg.error_feedback and stateful)
+
+
+def downlink_compressor(cfg: TrainConfig):
+    return get_compressor(cfg.downlink, bucket_size=cfg.downlink_bucket_size, bits=cfg.bits,
+                          header_dtype=cfg.header_dtype)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+@torch.no_grad()
+def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in model.parameters():
+        p.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+def flat_grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros_like(p).reshape(-1)
+                      for p in model.parameters()])
+
+
+def set_flat_grads(model: nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in model.parameters():
+        p.grad = flat[offset:offset + p.numel()].view_as(p).to(p.dtype).clone()
+        offset += p.numel()
+
+
+def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def bn_stats(model: nn.Module) -> torch.Tensor:
+    """The running means and variances of every BatchNorm, concatenated (float32)."""
+    parts = [t.reshape(-1).float() for m in bn_layers(model) for t in (m.running_mean,
+                                                                         m.running_var)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32,
+                                                      device=next(model.parameters()).device)
+
+
+@torch.no_grad()
+def load_bn_stats(model: nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for m in bn_layers(model):
+        for t in (m.running_mean, m.running_var):
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()

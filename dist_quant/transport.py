@@ -1,0 +1,159 @@
+"""How payloads travel between the parameter server and its W workers.
+
+Every message is a flat tensor whose size both ends know from the config before it is sent,
+moved with point-to-point ``isend``/``irecv`` between the server and each worker (one link per
+worker and direction, so the bytes of each link are what that link carried). Nothing on the
+training path is pickled.
+
+Messages of one synchronous step ``t`` (``n`` = parameter count, ``k`` = BatchNorm running
+statistics count, ``up``/``down`` = the compressors' ``payload_nbytes(n)``):
+
+======================  ==========================  ===============================  =========
+message                 direction                   tensor                           counted
+======================  ==========================  ===============================  =========
+gradient payload        worker i -> server          ``uint8[up]``                    up
+telemetry               worker i -> server          ``float64[3]``: loss, compute s,  no
+                                                    encode s
+BN running statistics   worker i -> server          ``float32[k]`` (evaluation        up
+                                                    steps only)
+control                 server -> worker i          ``int64[1]``: continue / last /   no
+                                                    abort
+parameters payload      server -> worker i          ``uint8[down]``                  down
+worker state            worker i -> server (or      ``int64[1]`` size, then           no
+                        back, on resume)            ``uint8[size]`` (checkpoints
+                                                    only)
+======================  ==========================  ===============================  =========
+
+Byte counting. ``bytes_up`` and ``bytes_down`` add the size of every counted tensor handed to
+this transport: on the server, the uplink tensors it receives and the downlink tensors it
+sends (the sizes are fixed, so this equals what the workers handed to theirs). Per step that
+is exactly ``W * up`` bytes up (plus ``W * 4k`` at evaluation steps) and ``W * down`` bytes
+down. Telemetry, control and checkpoint traffic are bookkeeping, not training payload, and
+are left out (a few dozen bytes per step; a link-level measurement sees them).
+
+A peer that dies or stops answering makes the waiting side raise :class:`PeerLostError`
+naming the peer and the message, after at most the process-group timeout.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+# message tags (gloo matches on (peer, tag); nccl orders per peer and ignores them)
+TAG_PAYLOAD, TAG_TELEMETRY, TAG_STATS, TAG_CONTROL, TAG_DOWN, TAG_SIZE, TAG_BLOB = range(1, 8)
+
+# control codes sent to every worker after each step
+CONTINUE, LAST, ABORT = 0, 1, 2
+
+TELEMETRY = ("loss", "compute", "encode")
+
+
+class PeerLostError(RuntimeError):
+    """A peer died or did not answer within the process-group timeout."""
+
+
+def _wait(works: list[Any], what: str, peers: list[int]) -> None:
+    for work, peer in zip(works, peers, strict=True):
+        try:
+            work.wait()
+        except RuntimeError as err:  # DistBackendError and gloo/nccl errors derive from it
+            raise PeerLostError(f"lost rank {peer} while exchanging the {what}: "
+                                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+                                ) from err
+
+
+def blob_from(obj: Any) -> torch.Tensor:
+    """Serialise a state dict of tensors and plain values into a flat uint8 tensor."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def blob_to(tensor: torch.Tensor) -> Any:
+    """Inverse of :func:`blob_from`; loads with ``weights_only=True``."""
+    return torch.load(io.BytesIO(tensor.cpu().numpy().tobytes()), weights_only=True)
+
+
+class Transport:
+    """Point-to-point exchange between the server rank and the worker ranks.
+
+    ``worker_ranks[i]`` is the global rank of worker ``i``. The server uses the ``*_workers``
+    methods, a worker the ``*_server`` ones.
+    """
+
+    def __init__(self, server_rank: int, worker_ranks: list[int], device: torch.device):
+        self.server_rank = int(server_rank)
+        self.worker_ranks = [int(r) for r in worker_ranks]
+        self.device = torch.device(device)
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.worker_ranks)
+
+    # ---- server side ---------------------------------------------------------------------
+    def recv_from_workers(self, numel: int, dtype: torch.dtype, tag: int, what: str,
+                          counted: bool = False) -> torch.Tensor:
+        """One ``[W, numel]`` tensor: row ``i`` comes from worker ``i``."""
+        out = torch.empty(self.num_workers, numel, dtype=dtype, device=self.device)
+        works = [dist.irecv(out[i], src=r, tag=tag) for i, r in enumerate(self.worker_ranks)]
+        _wait(works, what, self.worker_ranks)
+        if counted:
+            self.bytes_up += out.numel() * out.element_size()
+        return out
+
+    def send_to_workers(self, tensor: torch.Tensor, tag: int, what: str,
+                        counted: bool = False) -> None:
+        """The same flat tensor to every worker, one point-to-point send per link."""
+        tensor = tensor.to(self.device).contiguous()
+        works = [dist.isend(tensor, dst=r, tag=tag) for r in self.worker_ranks]
+        _wait(works, what, self.worker_ranks)
+        if counted:
+            self.bytes_down += self.num_workers * tensor.numel() * tensor.element_size()
+
+    def recv_blobs(self, what: str) -> list[Any]:
+        sizes = self.recv_from_workers(1, torch.int64, TAG_SIZE, what)
+        out = []
+        for i, r in enumerate(self.worker_ranks):
+            buf = torch.empty(int(sizes[i, 0]), dtype=torch.uint8, device=self.device)
+            _wait([dist.irecv(buf, src=r, tag=TAG_BLOB)], what, [r])
+            out.append(blob_to(buf))
+        return out
+
+    def send_blobs(self, objs: list[Any], what: str) -> None:
+        for r, obj in zip(self.worker_ranks, objs, strict=True):
+            blob = blob_from(obj).to(self.device)
+            size = torch.tensor([blob.numel()], dtype=torch.int64, device=self.device)
+            works = [dist.isend(size, dst=r, tag=TAG_SIZE), dist.isend(blob, dst=r, tag=TAG_BLOB)]
+            _wait(works, what, [r, r])
+
+    # ---- worker side ---------------------------------------------------------------------
+    def send_to_server(self, tensor: torch.Tensor, tag: int, what: str,
+                       counted: bool = False) -> None:
+        tensor = tensor.to(self.device).contiguous()
+        _wait([dist.isend(tensor, dst=self.server_rank, tag=tag)], what, [self.server_rank])
+        if counted:
+            self.bytes_up += tensor.numel() * tensor.element_size()
+
+    def recv_from_server(self, numel: int, dtype: torch.dtype, tag: int, what: str,
+                         counted: bool = False) -> torch.Tensor:
+        out = torch.empty(numel, dtype=dtype, device=self.device)
+        _wait([dist.irecv(out, src=self.server_rank, tag=tag)], what, [self.server_rank])
+        if counted:
+            self.bytes_down += out.numel() * out.element_size()
+        return out
+
+    def send_blob(self, obj: Any, what: str) -> None:
+        blob = blob_from(obj).to(self.device)
+        size = torch.tensor([blob.numel()], dtype=torch.int64, device=self.device)
+        self.send_to_server(size, TAG_SIZE, what)
+        self.send_to_server(blob, TAG_BLOB, what)
+
+    def recv_blob(self, what: str) -> Any:
+        size = int(self.recv_from_server(1, torch.int64, TAG_SIZE, what)[0])
+        return blob_to(self.recv_from_server(size, torch.uint8, TAG_BLOB, what))
