@@ -1,0 +1,284 @@
+"""Run a job on a namespace cluster over capped links and record wire bytes beside payload bytes.
+
+One host (network namespace) per torchrun agent: for ``--method ps`` the server ``s`` and the
+workers ``w1..wW`` (W + 1 hosts), for ``--method ddp`` the workers only (W hosts, ``w1`` hosts
+the rendezvous). Each host runs ``launch/node.sh shape`` and then ``launch/node.sh launch``
+(c10d rendezvous on the first host, ``GLOO_SOCKET_IFNAME=eth0``, ``DIST_QUANT_ROLE`` set), so
+every byte between ranks crosses two shaped links (the sender's egress, the receiver's
+ingress) over TCP between distinct addresses.
+
+Records written into the run directory next to the training job's own files:
+
+- ``link.json``: ``rate_mbit`` (null = uncapped), ``latency_ms`` (one-way, host to host),
+  ``loss_pct``, ``hosts``, ``mtu``, ``queue_frames`` and ``tc_commands`` (what the first host ran).
+- ``wire.json``: eth0 counters read before the agents start and after they exit.
+  ``wire_bytes_up`` = bytes the workers transmitted, ``wire_bytes_down`` = bytes the server
+  transmitted (ddp: all ranks transmit; the total is split evenly, as ``metrics.jsonl`` does
+  for payloads); ``payload_bytes_*`` from ``summary.json``; ``ratio_* = wire / payload``;
+  ``per_host`` deltas (tx/rx bytes and packets, qdisc drops). Wire bytes are Ethernet frames:
+  payload + TCP/IP/Ethernet headers (66 bytes per frame with TCP timestamps) + the ACKs of
+  the other direction + rendezvous, gloo handshakes, telemetry and control messages.
+  ``steady`` holds the same figures for training steps alone: counters are read (from
+  ``/proc/<pid>/net/dev``) each time a step line appears in ``metrics.jsonl``; the window
+  runs from the mark a quarter of the way in to the one before the last step, so rendezvous,
+  start-up, TCP buffer growth, the last step and the final checkpoint fall outside it. Both
+  ends lag their step line by one poll (20 ms) or less and data still queued in socket
+  buffers is not yet on the wire, so the window is exact to a fraction of one step's
+  traffic, at each end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dist_quant.cluster.netns import Cluster, ClusterError, Host, read_proc_net_dev
+from dist_quant.config import TrainConfig
+from dist_quant.errors import ConfigError
+from dist_quant.linkmodel import Link
+from dist_quant.metrics import write_json_atomic
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_SCRIPT = REPO / "launch" / "node.sh"
+RDZV_PORT = 29400
+POLL_S = 0.02
+QUEUE_FRAMES = 1000  # rate limiter queue: as deep as a NIC queue (txqueuelen 1000)
+
+
+def node_env(host: Host, link: Link, *, role: str, nnodes: int, rdzv_host: str, run_id: str,
+             module: str) -> dict[str, str]:
+    """The environment ``launch/node.sh`` reads (the same variables the compose file sets)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ,
+            "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""),
+            "DQ_IFACE": "eth0", "DQ_RATE_MBIT": f"{link.rate_mbit or 0:g}",
+            "DQ_LATENCY_MS": f"{link.latency_ms:g}", "DQ_LOSS_PCT": f"{link.loss_pct:g}",
+            "DQ_QUEUE_FRAMES": str(QUEUE_FRAMES), "DQ_ROLE": role, "DQ_NNODES": str(nnodes),
+            "DQ_RDZV_HOST": rdzv_host, "DQ_RDZV_PORT": str(RDZV_PORT), "DQ_RUN_ID": run_id,
+            "DQ_MODULE": module, "DQ_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class StepWindow:
+    """Counter snapshots taken when step lines appear in ``metrics.jsonl`` (see module doc)."""
+
+    def __init__(self, metrics: Path, hosts: list[Host]):
+        self.metrics = metrics
+        self.hosts = hosts
+        self.offset = 0
+        self.partial = ""
+        self.skip_upto = self._last_step()  # a resumed run's earlier lines are not this run's
+        self.marks: list[tuple[dict, dict]] = []   # (step record, counters per host)
+
+    def _last_step(self) -> int:
+        if not self.metrics.exists():
+            return 0
+        steps = [json.loads(x)["step"] for x in self.metrics.read_text().splitlines() if x]
+        return max(steps, default=0)
+
+    def poll(self) -> None:
+        try:
+            with open(self.metrics) as fh:
+                fh.seek(self.offset)
+                chunk = fh.read()
+                self.offset = fh.tell()
+        except OSError:
+            return
+        lines = (self.partial + chunk).split("\n")
+        self.partial = lines.pop()
+        steps = [r for r in map(json.loads, filter(None, lines))
+                 if r.get("kind") == "step" and r["step"] > self.skip_upto]
+        if not steps:
+            return
+        try:
+            snap = {h.label: read_proc_net_dev(h.procs[-1].pid) for h in self.hosts}
+        except (OSError, ClusterError):
+            return  # a host already left
+        self.marks.append((steps[-1], snap))
+
+    def window(self) -> tuple[tuple[dict, dict], tuple[dict, dict]] | None:
+        """(start, end) marks: from a quarter of the way in (TCP buffers have grown by then)
+        to the step before the last (the last step and the final checkpoint differ)."""
+        if len(self.marks) < 2:
+            return None
+        if len(self.marks) < 4:
+            return self.marks[0], self.marks[-1]
+        return self.marks[len(self.marks) // 4], self.marks[-2]
+
+
+def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], log_dir: Path,
+              *, module: str, run_id: str, metrics: Path | None = None,
+              deadline_s: float | None = None) -> dict[str, Any]:
+    """Shape every host, run one torchrun agent per host, return counters and tc commands.
+
+    Raises :class:`ClusterError` naming the first host that failed (with its log's tail); the
+    other hosts are stopped at once instead of waiting for their process-group timeout.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    rdzv = cluster.hosts[0].addr
+    envs = [node_env(h, link, role=r, nnodes=len(cluster.hosts), rdzv_host=rdzv,
+                     run_id=run_id, module=module) for h, r in zip(cluster.hosts, roles,
+                                                                   strict=True)]
+    tc_commands: list[str] = []
+    for host, env in zip(cluster.hosts, envs, strict=True):
+        log = log_dir / f"{host.label}.log"
+        proc = cluster.spawn(host, [str(NODE_SCRIPT), "shape"], env, log)
+        if proc.wait() != 0:
+            raise ClusterError(f"shaping host {host.label} failed (exit {proc.returncode}):\n"
+                               f"{_tail(log)}")
+        if not tc_commands:
+            tc_commands = [x for x in log.read_text().splitlines() if x.strip()]
+    before = cluster.counters()
+    t0 = time.monotonic()
+    for host, env in zip(cluster.hosts, envs, strict=True):
+        cluster.spawn(host, [str(NODE_SCRIPT), "launch", *args], env,
+                      log_dir / f"{host.label}.log", append=True)
+    window = StepWindow(metrics, cluster.hosts) if metrics is not None else None
+    pending = list(cluster.hosts)
+    while pending:
+        time.sleep(POLL_S)
+        if window is not None:
+            window.poll()
+        for host in list(pending):
+            code = host.procs[-1].poll()
+            if code is None:
+                continue
+            if code != 0:
+                raise ClusterError(f"host {host.label} ({host.addr}) exited with status {code}; "
+                                   f"log {log_dir / (host.label + '.log')}:\n"
+                                   f"{_tail(log_dir / (host.label + '.log'))}")
+            pending.remove(host)
+        if deadline_s is not None and time.monotonic() - t0 > deadline_s:
+            raise ClusterError(f"the job did not finish within {deadline_s:g} s")
+    seconds = time.monotonic() - t0
+    after = cluster.counters()
+    delta = {h: {k: after[h][k] - before[h][k] for k in before[h]} for h in before}
+    drops = cluster.qdisc_drops()
+    return {"seconds": seconds, "per_host": {h.label: {"addr": h.addr, "role": r,
+                                                       **delta[h.label], **drops[h.label]}
+                                             for h, r in zip(cluster.hosts, roles, strict=True)},
+            "window": window, "tc_commands": tc_commands}
+
+
+def _ratio(wire: int, payload: int) -> float | None:
+    return wire / payload if payload > 0 else None
+
+
+def wire_record(method: str, tx: dict[str, int], payload_up: int, payload_down: int) -> dict:
+    """Wire bytes per direction from per-host transmitted bytes (label ``s`` is the server)."""
+    if method == "ddp":
+        total = sum(tx.values())
+        up, down = total // 2, total - total // 2
+    else:
+        up = sum(v for h, v in tx.items() if h != "s")
+        down = tx["s"]
+    return {"wire_bytes_up": up, "wire_bytes_down": down,
+            "payload_bytes_up": payload_up, "payload_bytes_down": payload_down,
+            "ratio_up": _ratio(up, payload_up), "ratio_down": _ratio(down, payload_down)}
+
+
+def _steady(method: str, window: StepWindow | None) -> dict | None:
+    ends = window.window() if window is not None else None
+    if ends is None:
+        return None
+    (r0, s0), (r1, s1) = ends
+    tx = {h: s1[h]["tx_bytes"] - s0[h]["tx_bytes"] for h in s0}
+    rec = wire_record(method, tx, r1["cum_bytes_up"] - r0["cum_bytes_up"],
+                      r1["cum_bytes_down"] - r0["cum_bytes_down"])
+    return {"from_step": r0["step"], "to_step": r1["step"], **rec}
+
+
+@contextlib.contextmanager
+def _interrupts_raise():
+    """SIGTERM/SIGHUP raise KeyboardInterrupt (like Ctrl-C), so cleanup runs on all three."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _no_interrupts():
+    """Cleanup must not itself be interrupted by a second Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN)
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def cluster_roles(cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """Host labels and DIST_QUANT_ROLE values: ps = server + W workers, ddp = W workers."""
+    workers = [f"w{i}" for i in range(1, cfg.workers + 1)]
+    if cfg.method == "ddp":
+        return workers, ["worker"] * cfg.workers
+    return ["s", *workers], ["server"] + ["worker"] * cfg.workers
+
+
+def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
+                loss_pct: float = 0.0, *, mtu: int = 1500,
+                module: str = "dist_quant.train") -> dict[str, Any]:
+    """Run ``cfg`` with one namespace host per torchrun agent over shaped links.
+
+    ``rate_mbit`` None or 0 = uncapped. Returns ``{"run_dir", "link", "wire", "seconds"}`` and
+    writes ``link.json`` and ``wire.json`` into the run directory (module docstring).
+    """
+    from dist_quant.train import default_run_dir
+
+    if cfg.simulate:
+        raise ConfigError("--simulate", "the cluster runs the distributed job; drop --simulate")
+    cfg = cfg.validate()
+    link = Link(rate_mbit or None, latency_ms, loss_pct, mtu).validate()
+    run_dir = Path(cfg.run_dir or default_run_dir(cfg)).resolve()
+    cfg = cfg.replace(run_dir=str(run_dir))
+    labels, roles = cluster_roles(cfg)
+    cluster = Cluster(labels, mtu=mtu)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with _interrupts_raise():
+            cluster.build()
+            job = run_hosts(cluster, link, roles, cfg.to_argv(), run_dir / "hosts",
+                            module=module, run_id=cluster.prefix,
+                            metrics=run_dir / "metrics.jsonl")
+    finally:
+        with _no_interrupts():
+            cluster.close()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    link_rec = {"rate_mbit": link.rate_mbit, "latency_ms": link.latency_ms,
+                "loss_pct": link.loss_pct, "hosts": len(labels), "mtu": mtu,
+                "queue_frames": QUEUE_FRAMES, "tc_commands": job["tc_commands"]}
+    tx = {h: v["tx_bytes"] for h, v in job["per_host"].items()}
+    wire = {**wire_record(cfg.method, tx, int(summary["bytes_up"]), int(summary["bytes_down"])),
+            "seconds": job["seconds"], "steady": _steady(cfg.method, job["window"]),
+            "per_host": job["per_host"]}
+    write_json_atomic(run_dir / "link.json", link_rec)
+    write_json_atomic(run_dir / "wire.json", wire)
+    return {"run_dir": str(run_dir), "link": link_rec, "wire": wire,
+            "seconds": job["seconds"]}

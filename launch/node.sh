@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# One host of a dist_quant cluster: shape this host's link with tc, then start its torchrun agent.
+#
+# The same script is the Docker entrypoint (docker-compose.yml) and what `dist-quant cluster`
+# runs inside each network namespace, so the shaping and launch logic the tests exercise is the
+# logic the containers run.
+#
+#   node.sh shape            shape $DQ_IFACE (both directions) and print the tc commands
+#   node.sh launch [ARGS]    exec torchrun -m $DQ_MODULE ARGS for this host
+#   node.sh run [ARGS]       shape, then launch (the container entrypoint)
+#
+# Environment (defaults in brackets):
+#   DQ_IFACE [eth0]       the host's link
+#   DQ_RATE_MBIT [0]      rate cap in Mbit/s in each direction; 0 = uncapped
+#   DQ_LATENCY_MS [0]     one-way host-to-host latency; each link delays half of it per direction
+#   DQ_LOSS_PCT [0]       packet loss on a host-to-host path (applied where packets arrive)
+#   DQ_QUEUE_FRAMES [1000]  rate limiter queue in full frames (as deep as a NIC queue)
+#   DQ_ROLE               server | worker (exported as DIST_QUANT_ROLE for the training job)
+#   DQ_NNODES             number of hosts (torchrun agents) in the job
+#   DQ_RDZV_HOST          address or name of the rendezvous host (the server; for ddp a worker)
+#   DQ_RDZV_PORT [29400]  rendezvous port
+#   DQ_RUN_ID [dq]        rendezvous id
+#   DQ_MODULE [dist_quant.train]  module every torchrun process runs
+#   DQ_PYTHON [python3]   interpreter
+#
+# Shaping (R = rate, L = latency, p = loss, B = burst, Q = queue bytes). Egress of the link:
+#   tc qdisc add dev IFACE root handle 1: netem delay L/2ms limit 100000        (if L > 0)
+#   tc qdisc add dev IFACE parent 1:1 handle 10: tbf rate Rmbit burst B limit Q
+#     (the tbf is the root qdisc when there is no netem)
+# Ingress of the link, redirected through an ifb device and shaped on its egress the same way:
+#   ip link add ifb-dq type ifb; ip link set dev ifb-dq up
+#   tc qdisc add dev IFACE handle ffff: ingress
+#   tc filter add dev IFACE parent ffff: protocol all u32 match u32 0 0 \
+#       action mirred egress redirect dev ifb-dq
+#   tc qdisc add dev ifb-dq root handle 1: netem delay L/2ms loss p% limit 100000  (if L or p)
+#   tc qdisc add dev ifb-dq parent 1:1 handle 10: tbf rate Rmbit burst B limit Q
+# B = max(2 frames, 4 ms at R) bytes; Q = DQ_QUEUE_FRAMES full frames, in bytes. Also
+# `ip link set dev IFACE gso_max_segs 1`, so that every packet the stack hands down is one
+# wire frame: tbf meters and the byte counters count real frames with their headers.
+set -euo pipefail
+
+IFACE=${DQ_IFACE:-eth0}
+IFB=ifb-dq
+RATE=${DQ_RATE_MBIT:-0}
+LATENCY=${DQ_LATENCY_MS:-0}
+LOSS=${DQ_LOSS_PCT:-0}
+QUEUE=${DQ_QUEUE_FRAMES:-1000}
+
+die() { echo "node.sh: $*" >&2; exit 2; }
+
+run() { echo "$*"; "$@"; }
+
+is_number() { [[ $2 =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$1 must be a number >= 0; got '$2'"; }
+
+positive() { awk -v x="$1" 'BEGIN { exit !(x > 0) }'; }
+
+# shape_egress DEV RATE_MBIT DELAY_MS LOSS_PCT: the qdiscs on DEV's egress
+shape_egress() {
+    local dev=$1 rate=$2 delay=$3 loss=$4 mtu burst parent="root handle 1:"
+    tc qdisc del dev "$dev" root 2>/dev/null || true
+    if positive "$delay" || positive "$loss"; then
+        local netem=(netem delay "${delay}ms" limit 100000)
+        positive "$loss" && netem+=(loss "${loss}%")
+        if ! run tc qdisc add dev "$dev" root handle 1: "${netem[@]}"; then
+            echo "node.sh: the netem qdisc (sch_netem) is missing from this kernel: latency and" \
+                 "loss cannot be emulated; load it (modprobe sch_netem) or use latency 0 and" \
+                 "loss 0" >&2
+            exit 3
+        fi
+        parent="parent 1:1 handle 10:"
+    fi
+    if positive "$rate"; then
+        mtu=$(cat "/sys/class/net/$IFACE/mtu")
+        burst=$(awk -v r="$rate" -v m="$mtu" \
+            'BEGIN { b = r * 1e6 / 8 * 0.004; f = 2 * (m + 14); printf "%d", (b > f ? b : f) }')
+        # shellcheck disable=SC2086  # $parent is several words on purpose
+        run tc qdisc add dev "$dev" $parent tbf rate "${rate}mbit" burst "$burst" \
+            limit $((QUEUE * (mtu + 14)))
+    fi
+}
+
+shape() {
+    is_number DQ_RATE_MBIT "$RATE"
+    is_number DQ_LATENCY_MS "$LATENCY"
+    is_number DQ_LOSS_PCT "$LOSS"
+    [[ $QUEUE =~ ^[1-9][0-9]*$ ]] ||
+        die "DQ_QUEUE_FRAMES must be a positive integer; got '$QUEUE'"
+    awk -v p="$LOSS" 'BEGIN { exit !(p < 100) }' || die "DQ_LOSS_PCT must be < 100; got $LOSS"
+    [[ -e /sys/class/net/$IFACE ]] || die "no interface $IFACE (set DQ_IFACE)"
+    run ip link set dev "$IFACE" gso_max_segs 1
+    if ! positive "$RATE" && ! positive "$LATENCY" && ! positive "$LOSS"; then
+        echo "# $IFACE: uncapped, no latency, no loss"
+        return 0
+    fi
+    local half
+    half=$(awk -v l="$LATENCY" 'BEGIN { printf "%g", l / 2 }')
+    shape_egress "$IFACE" "$RATE" "$half" 0
+    ip link del "$IFB" 2>/dev/null || true
+    tc qdisc del dev "$IFACE" ingress 2>/dev/null || true
+    run ip link add "$IFB" type ifb
+    run ip link set dev "$IFB" up
+    run tc qdisc add dev "$IFACE" handle ffff: ingress
+    run tc filter add dev "$IFACE" parent ffff: protocol all u32 match u32 0 0 \
+        action mirred egress redirect dev "$IFB"
+    shape_egress "$IFB" "$RATE" "$half" "$LOSS"
+}
+
+launch() {
+    local addr rdzv_addr is_host=0
+    [[ -n ${DQ_NNODES:-} ]] || die "DQ_NNODES (number of hosts) is not set"
+    [[ -n ${DQ_RDZV_HOST:-} ]] || die "DQ_RDZV_HOST (rendezvous host) is not set"
+    [[ -z ${DQ_ROLE:-} || $DQ_ROLE == server || $DQ_ROLE == worker ]] ||
+        die "DQ_ROLE must be server or worker; got '$DQ_ROLE'"
+    addr=$(ip -4 -o addr show dev "$IFACE" | awk '{ split($4, a, "/"); print a[1]; exit }')
+    [[ -n $addr ]] || die "$IFACE has no IPv4 address"
+    rdzv_addr=$(getent ahostsv4 "$DQ_RDZV_HOST" | awk '{ print $1; exit }') ||
+        die "cannot resolve DQ_RDZV_HOST=$DQ_RDZV_HOST"
+    [[ $rdzv_addr == "$addr" ]] && is_host=1
+    # every rank's gloo sockets on this link (not loopback), one thread per process
+    export GLOO_SOCKET_IFNAME=$IFACE OMP_NUM_THREADS=1
+    [[ -n ${DQ_ROLE:-} ]] && export DIST_QUANT_ROLE=$DQ_ROLE
+    exec "${DQ_PYTHON:-python3}" -m torch.distributed.run \
+        --nnodes "$DQ_NNODES" --nproc-per-node 1 --max-restarts 0 \
+        --rdzv-backend c10d --rdzv-endpoint "$DQ_RDZV_HOST:${DQ_RDZV_PORT:-29400}" \
+        --rdzv-id "${DQ_RUN_ID:-dq}" --rdzv-conf "is_host=$is_host" --local-addr "$addr" \
+        -m "${DQ_MODULE:-dist_quant.train}" "$@"
+}
+
+case ${1:-} in
+    shape) shape ;;
+    launch) shift; launch "$@" ;;
+    run) shift; shape; launch "$@" ;;
+    *) die "usage: node.sh shape | launch [ARGS...] | run [ARGS...]" ;;
+esac
