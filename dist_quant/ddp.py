@@ -1,0 +1,419 @@
+"""Baselines: torch DistributedDataParallel with gloo allreduce, as people train today.
+
+``--method ddp`` runs W ranks, all workers (no server). Each rank trains the same model as the
+parameter-server job, on the same data, with the same optimizer:
+
+- model: :func:`dist_quant.roles.common.build_model`, initial weights from ``(seed, INIT)`` (the
+  PS server's init), dropout masks of rank ``r`` from ``(seed, r, DROPOUT)`` (PS worker ``r``'s);
+- data: shard ``r`` of ``W`` and ``worker_batches(len(shard), batch_size, seed, r)``, exactly
+  what PS worker ``r`` draws;
+- update: every rank applies ``DecoupledMomentumSGD`` over ``decay_param_groups`` to the
+  allreduced mean gradient (L2 outside momentum, computed locally: the PS server's math). The
+  allreduce result is bitwise the same on every rank, so the replicas stay equal.
+
+``--ddp-hook`` picks the communication hook (all from ``torch.distributed.algorithms``):
+
+- ``none``: ``default_hooks.allreduce_hook``, fp32 allreduce of each gradient bucket (the same
+  arithmetic as DDP without a hook; registered so that its bytes can be counted);
+- ``fp16``: ``default_hooks.fp16_compress_hook``, buckets cast to fp16, allreduced, cast back;
+- ``powersgd``: ``powerSGD_hook.powerSGD_hook`` with ``matrix_approximation_rank =
+  --powersgd-rank``, error feedback and warm start on (Vogels et al. 2019: the previous Q starts
+  the next power iteration), ``start_powerSGD_iter = POWERSGD_START_ITER = 2``, the smallest
+  torch accepts with error feedback: the paper compresses from the first step, and every
+  vanilla step costs a full fp32 allreduce, which a bytes-to-target comparison would charge to
+  PowerSGD. Matrices whose rank-r factors would not save 2x (``min_compression_rate``) and 1-D
+  tensors (biases, BatchNorm scale and shift) travel uncompressed in one fp32 allreduce.
+
+Bytes (the ``metrics.jsonl`` fields). Every tensor a hook hands to ``torch.distributed.all_reduce``
+is counted as it is handed over (:class:`AllreduceMeter`); this includes PowerSGD's P, Q and
+uncompressed allreduces and its vanilla warm-up steps. gloo (torch 2.x, CPU tensors) runs
+``gloo::allreduce`` with its default ring algorithm: the buffer of ``B`` bytes is cut into
+segments, a reduce-scatter passes every segment through ``W - 1`` hops and an allgather passes
+every reduced segment through ``W - 1`` hops. Whatever the segmentation, the ranks together
+therefore send exactly ``2 (W - 1) B`` bytes per allreduce, each rank about ``2 (W - 1) B / W``.
+We book the reduce-scatter half, ``(W - 1) B``, as ``bytes_up`` (contributions travelling to be
+reduced, the role of the PS uplink) and the allgather half, ``(W - 1) B``, as ``bytes_down``
+(reduced results travelling back, the PS downlink). Both are sums over all ranks, as for the
+PS. W = 1 sends nothing. Per-message transport headers are not payload (the namespace cluster
+measures them on the wire).
+
+At each evaluation the ranks send their BatchNorm running statistics to rank 0 with one gloo
+``gather`` (``(W - 1) * 4k`` bytes, counted up, as the PS counts its workers' statistics);
+rank 0 evaluates with their average and then restores its own statistics, so every rank keeps
+training with local statistics, as PS workers do. Bookkeeping is not counted: the per-step
+losses (gathered to rank 0 at evaluations and logged then, so that the training path carries no
+extra round trip) and rank 0's continue/stop broadcast.
+
+Phase times (seconds, on rank 0): ``communicate`` is the union of the intervals from each
+allreduce call to its completion; ``encode``/``decode`` are the rest of the hooks' own time
+(fp16 casts, PowerSGD's products and orthogonalisation; ``decode`` is what runs after the last
+allreduce of a bucket); ``compute`` is forward + backward minus the hooks' time (gloo runs the
+hooks on a separate thread, so where a bucket overlaps backward this split is an estimate; the
+MLP here fits in one bucket, which DDP reduces after the whole backward); ``update`` is the
+optimizer step.
+
+Not supported for DDP: checkpoints and ``--resume`` (a baseline reruns in seconds),
+``--inject-nonfinite`` and ``--on-nonfinite`` (a non-finite gradient propagates as it does in
+plain DDP). ``--stop-accuracy`` ends the run at the first evaluation reaching it.
+
+Launch: ``dist-quant train --method ddp --workers 4 --ddp-hook powersgd`` or
+``torchrun --nproc-per-node 4 -m dist_quant.train --method ddp --ddp-hook fp16``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
+
+from dist_quant.config import TrainConfig
+from dist_quant.data import load_dataset, worker_batches
+from dist_quant.errors import ConfigError
+from dist_quant.metrics import PHASES, RunRecorder
+from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
+from dist_quant.roles.common import DROPOUT, bn_stats, build_model, generator, load_bn_stats
+
+POWERSGD_START_ITER = 2
+
+
+def ring_allreduce_bytes(nbytes: int, world: int) -> tuple[int, int]:
+    """(reduce-scatter, allgather) bytes all ranks together send for one ring allreduce of a
+    buffer of ``nbytes``: ``((W - 1) B, (W - 1) B)``. See the module docstring."""
+    return (world - 1) * nbytes, (world - 1) * nbytes
+
+
+# --------------------------------------------------------------------------------------------
+# counting and timing what the hooks hand to the transport
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+class AllreduceMeter:
+    """Stands in for ``torch.distributed`` inside torch's hook modules: ``all_reduce`` counts
+    ``numel * element_size`` of the tensor handed over and times the call to its completion;
+    every other attribute is torch.distributed's own. Install with :meth:`installed`.
+
+    torch's hooks call ``dist.all_reduce`` through their module global ``dist`` (the PowerSGD
+    hook from callbacks too, after the hook has returned), so replacing that global is the one
+    place that sees every tensor they send, without re-deriving sizes from the algorithm.
+    """
+
+    _MODULES = (default_hooks, powerSGD_hook)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.nbytes = 0
+            self.calls = 0
+            self.comm: list[list[float]] = []   # [issued, completed]
+            self.hooks: list[list[float]] = []  # [hook called, bucket result ready]
+
+    def all_reduce(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        span = [time.perf_counter(), float("nan")]
+        with self._lock:
+            self.nbytes += tensor.numel() * tensor.element_size()
+            self.calls += 1
+            self.comm.append(span)
+        work = dist.all_reduce(tensor, *args, **kwargs)
+        if work is None:  # synchronous call
+            span[1] = time.perf_counter()
+        else:
+            work.get_future().add_done_callback(
+                lambda _: span.__setitem__(1, time.perf_counter()))
+        return work
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(dist, name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[AllreduceMeter]:
+        saved = [m.dist for m in self._MODULES]
+        for m in self._MODULES:
+            m.dist = self
+        try:
+            yield self
+        finally:
+            for m, d in zip(self._MODULES, saved, strict=True):
+                m.dist = d
+
+    def wrap(self, hook: Callable) -> Callable:
+        """A DDP hook that runs ``hook`` and records when its bucket result is ready."""
+        def timed_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future:
+            span = [time.perf_counter(), float("nan")]
+            with self._lock:
+                self.hooks.append(span)
+
+            def done(fut: torch.futures.Future) -> Any:
+                span[1] = time.perf_counter()
+                return fut.value()
+
+            return hook(state, bucket).then(done)
+
+        # DDP checks these annotations as objects (this module defers annotations to strings)
+        timed_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket,
+                                      "return": torch.futures.Future[torch.Tensor]}
+        return timed_hook
+
+    def phases(self) -> dict[str, float]:
+        """communicate / encode / decode seconds of what was recorded since the last reset."""
+        with self._lock:
+            comm = [(a, b) for a, b in self.comm if b == b]
+            hooks = [(a, b) for a, b in self.hooks if b == b]
+        communicate = _union_length(comm)
+        hook_time = _union_length(hooks)
+        last_comm_end = max((b for _, b in comm), default=None)
+        decode = 0.0
+        if last_comm_end is not None and hooks:
+            decode = max(0.0, max(b for _, b in hooks) - last_comm_end)
+        encode = max(0.0, hook_time - communicate - decode)
+        return {"communicate": communicate, "encode": encode, "decode": decode,
+                "hooks": hook_time}
+
+
+# --------------------------------------------------------------------------------------------
+# the hooks
+
+
+def make_hook(cfg: TrainConfig, group: dist.ProcessGroup | None = None) -> tuple[Callable, Any]:
+    """(hook, state) for ``register_comm_hook`` as chosen by ``cfg.ddp_hook``."""
+    if cfg.ddp_hook == "none":
+        return default_hooks.allreduce_hook, group
+    if cfg.ddp_hook == "fp16":
+        return default_hooks.fp16_compress_hook, group
+    if cfg.ddp_hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=group, matrix_approximation_rank=cfg.powersgd_rank,
+            start_powerSGD_iter=POWERSGD_START_ITER, use_error_feedback=True, warm_start=True,
+            random_seed=cfg.seed)
+        return powerSGD_hook.powerSGD_hook, state
+    raise ConfigError("--ddp-hook", f"must be none, fp16 or powersgd; got {cfg.ddp_hook!r}")
+
+
+def compressor_name(cfg: TrainConfig) -> str:
+    return f"ddp-{cfg.ddp_hook}"
+
+
+# --------------------------------------------------------------------------------------------
+# the training loop
+
+
+@dataclass
+class DDPResult:
+    """What :func:`train_ddp` returns on every rank (summary only on rank 0)."""
+
+    model: nn.Module
+    steps: int
+    summary: dict[str, Any] | None = None
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _Recorder(RunRecorder):
+    """RunRecorder whose clock can be pinned, to write a step line after the step has ended
+    (the averaged loss arrives at the next evaluation) with the wall time of that step."""
+
+    pinned: float | None = None
+
+    def wall(self) -> float:
+        return super().wall() if self.pinned is None else self.pinned
+
+
+def _check(cfg: TrainConfig, world: int) -> None:
+    if cfg.method != "ddp":
+        raise ConfigError("--method", f"run_ddp runs --method ddp; got {cfg.method!r}")
+    if world != cfg.workers:
+        raise ConfigError("--workers", f"the DDP world has {world} ranks but --workers is "
+                          f"{cfg.workers}; launch W ranks, all workers (no server)")
+    if cfg.resume:
+        raise ConfigError("--resume", "DDP baselines write no checkpoints and cannot resume")
+    if cfg.inject_nonfinite:
+        raise ConfigError("--inject-nonfinite", "applies to --method ps only")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+             batch: int = 4096) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(y), batch):
+        out = model(x[i:i + batch])
+        loss += nn.functional.cross_entropy(out, y[i:i + batch], reduction="sum").item()
+        correct += int((out.argmax(1) == y[i:i + batch]).sum())
+    model.train(was_training)
+    return loss / len(y), correct / len(y)
+
+
+class _Progress:
+    """Rank 0's progress bar on stderr: step, loss, test accuracy, MB sent."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.enabled, self.total, self.label = enabled and sys.stderr.isatty(), total, label
+        self.last = 0.0
+
+    def update(self, step: int, loss: float, acc: float | None, mb: float, force=False) -> None:
+        if not self.enabled or (not force and time.perf_counter() - self.last < 0.2):
+            return
+        self.last = time.perf_counter()
+        width = 24
+        filled = int(width * step / self.total)
+        acc_s = "  -  " if acc is None else f"{100 * acc:5.1f}%"
+        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{step}/{self.total} loss {loss:.3f} acc {acc_s} {mb:8.2f} MB")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def train_ddp(cfg: TrainConfig) -> DDPResult:
+    """Train on this rank of an initialised process group; see the module docstring."""
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    _check(cfg, world)
+    device = torch.device("cpu")
+
+    ds = load_dataset(cfg)
+    shard = ds.shard(rank, world)
+    sampler = worker_batches(len(shard.y_train), cfg.batch_size, cfg.seed, rank)
+    model = build_model(cfg, ds.in_features, ds.num_classes, device,
+                        dropout_generator=generator(device, cfg.seed, rank, DROPOUT))
+    n_params = sum(p.numel() for p in model.parameters())
+    # Replicas start equal by construction (same INIT seed): no start-up broadcast. BatchNorm
+    # running statistics stay local (no per-forward buffer broadcast), averaged at evaluation.
+    ddp = DistributedDataParallel(model, init_sync=False, forward_sync_buffers=False)
+    meter = AllreduceMeter()
+    hook, state = make_hook(cfg)
+    ddp.register_comm_hook(state, meter.wrap(hook))
+    opt = DecoupledMomentumSGD(decay_param_groups(model, cfg.weight_decay, cfg.decay_all),
+                               lr=cfg.lr, momentum=cfg.momentum)
+
+    recorder = _Recorder(cfg.run_dir, cfg.to_dict()) if rank == 0 else None
+    progress = _Progress(cfg.progress and rank == 0, cfg.steps, compressor_name(cfg))
+    pending: list[dict[str, Any]] = []   # rank 0: steps not yet written (loss not averaged)
+    losses: list[float] = []             # this rank's losses of those steps
+    evals: list[dict[str, Any]] = []
+    stop_at = getattr(cfg, "stop_accuracy", 0.0)
+    cum_bytes = 0
+    step, acc, test_loss = 0, None, float("nan")
+
+    with meter.installed():
+        for step in range(1, cfg.steps + 1):
+            idx = sampler.next()
+            x, y = shard.x_train[idx], shard.y_train[idx]
+            meter.reset()
+            t0 = time.perf_counter()
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            loss.backward()  # DDP returns once every bucket's hook future is complete
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()
+
+            up, down = ring_allreduce_bytes(meter.nbytes, world)
+            ph = meter.phases()
+            times = {"compute": max(0.0, (t1 - t0) - ph["hooks"]), "encode": ph["encode"],
+                     "communicate": ph["communicate"], "decode": ph["decode"],
+                     "update": t2 - t1}
+            losses.append(float(loss.detach()))
+            if recorder is not None:
+                cum_bytes += up + down
+                pending.append({"step": step, "up": up, "down": down, "times": times,
+                                "wall": recorder.wall()})
+                progress.update(step, losses[-1], acc, cum_bytes / 1e6)
+
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                stats_bytes = _flush_and_evaluate(cfg, model, ds, recorder, pending, losses,
+                                                  evals, world)
+                cum_bytes += stats_bytes
+                if recorder is not None:
+                    acc, test_loss = evals[-1]["test_accuracy"], evals[-1]["test_loss"]
+                    progress.update(step, losses[-1] if losses else 0.0, acc,
+                                    cum_bytes / 1e6, force=True)
+                stop = torch.tensor([int(acc is not None and 0 < stop_at <= acc)])
+                dist.broadcast(stop, src=0)
+                losses.clear()
+                if stop.item():
+                    break
+    progress.close()
+
+    summary = None
+    if recorder is not None:
+        fp32 = ring_allreduce_bytes(4 * n_params, world)
+        summary = recorder.summary(
+            test_accuracy=acc, test_loss=test_loss, fp32_bytes_up=step * fp32[0],
+            fp32_bytes_down=step * fp32[1], steps=step, workers=world, params=n_params,
+            compressor=compressor_name(cfg), method="ddp", ddp_hook=cfg.ddp_hook,
+            stop_accuracy=stop_at, reached_target=bool(stop_at and acc >= stop_at),
+            allreduce="gloo-ring",
+            powersgd_start_iter=POWERSGD_START_ITER if cfg.ddp_hook == "powersgd" else None)
+        recorder.close()
+        ratio = (summary["bytes_up"] + summary["bytes_down"]) / max(1, sum(fp32) * step)
+        print(f"{compressor_name(cfg)}: test accuracy {100 * acc:.2f}% after {step} steps, "
+              f"{summary['bytes_up'] / 1e6:.2f} MB up, {summary['bytes_down'] / 1e6:.2f} MB down "
+              f"({ratio:.3f} x fp32 allreduce), {summary['wall_seconds']:.1f} s", flush=True)
+    return DDPResult(model=model, steps=step, summary=summary, evals=evals)
+
+
+def _flush_and_evaluate(cfg: TrainConfig, model: nn.Module, ds: Any,
+                        recorder: _Recorder | None, pending: list[dict[str, Any]],
+                        losses: list[float], evals: list[dict[str, Any]], world: int) -> int:
+    """Gather losses and BN statistics to rank 0, write the pending step lines, evaluate.
+    Returns the counted bytes (BN statistics) added to the last pending step line."""
+    rank = dist.get_rank()
+    loss_t = torch.tensor(losses, dtype=torch.float64)
+    gathered = [torch.empty_like(loss_t) for _ in range(world)] if rank == 0 else None
+    dist.gather(loss_t, gathered, dst=0)
+
+    own = bn_stats(model)
+    stats = [torch.empty_like(own) for _ in range(world)] if rank == 0 else None
+    if own.numel():
+        dist.gather(own, stats, dst=0)
+    stats_bytes = (world - 1) * own.numel() * own.element_size()
+    if recorder is None:
+        return stats_bytes
+
+    mean_loss = torch.stack(gathered).mean(0).tolist()
+    last = len(pending) - 1
+    eval_step = pending[last]["step"]
+    for i, (rec, loss) in enumerate(zip(pending, mean_loss, strict=True)):
+        recorder.pinned = rec["wall"]
+        recorder.step(rec["step"], loss, rec["up"] + (stats_bytes if i == last else 0),
+                      rec["down"], {p: rec["times"].get(p, 0.0) for p in PHASES})
+    recorder.pinned = None
+    pending.clear()
+
+    if own.numel():
+        load_bn_stats(model, torch.stack(stats).mean(0))
+    test_loss, acc = evaluate(model, ds.x_test, ds.y_test)
+    if own.numel():
+        load_bn_stats(model, own)
+    evals.append(recorder.eval(eval_step, test_loss, acc))
+    return stats_bytes
+
+
+def run_ddp(cfg: TrainConfig) -> None:
+    """Entry point called by ``dist_quant.train`` on every rank after ``init_process_group``."""
+    train_ddp(cfg)
