@@ -37,12 +37,13 @@ reduced, the role of the PS uplink) and the allgather half, ``(W - 1) B``, as ``
 PS. W = 1 sends nothing. Per-message transport headers are not payload (the namespace cluster
 measures them on the wire).
 
-At each evaluation the ranks send their BatchNorm running statistics to rank 0 with one gloo
-``gather`` (``(W - 1) * 4k`` bytes, counted up, as the PS counts its workers' statistics);
-rank 0 evaluates with their average and then restores its own statistics, so every rank keeps
-training with local statistics, as PS workers do. Bookkeeping is not counted: the per-step
-losses (gathered to rank 0 at evaluations and logged then, so that the training path carries no
-extra round trip) and rank 0's continue/stop broadcast.
+At each evaluation step the ranks send their BatchNorm running statistics to rank 0 with one
+gloo ``gather`` (``(W - 1) * 4k`` bytes, counted up and in ``fp32_bytes_up``, as the PS counts
+its workers' statistics); rank 0 evaluates with their plain average and then restores its own
+statistics, so every rank keeps training with local statistics, as PS workers do. Not
+counted, as for the PS (bookkeeping, not training payload): each step's loss, gathered to rank
+0 while backward runs (the logged loss is the mean over ranks), and rank 0's continue/stop
+broadcast at evaluation steps.
 
 Phase times (seconds, on rank 0): ``communicate`` is the union of the intervals from each
 allreduce call to its completion; ``encode``/``decode`` are the rest of the hooks' own time
@@ -63,11 +64,10 @@ Launch: ``dist-quant train --method ddp --workers 4 --ddp-hook powersgd`` or
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -79,9 +79,11 @@ from torch.nn.parallel import DistributedDataParallel
 from dist_quant.config import TrainConfig
 from dist_quant.data import load_dataset, worker_batches
 from dist_quant.errors import ConfigError
-from dist_quant.metrics import PHASES, RunRecorder
+from dist_quant.metrics import RunRecorder
 from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
+from dist_quant.progress import Progress, summary_line
 from dist_quant.roles.common import DROPOUT, bn_stats, build_model, generator, load_bn_stats
+from dist_quant.roles.schedule import is_eval_step
 
 POWERSGD_START_ITER = 2
 
@@ -225,17 +227,6 @@ class DDPResult:
     model: nn.Module
     steps: int
     summary: dict[str, Any] | None = None
-    evals: list[dict[str, Any]] = field(default_factory=list)
-
-
-class _Recorder(RunRecorder):
-    """RunRecorder whose clock can be pinned, to write a step line after the step has ended
-    (the averaged loss arrives at the next evaluation) with the wall time of that step."""
-
-    pinned: float | None = None
-
-    def wall(self) -> float:
-        return super().wall() if self.pinned is None else self.pinned
 
 
 def _check(cfg: TrainConfig, world: int) -> None:
@@ -252,48 +243,33 @@ def _check(cfg: TrainConfig, world: int) -> None:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-             batch: int = 4096) -> tuple[float, float]:
+             chunk: int = 4096) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` in eval mode on ``(x, y)``."""
-    was_training = model.training
     model.eval()
     loss, correct = 0.0, 0
-    for i in range(0, len(y), batch):
-        out = model(x[i:i + batch])
-        loss += nn.functional.cross_entropy(out, y[i:i + batch], reduction="sum").item()
-        correct += int((out.argmax(1) == y[i:i + batch]).sum())
-    model.train(was_training)
+    for i in range(0, len(y), chunk):
+        out = model(x[i:i + chunk])
+        loss += float(nn.functional.cross_entropy(out, y[i:i + chunk], reduction="sum"))
+        correct += int((out.argmax(1) == y[i:i + chunk]).sum())
+    model.train()
     return loss / len(y), correct / len(y)
 
 
-class _Progress:
-    """Rank 0's progress bar on stderr: step, loss, test accuracy, MB sent."""
-
-    def __init__(self, enabled: bool, total: int, label: str):
-        self.enabled, self.total, self.label = enabled and sys.stderr.isatty(), total, label
-        self.last = 0.0
-
-    def update(self, step: int, loss: float, acc: float | None, mb: float, force=False) -> None:
-        if not self.enabled or (not force and time.perf_counter() - self.last < 0.2):
-            return
-        self.last = time.perf_counter()
-        width = 24
-        filled = int(width * step / self.total)
-        acc_s = "  -  " if acc is None else f"{100 * acc:5.1f}%"
-        sys.stderr.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{step}/{self.total} loss {loss:.3f} acc {acc_s} {mb:8.2f} MB")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+def _gather_to_rank0(t: torch.Tensor, world: int, async_op: bool = False) -> tuple[Any, list]:
+    out = [torch.empty_like(t) for _ in range(world)] if dist.get_rank() == 0 else None
+    return dist.gather(t, out, dst=0, async_op=async_op), out
 
 
 def train_ddp(cfg: TrainConfig) -> DDPResult:
     """Train on this rank of an initialised process group; see the module docstring."""
+    from dist_quant.train import default_run_dir
+
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     _check(cfg, world)
     device = torch.device("cpu")
+    if rank == 0 and not cfg.run_dir:
+        cfg = cfg.replace(run_dir=default_run_dir(cfg))
 
     ds = load_dataset(cfg)
     shard = ds.shard(rank, world)
@@ -301,8 +277,9 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     model = build_model(cfg, ds.in_features, ds.num_classes, device,
                         dropout_generator=generator(device, cfg.seed, rank, DROPOUT))
     n_params = sum(p.numel() for p in model.parameters())
+    n_stats = bn_stats(model).numel()
     # Replicas start equal by construction (same INIT seed): no start-up broadcast. BatchNorm
-    # running statistics stay local (no per-forward buffer broadcast), averaged at evaluation.
+    # running statistics stay local (no buffer sync in forward), averaged at evaluation.
     ddp = DistributedDataParallel(model, init_sync=False, forward_sync_buffers=False)
     meter = AllreduceMeter()
     hook, state = make_hook(cfg)
@@ -310,108 +287,87 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     opt = DecoupledMomentumSGD(decay_param_groups(model, cfg.weight_decay, cfg.decay_all),
                                lr=cfg.lr, momentum=cfg.momentum)
 
-    recorder = _Recorder(cfg.run_dir, cfg.to_dict()) if rank == 0 else None
-    progress = _Progress(cfg.progress and rank == 0, cfg.steps, compressor_name(cfg))
-    pending: list[dict[str, Any]] = []   # rank 0: steps not yet written (loss not averaged)
-    losses: list[float] = []             # this rank's losses of those steps
-    evals: list[dict[str, Any]] = []
-    stop_at = getattr(cfg, "stop_accuracy", 0.0)
-    cum_bytes = 0
-    step, acc, test_loss = 0, None, float("nan")
+    recorder = RunRecorder(cfg.run_dir, cfg.to_dict()) if rank == 0 else None
+    progress = Progress(cfg.steps, enabled=cfg.progress and rank == 0)
+    test_loss = test_acc = float("nan")
+    evals, step = 0, 0
+    try:
+        with meter.installed():
+            for step in range(1, cfg.steps + 1):
+                idx = sampler.next()
+                x, y = shard.x_train[idx], shard.y_train[idx]
+                meter.reset()
+                t0 = time.perf_counter()
+                loss = nn.functional.cross_entropy(ddp(x), y)
+                # telemetry (not counted): the loss travels to rank 0 while backward runs
+                loss_work, losses = _gather_to_rank0(loss.detach().double().reshape(1), world,
+                                                     async_op=True)
+                loss.backward()  # returns once every bucket's hook future is complete
+                t1 = time.perf_counter()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                t2 = time.perf_counter()
+                loss_work.wait()
 
-    with meter.installed():
-        for step in range(1, cfg.steps + 1):
-            idx = sampler.next()
-            x, y = shard.x_train[idx], shard.y_train[idx]
-            meter.reset()
-            t0 = time.perf_counter()
-            loss = nn.functional.cross_entropy(ddp(x), y)
-            loss.backward()  # DDP returns once every bucket's hook future is complete
-            t1 = time.perf_counter()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            t2 = time.perf_counter()
-
-            up, down = ring_allreduce_bytes(meter.nbytes, world)
-            ph = meter.phases()
-            times = {"compute": max(0.0, (t1 - t0) - ph["hooks"]), "encode": ph["encode"],
-                     "communicate": ph["communicate"], "decode": ph["decode"],
-                     "update": t2 - t1}
-            losses.append(float(loss.detach()))
-            if recorder is not None:
-                cum_bytes += up + down
-                pending.append({"step": step, "up": up, "down": down, "times": times,
-                                "wall": recorder.wall()})
-                progress.update(step, losses[-1], acc, cum_bytes / 1e6)
-
-            if step % cfg.eval_every == 0 or step == cfg.steps:
-                stats_bytes = _flush_and_evaluate(cfg, model, ds, recorder, pending, losses,
-                                                  evals, world)
-                cum_bytes += stats_bytes
+                up, down = ring_allreduce_bytes(meter.nbytes, world)
+                ph = meter.phases()
+                times = {"compute": max(0.0, (t1 - t0) - ph["hooks"]), "encode": ph["encode"],
+                         "communicate": ph["communicate"], "decode": ph["decode"],
+                         "update": t2 - t1}
+                with_stats = is_eval_step(cfg, step)
+                stats = None
+                if with_stats and n_stats:
+                    # counted: every rank's BatchNorm statistics go to rank 0 (W - 1 sends)
+                    _, stats = _gather_to_rank0(bn_stats(model), world)
+                    up += (world - 1) * 4 * n_stats
+                stop = False
                 if recorder is not None:
-                    acc, test_loss = evals[-1]["test_accuracy"], evals[-1]["test_loss"]
-                    progress.update(step, losses[-1] if losses else 0.0, acc,
-                                    cum_bytes / 1e6, force=True)
-                stop = torch.tensor([int(acc is not None and 0 < stop_at <= acc)])
-                dist.broadcast(stop, src=0)
-                losses.clear()
-                if stop.item():
-                    break
-    progress.close()
+                    rec = recorder.step(step, float(torch.cat(losses).mean()), up, down, times)
+                    if with_stats:
+                        evals += 1
+                        test_loss, test_acc = _evaluate_with_mean_stats(model, ds, stats)
+                        recorder.eval(step, test_loss, test_acc)
+                        stop = 0 < cfg.stop_accuracy <= test_acc
+                    progress.update(step, rec["loss"], test_acc, recorder.cum_up,
+                                    recorder.cum_down)
+                if with_stats:
+                    # control (not counted): rank 0 tells everyone whether to go on
+                    flag = torch.tensor([int(stop)])
+                    dist.broadcast(flag, src=0)
+                    if flag.item():
+                        break
+    finally:
+        progress.close()
 
     summary = None
     if recorder is not None:
-        fp32 = ring_allreduce_bytes(4 * n_params, world)
+        grad_up, grad_down = ring_allreduce_bytes(4 * n_params, world)
         summary = recorder.summary(
-            test_accuracy=acc, test_loss=test_loss, fp32_bytes_up=step * fp32[0],
-            fp32_bytes_down=step * fp32[1], steps=step, workers=world, params=n_params,
+            test_accuracy=test_acc, test_loss=test_loss,
+            fp32_bytes_up=step * grad_up + evals * (world - 1) * 4 * n_stats,
+            fp32_bytes_down=step * grad_down, steps=step, workers=world, params=n_params,
             compressor=compressor_name(cfg), method="ddp", ddp_hook=cfg.ddp_hook,
-            stop_accuracy=stop_at, reached_target=bool(stop_at and acc >= stop_at),
-            allreduce="gloo-ring",
-            powersgd_start_iter=POWERSGD_START_ITER if cfg.ddp_hook == "powersgd" else None)
+            powersgd_rank=cfg.powersgd_rank if cfg.ddp_hook == "powersgd" else None,
+            powersgd_start_iter=POWERSGD_START_ITER if cfg.ddp_hook == "powersgd" else None,
+            allreduce="gloo-ring", stop_accuracy=cfg.stop_accuracy,
+            stopped_early=step < cfg.steps)
         recorder.close()
-        ratio = (summary["bytes_up"] + summary["bytes_down"]) / max(1, sum(fp32) * step)
-        print(f"{compressor_name(cfg)}: test accuracy {100 * acc:.2f}% after {step} steps, "
-              f"{summary['bytes_up'] / 1e6:.2f} MB up, {summary['bytes_down'] / 1e6:.2f} MB down "
-              f"({ratio:.3f} x fp32 allreduce), {summary['wall_seconds']:.1f} s", flush=True)
-    return DDPResult(model=model, steps=step, summary=summary, evals=evals)
+        print(f"{compressor_name(cfg)}: {summary_line(summary)}", flush=True)
+    return DDPResult(model=model, steps=step, summary=summary)
 
 
-def _flush_and_evaluate(cfg: TrainConfig, model: nn.Module, ds: Any,
-                        recorder: _Recorder | None, pending: list[dict[str, Any]],
-                        losses: list[float], evals: list[dict[str, Any]], world: int) -> int:
-    """Gather losses and BN statistics to rank 0, write the pending step lines, evaluate.
-    Returns the counted bytes (BN statistics) added to the last pending step line."""
-    rank = dist.get_rank()
-    loss_t = torch.tensor(losses, dtype=torch.float64)
-    gathered = [torch.empty_like(loss_t) for _ in range(world)] if rank == 0 else None
-    dist.gather(loss_t, gathered, dst=0)
-
+def _evaluate_with_mean_stats(model: nn.Module, ds: Any,
+                              stats: list[torch.Tensor] | None) -> tuple[float, float]:
+    """Evaluate with the ranks' averaged BatchNorm statistics, then restore rank 0's own (it
+    keeps training with them, as every PS worker does)."""
+    if stats is None:
+        return evaluate(model, ds.x_test, ds.y_test)
     own = bn_stats(model)
-    stats = [torch.empty_like(own) for _ in range(world)] if rank == 0 else None
-    if own.numel():
-        dist.gather(own, stats, dst=0)
-    stats_bytes = (world - 1) * own.numel() * own.element_size()
-    if recorder is None:
-        return stats_bytes
-
-    mean_loss = torch.stack(gathered).mean(0).tolist()
-    last = len(pending) - 1
-    eval_step = pending[last]["step"]
-    for i, (rec, loss) in enumerate(zip(pending, mean_loss, strict=True)):
-        recorder.pinned = rec["wall"]
-        recorder.step(rec["step"], loss, rec["up"] + (stats_bytes if i == last else 0),
-                      rec["down"], {p: rec["times"].get(p, 0.0) for p in PHASES})
-    recorder.pinned = None
-    pending.clear()
-
-    if own.numel():
-        load_bn_stats(model, torch.stack(stats).mean(0))
-    test_loss, acc = evaluate(model, ds.x_test, ds.y_test)
-    if own.numel():
+    load_bn_stats(model, torch.stack(stats).mean(0))
+    try:
+        return evaluate(model, ds.x_test, ds.y_test)
+    finally:
         load_bn_stats(model, own)
-    evals.append(recorder.eval(eval_step, test_loss, acc))
-    return stats_bytes
 
 
 def run_ddp(cfg: TrainConfig) -> None:

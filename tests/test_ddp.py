@@ -191,7 +191,9 @@ def test_fp32_bytes_are_the_ring_allreduce_of_the_gradient_exactly(three_ranks):
         assert r["bytes_up"] == 2 * 4 * n + _stats_bytes(r["step"], cfg)
         assert r["bytes_down"] == 2 * 4 * n
     summary = read_summary(run)
-    assert summary["fp32_bytes_up"] == summary["fp32_bytes_down"] == cfg.steps * 2 * 4 * n
+    assert summary["fp32_bytes_down"] == cfg.steps * 2 * 4 * n
+    # fp32 would send the same statistics: the fp32 hook's reference is exactly what it sent
+    assert summary["fp32_bytes_up"] == summary["bytes_up"]
 
 
 def test_counted_bytes_are_what_gloo_sockets_sent(three_ranks):
@@ -251,7 +253,7 @@ def test_ranks_share_parameters_and_rank0_keeps_its_own_bn_statistics(two_ranks)
 def test_stop_accuracy_ends_at_the_first_evaluation_reaching_it(two_ranks):
     run = two_ranks / "stop"
     summary = read_summary(run)
-    assert summary["steps"] == 5 and summary["reached_target"] is True
+    assert summary["steps"] == 5 and summary["stopped_early"] is True
     assert read_metrics(run)[-1] == {**read_metrics(run)[-1], "kind": "eval", "step": 5}
 
 
