@@ -13,7 +13,7 @@ from compress_stats import (
     two_point_moments,
 )
 
-from dist_quant.compress import get_compressor
+from dist_quant.compress import fast, get_compressor
 
 N_DRAWS = 2000
 
@@ -47,11 +47,16 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("path", ["torch", "c"])
 @pytest.mark.parametrize("name,options", CASES)
-def test_unbiased_and_variance_formula(name, options):
+def test_unbiased_and_variance_formula(name, options, path):
+    """On both the pure-torch and the compiled path (DIST_QUANT_KERNELS)."""
+    if path == "c" and fast.mode() == "torch":
+        pytest.skip("pure-torch path forced")
     comp = get_compressor(name, **options)
     g = gradient(320)
-    samples, low, up, p, a = tiled_draws(comp, g, N_DRAWS, seed=1)
+    with fast.use(path):
+        samples, low, up, p, a = tiled_draws(comp, g, N_DRAWS, seed=1)
     var, m4 = two_point_moments(a, p)
     # MATH 4c / 4g: the per-coordinate variance is (g - l)(u - g)
     torch.testing.assert_close(var, (g.double() - low) * (up - g.double()), rtol=1e-6,

@@ -1,7 +1,279 @@
-"""Compiled CPU kernels for the k-bit compressor (placeholder: not built yet)."""
+"""Compiled CPU path of the k-bit compressor: build, load, dispatch.
+
+The kernels (:mod:`dist_quant.compress.kernels_c`) are compiled on first use with the system C
+compiler (``$CC``, else ``cc``) into ``$DIST_QUANT_CACHE`` (default
+``$XDG_CACHE_HOME/dist_quant`` or ``~/.cache/dist_quant``), one shared library per source,
+flags and CPU model (``-march=native``), written atomically so that processes starting together
+may all build. Compiling takes well under a second; later processes load the cached library.
+They are called through ctypes, which releases the GIL, so threads split a tensor.
+
+``DIST_QUANT_KERNELS`` selects the path: ``auto`` (default: compiled if it builds, else pure
+torch, with one warning), ``torch`` (always the pure-torch path), ``c`` (compiled or raise).
+The compiled path serves contiguous CPU tensors of fp32/fp16/bf16 below 2^31 coordinates; fp64
+and CUDA tensors take the pure-torch path. Both paths produce the same headers and the same
+decodes; the random draws come from different streams of the same law (see kernels_c).
+
+Threads: ``torch.get_num_threads()`` (the training processes set 1).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-def usable(tensor, compressor) -> bool:
-    return False
+import torch
+
+from dist_quant.compress import wire
+from dist_quant.compress.kernels_c import SOURCE
+
+CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
+          "-shared", "-fPIC", "-std=gnu11"]
+FUSED_TARGET = 32768  # coordinates per fused chunk (128 KiB of fp32: stays in L2)
+MAX_BUCKETS_PER_CHUNK = 8192  # size of the kernel's stack arrays
+MIN_PER_THREAD = 1 << 16
+MAX_N = 1 << 31
+
+_state: dict = {}
+
+
+def mode() -> str:
+    value = _state.get("mode") or os.environ.get("DIST_QUANT_KERNELS", "auto")
+    value = value.strip().lower() or "auto"
+    if value not in ("auto", "torch", "c"):
+        raise ValueError(f"DIST_QUANT_KERNELS must be auto, torch or c; got {value!r}")
+    return value
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DIST_QUANT_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "dist_quant"
+
+
+def build(force: bool = False) -> Path:
+    """Compile the kernels (or find them in the cache); returns the shared library's path."""
+    cc = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join([SOURCE, cc, *CFLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{key}.so"
+    if target.exists() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(tmp) / "kernels.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / "kernels.so"
+        proc = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out)], capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling the k-bit kernels with {cc} failed:\n{proc.stderr}")
+        os.replace(out, target)
+    return target
+
+
+def _bind(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    i64, u32, i32, ptr = ctypes.c_int64, ctypes.c_uint32, ctypes.c_int, ctypes.c_void_p
+    lib.dq_minmax.argtypes = [ptr, i64, i64, ptr]
+    lib.dq_minmax.restype = i64
+    lib.dq_quantize.argtypes = [ptr, i64, i32, ptr, ptr, u32, u32, ptr, i64, i64]
+    lib.dq_quantize.restype = None
+    lib.dq_encode_fused.argtypes = [ptr, i64, i64, i32, i32, u32, u32, ptr, ptr, ptr, i64, i64,
+                                    i64]
+    lib.dq_encode_fused.restype = i64
+    lib.dq_decode.argtypes = [ptr, i64, i32, ptr, ptr, ptr, i64, i64]
+    lib.dq_decode.restype = None
+    lib.dq_decode_mean.argtypes = [ptr, i64, i64, i64, i64, i32, ptr, ptr, ptr, i64, i64]
+    lib.dq_decode_mean.restype = None
+    lib.dq_draws.argtypes = [u32, u32, i64, i64, ptr]
+    lib.dq_draws.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None when the pure-torch path is selected or the build failed."""
+    if "lib" in _state:
+        return _state["lib"]
+    lib = None
+    if mode() != "torch":
+        try:
+            lib = _bind(build())
+        except Exception as err:  # no compiler, read-only cache, ...: fall back, loudly
+            if mode() == "c":
+                raise
+            warnings.warn(f"dist_quant: compiled k-bit kernels unavailable, using the "
+                          f"pure-torch path ({err})", RuntimeWarning, stacklevel=2)
+    _state["lib"] = lib
+    return lib
+
+
+def reset() -> None:
+    """Forget the loaded library (so a changed DIST_QUANT_KERNELS takes effect)."""
+    _state.clear()
+
+
+@contextlib.contextmanager
+def use(path: str):
+    """Within the block, select a path as DIST_QUANT_KERNELS would (``torch``, ``c``, ``auto``);
+    for tests and benchmarks that compare the two."""
+    saved = dict(_state)
+    _state.clear()
+    _state["mode"] = path
+    mode()  # validate
+    try:
+        yield
+    finally:
+        _state.clear()
+        _state.update(saved)
+
+
+def usable(tensor: torch.Tensor, compressor) -> bool:
+    return (tensor.device.type == "cpu" and tensor.dtype != torch.float64
+            and tensor.numel() < MAX_N and library() is not None)
+
+
+# ---- dispatch ------------------------------------------------------------------------------
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def _ranges(n: int, step: int) -> list[tuple[int, int]]:
+    """Split [0, n) into at most num_threads pieces on multiples of ``step``."""
+    threads = max(1, torch.get_num_threads())
+    pieces = max(1, min(threads, n // max(MIN_PER_THREAD, step)))
+    per = _ceil_div(_ceil_div(n, pieces), step) * step
+    return [(s, min(s + per, n)) for s in range(0, n, per)]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _run(fn, tasks):
+    """``fn(*task)`` for every task, on up to num_threads threads (ctypes drops the GIL)."""
+    if len(tasks) == 1:
+        return [fn(*tasks[0])]
+    with ThreadPoolExecutor(min(len(tasks), max(1, torch.get_num_threads()))) as pool:
+        return list(pool.map(lambda task: fn(*task), tasks))
+
+
+def _keys(generator: torch.Generator | None) -> tuple[int, int]:
+    s, m = torch.randint(0, 1 << 32, (2,), generator=generator, dtype=torch.int64).tolist()
+    return s, m | 1
+
+
+def fused_chunk(d: int) -> int | None:
+    """Coordinates per fused chunk for bucket size d: whole buckets, a multiple of 8, about
+    FUSED_TARGET; None when a bucket is too large to fuse (then two passes)."""
+    step = d * 8 // math.gcd(d, 8)
+    if step > 4 * FUSED_TARGET:
+        return None
+    count = max(1, min(FUSED_TARGET // step, MAX_BUCKETS_PER_CHUNK * d // step))
+    return count * step
+
+
+def kbit_encode(x: torch.Tensor, body: torch.Tensor, comp, generator) -> int:
+    """Write the k-bit body of x into ``body``; returns the non-finite count (0 = written).
+    Raises WireRangeError when a header does not fit its type."""
+    lib = library()
+    x = x.contiguous() if x.dtype == torch.float32 else x.float()
+    n = x.numel()
+    d = comp.bucket_size or n
+    nb = comp.num_buckets(n)
+    s, m = _keys(generator)
+    a_out, b_out, bits = comp._split(body, n)
+    hcode = wire.HEADER_DTYPE_CODES[comp.header_dtype]
+    chunk = fused_chunk(d)
+    if chunk is not None:
+        counts = _run(lambda c0, c1: lib.dq_encode_fused(
+            _ptr(x), n, d, comp.bits, hcode, s, m, _ptr(a_out), _ptr(b_out), _ptr(bits),
+            c0, c1, chunk), _ranges(n, chunk))
+        if any(c > 0 for c in counts):
+            return sum(c for c in counts if c > 0)
+        if any(c < 0 for c in counts):
+            raise wire.WireRangeError(f"a bucket range does not fit header_dtype "
+                                      f"{comp.header_dtype}")
+        return 0
+    # large buckets: pass 1 min/max per (bucket, thread piece), pass 2 quantise
+    from dist_quant.compress.quantize import header_values
+
+    segments = [(j, j * d + p0, j * d + p1) for j in range(nb)
+                for p0, p1 in _ranges(min(d, n - j * d), 8)]
+    parts = torch.empty(len(segments), 2, dtype=torch.float32)
+    counts = _run(lambda i, c0, c1: lib.dq_minmax(_ptr(x), c0, c1, _ptr(parts) + 8 * i),
+                  [(i, c0, c1) for i, (_, c0, c1) in enumerate(segments)])
+    if sum(counts):
+        return sum(counts)
+    owner = torch.tensor([j for j, _, _ in segments])
+    lo = torch.full((nb,), math.inf).scatter_reduce(0, owner, parts[:, 0], "amin")
+    hi = torch.full((nb,), -math.inf).scatter_reduce(0, owner, parts[:, 1], "amax")
+    a, b = header_values(lo, hi, comp.levels, comp.hdtype)
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise wire.WireRangeError(f"bucket range [{lo.min().item():.4g}, {hi.max().item():.4g}] "
+                                  f"does not fit header_dtype {comp.header_dtype}")
+    a_out.copy_(a)
+    b_out.copy_(b)
+    a32, b32 = a.float().contiguous(), b.float().contiguous()
+    _run(lambda c0, c1: lib.dq_quantize(_ptr(x), d, comp.bits, _ptr(a32), _ptr(b32), s, m,
+                                        _ptr(bits), c0, c1), _ranges(n, 8))
+    return 0
+
+
+def _fp32_headers(comp, body: torch.Tensor, n: int):
+    a, b, bits = comp._split(body, n)
+    return a.float().contiguous(), b.float().contiguous(), bits
+
+
+def kbit_decode(body: torch.Tensor, n: int, comp, out: torch.Tensor) -> torch.Tensor:
+    lib = library()
+    a, b, bits = _fp32_headers(comp, body, n)
+    bits = bits.contiguous()
+    d = comp.bucket_size or n
+    _run(lambda c0, c1: lib.dq_decode(_ptr(bits), d, comp.bits, _ptr(a), _ptr(b), _ptr(out),
+                                      c0, c1), _ranges(n, 8))
+    return out
+
+
+def kbit_decode_mean(body: torch.Tensor, n: int, comp, out: torch.Tensor) -> torch.Tensor:
+    """Mean of the W decodes of ``body`` ([W, body bytes]) into ``out``."""
+    lib = library()
+    w_count = body.shape[0]
+    nb = comp.num_buckets(n)
+    hb = comp.hbytes
+    if body.stride(1) != 1:
+        body = body.contiguous()
+    a = body[:, : nb * hb].contiguous().view(comp.hdtype).float().contiguous()
+    b = body[:, nb * hb: 2 * nb * hb].contiguous().view(comp.hdtype).float().contiguous()
+    bits = body[:, 2 * nb * hb:]
+    d = comp.bucket_size or n
+    _run(lambda c0, c1: lib.dq_decode_mean(_ptr(bits), body.stride(0), w_count, nb, d,
+                                           comp.bits, _ptr(a), _ptr(b), _ptr(out), c0, c1),
+         _ranges(n, 8))
+    return out
+
+
+def draws(s: int, m: int, c0: int, c1: int) -> torch.Tensor:
+    """The compiled path's draws r_i for coordinates [c0, c1) under keys (s, m) (for tests)."""
+    lib = library()
+    out = torch.empty(c1 - c0, dtype=torch.int32)
+    lib.dq_draws(s, m, c0, c1, _ptr(out))
+    return out.long() & 0xFFFFFFFF
