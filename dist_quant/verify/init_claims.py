@@ -103,7 +103,8 @@ def claim_1d(ctx: Context) -> list[Row]:
     Each of ``NETWORKS`` random networks (width 256, 32 ReLU layers, BN off) is fed 512 MNIST-1D
     inputs. The per-layer increments of log2 alpha fluctuate with sd ``s`` (finite width),
     estimated from the increments themselves; the end-to-end change averaged over the networks
-    then has standard error ``s sqrt(DEPTH - 1) / sqrt(NETWORKS)``.
+    then has standard error ``s sqrt(DEPTH - 1) / sqrt(NETWORKS)``. The three inits share their
+    random draws (network k of each is the same normal draw, scaled), so they differ only by c.
     """
     x = dataset(ctx).x_train[:BATCH]
     logs = {}
