@@ -1,0 +1,133 @@
+"""Sweeps: grid expansion and presets, stable point names, resumption, failures recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dist_quant.config import TrainConfig
+from dist_quant.errors import ConfigError
+from dist_quant.metrics import read_summary
+from dist_quant.sweep import (
+    INDEX,
+    PRESETS,
+    expand_grid,
+    is_done,
+    parse_axis,
+    parse_method,
+    points_from_options,
+    run_sweep,
+    sweep,
+)
+
+TINY = {"train_size": [200], "test_size": [100], "hidden": ["24"], "batch_size": [8],
+        "steps": [3], "eval_every": [3], "workers": [1]}
+
+
+def test_presets_map_onto_config_fields():
+    points = {p.label: p.cfg for p in expand_grid(list(PRESETS))}
+    assert set(points) == {"ps-fp32", "ps-onebit-whole", "ps-onebit", "ps-sign-ef",
+                           "ps-onebit-updown", "ddp-fp32", "ddp-fp16", "ddp-powersgd"}
+    assert points["ps-fp32"].compressor == "none" and points["ps-fp32"].method == "ps"
+    assert points["ps-onebit-whole"].bucket_size == 0
+    assert points["ps-onebit"].bucket_size == TrainConfig().bucket_size > 0
+    assert points["ps-sign-ef"].compressor == "sign" and points["ps-sign-ef"].error_feedback
+    assert points["ps-onebit-updown"].downlink == "onebit"
+    assert [points[k].ddp_hook for k in ("ddp-fp32", "ddp-fp16", "ddp-powersgd")] == \
+        ["none", "fp16", "powersgd"]
+    assert all(points[k].method == "ddp" for k in ("ddp-fp32", "ddp-fp16", "ddp-powersgd"))
+
+
+def test_grid_is_the_product_of_axes_with_set_over_preset_and_method_fields_over_all():
+    points = expand_grid(["ps-onebit-whole", "own:compressor=kbit,bits=3,hidden=64,32"],
+                         {"bucket_size": [128, 256], "seed": [0, 1]}, rates=[10.0, None])
+    assert len(points) == 2 * 2 * 2 * 2
+    whole = [p for p in points if p.label == "ps-onebit-whole"]
+    assert sorted({p.cfg.bucket_size for p in whole}) == [128, 256]  # --set beats the preset
+    own = [p for p in points if p.label == "own"]
+    assert all(p.cfg.compressor == "kbit" and p.cfg.bits == 3 and p.cfg.hidden == "64,32"
+               for p in own)
+    assert len({p.name for p in points}) == len(points)
+    assert {p.runner for p in points if p.rate_mbit == 10.0} == {"cluster"}
+    assert {p.runner for p in points if p.rate_mbit is None} == {"local"}
+    assert {p.runner for p in expand_grid(["ddp-fp32"], force_cluster=True)} == {"cluster"}
+    # the same point has the same name in another grid; another config, another name
+    again = expand_grid(["ps-onebit-whole"], {"bucket_size": [128], "seed": [1]},
+                        rates=[10.0])
+    assert again[0].name in {p.name for p in points}
+    assert again[0].name.startswith("ps-onebit-whole_w4_10mbit_s1_")
+    other = expand_grid(["ps-onebit-whole"], {"bucket_size": [128], "seed": [1], "lr": [0.1]},
+                        rates=[10.0])
+    assert other[0].name != again[0].name
+
+
+def test_options_parse_and_bad_values_name_the_option(tmp_path):
+    assert parse_axis("hidden=64,64;32") == ("hidden", ["64,64", "32"])
+    assert parse_axis("error-feedback=true,no") == ("error_feedback", [True, False])
+    assert parse_method("ps-onebit:bucket_size=64")[2] == {"bucket_size": 64}
+    for bad, option in [("nope=1", "--set"), ("steps=ten", "--set"), ("steps=", "--set")]:
+        with pytest.raises(ConfigError, match=option):
+            parse_axis(bad)
+    with pytest.raises(ConfigError, match="--method"):
+        parse_method("ps-onebit-tiny")
+    with pytest.raises(ConfigError, match="--workers"):
+        expand_grid(["ps-onebit"], {"workers": [0]})
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({"methods": ["ddp-fp16"], "set": {"workers": [2, 3]},
+                                "rate_mbit": [10, None]}))
+    points = points_from_options((), ("workers=2",), None, "0,5", None, str(grid), False)
+    assert {(p.cfg.workers, p.rate_mbit, p.latency_ms) for p in points} == \
+        {(2, 10.0, 0.0), (2, None, 0.0), (2, 10.0, 5.0), (2, None, 5.0)}
+    result = CliRunner().invoke(sweep, [str(tmp_path / "out"), "-m", "ps-onebit", "--rate",
+                                        "fast"])
+    assert result.exit_code == 2 and "--rate" in result.output
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime for p in out.glob("*/summary.json")}
+
+
+def test_sweep_resumes_and_runs_only_new_points(tmp_path):
+    out = tmp_path / "sweep"
+    first = expand_grid(["ps-fp32", "ddp-fp32"], TINY)
+    index = run_sweep(first, out, progress=False, echo=lambda _: None)
+    assert sorted(index["ran"]) == sorted(p.name for p in first) and index["failed"] == []
+    for p in first:
+        rec = index["points"][p.name]
+        assert rec["status"] == "done" and is_done(p, out / p.name)
+        summary = read_summary(out / p.name)
+        assert summary["steps"] == 3 and summary["method"] == p.cfg.method
+        assert rec["test_accuracy"] == summary["test_accuracy"]
+        assert json.loads((out / p.name / "point.json").read_text())["runner"] == "local"
+    before = _mtimes(out)
+
+    again = run_sweep(first, out, progress=False, echo=lambda _: None)
+    assert again["ran"] == [] and _mtimes(out) == before
+
+    more = expand_grid(["ps-fp32", "ddp-fp32", "ddp-fp16"], TINY)
+    added = run_sweep(more, out, progress=False, echo=lambda _: None)
+    assert added["ran"] == [more[2].name] and added["failed"] == []
+    assert {k: v for k, v in _mtimes(out).items() if k in before} == before
+    saved = json.loads((out / INDEX).read_text())
+    assert set(saved["points"]) == {p.name for p in more}
+
+
+def test_a_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path):
+    bad = tmp_path / "broken.npz"
+    bad.write_bytes(b"not an npz archive")
+    out = tmp_path / "sweep"
+    args = [str(out), "--no-progress", "-m", "ddp-fp32", "-m", f"broken:dataset={bad}"]
+    for name, values in TINY.items():
+        args += ["--set", f"{name}={';'.join(map(str, values))}"]
+    result = CliRunner().invoke(sweep, args)
+    assert result.exit_code == 1, result.output
+    index = json.loads((out / INDEX).read_text())
+    status = {rec["label"]: rec for rec in index["points"].values()}
+    assert status["ddp-fp32"]["status"] == "done"
+    assert status["broken"]["status"] == "failed"
+    assert status["broken"]["returncode"] != 0 and status["broken"]["error"]
+    assert status["broken"]["log_tail"]
+    assert "FAILED" in result.output and "1 failed" in result.output
