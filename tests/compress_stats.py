@@ -76,7 +76,8 @@ def assert_total_variance(samples: torch.Tensor, g: torch.Tensor, var: torch.Ten
 
 
 def slack(low: torch.Tensor, up: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Deterministic bias allowed per coordinate: the 24-bit draw (a 2^-24) plus float32
-    rounding of the decode ``a t + b`` (a few ulps of the levels' magnitude)."""
+    """Deterministic bias allowed per coordinate (quantize docstring): the 24-bit draw
+    (a 2^-24), float32 rounding of y = (g - b) / a (2^-22 |g - b| <= 2^-22 (|low| + |up| + a))
+    and of the decode a t + b (an ulp of the levels' magnitude)."""
     eps = torch.finfo(torch.float32).eps
-    return a * 2.0**-24 + 4 * eps * (low.abs() + up.abs())
+    return a * 2.0**-24 + 4 * eps * (low.abs() + up.abs() + a)

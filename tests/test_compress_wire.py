@@ -211,3 +211,15 @@ def test_fp16_overflow_is_loud():
         get_compressor("fp16").encode(torch.tensor([1e5, 1.0]))
     with pytest.raises(wire.WireRangeError, match="header_dtype fp16"):
         get_compressor("onebit", header_dtype="fp16").encode(torch.tensor([-7e4, 7e4]))
+
+
+@pytest.mark.parametrize("name,options", ALL)
+def test_decode_into_a_reused_buffer(name, options):
+    comp = get_compressor(name, **options)
+    x = torch.randn(77, generator=torch.Generator().manual_seed(0))
+    payload = comp.encode(x, generator=torch.Generator().manual_seed(1))
+    out = torch.full((77,), float("nan"))
+    y = comp.decode(payload, out=out)
+    assert y.data_ptr() == out.data_ptr() and torch.equal(out, comp.decode(payload))
+    with pytest.raises(ValueError, match="77 elements"):
+        comp.decode(payload, out=torch.empty(76))

@@ -71,7 +71,7 @@ class Compressor:
         """
         flat = self._check_input(x)
         out = wire.new_payload(self._header(flat.numel()), self.payload_nbytes(flat.numel()),
-                               flat.device)
+                               flat.device, zero_body=False)
         self._encode_body(flat, out[wire.FIXED_NBYTES:], generator)
         return wire.Payload(out)
 
@@ -126,13 +126,24 @@ class Compressor:
             raise NonFiniteGradientError(h.nonfinite_count, h.n)
         return h
 
-    def decode(self, payload: wire.Payload | torch.Tensor) -> torch.Tensor:
-        """Validate and decode one payload into a flat float32 tensor on its device."""
+    def decode(self, payload: wire.Payload | torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Validate and decode one payload into a flat float32 tensor on its device.
+
+        ``out`` (optional, contiguous float32 of length n) receives the result instead of a new
+        tensor: a caller that decodes every step reuses one buffer and saves the allocation.
+        """
         data = wire.as_bytes(payload)
         h = self.validate(data)
         body = data[wire.FIXED_NBYTES:]
         self._check_body(body, h.n)
-        return self._decode_body(body, h.n)
+        if out is None:
+            return self._decode_body(body, h.n)
+        out = _result(out, h.n, data.device)
+        return self._decode_into(body, h.n, out)
+
+    def _decode_into(self, body: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self._decode_body(body, n))
 
     def _check_body(self, body: torch.Tensor, n: int) -> None:
         """Validate the per-bucket reals of a body (subclasses with headers override)."""

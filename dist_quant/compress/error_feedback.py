@@ -52,8 +52,8 @@ class ErrorFeedback:
         self.residual = corrected.sub_(self.inner.decode(payload))
         return payload
 
-    def decode(self, payload):
-        return self.inner.decode(payload)
+    def decode(self, payload, out=None):
+        return self.inner.decode(payload, out=out)
 
     def decode_mean(self, batch, out=None):
         return self.inner.decode_mean(batch, out=out)

@@ -41,6 +41,9 @@ FUSED_TARGET = 32768  # coordinates per fused chunk (128 KiB of fp32: stays in L
 MAX_BUCKETS_PER_CHUNK = 8192  # size of the kernel's stack arrays
 MIN_PER_THREAD = 1 << 16
 MAX_N = 1 << 31
+# Decoded outputs this large bypass the caches (streaming stores), but only into buffers the
+# caller reuses: streaming into freshly allocated, not yet mapped pages is several times slower.
+NONTEMPORAL_BYTES = 8 << 20
 
 _state: dict = {}
 
@@ -100,9 +103,9 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.dq_encode_fused.argtypes = [ptr, i64, i64, i32, i32, u32, u32, ptr, ptr, ptr, i64, i64,
                                     i64]
     lib.dq_encode_fused.restype = i64
-    lib.dq_decode.argtypes = [ptr, i64, i32, ptr, ptr, ptr, i64, i64]
+    lib.dq_decode.argtypes = [ptr, i64, i32, ptr, ptr, ptr, i64, i64, i32]
     lib.dq_decode.restype = None
-    lib.dq_decode_mean.argtypes = [ptr, i64, i64, i64, i64, i32, ptr, ptr, ptr, i64, i64]
+    lib.dq_decode_mean.argtypes = [ptr, i64, i64, i64, i64, i32, ptr, ptr, ptr, i64, i64, i32]
     lib.dq_decode_mean.restype = None
     lib.dq_draws.argtypes = [u32, u32, i64, i64, ptr]
     lib.dq_draws.restype = None
@@ -243,17 +246,20 @@ def _fp32_headers(comp, body: torch.Tensor, n: int):
     return a.float().contiguous(), b.float().contiguous(), bits
 
 
-def kbit_decode(body: torch.Tensor, n: int, comp, out: torch.Tensor) -> torch.Tensor:
+def kbit_decode(body: torch.Tensor, n: int, comp, out: torch.Tensor,
+                streaming: bool = False) -> torch.Tensor:
     lib = library()
     a, b, bits = _fp32_headers(comp, body, n)
     bits = bits.contiguous()
     d = comp.bucket_size or n
+    nt = int(streaming and n * 4 >= NONTEMPORAL_BYTES)
     _run(lambda c0, c1: lib.dq_decode(_ptr(bits), d, comp.bits, _ptr(a), _ptr(b), _ptr(out),
-                                      c0, c1), _ranges(n, 8))
+                                      c0, c1, nt), _ranges(n, 8))
     return out
 
 
-def kbit_decode_mean(body: torch.Tensor, n: int, comp, out: torch.Tensor) -> torch.Tensor:
+def kbit_decode_mean(body: torch.Tensor, n: int, comp, out: torch.Tensor,
+                     streaming: bool = False) -> torch.Tensor:
     """Mean of the W decodes of ``body`` ([W, body bytes]) into ``out``."""
     lib = library()
     w_count = body.shape[0]
@@ -265,8 +271,9 @@ def kbit_decode_mean(body: torch.Tensor, n: int, comp, out: torch.Tensor) -> tor
     b = body[:, nb * hb: 2 * nb * hb].contiguous().view(comp.hdtype).float().contiguous()
     bits = body[:, 2 * nb * hb:]
     d = comp.bucket_size or n
+    nt = int(streaming and n * 4 >= NONTEMPORAL_BYTES)
     _run(lambda c0, c1: lib.dq_decode_mean(_ptr(bits), body.stride(0), w_count, nb, d,
-                                           comp.bits, _ptr(a), _ptr(b), _ptr(out), c0, c1),
+                                           comp.bits, _ptr(a), _ptr(b), _ptr(out), c0, c1, nt),
          _ranges(n, 8))
     return out
 

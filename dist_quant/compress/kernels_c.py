@@ -23,6 +23,9 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#if defined(__SSE2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #define DRAW_BITS 24
 #define BLOCK 4096  /* coordinates quantised into the scratch array at a time */
@@ -110,53 +113,224 @@ static void unpack(const uint8_t *in, int64_t count, int k, uint8_t *t) {
     }
 }
 
-/* ---- quantise [c0, c1) with fp32 header values a, b (per bucket) into packed bits --------- */
+/* ---- non-temporal copy of a finished block to the output (large outputs only) ------------- */
+static void flush(float *dst, const float *src, int64_t len, int nt) {
+#if defined(__SSE2__)
+    if (nt) {
+        int64_t i = 0;
+        while (i < len && ((uintptr_t)(dst + i) & 15)) { dst[i] = src[i]; i++; }
+        for (; i + 4 <= len; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+        for (; i < len; i++) dst[i] = src[i];
+        return;
+    }
+#endif
+    (void)nt;
+    memcpy(dst, src, (size_t)len * sizeof(float));
+}
+
+static void fence(int nt) {
+#if defined(__SSE2__)
+    if (nt) _mm_sfence();
+#endif
+    (void)nt;
+}
+
+/* per-bucket multiplier: 1 / a, 0 for a constant bucket; slow = 1 when 1 / a overflows (a
+   denormal), where the kernels divide instead (the pure-torch path does the same) */
+static inline float bucket_mul(float a, int *slow) {
+    float mul = a > 0 ? 1.0f / a : 0.0f;
+    *slow = isinf(mul);
+    return mul;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define DQ_AVX512 1
+static inline __m512i mix32_v(__m512i x) {
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+    x = _mm512_mullo_epi32(x, _mm512_set1_epi32((int)0x846ca68bU));
+    x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+    return x;
+}
+static inline __mmask16 lanes(int64_t p, int64_t i0, int64_t i1) {
+    int64_t lo = i0 - p > 0 ? i0 - p : 0, hi = i1 - p < 16 ? i1 - p : 16;
+    return (__mmask16)(((1U << hi) - 1U) & ~((1U << lo) - 1U));
+}
+/* one bucket segment [i0, i1) of the block starting at blk, k = 1: bit masks into masks[] */
+static void quantize1_segment(const float *x, float bj, float mul, uint32_t s, uint32_t m,
+                              uint16_t *masks, int64_t blk, int64_t i0, int64_t i1) {
+    const __m512 vb = _mm512_set1_ps(bj), vm = _mm512_set1_ps(mul);
+    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+    const __m512 scale = _mm512_set1_ps(16777216.0f);
+    const __m512i vthr = _mm512_set1_epi32(1 << DRAW_BITS);
+    const __m512i lane_m = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)m));
+    for (int64_t v = (i0 - blk) >> 4; blk + 16 * v < i1; v++) {
+        int64_t p = blk + 16 * v;
+        __mmask16 lm = lanes(p, i0, i1);
+        __m512 xv = _mm512_maskz_loadu_ps(lm, x + p);
+        __m512 y = _mm512_mul_ps(_mm512_sub_ps(xv, vb), vm);
+        y = _mm512_min_ps(_mm512_max_ps(y, zero), one);
+        __m512i q = _mm512_cvttps_epu32(_mm512_mul_ps(y, scale));
+        __m512i ctr = _mm512_add_epi32(_mm512_set1_epi32((int)((uint32_t)p * m + s)), lane_m);
+        __m512i r = _mm512_srli_epi32(mix32_v(ctr), 32 - DRAW_BITS);
+        masks[v] |= _mm512_mask_cmpge_epu32_mask(lm, _mm512_add_epi32(q, r), vthr);
+    }
+}
+#endif
+
+/* ---- quantise [c0, c1) with per-bucket fp32 a, b into packed bits ------------------------- */
 static void quantize_range(const float *x, int64_t d, int k, const float *a, const float *b,
                            uint32_t s, uint32_t m, uint8_t *bits, int64_t c0, int64_t c1) {
     uint8_t t[BLOCK];
     const float levels = (float)((1 << k) - 1);
     for (int64_t blk = c0; blk < c1; blk += BLOCK) {
         int64_t end = blk + BLOCK < c1 ? blk + BLOCK : c1;
+#ifdef DQ_AVX512
+        uint16_t masks[BLOCK / 16 + 1];
+        int vector_ok = k == 1;
+        if (vector_ok) memset(masks, 0, sizeof(masks));
+#else
+        int vector_ok = 0;
+#endif
         for (int64_t i0 = blk; i0 < end;) {
             int64_t j = i0 / d;
             int64_t i1 = (j + 1) * d < end ? (j + 1) * d : end;
-            float aj = a[j], bj = b[j];
-            float div = aj > 0 ? aj : 1.0f;
-            float live = aj > 0 ? 1.0f : 0.0f;
+            float bj = b[j];
+            int slow;
+            float mul = bucket_mul(a[j], &slow);
+#ifdef DQ_AVX512
+            if (vector_ok && !slow) {
+                quantize1_segment(x, bj, mul, s, m, masks, blk, i0, i1);
+                i0 = i1;
+                continue;
+            }
+#endif
             uint32_t base = (uint32_t)i0 * m + s;
             uint8_t *tt = t + (i0 - blk);
             const float *xx = x + i0;
             int64_t len = i1 - i0;
-            #pragma omp simd
-            for (int64_t i = 0; i < len; i++) {
-                float y = (xx[i] - bj) / div * live;
-                y = y < 0.0f ? 0.0f : (y > levels ? levels : y);
-                uint32_t q = (uint32_t)(y * 16777216.0f);
-                uint32_t r = mix32(base + (uint32_t)i * m) >> (32 - DRAW_BITS);
-                tt[i] = (uint8_t)(((uint64_t)q + r) >> DRAW_BITS);
+            if (slow) {
+                for (int64_t i = 0; i < len; i++) {
+                    float y = (xx[i] - bj) / a[j];
+                    y = y < 0.0f ? 0.0f : (y > levels ? levels : y);
+                    uint32_t q = (uint32_t)(y * 16777216.0f);
+                    uint32_t r = mix32(base + (uint32_t)i * m) >> (32 - DRAW_BITS);
+                    tt[i] = (uint8_t)((q + r) >> DRAW_BITS);
+                }
+            } else {
+                #pragma omp simd
+                for (int64_t i = 0; i < len; i++) {
+                    float y = (xx[i] - bj) * mul;
+                    y = y < 0.0f ? 0.0f : (y > levels ? levels : y);
+                    uint32_t q = (uint32_t)(y * 16777216.0f);
+                    uint32_t r = mix32(base + (uint32_t)i * m) >> (32 - DRAW_BITS);
+                    tt[i] = (uint8_t)((q + r) >> DRAW_BITS);
+                }
             }
+#ifdef DQ_AVX512
+            if (vector_ok) {  /* a slow bucket inside a vectorised block: merge its bits */
+                for (int64_t i = i0; i < i1; i++)
+                    masks[(i - blk) >> 4] |= (uint16_t)(t[i - blk] << ((i - blk) & 15));
+            }
+#endif
             i0 = i1;
         }
+#ifdef DQ_AVX512
+        if (vector_ok) {
+            memcpy(bits + blk / 8, masks, (size_t)((end - blk + 7) / 8));
+            continue;
+        }
+#endif
         pack(t, end - blk, k, bits + (blk * k) / 8);
     }
 }
 
-/* min, max and the count of non-finite values of x[c0, c1) */
-static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, float *hi_out) {
-    float lo = INFINITY, hi = -INFINITY, bad = 0.0f;
-    #pragma omp simd reduction(min:lo) reduction(max:hi) reduction(+:bad)
-    for (int64_t i = c0; i < c1; i++) {
-        float v = x[i];
-        lo = v < lo ? v : lo;
-        hi = v > hi ? v : hi;
-        bad += v * 0.0f;  /* NaN as soon as one value is NaN or +-Inf */
+/* ---- decode one block [blk, end) of one row into tmp (floats a t + b) --------------------- */
+static void decode_block(const uint8_t *bits, int64_t d, int k, const float *a, const float *b,
+                         float *tmp, int64_t blk, int64_t end) {
+    uint8_t t[BLOCK];
+#ifdef DQ_AVX512
+    if (k == 1) {
+        for (int64_t i0 = blk; i0 < end;) {
+            int64_t j = i0 / d;
+            int64_t i1 = (j + 1) * d < end ? (j + 1) * d : end;
+            const __m512 v0 = _mm512_set1_ps(0.0f * a[j] + b[j]);
+            const __m512 v1 = _mm512_set1_ps(1.0f * a[j] + b[j]);
+            for (int64_t v = (i0 - blk) >> 4; blk + 16 * v < i1; v++) {
+                int64_t p = blk + 16 * v;
+                uint16_t word = bits[p / 8];
+                if (end - p > 8) word |= (uint16_t)(bits[p / 8 + 1] << 8);
+                __m512 vals = _mm512_mask_blend_ps((__mmask16)word, v0, v1);
+                _mm512_mask_storeu_ps(tmp + (p - blk), lanes(p, i0, i1), vals);
+            }
+            i0 = i1;
+        }
+        return;
     }
-    *lo_out = lo;
-    *hi_out = hi;
-    if (bad == 0.0f) return 0;
+#endif
+    unpack(bits + (blk * k) / 8, end - blk, k, t);
+    for (int64_t i0 = blk; i0 < end;) {
+        int64_t j = i0 / d;
+        int64_t i1 = (j + 1) * d < end ? (j + 1) * d : end;
+        float aj = a[j], bj = b[j];
+        const uint8_t *tt = t + (i0 - blk);
+        float *oo = tmp + (i0 - blk);
+        int64_t len = i1 - i0;
+        #pragma omp simd
+        for (int64_t i = 0; i < len; i++) oo[i] = (float)tt[i] * aj + bj;
+        i0 = i1;
+    }
+}
+
+/* min, max and the count of non-finite values of x[c0, c1) */
+static int64_t count_nonfinite(const float *x, int64_t c0, int64_t c1) {
     int64_t count = 0;
     for (int64_t i = c0; i < c1; i++) count += !isfinite(x[i]);
     return count;
+}
+
+static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, float *hi_out) {
+    float lo = INFINITY, hi = -INFINITY;
+    uint32_t expo = 0;  /* largest exponent field seen: all ones iff a NaN or +-Inf */
+    int64_t i = c0;
+#ifdef DQ_AVX512
+    /* four independent accumulators: the reduction is bound by memory, not by latency */
+    __m512 l0 = _mm512_set1_ps(INFINITY), l1 = l0, l2 = l0, l3 = l0;
+    __m512 h0 = _mm512_set1_ps(-INFINITY), h1 = h0, h2 = h0, h3 = h0;
+    __m512i e0 = _mm512_setzero_si512(), e1 = e0;
+    const __m512i emask = _mm512_set1_epi32(0x7f800000);
+    for (; i + 64 <= c1; i += 64) {
+        __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
+        __m512 v2 = _mm512_loadu_ps(x + i + 32), v3 = _mm512_loadu_ps(x + i + 48);
+        l0 = _mm512_min_ps(l0, v0); l1 = _mm512_min_ps(l1, v1);
+        l2 = _mm512_min_ps(l2, v2); l3 = _mm512_min_ps(l3, v3);
+        h0 = _mm512_max_ps(h0, v0); h1 = _mm512_max_ps(h1, v1);
+        h2 = _mm512_max_ps(h2, v2); h3 = _mm512_max_ps(h3, v3);
+        e0 = _mm512_max_epu32(e0, _mm512_and_si512(_mm512_castps_si512(v0), emask));
+        e1 = _mm512_max_epu32(e1, _mm512_and_si512(_mm512_castps_si512(v1), emask));
+        e0 = _mm512_max_epu32(e0, _mm512_and_si512(_mm512_castps_si512(v2), emask));
+        e1 = _mm512_max_epu32(e1, _mm512_and_si512(_mm512_castps_si512(v3), emask));
+    }
+    lo = _mm512_reduce_min_ps(_mm512_min_ps(_mm512_min_ps(l0, l1), _mm512_min_ps(l2, l3)));
+    hi = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(h0, h1), _mm512_max_ps(h2, h3)));
+    expo = (uint32_t)_mm512_reduce_max_epu32(_mm512_max_epu32(e0, e1));
+#endif
+    #pragma omp simd reduction(min:lo) reduction(max:hi) reduction(max:expo)
+    for (int64_t t = i; t < c1; t++) {
+        float v = x[t];
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+        u &= 0x7f800000U;
+        expo = u > expo ? u : expo;
+    }
+    *lo_out = lo;
+    *hi_out = hi;
+    return expo == 0x7f800000U ? count_nonfinite(x, c0, c1) : 0;
 }
 
 /* Public: min/max/non-finite count of a range (whole-tensor or large buckets: pass 1). */
@@ -206,56 +380,40 @@ int64_t dq_encode_fused(const float *x, int64_t n, int64_t d, int k, int hdt, ui
     return bad ? bad : (overflow ? -1 : 0);
 }
 
-/* Public: decode [c0, c1) (c0 a multiple of 8) into out: a t + b with fp32 header values. */
+/* Public: decode [c0, c1) (c0 a multiple of 8) into out: a t + b with fp32 header values.
+   nt = 1: non-temporal stores (outputs much larger than the caches). */
 void dq_decode(const uint8_t *bits, int64_t d, int k, const float *a, const float *b,
-               float *out, int64_t c0, int64_t c1) {
-    uint8_t t[BLOCK];
+               float *out, int64_t c0, int64_t c1, int nt) {
+    float tmp[BLOCK];
     for (int64_t blk = c0; blk < c1; blk += BLOCK) {
         int64_t end = blk + BLOCK < c1 ? blk + BLOCK : c1;
-        unpack(bits + (blk * k) / 8, end - blk, k, t);
-        for (int64_t i0 = blk; i0 < end;) {
-            int64_t j = i0 / d;
-            int64_t i1 = (j + 1) * d < end ? (j + 1) * d : end;
-            float aj = a[j], bj = b[j];
-            const uint8_t *tt = t + (i0 - blk);
-            float *oo = out + i0;
-            int64_t len = i1 - i0;
-            #pragma omp simd
-            for (int64_t i = 0; i < len; i++) oo[i] = (float)tt[i] * aj + bj;
-            i0 = i1;
-        }
+        decode_block(bits, d, k, a, b, tmp, blk, end);
+        flush(out + blk, tmp, end - blk, nt);
     }
+    fence(nt);
 }
 
 /* Public: mean of W decodes over [c0, c1): rows of packed bits at a stride of row_stride
    bytes, header values a, b as [W, nb] fp32. Sums in row order, then divides by W. */
 void dq_decode_mean(const uint8_t *bits, int64_t row_stride, int64_t w_count, int64_t nb,
                     int64_t d, int k, const float *a, const float *b, float *out,
-                    int64_t c0, int64_t c1) {
-    uint8_t t[BLOCK];
+                    int64_t c0, int64_t c1, int nt) {
+    float acc[BLOCK], tmp[BLOCK];
     const float wf = (float)w_count;
     for (int64_t blk = c0; blk < c1; blk += BLOCK) {
         int64_t end = blk + BLOCK < c1 ? blk + BLOCK : c1;
-        float *acc = out + blk;
-        int64_t len_blk = end - blk;
-        for (int64_t i = 0; i < len_blk; i++) acc[i] = 0.0f;
+        int64_t len = end - blk;
+        for (int64_t i = 0; i < len; i++) acc[i] = 0.0f;
         for (int64_t w = 0; w < w_count; w++) {
-            unpack(bits + w * row_stride + (blk * k) / 8, len_blk, k, t);
-            for (int64_t i0 = blk; i0 < end;) {
-                int64_t j = i0 / d;
-                int64_t i1 = (j + 1) * d < end ? (j + 1) * d : end;
-                float aj = a[w * nb + j], bj = b[w * nb + j];
-                const uint8_t *tt = t + (i0 - blk);
-                float *oo = out + i0;
-                int64_t len = i1 - i0;
-                #pragma omp simd
-                for (int64_t i = 0; i < len; i++) oo[i] = oo[i] + ((float)tt[i] * aj + bj);
-                i0 = i1;
-            }
+            decode_block(bits + w * row_stride, d, k, a + w * nb, b + w * nb, tmp, blk, end);
+            #pragma omp simd
+            for (int64_t i = 0; i < len; i++) acc[i] = acc[i] + tmp[i];
         }
         #pragma omp simd
-        for (int64_t i = 0; i < len_blk; i++) acc[i] = acc[i] / wf;
+        for (int64_t i = 0; i < len; i++) acc[i] = acc[i] / wf;
+        flush(out + blk, acc, len, nt);
     }
+    fence(nt);
 }
 
 /* Public: the raw draws r_i for coordinates [c0, c1) (for tests of the stream). */

@@ -75,6 +75,18 @@ def header_values(lo: torch.Tensor, hi: torch.Tensor, levels: int,
     return a, b
 
 
+def scaled_offsets(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``y = (x - b) / a`` in float32 as the compiled kernels compute it: times the rounded
+    reciprocal ``1 / a``; 0 where ``a = 0``; a true division where ``1 / a`` overflows (``a``
+    denormal). ``x`` is ``[nb, d]``, ``a`` and ``b`` are ``[nb, 1]``."""
+    inv = torch.where(a > 0, 1.0 / torch.where(a > 0, a, torch.ones_like(a)), torch.zeros_like(a))
+    y = (x - b) * inv
+    slow = torch.isinf(inv)
+    if slow.any():
+        y = torch.where(slow, (x - b) / a, y)
+    return y
+
+
 def _bucketed(x: torch.Tensor, d: int, nb: int, fill: float = 0.0) -> torch.Tensor:
     """``x`` padded to ``nb * d`` and viewed as ``[nb, d]``."""
     pad = nb * d - x.numel()
@@ -142,8 +154,7 @@ class KBitCompressor(Compressor):
         a32 = a.float().unsqueeze(1)
         b32 = b.float().unsqueeze(1)
         xb = _bucketed(x.float(), d, nb)
-        y = (xb - b32) / torch.where(a32 > 0, a32, torch.ones_like(a32))
-        y = torch.where(a32 > 0, y, torch.zeros_like(y)).clamp_(0, self.levels)
+        y = scaled_offsets(xb, a32, b32).clamp_(0, self.levels)
         q = (y.reshape(-1)[:n] * float(1 << DRAW_BITS)).to(torch.int64)
         r = torch.randint(0, 1 << DRAW_BITS, (n,), generator=generator, device=x.device,
                           dtype=torch.int64)
@@ -162,11 +173,16 @@ class KBitCompressor(Compressor):
             raise PayloadError(f"non-finite offset b in {int((~torch.isfinite(b)).sum())} "
                                f"bucket(s)")
 
+    def _decode_into(self, body, n, out):
+        return self._decode_body(body, n, out)
+
     def _decode_body(self, body, n, out=None):
         if n == 0:
             return torch.empty(0, dtype=torch.float32, device=body.device)
         if fast.usable(body, self):
-            return fast.kbit_decode(body, n, self, _result(out, n, body.device))
+            # streaming stores only into a caller's (reused, already mapped) buffer
+            return fast.kbit_decode(body, n, self, _result(out, n, body.device),
+                                    streaming=out is not None)
         a, b, bits = self._split(body, n)
         d = self.bucket_size or n
         nb = self.num_buckets(n)
@@ -178,12 +194,13 @@ class KBitCompressor(Compressor):
 
     def decode_mean(self, batch, out=None):
         n = self._validate_rows(batch)
+        streaming = out is not None
         out = _result(out, n, batch.device)
         if n == 0:
             return out
         body = batch[:, wire.FIXED_NBYTES:]
         if fast.usable(batch, self):
-            return fast.kbit_decode_mean(body, n, self, out)
+            return fast.kbit_decode_mean(body, n, self, out, streaming=streaming)
         out.zero_()
         for row in range(batch.shape[0]):
             out.add_(self._decode_body(body[row], n))

@@ -147,9 +147,11 @@ def read_header(data: torch.Tensor) -> Header:
     return Header.unpack(raw)
 
 
-def new_payload(header: Header, nbytes: int, device: torch.device) -> torch.Tensor:
-    """A zero-bodied uint8 buffer of ``nbytes`` bytes whose first 32 bytes hold ``header``."""
-    out = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+def new_payload(header: Header, nbytes: int, device: torch.device,
+                zero_body: bool = True) -> torch.Tensor:
+    """A uint8 buffer of ``nbytes`` bytes whose first 32 bytes hold ``header``; its body is
+    zero, or left for the encoder to fill completely (``zero_body=False``)."""
+    out = (torch.zeros if zero_body else torch.empty)(nbytes, dtype=torch.uint8, device=device)
     raw = torch.frombuffer(bytearray(header.pack()), dtype=torch.uint8)
     out[:FIXED_NBYTES].copy_(raw)
     return out
