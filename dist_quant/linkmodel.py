@@ -139,27 +139,32 @@ def predict_comm_seconds(steps: Iterable[dict[str, Any]], method: str, workers: 
 
 def predict_wire(steps: Iterable[dict[str, Any]], method: str, workers: int,
                  mtu: int = 1500) -> dict[str, int]:
-    """Predicted wire bytes per direction: framed payloads plus the other direction's ACKs.
+    """Predicted wire bytes per direction: framed payloads (``data_*``) plus the ACKs of the
+    other direction (``ack_*``); ``wire_* = data_* + ack_*``.
 
     Up = what the workers transmit, down = what the server transmits (ddp: the total of all
     ranks split evenly), as ``wire.json`` records them.
     """
-    up = down = 0
+    data_up = data_down = ack_up = ack_down = 0
     for s in steps:
         if method == "ddp":
             total = s["bytes_up"] + s["bytes_down"]
             if workers < 2 or total == 0:
                 continue
-            rounds = 2 * (workers - 1)
-            chunk = total / (workers * rounds)
-            sent = workers * rounds * (wire_bytes(chunk, mtu) + ack_bytes(chunk, mtu))
-            up += sent // 2
-            down += sent - sent // 2
+            sends = workers * 2 * (workers - 1)
+            chunk = total / sends
+            data, acks = sends * wire_bytes(chunk, mtu), sends * ack_bytes(chunk, mtu)
+            data_up, data_down = data_up + data // 2, data_down + data - data // 2
+            ack_up, ack_down = ack_up + acks // 2, ack_down + acks - acks // 2
         else:
             u, d = s["bytes_up"] / workers, s["bytes_down"] / workers
-            up += workers * (wire_bytes(u, mtu) + ack_bytes(d, mtu))
-            down += workers * (wire_bytes(d, mtu) + ack_bytes(u, mtu))
-    return {"wire_bytes_up": int(up), "wire_bytes_down": int(down)}
+            data_up += workers * wire_bytes(u, mtu)
+            data_down += workers * wire_bytes(d, mtu)
+            ack_up += workers * ack_bytes(d, mtu)
+            ack_down += workers * ack_bytes(u, mtu)
+    return {"data_bytes_up": int(data_up), "data_bytes_down": int(data_down),
+            "ack_bytes_up": int(ack_up), "ack_bytes_down": int(ack_down),
+            "wire_bytes_up": int(data_up + ack_up), "wire_bytes_down": int(data_down + ack_down)}
 
 
 def predict_wall_seconds(baseline_wall: float, steps: list[dict[str, Any]], method: str,
@@ -192,30 +197,36 @@ def compare(run_dir: str | Path, baseline_dir: str | Path, allreduces: int = 1) 
     """How far the model's wall time for ``run_dir`` is from what it measured.
 
     ``baseline_dir`` is the same config run on an uncapped link (its ``link.json`` if present
-    says which link). Returns predicted and measured wall and communication seconds, the
-    error, and (when ``run_dir`` has a ``wire.json``) predicted against measured wire bytes.
+    says which link). Returns predicted and measured wall seconds, the seconds the link added
+    over the baseline (``*_link_s``), the error; and, when ``run_dir`` has a ``wire.json``
+    with a steady window, predicted against measured data and ACK bytes over that window.
     """
     run_dir, baseline_dir = Path(run_dir), Path(baseline_dir)
     config, steps, summary = _read_run(run_dir)
     _, _, base_summary = _read_run(baseline_dir)
     link, base_link = _link_of(run_dir), _link_of(baseline_dir)
     method, workers = config["method"], summary.get("workers", config["workers"])
-    comm = predict_comm_seconds(steps, method, workers, link, allreduces)
     predicted = predict_wall_seconds(base_summary["wall_seconds"], steps, method, workers, link,
                                      base_link, allreduces)
     measured = summary["wall_seconds"]
     out: dict[str, Any] = {
         "predicted_wall_s": predicted, "measured_wall_s": measured,
-        "baseline_wall_s": base_summary["wall_seconds"], "predicted_comm_s": comm,
-        "measured_comm_s": measured - base_summary["wall_seconds"],
+        "baseline_wall_s": base_summary["wall_seconds"],
+        "predicted_link_s": predicted - base_summary["wall_seconds"],
+        "measured_link_s": measured - base_summary["wall_seconds"],
         "error_s": predicted - measured, "relative_error": (predicted - measured) / measured,
     }
     wire_path = run_dir / "wire.json"
-    if wire_path.exists():
-        wire = json.loads(wire_path.read_text())
-        pred = predict_wire(steps, method, workers, link.mtu)
-        out["predicted_wire_up"] = pred["wire_bytes_up"]
-        out["predicted_wire_down"] = pred["wire_bytes_down"]
-        out["measured_wire_up"] = wire["wire_bytes_up"]
-        out["measured_wire_down"] = wire["wire_bytes_down"]
+    steady = json.loads(wire_path.read_text()).get("steady") if wire_path.exists() else None
+    if steady:
+        window = [s for s in steps if steady["from_step"] < s["step"] <= steady["to_step"]]
+        pred = predict_wire(window, method, workers, link.mtu)
+        out["steady"] = {
+            "steps": len(window),
+            **{f"predicted_{k}": v for k, v in pred.items() if not k.startswith("wire")},
+            "measured_data_bytes_up": steady["wire_bytes_up"] - steady["ack_bytes_up"],
+            "measured_data_bytes_down": steady["wire_bytes_down"] - steady["ack_bytes_down"],
+            "measured_ack_bytes_up": steady["ack_bytes_up"],
+            "measured_ack_bytes_down": steady["ack_bytes_down"],
+        }
     return out

@@ -21,16 +21,20 @@
 #   DQ_RDZV_PORT [29400]  rendezvous port
 #   DQ_RUN_ID [dq]        rendezvous id
 #   DQ_MODULE [dist_quant.train]  module every torchrun process runs
+#   DQ_TRAIN_ARGS []      more options for the module, split on spaces, after ARGS
 #   DQ_PYTHON [python3]   interpreter
 #
 # Shaping (R = rate, L = latency, p = loss, B = burst, Q = queue bytes). Egress of the link:
 #   tc qdisc add dev IFACE root handle 1: netem delay L/2ms limit 100000        (if L > 0)
 #   tc qdisc add dev IFACE parent 1:1 handle 10: tbf rate Rmbit burst B limit Q
 #     (the tbf is the root qdisc when there is no netem)
-# Ingress of the link, redirected through an ifb device and shaped on its egress the same way:
+# Ingress of the link, redirected through an ifb device and shaped on its egress the same way
+# (the first filter only counts pure TCP ACKs apart, in its action statistics):
 #   ip link add ifb-dq type ifb; ip link set dev ifb-dq up
 #   tc qdisc add dev IFACE handle ffff: ingress
-#   tc filter add dev IFACE parent ffff: protocol all u32 match u32 0 0 \
+#   tc filter add dev IFACE parent ffff: prio 1 protocol ip u32 match u16 52 0xffff at 2 \
+#       match u8 6 0xff at 9 action mirred egress redirect dev ifb-dq
+#   tc filter add dev IFACE parent ffff: prio 2 protocol all u32 match u32 0 0 \
 #       action mirred egress redirect dev ifb-dq
 #   tc qdisc add dev ifb-dq root handle 1: netem delay L/2ms loss p% limit 100000  (if L or p)
 #   tc qdisc add dev ifb-dq parent 1:1 handle 10: tbf rate Rmbit burst B limit Q
@@ -87,26 +91,27 @@ shape() {
         die "DQ_QUEUE_FRAMES must be a positive integer; got '$QUEUE'"
     awk -v p="$LOSS" 'BEGIN { exit !(p < 100) }' || die "DQ_LOSS_PCT must be < 100; got $LOSS"
     [[ -e /sys/class/net/$IFACE ]] || die "no interface $IFACE (set DQ_IFACE)"
-    run ip link set dev "$IFACE" gso_max_segs 1
-    if ! positive "$RATE" && ! positive "$LATENCY" && ! positive "$LOSS"; then
-        echo "# $IFACE: uncapped, no latency, no loss"
-        return 0
-    fi
     local half
     half=$(awk -v l="$LATENCY" 'BEGIN { printf "%g", l / 2 }')
+    run ip link set dev "$IFACE" gso_max_segs 1
     shape_egress "$IFACE" "$RATE" "$half" 0
+    # ingress: everything through the ifb device (also when uncapped, so that pure ACKs are
+    # counted alike); filter 1 catches pure TCP ACKs (IPv4 length 52, protocol 6) only to
+    # count them apart from data in its action statistics
     ip link del "$IFB" 2>/dev/null || true
     tc qdisc del dev "$IFACE" ingress 2>/dev/null || true
     run ip link add "$IFB" type ifb
     run ip link set dev "$IFB" up
     run tc qdisc add dev "$IFACE" handle ffff: ingress
-    run tc filter add dev "$IFACE" parent ffff: protocol all u32 match u32 0 0 \
+    run tc filter add dev "$IFACE" parent ffff: prio 1 protocol ip u32 \
+        match u16 52 0xffff at 2 match u8 6 0xff at 9 action mirred egress redirect dev "$IFB"
+    run tc filter add dev "$IFACE" parent ffff: prio 2 protocol all u32 match u32 0 0 \
         action mirred egress redirect dev "$IFB"
     shape_egress "$IFB" "$RATE" "$half" "$LOSS"
 }
 
 launch() {
-    local addr rdzv_addr is_host=0
+    local addr rdzv_addr is_host=0 extra=()
     [[ -n ${DQ_NNODES:-} ]] || die "DQ_NNODES (number of hosts) is not set"
     [[ -n ${DQ_RDZV_HOST:-} ]] || die "DQ_RDZV_HOST (rendezvous host) is not set"
     [[ -z ${DQ_ROLE:-} || $DQ_ROLE == server || $DQ_ROLE == worker ]] ||
@@ -119,11 +124,12 @@ launch() {
     # every rank's gloo sockets on this link (not loopback), one thread per process
     export GLOO_SOCKET_IFNAME=$IFACE OMP_NUM_THREADS=1
     [[ -n ${DQ_ROLE:-} ]] && export DIST_QUANT_ROLE=$DQ_ROLE
+    [[ -n ${DQ_TRAIN_ARGS:-} ]] && read -ra extra <<< "$DQ_TRAIN_ARGS"
     exec "${DQ_PYTHON:-python3}" -m torch.distributed.run \
         --nnodes "$DQ_NNODES" --nproc-per-node 1 --max-restarts 0 \
         --rdzv-backend c10d --rdzv-endpoint "$DQ_RDZV_HOST:${DQ_RDZV_PORT:-29400}" \
         --rdzv-id "${DQ_RUN_ID:-dq}" --rdzv-conf "is_host=$is_host" --local-addr "$addr" \
-        -m "${DQ_MODULE:-dist_quant.train}" "$@"
+        -m "${DQ_MODULE:-dist_quant.train}" "$@" "${extra[@]}"
 }
 
 case ${1:-} in

@@ -10,15 +10,17 @@ Topology of one run with prefix ``dq<pid>-<seq>`` (names stay unique per process
 Every veth pair is created directly inside its two namespaces (``ip -n HUB link add vI type
 veth peer name eth0 netns HOST``), so nothing is added to the machine's own namespace and
 interface names cannot collide with another run's. Deleting the namespaces removes every
-link, the bridge and every qdisc with them. IPv6 address generation is off (no neighbour
-discovery chatter on the counters).
+link, the bridge and every qdisc with them. IPv6 is off in every namespace and the bridge
+does no multicast snooping, so nothing but the job's own traffic (and its ARP) reaches the
+counters.
 
 Shaping is not done here: each host runs ``launch/node.sh shape`` inside its namespace (the
 script the containers run; see its header for the exact tc commands). This module only
 builds and removes the namespaces, starts processes in them, and reads counters:
 ``ip -n NS -s -j link show dev eth0`` (the kernel's per-device counters, the same numbers
 as ``/sys/class/net/eth0/statistics/{tx,rx}_bytes`` inside the namespace), or
-``/proc/<pid>/net/dev`` of a process living in the namespace for cheap snapshots mid-run.
+``/proc/<pid>/net/dev`` of a process living in the namespace for cheap snapshots mid-run;
+pure TCP ACKs that arrived are counted apart by an ingress filter (:func:`read_acks`).
 
 Cleanup: :meth:`Cluster.close` ends every process group it started, then any process still
 inside a namespace (``ip netns pids``), then deletes the namespaces; it runs on success,
@@ -94,6 +96,17 @@ def _kill_namespace_processes(ns: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _add_namespace(ns: str) -> None:
+    """A new namespace with IPv6 off (no neighbour discovery or MLD chatter on the links)."""
+    _ip("netns", "add", ns)
+    off = ("echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6; "
+           "echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6")
+    out = subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", off], capture_output=True,
+                         text=True)
+    if out.returncode != 0 and "No such file" not in out.stderr:   # a kernel without IPv6
+        raise ClusterError(f"cannot turn IPv6 off in {ns}: {out.stderr.strip()}")
+
+
 def delete_namespace(ns: str) -> None:
     _kill_namespace_processes(ns)
     _ip("netns", "delete", ns, check=False)
@@ -125,6 +138,24 @@ def read_proc_net_dev(pid: int, iface: str = IFACE) -> dict[str, int]:
             v = [int(x) for x in rest.split()]
             return {"rx_bytes": v[0], "rx_packets": v[1], "tx_bytes": v[8], "tx_packets": v[9]}
     raise ClusterError(f"no {iface} in /proc/{pid}/net/dev")
+
+
+def read_acks(ns: str) -> dict[str, int]:
+    """Pure ACK frames that arrived on eth0: the statistics of ingress filter prio 1.
+
+    Actions at ingress see the packet without its Ethernet header; 14 bytes per frame are
+    added back so the figure is comparable with the link counters.
+    """
+    res = subprocess.run(["tc", "-n", ns, "-s", "-j", "filter", "show", "dev", IFACE,
+                          "parent", "ffff:"], capture_output=True, text=True)
+    frames = nbytes = 0
+    for entry in json.loads(res.stdout or "[]"):
+        if entry.get("pref") != 1:
+            continue
+        for action in entry.get("options", {}).get("actions", []):
+            frames += action["stats"]["packets"]
+            nbytes += action["stats"]["bytes"]
+    return {"ack_rx_bytes": nbytes + 14 * frames, "ack_rx_packets": frames}
 
 
 @dataclass
@@ -166,18 +197,18 @@ class Cluster:
     def build(self) -> None:
         require_root()
         mtu = str(self.mtu)
-        _ip("netns", "add", self.hub)
-        _ip("-n", self.hub, "link", "add", "br0", "mtu", mtu, "type", "bridge")
-        _ip("-n", self.hub, "link", "set", "br0", "addrgenmode", "none", "up")
+        _add_namespace(self.hub)
+        # no multicast snooping: the bridge would send IGMP reports to every port
+        _ip("-n", self.hub, "link", "add", "br0", "mtu", mtu, "type", "bridge",
+            "mcast_snooping", "0")
+        _ip("-n", self.hub, "link", "set", "br0", "up")
         for i, host in enumerate(self.hosts):
             port = f"v{i}"
-            _ip("netns", "add", host.ns)
+            _add_namespace(host.ns)
             _ip("-n", self.hub, "link", "add", port, "mtu", mtu, "type", "veth",
                 "peer", "name", IFACE, "netns", host.ns, "mtu", mtu)
-            _ip("-n", self.hub, "link", "set", port, "addrgenmode", "none", "master", "br0",
-                "up")
+            _ip("-n", self.hub, "link", "set", port, "master", "br0", "up")
             _ip("-n", host.ns, "link", "set", "lo", "up")
-            _ip("-n", host.ns, "link", "set", IFACE, "addrgenmode", "none")
             _ip("-n", host.ns, "addr", "add", f"{host.addr}/24", "dev", IFACE)
             _ip("-n", host.ns, "link", "set", IFACE, "up")
 
@@ -194,6 +225,10 @@ class Cluster:
     def counters(self) -> dict[str, dict[str, int]]:
         """Per host: eth0 tx/rx bytes and packets (tx = what the host put on its link)."""
         return {h.label: _read_stats(h.ns) for h in self.hosts}
+
+    def ack_counters(self) -> dict[str, dict[str, int]]:
+        """Per host: pure TCP ACK frames received (``launch/node.sh`` counts them apart)."""
+        return {h.label: read_acks(h.ns) for h in self.hosts}
 
     def qdisc_drops(self) -> dict[str, dict[str, int]]:
         """Per host: packets the shaping qdiscs dropped on egress (eth0) and ingress (ifb)."""

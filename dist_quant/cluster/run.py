@@ -10,21 +10,27 @@ ingress) over TCP between distinct addresses.
 Records written into the run directory next to the training job's own files:
 
 - ``link.json``: ``rate_mbit`` (null = uncapped), ``latency_ms`` (one-way, host to host),
-  ``loss_pct``, ``hosts``, ``mtu``, ``queue_frames`` and ``tc_commands`` (what the first host ran).
+  ``loss_pct``, ``hosts``, ``mtu``, ``queue_frames`` and ``tc_commands`` (what the first host
+  ran; every host runs the same).
 - ``wire.json``: eth0 counters read before the agents start and after they exit.
   ``wire_bytes_up`` = bytes the workers transmitted, ``wire_bytes_down`` = bytes the server
   transmitted (ddp: all ranks transmit; the total is split evenly, as ``metrics.jsonl`` does
   for payloads); ``payload_bytes_*`` from ``summary.json``; ``ratio_* = wire / payload``;
-  ``per_host`` deltas (tx/rx bytes and packets, qdisc drops). Wire bytes are Ethernet frames:
+  ``ack_bytes_*``/``data_ratio_*`` split off the pure TCP ACKs; ``per_host`` deltas (tx/rx
+  bytes and packets, pure ACKs received, qdisc drops). Wire bytes are Ethernet frames:
   payload + TCP/IP/Ethernet headers (66 bytes per frame with TCP timestamps) + the ACKs of
   the other direction + rendezvous, gloo handshakes, telemetry and control messages.
-  ``steady`` holds the same figures for training steps alone: counters are read (from
-  ``/proc/<pid>/net/dev``) each time a step line appears in ``metrics.jsonl``; the window
-  runs from the mark a quarter of the way in to the one before the last step, so rendezvous,
-  start-up, TCP buffer growth, the last step and the final checkpoint fall outside it. Both
-  ends lag their step line by one poll (20 ms) or less and data still queued in socket
-  buffers is not yet on the wire, so the window is exact to a fraction of one step's
-  traffic, at each end.
+  ``steady`` holds the same figures for training steps alone, counted where the bytes arrive:
+  counters are read (from ``/proc/<pid>/net/dev`` and the ACK filter) when a step line
+  appears in ``metrics.jsonl`` (at most every 0.25 s); the window runs from the mark a
+  quarter of the way in to the one before the last step, so rendezvous, start-up, TCP buffer
+  growth, the last step and the final checkpoint fall outside it. A step line is written once
+  the server has received every uplink payload of that step and before any worker can send
+  the next one (it first needs the new parameters), so the uplink data counted at the server
+  (``wire_bytes_up - ack_bytes_up``) is exact whenever the parameters take longer to arrive
+  than the 20 ms poll (any capped link of interest; not on an uncapped one). The downlink of
+  that step may still be in flight at either end, so the downlink figures are exact to a
+  fraction of one step's downlink at each end.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dist_quant.cluster.netns import Cluster, ClusterError, Host, read_proc_net_dev
+from dist_quant.cluster.netns import Cluster, ClusterError, Host, read_acks, read_proc_net_dev
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.linkmodel import Link
@@ -49,6 +55,7 @@ REPO = Path(__file__).resolve().parents[2]
 NODE_SCRIPT = REPO / "launch" / "node.sh"
 RDZV_PORT = 29400
 POLL_S = 0.02
+MARK_EVERY_S = 0.25  # at most 4 counter marks a second (each reads tc statistics per host)
 QUEUE_FRAMES = 1000  # rate limiter queue: as deep as a NIC queue (txqueuelen 1000)
 
 
@@ -82,6 +89,7 @@ class StepWindow:
         self.partial = ""
         self.skip_upto = self._last_step()  # a resumed run's earlier lines are not this run's
         self.marks: list[tuple[dict, dict]] = []   # (step record, counters per host)
+        self.last_mark = 0.0
 
     def _last_step(self) -> int:
         if not self.metrics.exists():
@@ -103,10 +111,16 @@ class StepWindow:
                  if r.get("kind") == "step" and r["step"] > self.skip_upto]
         if not steps:
             return
+        now = time.monotonic()
+        if self.marks and now - self.last_mark < MARK_EVERY_S:
+            return
         try:
             snap = {h.label: read_proc_net_dev(h.procs[-1].pid) for h in self.hosts}
-        except (OSError, ClusterError):
+            for h in self.hosts:
+                snap[h.label].update(read_acks(h.ns))
+        except (OSError, ClusterError, KeyError, ValueError):
             return  # a host already left
+        self.last_mark = now
         self.marks.append((steps[-1], snap))
 
     def window(self) -> tuple[tuple[dict, dict], tuple[dict, dict]] | None:
@@ -141,7 +155,7 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
                                f"{_tail(log)}")
         if not tc_commands:
             tc_commands = [x for x in log.read_text().splitlines() if x.strip()]
-    before = cluster.counters()
+    before = _merge(cluster.counters(), cluster.ack_counters())
     t0 = time.monotonic()
     for host, env in zip(cluster.hosts, envs, strict=True):
         cluster.spawn(host, [str(NODE_SCRIPT), "launch", *args], env,
@@ -152,19 +166,22 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
         time.sleep(POLL_S)
         if window is not None:
             window.poll()
+        failed = []
         for host in list(pending):
             code = host.procs[-1].poll()
             if code is None:
                 continue
-            if code != 0:
-                raise ClusterError(f"host {host.label} ({host.addr}) exited with status {code}; "
-                                   f"log {log_dir / (host.label + '.log')}:\n"
-                                   f"{_tail(log_dir / (host.label + '.log'))}")
             pending.remove(host)
+            if code != 0:
+                log = log_dir / f"{host.label}.log"
+                failed.append(f"host {host.label} ({host.addr}) exited with status {code}; "
+                              f"log {log}:\n{_tail(log)}")
+        if failed:
+            raise ClusterError("\n".join(failed))
         if deadline_s is not None and time.monotonic() - t0 > deadline_s:
             raise ClusterError(f"the job did not finish within {deadline_s:g} s")
     seconds = time.monotonic() - t0
-    after = cluster.counters()
+    after = _merge(cluster.counters(), cluster.ack_counters())
     delta = {h: {k: after[h][k] - before[h][k] for k in before[h]} for h in before}
     drops = cluster.qdisc_drops()
     return {"seconds": seconds, "per_host": {h.label: {"addr": h.addr, "role": r,
@@ -173,21 +190,42 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
             "window": window, "tc_commands": tc_commands}
 
 
+def _merge(a: dict[str, dict], b: dict[str, dict]) -> dict[str, dict]:
+    return {h: {**a[h], **b[h]} for h in a}
+
+
 def _ratio(wire: int, payload: int) -> float | None:
     return wire / payload if payload > 0 else None
 
 
-def wire_record(method: str, tx: dict[str, int], payload_up: int, payload_down: int) -> dict:
-    """Wire bytes per direction from per-host transmitted bytes (label ``s`` is the server)."""
+def wire_record(method: str, delta: dict[str, dict[str, int]], payload_up: int,
+                payload_down: int, side: str = "tx") -> dict:
+    """Wire bytes per direction from per-host counter deltas (label ``s`` is the server).
+
+    ``side="tx"``: up = what the workers transmitted, down = what the server transmitted.
+    ``side="rx"``: the same directions counted where they arrive (up = what the server
+    received, down = what the workers received). ddp: all ranks, the total split evenly.
+    ``ack_bytes_*`` are the pure-ACK frames among them (counted where they arrive: the
+    workers' ACKs at the server, the server's at the workers), ``data_ratio_*`` the ratio
+    without them: the framing overhead of the payload's own direction.
+    """
+    key = f"{side}_bytes"
+    wire = {h: v[key] for h, v in delta.items()}
+    acks = {h: v.get("ack_rx_bytes", 0) for h, v in delta.items()}
     if method == "ddp":
-        total = sum(tx.values())
+        total, ack_total = sum(wire.values()), sum(acks.values())
         up, down = total // 2, total - total // 2
+        ack_up, ack_down = ack_total // 2, ack_total - ack_total // 2
     else:
-        up = sum(v for h, v in tx.items() if h != "s")
-        down = tx["s"]
+        workers = sum(v for h, v in wire.items() if h != "s")
+        up, down = (workers, wire["s"]) if side == "tx" else (wire["s"], workers)
+        ack_up, ack_down = acks["s"], sum(v for h, v in acks.items() if h != "s")
     return {"wire_bytes_up": up, "wire_bytes_down": down,
             "payload_bytes_up": payload_up, "payload_bytes_down": payload_down,
-            "ratio_up": _ratio(up, payload_up), "ratio_down": _ratio(down, payload_down)}
+            "ratio_up": _ratio(up, payload_up), "ratio_down": _ratio(down, payload_down),
+            "ack_bytes_up": ack_up, "ack_bytes_down": ack_down,
+            "data_ratio_up": _ratio(up - ack_up, payload_up),
+            "data_ratio_down": _ratio(down - ack_down, payload_down)}
 
 
 def _steady(method: str, window: StepWindow | None) -> dict | None:
@@ -195,9 +233,9 @@ def _steady(method: str, window: StepWindow | None) -> dict | None:
     if ends is None:
         return None
     (r0, s0), (r1, s1) = ends
-    tx = {h: s1[h]["tx_bytes"] - s0[h]["tx_bytes"] for h in s0}
-    rec = wire_record(method, tx, r1["cum_bytes_up"] - r0["cum_bytes_up"],
-                      r1["cum_bytes_down"] - r0["cum_bytes_down"])
+    delta = {h: {k: s1[h][k] - s0[h][k] for k in s0[h]} for h in s0}
+    rec = wire_record(method, delta, r1["cum_bytes_up"] - r0["cum_bytes_up"],
+                      r1["cum_bytes_down"] - r0["cum_bytes_down"], side="rx")
     return {"from_step": r0["step"], "to_step": r1["step"], **rec}
 
 
@@ -274,8 +312,8 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     link_rec = {"rate_mbit": link.rate_mbit, "latency_ms": link.latency_ms,
                 "loss_pct": link.loss_pct, "hosts": len(labels), "mtu": mtu,
                 "queue_frames": QUEUE_FRAMES, "tc_commands": job["tc_commands"]}
-    tx = {h: v["tx_bytes"] for h, v in job["per_host"].items()}
-    wire = {**wire_record(cfg.method, tx, int(summary["bytes_up"]), int(summary["bytes_down"])),
+    wire = {**wire_record(cfg.method, job["per_host"], int(summary["bytes_up"]),
+                          int(summary["bytes_down"])),
             "seconds": job["seconds"], "steady": _steady(cfg.method, job["window"]),
             "per_host": job["per_host"]}
     write_json_atomic(run_dir / "link.json", link_rec)

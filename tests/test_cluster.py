@@ -1,0 +1,287 @@
+"""The namespace cluster for real: shaped links, byte counters, cleanup on failure and signals.
+
+Needs root (network namespaces, veth, tc); skips with the reason where namespaces cannot be
+created. Bounds are physical, not timings of this machine:
+
+- a token bucket of rate R and burst B passes at most B + R t bytes in t seconds, so moving N
+  bytes through it takes at least (N - B) / R;
+- TCP carries at most MSS = MTU - 52 payload bytes per frame and every frame has 66 bytes of
+  headers, so a direction that carried P payload bytes put at least P * 1514 / 1448 bytes on
+  the wire (MTU 1500);
+- stated overhead: beyond its framed gradient payload, a worker sends at most 2 KiB per step
+  (the telemetry message, gloo's per-message headers and receive notices: a few frames).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dist_quant.cluster.netns import Cluster, ClusterError, cleanup_stale, list_namespaces
+from dist_quant.cluster.run import run_cluster, run_hosts
+from dist_quant.config import TrainConfig
+from dist_quant.linkmodel import Link, wire_bytes
+
+FRAME_FACTOR = 1514 / 1448
+
+
+def _namespaces_work() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    try:
+        with Cluster(["probe"]):
+            pass
+    except (ClusterError, OSError) as err:
+        return f"network namespaces cannot be created here: {err}"
+    return None
+
+
+REASON = _namespaces_work()
+needs_netns = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+# A job of our own for the machinery: the worker waits for "go", then sends N bytes to the
+# server, which times the round from "go" to the last byte and checks the content.
+XFER = textwrap.dedent("""
+    import json, os, sys, time
+    import torch, torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    role = os.environ["DIST_QUANT_ROLE"]
+    roles = [None] * dist.get_world_size()
+    dist.all_gather_object(roles, role)
+    server = roles.index("server")
+    peer = 1 - server
+    n = int(os.environ["DQX_BYTES"])
+    data = (torch.arange(n) % 251).to(torch.uint8)
+    if role == "worker" and os.environ["DQX_MODE"] == "fail":
+        sys.exit(3)                              # dies mid-run; the server waits for data
+    go = torch.ones(1, dtype=torch.uint8)
+    if role == "server":
+        buf = torch.empty(n, dtype=torch.uint8)
+        t0 = time.perf_counter()
+        dist.send(go, peer)
+        dist.recv(buf, peer)
+        seconds = time.perf_counter() - t0
+        with open(os.environ["DQX_OUT"], "w") as fh:
+            json.dump({"seconds": seconds, "equal": bool(torch.equal(buf, data))}, fh)
+    else:
+        dist.recv(go, server)
+        print("sending", flush=True)
+        dist.send(data, server)
+    dist.barrier()
+    dist.destroy_process_group()
+""")
+
+
+@pytest.fixture
+def xfer(tmp_path, monkeypatch):
+    """The module above on PYTHONPATH, with a token marking every process it starts."""
+    (tmp_path / "dqx_job.py").write_text(XFER)
+    token = uuid.uuid4().hex
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + (os.pathsep + path if path else ""))
+    monkeypatch.setenv("DQX_TOKEN", token)
+    monkeypatch.setenv("DQX_OUT", str(tmp_path / "xfer.json"))
+    monkeypatch.setenv("DQX_MODE", "ok")
+    return token
+
+
+def processes_with(token: str) -> list[int]:
+    """Live processes whose environment holds ``token`` (this test's children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            env = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if token.encode() in env:
+            found.append(int(entry.name))
+    return found
+
+
+def leftovers(prefix: str) -> list[str]:
+    return [ns for ns in list_namespaces() if ns.startswith(prefix)]
+
+
+@needs_netns
+def test_capped_transfer_between_namespaces(xfer, tmp_path, monkeypatch):
+    """2 MB from a worker to the server over 10 Mbit/s links: time, content, counters."""
+    n = 2_000_000
+    monkeypatch.setenv("DQX_BYTES", str(n))
+    link = Link(rate_mbit=10)
+    with Cluster(["s", "w1"]) as cluster:
+        job = run_hosts(cluster, link, ["server", "worker"], [], tmp_path / "logs",
+                        module="dqx_job", run_id="xfer", deadline_s=120)
+        prefix = cluster.prefix
+    assert leftovers(prefix) == [] and processes_with(xfer) == []
+    out = json.loads((tmp_path / "xfer.json").read_text())
+    assert out["equal"]
+    # shaped both ways on every host, with the burst the timing bound needs
+    tc = "\n".join(job["tc_commands"])
+    assert tc.count("tbf rate 10mbit") == 2 and "mirred egress redirect dev ifb-dq" in tc
+    burst = int(re.search(r"burst (\d+)", tc).group(1))
+    rate = link.bytes_per_second
+    assert out["seconds"] >= (n - burst) / rate            # 1.596 s; uncapped it takes ~0.01 s
+    # the worker put at least the framed payload on its link, and the server received it
+    w, s = job["per_host"]["w1"], job["per_host"]["s"]
+    assert w["tx_bytes"] >= wire_bytes(n) and s["rx_bytes"] >= wire_bytes(n)
+    assert w["tx_bytes"] - s["rx_bytes"] == 0               # nothing lost on the way
+    # and not much more: rendezvous, gloo handshakes and the go/barrier messages
+    assert w["tx_bytes"] <= wire_bytes(n) + 256 * 1024
+    # the ACKs coming back are counted apart, one 66-byte frame each
+    assert s["ack_rx_packets"] == 0 or s["ack_rx_bytes"] == 66 * s["ack_rx_packets"]
+    assert w["ack_rx_bytes"] == 66 * w["ack_rx_packets"] > 0
+    assert s["egress_drops"] == s["ingress_drops"] == w["egress_drops"] == 0
+
+
+@needs_netns
+def test_training_run_records_wire_bytes(tmp_path):
+    """The real job: 2 workers, 8 steps over 10 Mbit/s links."""
+    cfg = TrainConfig(workers=2, steps=8, eval_every=4, run_dir=str(tmp_path / "run"),
+                      progress=False)
+    out = run_cluster(cfg, rate_mbit=10, latency_ms=0)
+    assert leftovers(f"dq{os.getpid()}-") == []
+    run = Path(out["run_dir"])
+    link = json.loads((run / "link.json").read_text())
+    wire = json.loads((run / "wire.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert link["rate_mbit"] == 10 and link["latency_ms"] == 0 and link["loss_pct"] == 0
+    assert link["hosts"] == 3 and any("tbf rate 10mbit" in c for c in link["tc_commands"])
+    assert sorted(wire["per_host"]) == ["s", "w1", "w2"]
+    assert wire["payload_bytes_up"] == summary["bytes_up"] > 0
+    assert wire["payload_bytes_down"] == summary["bytes_down"] > 0
+    # every payload byte crossed a link, inside frames
+    assert wire["wire_bytes_up"] >= FRAME_FACTOR * wire["payload_bytes_up"]
+    assert wire["wire_bytes_down"] >= FRAME_FACTOR * wire["payload_bytes_down"]
+    assert wire["ratio_up"] == wire["wire_bytes_up"] / wire["payload_bytes_up"]
+    # steady window: uplink data at the server within the stated overhead
+    st = wire["steady"]
+    assert st is not None and st["to_step"] > st["from_step"]
+    worker_steps = 2 * (st["to_step"] - st["from_step"])
+    framed = worker_steps * wire_bytes(summary["payload_nbytes_up"])
+    data_up = st["wire_bytes_up"] - st["ack_bytes_up"]
+    assert st["payload_bytes_up"] >= worker_steps * summary["payload_nbytes_up"]
+    assert framed <= data_up <= st["payload_bytes_up"] - worker_steps * \
+        summary["payload_nbytes_up"] + framed + 2048 * worker_steps
+    assert 0 < st["ack_bytes_up"] < st["wire_bytes_up"]
+
+
+@needs_netns
+def test_failed_host_stops_the_run_and_everything_is_removed(xfer, tmp_path, monkeypatch):
+    """A worker dies after the rendezvous while the server waits: no hang, nothing left."""
+    monkeypatch.setenv("DQX_BYTES", "1000")
+    monkeypatch.setenv("DQX_MODE", "fail")
+    cfg = TrainConfig(workers=1, steps=1, run_dir=str(tmp_path / "run"), progress=False)
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=r"host w1 \(10\.77\.0\.2\) exited with status [1-9]"):
+        run_cluster(cfg, rate_mbit=10, latency_ms=0, module="dqx_job")
+    assert time.monotonic() - t0 < cfg.timeout               # did not wait for the timeout
+    assert leftovers(f"dq{os.getpid()}-") == []
+    assert processes_with(xfer) == []
+
+
+def _agents_started(token: str) -> bool:
+    for pid in processes_with(token):
+        try:
+            if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            pass
+    return False
+
+
+@needs_netns
+@pytest.mark.parametrize("sig, when", [(signal.SIGINT, "transfer"), (signal.SIGTERM, "start")])
+def test_interrupt_removes_everything(xfer, tmp_path, monkeypatch, sig, when):
+    """Ctrl-C in the middle of a transfer, SIGTERM while the agents start: namespaces and
+    processes go."""
+    monkeypatch.setenv("DQX_BYTES", str(50_000_000))           # 40 s at 10 Mbit/s
+    code = textwrap.dedent(f"""
+        from dist_quant.cluster.run import run_cluster
+        from dist_quant.config import TrainConfig
+        run_cluster(TrainConfig(workers=1, steps=1, run_dir={str(tmp_path / 'run')!r}),
+                    rate_mbit=10, latency_ms=0, module="dqx_job")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    prefix = f"dq{proc.pid}-"
+    log = tmp_path / "run" / "hosts" / "w1.log"
+    deadline = time.monotonic() + 60
+    while not (_agents_started(xfer) if when == "start" else
+               log.exists() and "sending" in log.read_text()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.1)
+    if when == "transfer":
+        time.sleep(1)                                            # data flowing
+    assert leftovers(prefix) != [] and processes_with(xfer) != []
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert leftovers(prefix) == []
+    assert processes_with(xfer) == []
+
+
+def _netem_available() -> bool:
+    with Cluster(["probe"]) as cluster:
+        out = subprocess.run(["tc", "-n", cluster.hosts[0].ns, "qdisc", "add", "dev", "eth0",
+                              "root", "netem", "delay", "1ms"], capture_output=True)
+    return out.returncode == 0
+
+
+@needs_netns
+def test_latency_is_emulated_or_the_run_says_what_is_missing(xfer, tmp_path, monkeypatch):
+    """Latency uses the netem qdisc: the go/data round trip then takes two one-way latencies;
+    a kernel without netem stops the run before any agent starts, naming it."""
+    monkeypatch.setenv("DQX_BYTES", "1000")
+    if _netem_available():
+        with Cluster(["s", "w1"]) as cluster:
+            run_hosts(cluster, Link(rate_mbit=10, latency_ms=50), ["server", "worker"], [],
+                      tmp_path / "logs", module="dqx_job", run_id="lat", deadline_s=120)
+        assert json.loads((tmp_path / "xfer.json").read_text())["seconds"] >= 2 * 0.050
+    else:
+        cfg = TrainConfig(workers=1, steps=1, run_dir=str(tmp_path / "run"), progress=False)
+        with pytest.raises(ClusterError, match="netem qdisc .* is missing"):
+            run_cluster(cfg, rate_mbit=10, latency_ms=5)
+        assert not (tmp_path / "run" / "hosts" / "w1.log").exists()    # nothing launched
+    assert leftovers(f"dq{os.getpid()}-") == []
+    assert processes_with(xfer) == []
+
+
+def test_stale_namespaces_of_dead_runs_are_removed():
+    if REASON is not None:
+        pytest.skip(REASON)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = f"dq{dead.pid}-0-hub", f"dq{os.getpid()}-999-hub"
+    for ns in (stale, live):
+        subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        removed = cleanup_stale()
+        assert stale in removed and live not in removed
+        assert stale not in list_namespaces() and live in list_namespaces()
+    finally:
+        for ns in (stale, live):
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+
+def test_without_root_it_says_so_and_stops(monkeypatch):
+    from click.testing import CliRunner
+
+    from dist_quant.cluster.command import cluster
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = CliRunner().invoke(cluster, ["--workers", "2", "--rate", "10"])
+    assert result.exit_code == 1
+    assert "needs root" in result.output
