@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
-from dist_quant.metrics import read_summary
+from dist_quant.metrics import read_metrics, read_summary
 from dist_quant.sweep import (
     INDEX,
     PRESETS,
@@ -102,6 +102,13 @@ def test_sweep_resumes_and_runs_only_new_points(tmp_path):
         assert summary["steps"] == 3 and summary["method"] == p.cfg.method
         assert rec["test_accuracy"] == summary["test_accuracy"]
         assert json.loads((out / p.name / "point.json").read_text())["runner"] == "local"
+    # the DDP baseline runs the PS job's model, data, dropout, optimizer and BN policy: with
+    # fp32 on both sides the two runs agree to rounding
+    ps, ddp = (read_metrics(out / p.name) for p in first)
+    assert [r["kind"] for r in ps] == [r["kind"] for r in ddp]
+    for a, b in zip(ps, ddp, strict=True):
+        key = "loss" if a["kind"] == "step" else "test_loss"
+        assert a[key] == pytest.approx(b[key], abs=1e-5)
     before = _mtimes(out)
 
     again = run_sweep(first, out, progress=False, echo=lambda _: None)
