@@ -35,7 +35,8 @@ We book the reduce-scatter half, ``(W - 1) B``, as ``bytes_up`` (contributions t
 reduced, the role of the PS uplink) and the allgather half, ``(W - 1) B``, as ``bytes_down``
 (reduced results travelling back, the PS downlink). Both are sums over all ranks, as for the
 PS. W = 1 sends nothing. Per-message transport headers are not payload (the namespace cluster
-measures them on the wire).
+measures them on the wire). On CUDA (nccl) the same convention is kept: NCCL's ring allreduce
+moves the same amounts, its tree algorithm does not.
 
 At each evaluation step the ranks send their BatchNorm running statistics to rank 0 with one
 gloo ``gather`` (``(W - 1) * 4k`` bytes, counted up and in ``fp32_bytes_up``, as the PS counts
@@ -262,17 +263,19 @@ def _gather_to_rank0(t: torch.Tensor, world: int, async_op: bool = False) -> tup
 
 def train_ddp(cfg: TrainConfig) -> DDPResult:
     """Train on this rank of an initialised process group; see the module docstring."""
-    from dist_quant.train import default_run_dir
+    from dist_quant.train import default_run_dir, pick_device
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
     _check(cfg, world)
-    device = torch.device("cpu")
+    device = pick_device(cfg)  # the PS job's rule: cuda:LOCAL_RANK when asked or available
     if rank == 0 and not cfg.run_dir:
         cfg = cfg.replace(run_dir=default_run_dir(cfg))
 
     ds = load_dataset(cfg)
     shard = ds.shard(rank, world)
+    x_train, y_train = shard.x_train.to(device), shard.y_train.to(device)
+    x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
     sampler = worker_batches(len(shard.y_train), cfg.batch_size, cfg.seed, rank)
     model = build_model(cfg, ds.in_features, ds.num_classes, device,
                         dropout_generator=generator(device, cfg.seed, rank, DROPOUT))
@@ -294,8 +297,8 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     try:
         with meter.installed():
             for step in range(1, cfg.steps + 1):
-                idx = sampler.next()
-                x, y = shard.x_train[idx], shard.y_train[idx]
+                idx = sampler.next().to(device)
+                x, y = x_train[idx], y_train[idx]
                 meter.reset()
                 t0 = time.perf_counter()
                 loss = nn.functional.cross_entropy(ddp(x), y)
@@ -325,14 +328,15 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                     rec = recorder.step(step, float(torch.cat(losses).mean()), up, down, times)
                     if with_stats:
                         evals += 1
-                        test_loss, test_acc = _evaluate_with_mean_stats(model, ds, stats)
+                        test_loss, test_acc = _evaluate_with_mean_stats(model, x_test, y_test,
+                                                                        stats)
                         recorder.eval(step, test_loss, test_acc)
                         stop = 0 < cfg.stop_accuracy <= test_acc
                     progress.update(step, rec["loss"], test_acc, recorder.cum_up,
                                     recorder.cum_down)
                 if with_stats:
                     # control (not counted): rank 0 tells everyone whether to go on
-                    flag = torch.tensor([int(stop)])
+                    flag = torch.tensor([int(stop)], device=device)
                     dist.broadcast(flag, src=0)
                     if flag.item():
                         break
@@ -356,16 +360,16 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     return DDPResult(model=model, steps=step, summary=summary)
 
 
-def _evaluate_with_mean_stats(model: nn.Module, ds: Any,
+def _evaluate_with_mean_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                               stats: list[torch.Tensor] | None) -> tuple[float, float]:
     """Evaluate with the ranks' averaged BatchNorm statistics, then restore rank 0's own (it
     keeps training with them, as every PS worker does)."""
     if stats is None:
-        return evaluate(model, ds.x_test, ds.y_test)
+        return evaluate(model, x, y)
     own = bn_stats(model)
     load_bn_stats(model, torch.stack(stats).mean(0))
     try:
-        return evaluate(model, ds.x_test, ds.y_test)
+        return evaluate(model, x, y)
     finally:
         load_bn_stats(model, own)
 
