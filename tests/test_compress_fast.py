@@ -30,6 +30,7 @@ CASES = [
     dict(bits=3, bucket_size=7),
     dict(bits=5, bucket_size=0, header_dtype="bf16"),
     dict(bits=8, bucket_size=1),
+    dict(bits=4, bucket_size=40, header_dtype="fp16"),
     dict(bits=4, bucket_size=300_000),  # larger than a fused chunk: the two-pass route
 ]
 
@@ -77,7 +78,7 @@ def test_half_inputs_take_the_compiled_path(dtype):
     assert torch.equal(encode("c", comp, x, 0)[: 32 + 8 * 16], encode("torch", comp, x, 0)[:160])
 
 
-@pytest.mark.parametrize("options", CASES[:7])
+@pytest.mark.parametrize("options", CASES[:8])
 def test_bits_follow_the_24_bit_rule_exactly(options):
     """t_i = (floor(y_i 2^24) + r_i) >> 24 with r_i the documented stream: so
     P(up) = floor(y 2^24) / 2^24 and the bias is below a 2^-24 (quantize docstring)."""
@@ -207,3 +208,14 @@ def test_streaming_stores_into_reused_buffers(options, monkeypatch):
     with fast.use("c"):
         assert torch.equal(comp.decode(rows[0], out=torch.empty(10_003)), expected)
         assert torch.equal(comp.decode_mean(rows, out=torch.empty(10_003)), expected_mean)
+
+
+def test_fresh_outputs_on_huge_pages_decode_the_same(monkeypatch):
+    monkeypatch.setattr(fast, "HUGE_PAGE_BYTES", 0)
+    comp = get_compressor("onebit", bucket_size=64)
+    rows = torch.stack([encode("c", comp, grad(5000), seed) for seed in range(2)])
+    with fast.use("torch"):
+        expected, expected_mean = comp.decode(rows[0]), comp.decode_mean(rows)
+    with fast.use("c"):
+        assert torch.equal(comp.decode(rows[0]), expected)
+        assert torch.equal(comp.decode_mean(rows), expected_mean)

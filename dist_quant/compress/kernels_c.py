@@ -23,12 +23,16 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #if defined(__SSE2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
 #define DRAW_BITS 24
 #define BLOCK 4096  /* coordinates quantised into the scratch array at a time */
+#define PREFETCH 4096  /* software prefetch distance in coordinates (16 KiB) for streams */
 
 static inline uint32_t mix32(uint32_t x) {
     x ^= x >> 16; x *= 0x7feb352dU; x ^= x >> 15; x *= 0x846ca68bU; x ^= x >> 16;
@@ -79,6 +83,26 @@ static void pack(const uint8_t *t, int64_t count, int k, uint8_t *out) {
             const uint8_t *s = t + 8 * j;
             out[j] = (uint8_t)(s[0] | s[1] << 1 | s[2] << 2 | s[3] << 3 | s[4] << 4 |
                                s[5] << 5 | s[6] << 6 | s[7] << 7);
+        }
+    } else if (k == 8) {
+        memcpy(out, t, (size_t)(8 * full));
+    } else if (k == 2 || k == 4) {
+        /* 8 values, one per byte of a little-endian word, folded into k bytes */
+        for (int64_t j = 0; j < full; j++) {
+            uint64_t w;
+            memcpy(&w, t + 8 * j, 8);
+            if (k == 4) {
+                w = (w | (w >> 4)) & 0x00FF00FF00FF00FFULL;
+                w = (w | (w >> 8)) & 0x0000FFFF0000FFFFULL;
+                w = (w | (w >> 16)) & 0xFFFFFFFFULL;
+                memcpy(out + 4 * j, &w, 4);
+            } else {
+                w = (w | (w >> 6)) & 0x000F000F000F000FULL;
+                w = (w | (w >> 12)) & 0x000000FF000000FFULL;
+                w = (w | (w >> 24)) & 0xFFFFULL;
+                uint16_t h = (uint16_t)w;
+                memcpy(out + 2 * j, &h, 2);
+            }
         }
     } else {
         for (int64_t j = 0; j < full; j++) {
@@ -157,33 +181,66 @@ static inline __mmask16 lanes(int64_t p, int64_t i0, int64_t i1) {
     int64_t lo = i0 - p > 0 ? i0 - p : 0, hi = i1 - p < 16 ? i1 - p : 16;
     return (__mmask16)(((1U << hi) - 1U) & ~((1U << lo) - 1U));
 }
-/* one bucket segment [i0, i1) of the block starting at blk, k = 1: bit masks into masks[] */
+/* one bucket segment [i0, i1) of the block starting at blk, k = 1: bit masks into masks[].
+   Same arithmetic as the scalar loop below, minus the clamps, which cannot change a 1-bit
+   result (y >= 0 since x >= b; any y >= 1 gives t = 1), and with the scale 2^24 folded into
+   the multiplier (exact: a power of two; the caller checks that mul 2^24 is finite).
+   pf > 0: prefetch the same position pf elements ahead (the next chunk) into L2. */
 static void quantize1_segment(const float *x, float bj, float mul, uint32_t s, uint32_t m,
-                              uint16_t *masks, int64_t blk, int64_t i0, int64_t i1) {
-    const __m512 vb = _mm512_set1_ps(bj), vm = _mm512_set1_ps(mul);
-    const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
-    const __m512 scale = _mm512_set1_ps(16777216.0f);
+                              uint16_t *masks, int64_t blk, int64_t i0, int64_t i1,
+                              int64_t pf) {
+    const __m512 vb = _mm512_set1_ps(bj), vm = _mm512_set1_ps(mul * 16777216.0f);
     const __m512i vthr = _mm512_set1_epi32(1 << DRAW_BITS);
-    const __m512i lane_m = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((int)m));
-    for (int64_t v = (i0 - blk) >> 4; blk + 16 * v < i1; v++) {
+    const __m512i step = _mm512_set1_epi32((int)(16U * m));
+    int64_t v = (i0 - blk) >> 4;
+    __m512i ctr = _mm512_add_epi32(
+        _mm512_set1_epi32((int)((uint32_t)(blk + 16 * v) * m + s)),
+        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                             15), _mm512_set1_epi32((int)m)));
+    for (; blk + 16 * v < i1; v++) {
         int64_t p = blk + 16 * v;
+        if (pf) _mm_prefetch((const char *)(x + p + pf), _MM_HINT_T1);
         __mmask16 lm = lanes(p, i0, i1);
         __m512 xv = _mm512_maskz_loadu_ps(lm, x + p);
-        __m512 y = _mm512_mul_ps(_mm512_sub_ps(xv, vb), vm);
-        y = _mm512_min_ps(_mm512_max_ps(y, zero), one);
-        __m512i q = _mm512_cvttps_epu32(_mm512_mul_ps(y, scale));
-        __m512i ctr = _mm512_add_epi32(_mm512_set1_epi32((int)((uint32_t)p * m + s)), lane_m);
+        __m512i q = _mm512_cvttps_epu32(_mm512_mul_ps(_mm512_sub_ps(xv, vb), vm));
         __m512i r = _mm512_srli_epi32(mix32_v(ctr), 32 - DRAW_BITS);
         masks[v] |= _mm512_mask_cmpge_epu32_mask(lm, _mm512_add_epi32(q, r), vthr);
+        ctr = _mm512_add_epi32(ctr, step);
+    }
+}
+
+/* one bucket segment, any k: level indices t (one byte each) into t[] at (p - blk); clamps
+   y to L (rounding can exceed it), scale folded as in quantize1_segment */
+static void quantizek_segment(const float *x, float bj, float mul, float levels, uint32_t s,
+                              uint32_t m, uint8_t *t, int64_t blk, int64_t i0, int64_t i1,
+                              int64_t pf) {
+    const __m512 vb = _mm512_set1_ps(bj), vm = _mm512_set1_ps(mul * 16777216.0f);
+    const __m512 top = _mm512_set1_ps(levels * 16777216.0f);
+    const __m512i step = _mm512_set1_epi32((int)(16U * m));
+    int64_t v = (i0 - blk) >> 4;
+    __m512i ctr = _mm512_add_epi32(
+        _mm512_set1_epi32((int)((uint32_t)(blk + 16 * v) * m + s)),
+        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                             15), _mm512_set1_epi32((int)m)));
+    for (; blk + 16 * v < i1; v++) {
+        int64_t p = blk + 16 * v;
+        if (pf) _mm_prefetch((const char *)(x + p + pf), _MM_HINT_T1);
+        __mmask16 lm = lanes(p, i0, i1);
+        __m512 xv = _mm512_maskz_loadu_ps(lm, x + p);
+        __m512 y = _mm512_min_ps(_mm512_mul_ps(_mm512_sub_ps(xv, vb), vm), top);
+        __m512i q = _mm512_cvttps_epu32(y);
+        __m512i r = _mm512_srli_epi32(mix32_v(ctr), 32 - DRAW_BITS);
+        __m512i tv = _mm512_srli_epi32(_mm512_add_epi32(q, r), DRAW_BITS);
+        _mm512_mask_cvtepi32_storeu_epi8(t + (p - blk), lm, tv);
+        ctr = _mm512_add_epi32(ctr, step);
     }
 }
 #endif
 
 /* ---- quantise [c0, c1) with per-bucket fp32 a, b into packed bits ------------------------- */
 static void quantize_range(const float *x, int64_t d, int k, const float *a, const float *b,
-                           uint32_t s, uint32_t m, uint8_t *bits, int64_t c0, int64_t c1) {
+                           uint32_t s, uint32_t m, uint8_t *bits, int64_t c0, int64_t c1,
+                           int64_t pf) {
     uint8_t t[BLOCK];
     const float levels = (float)((1 << k) - 1);
     for (int64_t blk = c0; blk < c1; blk += BLOCK) {
@@ -194,6 +251,7 @@ static void quantize_range(const float *x, int64_t d, int k, const float *a, con
         if (vector_ok) memset(masks, 0, sizeof(masks));
 #else
         int vector_ok = 0;
+        (void)pf;
 #endif
         for (int64_t i0 = blk; i0 < end;) {
             int64_t j = i0 / d;
@@ -202,8 +260,13 @@ static void quantize_range(const float *x, int64_t d, int k, const float *a, con
             int slow;
             float mul = bucket_mul(a[j], &slow);
 #ifdef DQ_AVX512
-            if (vector_ok && !slow) {
-                quantize1_segment(x, bj, mul, s, m, masks, blk, i0, i1);
+            if (vector_ok && !slow && isfinite(mul * 16777216.0f)) {
+                quantize1_segment(x, bj, mul, s, m, masks, blk, i0, i1, pf);
+                i0 = i1;
+                continue;
+            }
+            if (!vector_ok && !slow && isfinite(mul * 16777216.0f)) {
+                quantizek_segment(x, bj, mul, levels, s, m, t, blk, i0, i1, pf);
                 i0 = i1;
                 continue;
             }
@@ -248,9 +311,9 @@ static void quantize_range(const float *x, int64_t d, int k, const float *a, con
     }
 }
 
-/* ---- decode one block [blk, end) of one row into tmp (floats a t + b) --------------------- */
+/* ---- decode one block [blk, end) of one row: dst = a t + b, or dst += a t + b (acc) ----- */
 static void decode_block(const uint8_t *bits, int64_t d, int k, const float *a, const float *b,
-                         float *tmp, int64_t blk, int64_t end) {
+                         float *dst, int64_t blk, int64_t end, int acc) {
     uint8_t t[BLOCK];
 #ifdef DQ_AVX512
     if (k == 1) {
@@ -264,7 +327,46 @@ static void decode_block(const uint8_t *bits, int64_t d, int k, const float *a, 
                 uint16_t word = bits[p / 8];
                 if (end - p > 8) word |= (uint16_t)(bits[p / 8 + 1] << 8);
                 __m512 vals = _mm512_mask_blend_ps((__mmask16)word, v0, v1);
-                _mm512_mask_storeu_ps(tmp + (p - blk), lanes(p, i0, i1), vals);
+                __mmask16 lm = lanes(p, i0, i1);
+                float *o = dst + (p - blk);
+                if (acc) vals = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, o), vals);
+                _mm512_mask_storeu_ps(o, lm, vals);
+            }
+            i0 = i1;
+        }
+        return;
+    }
+    if (k == 2 || k == 4 || k == 8) {
+        /* 16 values span 2k bytes: spread them over the lanes, shift, mask, scale */
+        const __m512i shifts = k == 2
+            ? _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
+            : _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+        const __m512i pick = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        const __m512i mask = _mm512_set1_epi32((1 << k) - 1);
+        for (int64_t i0 = blk; i0 < end;) {
+            int64_t j = i0 / d;
+            int64_t i1 = (j + 1) * d < end ? (j + 1) * d : end;
+            const __m512 va = _mm512_set1_ps(a[j]), vb = _mm512_set1_ps(b[j]);
+            for (int64_t v = (i0 - blk) >> 4; blk + 16 * v < i1; v++) {
+                int64_t p = blk + 16 * v;
+                int64_t have = end - p < 16 ? end - p : 16;
+                uint8_t raw[16] = {0};
+                memcpy(raw, bits + p * k / 8, (size_t)((have * k + 7) / 8));
+                __m512i tv;
+                if (k == 8) {
+                    tv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)raw));
+                } else {
+                    __m512i words = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)raw));
+                    if (k == 2) words = _mm512_set1_epi32(_mm_cvtsi128_si32(
+                        _mm512_castsi512_si128(words)));
+                    else words = _mm512_permutexvar_epi32(pick, words);
+                    tv = _mm512_and_si512(_mm512_srlv_epi32(words, shifts), mask);
+                }
+                __m512 vals = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(tv), va), vb);
+                __mmask16 lm = lanes(p, i0, i1);
+                float *o = dst + (p - blk);
+                if (acc) vals = _mm512_add_ps(_mm512_maskz_loadu_ps(lm, o), vals);
+                _mm512_mask_storeu_ps(o, lm, vals);
             }
             i0 = i1;
         }
@@ -277,10 +379,15 @@ static void decode_block(const uint8_t *bits, int64_t d, int k, const float *a, 
         int64_t i1 = (j + 1) * d < end ? (j + 1) * d : end;
         float aj = a[j], bj = b[j];
         const uint8_t *tt = t + (i0 - blk);
-        float *oo = tmp + (i0 - blk);
+        float *oo = dst + (i0 - blk);
         int64_t len = i1 - i0;
-        #pragma omp simd
-        for (int64_t i = 0; i < len; i++) oo[i] = (float)tt[i] * aj + bj;
+        if (acc) {
+            #pragma omp simd
+            for (int64_t i = 0; i < len; i++) oo[i] = oo[i] + ((float)tt[i] * aj + bj);
+        } else {
+            #pragma omp simd
+            for (int64_t i = 0; i < len; i++) oo[i] = (float)tt[i] * aj + bj;
+        }
         i0 = i1;
     }
 }
@@ -303,6 +410,8 @@ static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, flo
     __m512i e0 = _mm512_setzero_si512(), e1 = e0;
     const __m512i emask = _mm512_set1_epi32(0x7f800000);
     for (; i + 64 <= c1; i += 64) {
+        for (int l = 0; l < 4; l++) _mm_prefetch((const char *)(x + i + PREFETCH + 16 * l),
+                                                 _MM_HINT_T0);
         __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
         __m512 v2 = _mm512_loadu_ps(x + i + 32), v3 = _mm512_loadu_ps(x + i + 48);
         l0 = _mm512_min_ps(l0, v0); l1 = _mm512_min_ps(l1, v1);
@@ -341,7 +450,7 @@ int64_t dq_minmax(const float *x, int64_t c0, int64_t c1, float *lohi) {
 /* Public: pass 2 with fp32 header values already known (whole-tensor or large buckets). */
 void dq_quantize(const float *x, int64_t d, int k, const float *a, const float *b,
                  uint32_t s, uint32_t m, uint8_t *bits, int64_t c0, int64_t c1) {
-    quantize_range(x, d, k, a, b, s, m, bits, c0, c1);
+    quantize_range(x, d, k, a, b, s, m, bits, c0, c1, PREFETCH);
 }
 
 /* Public: fused encoder for buckets [c0, c1) (c0 on a bucket boundary and a multiple of 8):
@@ -375,9 +484,28 @@ int64_t dq_encode_fused(const float *x, int64_t n, int64_t d, int k, int hdt, ui
         }
         if (bad || overflow) continue;
         quantize_range(x + j0 * d, d, k, a32, b32, s + (uint32_t)(j0 * d) * m, m,
-                       bits + (j0 * d * k) / 8, 0, ce - cs);
+                       bits + (j0 * d * k) / 8, 0, ce - cs, ce < c1 ? chunk : 0);
     }
     return bad ? bad : (overflow ? -1 : 0);
+}
+
+/* Public: header values of `rows` payloads (row_stride bytes apart) as fp32, and the number
+   of invalid ones (non-finite or negative scale a, non-finite offset b). */
+int64_t dq_headers(const uint8_t *a_raw, const uint8_t *b_raw, int64_t row_stride,
+                   int64_t rows, int64_t nb, int hdt, float *a32, float *b32) {
+    int64_t bad = 0, hb = hdt == 0 ? 4 : 2;
+    for (int64_t w = 0; w < rows; w++) {
+        for (int64_t j = 0; j < nb; j++) {
+            uint32_t au = 0, bu = 0;
+            memcpy(&au, a_raw + w * row_stride + j * hb, (size_t)hb);
+            memcpy(&bu, b_raw + w * row_stride + j * hb, (size_t)hb);
+            double av = hval(hdt, au), bv = hval(hdt, bu);
+            bad += !isfinite(av) || av < 0 || !isfinite(bv);
+            a32[w * nb + j] = (float)av;
+            b32[w * nb + j] = (float)bv;
+        }
+    }
+    return bad;
 }
 
 /* Public: decode [c0, c1) (c0 a multiple of 8) into out: a t + b with fp32 header values.
@@ -387,33 +515,53 @@ void dq_decode(const uint8_t *bits, int64_t d, int k, const float *a, const floa
     float tmp[BLOCK];
     for (int64_t blk = c0; blk < c1; blk += BLOCK) {
         int64_t end = blk + BLOCK < c1 ? blk + BLOCK : c1;
-        decode_block(bits, d, k, a, b, tmp, blk, end);
-        flush(out + blk, tmp, end - blk, nt);
+        if (nt) {
+            decode_block(bits, d, k, a, b, tmp, blk, end, 0);
+            flush(out + blk, tmp, end - blk, 1);
+        } else {
+            decode_block(bits, d, k, a, b, out + blk, blk, end, 0);
+        }
     }
     fence(nt);
 }
 
 /* Public: mean of W decodes over [c0, c1): rows of packed bits at a stride of row_stride
-   bytes, header values a, b as [W, nb] fp32. Sums in row order, then divides by W. */
+   bytes, header values a, b as [W, nb] fp32. Sums in row order from zero, then divides by W
+   (the pure-torch path's order of operations, so the results are identical). */
 void dq_decode_mean(const uint8_t *bits, int64_t row_stride, int64_t w_count, int64_t nb,
                     int64_t d, int k, const float *a, const float *b, float *out,
                     int64_t c0, int64_t c1, int nt) {
-    float acc[BLOCK], tmp[BLOCK];
+    float acc[BLOCK];
     const float wf = (float)w_count;
     for (int64_t blk = c0; blk < c1; blk += BLOCK) {
         int64_t end = blk + BLOCK < c1 ? blk + BLOCK : c1;
         int64_t len = end - blk;
-        for (int64_t i = 0; i < len; i++) acc[i] = 0.0f;
-        for (int64_t w = 0; w < w_count; w++) {
-            decode_block(bits + w * row_stride, d, k, a + w * nb, b + w * nb, tmp, blk, end);
+        memset(acc, 0, sizeof(float) * (size_t)len);
+        for (int64_t w = 0; w < w_count; w++)
+            decode_block(bits + w * row_stride, d, k, a + w * nb, b + w * nb, acc, blk, end, 1);
+        if (w_count > 1) {
             #pragma omp simd
-            for (int64_t i = 0; i < len; i++) acc[i] = acc[i] + tmp[i];
+            for (int64_t i = 0; i < len; i++) acc[i] = acc[i] / wf;
         }
-        #pragma omp simd
-        for (int64_t i = 0; i < len; i++) acc[i] = acc[i] / wf;
         flush(out + blk, acc, len, nt);
     }
     fence(nt);
+}
+
+/* Public: ask for transparent huge pages on the 2 MiB-aligned interior of a freshly allocated,
+   not yet touched output (advice only: 32 page faults instead of 16384 for 64 MiB).
+   Returns 0 on success or when the system has no such advice. */
+int dq_advise_huge(void *p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    const uintptr_t huge = (uintptr_t)2 << 20;
+    uintptr_t lo = ((uintptr_t)p + huge - 1) & ~(huge - 1);
+    uintptr_t hi = ((uintptr_t)p + (uintptr_t)bytes) & ~(huge - 1);
+    if (hi <= lo) return 0;
+    return madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
+#else
+    (void)p; (void)bytes;
+    return 0;
+#endif
 }
 
 /* Public: the raw draws r_i for coordinates [c0, c1) (for tests of the stream). */

@@ -108,7 +108,7 @@ class KBitCompressor(Compressor):
         self.name = "onebit" if bits == 1 else "kbit"
         self.levels = (1 << bits) - 1
         self.hdtype = wire.HEADER_DTYPES[header_dtype]
-        self.hbytes = torch.empty((), dtype=self.hdtype).element_size()
+        self.hbytes = self.hdtype.itemsize
 
     def __repr__(self) -> str:
         return (f"KBitCompressor(bits={self.bits}, bucket_size={self.bucket_size}, "
@@ -163,6 +163,10 @@ class KBitCompressor(Compressor):
 
     # ---- decode ------------------------------------------------------------------------------
     def _check_body(self, body, n):
+        if not fast.usable(body, self):  # the compiled decode checks while converting
+            self._check_body_torch(body, n)
+
+    def _check_body_torch(self, body, n):
         a, b, _ = self._split(body, n)
         if not torch.isfinite(a).all():
             raise PayloadError(f"non-finite scale a in {int((~torch.isfinite(a)).sum())} "
@@ -181,8 +185,8 @@ class KBitCompressor(Compressor):
             return torch.empty(0, dtype=torch.float32, device=body.device)
         if fast.usable(body, self):
             # streaming stores only into a caller's (reused, already mapped) buffer
-            return fast.kbit_decode(body, n, self, _result(out, n, body.device),
-                                    streaming=out is not None)
+            target = fast.new_output(n) if out is None else _result(out, n, body.device)
+            return fast.kbit_decode(body, n, self, target, streaming=out is not None)
         a, b, bits = self._split(body, n)
         d = self.bucket_size or n
         nb = self.num_buckets(n)
@@ -195,6 +199,8 @@ class KBitCompressor(Compressor):
     def decode_mean(self, batch, out=None):
         n = self._validate_rows(batch)
         streaming = out is not None
+        if out is None and fast.usable(batch, self):
+            out = fast.new_output(n)
         out = _result(out, n, batch.device)
         if n == 0:
             return out

@@ -27,7 +27,7 @@ class SignCompressor(Compressor):
         self.bucket_size = bucket_size
         self.header_dtype = header_dtype
         self.hdtype = wire.HEADER_DTYPES[header_dtype]
-        self.hbytes = torch.empty((), dtype=self.hdtype).element_size()
+        self.hbytes = self.hdtype.itemsize
 
     def __repr__(self) -> str:
         return f"SignCompressor(bucket_size={self.bucket_size}, header_dtype={self.header_dtype!r})"

@@ -41,6 +41,7 @@ that fixed-size collectives still line up; its body is zero and decoding it rais
 
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass
 
@@ -143,7 +144,11 @@ def as_bytes(payload: Payload | torch.Tensor) -> torch.Tensor:
 
 def read_header(data: torch.Tensor) -> Header:
     """Parse the fixed header of a payload tensor (copies 32 bytes to the host)."""
-    raw = bytes(data[:FIXED_NBYTES].cpu().numpy().tobytes())
+    count = min(data.numel(), FIXED_NBYTES)
+    if data.device.type == "cpu" and data.is_contiguous():
+        raw = ctypes.string_at(data.data_ptr(), count) if count else b""
+    else:
+        raw = bytes(data[:count].cpu().numpy().tobytes())
     return Header.unpack(raw)
 
 
@@ -152,14 +157,17 @@ def new_payload(header: Header, nbytes: int, device: torch.device,
     """A uint8 buffer of ``nbytes`` bytes whose first 32 bytes hold ``header``; its body is
     zero, or left for the encoder to fill completely (``zero_body=False``)."""
     out = (torch.zeros if zero_body else torch.empty)(nbytes, dtype=torch.uint8, device=device)
-    raw = torch.frombuffer(bytearray(header.pack()), dtype=torch.uint8)
-    out[:FIXED_NBYTES].copy_(raw)
+    raw = header.pack()
+    if out.device.type == "cpu":
+        ctypes.memmove(out.data_ptr(), raw, FIXED_NBYTES)
+    else:
+        out[:FIXED_NBYTES].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
     return out
 
 
 def view_as(data: torch.Tensor, start: int, count: int, dtype: torch.dtype) -> torch.Tensor:
     """``count`` values of ``dtype`` stored at byte ``start`` of ``data`` (copied if unaligned)."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     chunk = data[start:start + count * size]
     if (chunk.storage_offset() % size) != 0:
         chunk = chunk.clone()
