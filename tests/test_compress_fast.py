@@ -219,3 +219,22 @@ def test_fresh_outputs_on_huge_pages_decode_the_same(monkeypatch):
     with fast.use("c"):
         assert torch.equal(comp.decode(rows[0]), expected)
         assert torch.equal(comp.decode_mean(rows), expected_mean)
+
+
+def test_portable_c_without_avx512_matches(monkeypatch):
+    """The scalar/auto-vectorised C (CPUs without AVX-512) gives the same payloads and decodes
+    as the AVX-512 code, hence the same as the torch path's arithmetic."""
+    if "avx512bw" not in fast._cpu_id():
+        pytest.skip("this CPU runs the portable C already")
+    portable = fast._bind(fast.build(extra_flags=("-mno-avx512f",)))
+    x = grad(20_011, seed=8)
+    for options in CASES:
+        comp = get_compressor("kbit", **options)
+        with fast.use("c"):
+            data = comp.encode(x, generator=torch.Generator().manual_seed(4)).to_tensor()
+            expected = comp.decode(data)
+            monkeypatch.setitem(fast._loaded, "lib", portable)
+            again = comp.encode(x, generator=torch.Generator().manual_seed(4)).to_tensor()
+            assert torch.equal(comp.decode(data), expected)
+            monkeypatch.undo()
+        assert torch.equal(again, data)

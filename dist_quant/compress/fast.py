@@ -77,10 +77,12 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "dist_quant"
 
 
-def build(force: bool = False) -> Path:
-    """Compile the kernels (or find them in the cache); returns the shared library's path."""
+def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the kernels (or find them in the cache); returns the shared library's path.
+    ``extra_flags`` (e.g. ``-mno-avx512f``, to test the portable C) go after CFLAGS."""
     cc = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join([SOURCE, cc, *CFLAGS, _cpu_id()]).encode()).hexdigest()[:16]
+    flags = [*CFLAGS, *extra_flags]
+    key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
     target = cache_dir() / f"kernels-{key}.so"
     if target.exists() and not force:
         return target
@@ -89,7 +91,7 @@ def build(force: bool = False) -> Path:
         src = Path(tmp) / "kernels.c"
         src.write_text(SOURCE)
         out = Path(tmp) / "kernels.so"
-        proc = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out)], capture_output=True,
+        proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True,
                               text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"compiling the k-bit kernels with {cc} failed:\n{proc.stderr}")
