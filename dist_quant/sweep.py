@@ -4,7 +4,7 @@ A point is one method (a named preset plus overrides), one value of every ``--se
 link (rate, latency, loss)::
 
     dist-quant sweep sweeps/bw -m ps-onebit -m ddp-fp32 -m ddp-powersgd \\
-        --rate 10,100,none --set workers=4 --set stop_accuracy=0.65 --set steps=3000
+        --rate 10,100,none --set workers=4 --set stop_accuracy=0.65 --set steps=1500
 
 Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` fields:
 
@@ -452,8 +452,9 @@ def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], rate: s
 
     \b
     Example (the bandwidth benchmark):
-      dist-quant sweep sweeps/bw -m ps-fp32 -m ps-onebit -m ddp-fp32 -m ddp-powersgd \\
-          --rate 10,100,none --set workers=4 --set steps=3000 --set stop_accuracy=0.65
+      dist-quant sweep sweeps/bw --cluster -m ps-fp32 -m ps-onebit -m ddp-fp32 \\
+          -m ddp-powersgd --rate 10,100,none --set workers=4 --set steps=1500 \\
+          --set eval_every=25 --set stop_accuracy=0.65
     """
     try:
         points = points_from_options(methods, sets, rate, latency, loss, grid, cluster)
