@@ -60,7 +60,10 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
         click.echo(f"dist-quant cluster: {err}", err=True)
         sys.exit(1)
     wire = out["wire"]
-    click.echo(f"run directory: {out['run_dir']}")
-    click.echo(json.dumps({k: wire[k] for k in ("wire_bytes_up", "wire_bytes_down",
-                                                "payload_bytes_up", "payload_bytes_down",
-                                                "ratio_up", "ratio_down", "seconds")}, indent=2))
+    keys = ("wire_bytes_up", "wire_bytes_down", "payload_bytes_up", "payload_bytes_down",
+            "ratio_up", "ratio_down", "data_ratio_up", "data_ratio_down")
+    shown = {k: wire[k] for k in keys}
+    if wire["steady"]:
+        shown["steady"] = {k: wire["steady"][k] for k in ("from_step", "to_step", *keys)}
+    click.echo(f"run directory: {out['run_dir']} (link.json, wire.json)")
+    click.echo(json.dumps(shown, indent=2))

@@ -19,7 +19,8 @@ Records written into the run directory next to the training job's own files:
   ``ack_bytes_*``/``data_ratio_*`` split off the pure TCP ACKs; ``per_host`` deltas (tx/rx
   bytes and packets, pure ACKs received, qdisc drops). Wire bytes are Ethernet frames:
   payload + TCP/IP/Ethernet headers (66 bytes per frame with TCP timestamps) + the ACKs of
-  the other direction + rendezvous, gloo handshakes, telemetry and control messages.
+  the other direction + rendezvous, gloo handshakes and receive notices, telemetry and
+  control messages, and torchrun's rendezvous keep-alives (about 1.4 kB per agent every 5 s).
   ``steady`` holds the same figures for training steps alone, counted where the bytes arrive:
   counters are read (from ``/proc/<pid>/net/dev`` and the ACK filter) when a step line
   appears in ``metrics.jsonl`` (at most every 0.25 s); the window runs from the mark a
@@ -45,7 +46,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dist_quant.cluster.netns import Cluster, ClusterError, Host, read_acks, read_proc_net_dev
+from dist_quant.cluster.netns import (
+    Cluster,
+    ClusterError,
+    Host,
+    cleanup_stale,
+    read_acks,
+    read_proc_net_dev,
+    require_root,
+)
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.linkmodel import Link
@@ -100,6 +109,8 @@ class StepWindow:
     def poll(self) -> None:
         try:
             with open(self.metrics) as fh:
+                if os.fstat(fh.fileno()).st_size < self.offset:   # rewritten (a resume)
+                    self.offset, self.partial = 0, ""
                 fh.seek(self.offset)
                 chunk = fh.read()
                 self.offset = fh.tell()
@@ -107,8 +118,14 @@ class StepWindow:
             return
         lines = (self.partial + chunk).split("\n")
         self.partial = lines.pop()
-        steps = [r for r in map(json.loads, filter(None, lines))
-                 if r.get("kind") == "step" and r["step"] > self.skip_upto]
+        steps = []
+        for line in filter(None, lines):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("kind") == "step" and rec["step"] > self.skip_upto:
+                steps.append(rec)
         if not steps:
             return
         now = time.monotonic()
@@ -236,7 +253,8 @@ def _steady(method: str, window: StepWindow | None) -> dict | None:
     delta = {h: {k: s1[h][k] - s0[h][k] for k in s0[h]} for h in s0}
     rec = wire_record(method, delta, r1["cum_bytes_up"] - r0["cum_bytes_up"],
                       r1["cum_bytes_down"] - r0["cum_bytes_down"], side="rx")
-    return {"from_step": r0["step"], "to_step": r1["step"], **rec}
+    return {"from_step": r0["step"], "to_step": r1["step"],
+            "seconds": r1["wall"] - r0["wall"], **rec}
 
 
 @contextlib.contextmanager
@@ -290,6 +308,8 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     """
     from dist_quant.train import default_run_dir
 
+    require_root()
+    cleanup_stale()  # namespaces of earlier runs that were killed before they could clean up
     if cfg.simulate:
         raise ConfigError("--simulate", "the cluster runs the distributed job; drop --simulate")
     cfg = cfg.validate()
