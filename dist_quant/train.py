@@ -22,8 +22,10 @@ then the world size minus one); given, it must agree with the world size.
 
 Processes. Every process calls ``torch.set_num_threads(1)``; the backend is gloo for CPU
 tensors and nccl when the run is on CUDA (``--backend`` overrides), with every tensor placed
-on ``cuda:LOCAL_RANK`` or the CPU explicitly. The process-group timeout is ``--timeout``: a
-peer that dies or hangs ends the run with a message naming it instead of a hang. For
+on ``cuda:LOCAL_RANK`` or the CPU explicitly. Start-up (rendezvous, imports, data) may take
+up to ``STARTUP_TIMEOUT``; the training traffic then runs in a process group whose timeout is
+``--timeout``: a peer that dies or hangs ends the run within it, with a message naming the
+peer, instead of a hang. For
 ``--method ddp`` the world is W ranks, all workers, and :func:`dist_quant.ddp.run_ddp` runs.
 
 Exit status: 0 done, 1 the run failed (lost peer, aborted, diverged), 2 bad option.
@@ -46,6 +48,7 @@ from dist_quant.config import TrainConfig, click_options
 from dist_quant.errors import ConfigError
 
 ROLE_ENV = "DIST_QUANT_ROLE"
+STARTUP_TIMEOUT = 300.0  # seconds allowed for rendezvous and start-up (imports, data)
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -186,7 +189,8 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
     device = pick_device(cfg)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda"
                                                          else "gloo")
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=cfg.timeout))
+    dist.init_process_group(backend, timeout=datetime.timedelta(
+        seconds=max(cfg.timeout, STARTUP_TIMEOUT)))
     rank, world = dist.get_rank(), dist.get_world_size()
     expected = cfg.workers if cfg.method == "ddp" else cfg.workers + 1
     if workers_explicit and world != expected:
@@ -201,7 +205,9 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
         return 0
 
     server_rank, worker_ranks = resolve_roles(device)
-    transport = Transport(server_rank, worker_ranks, device)
+    # the training traffic gets its own group with the short --timeout
+    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))
+    transport = Transport(server_rank, worker_ranks, device, group)
     data = load_dataset(cfg)
     if rank == server_rank:
         if not cfg.run_dir:
@@ -268,8 +274,8 @@ def main(ctx: click.Context, **params: Any) -> None:
     try:
         code = run_distributed(cfg, "workers" in explicit)
     except PeerLostError as err:
-        _fail(who, f"{err}; a peer died or did not answer within --timeout "
-              f"{cfg.timeout:g} s, ending the run", 1)
+        _fail(who, f"{err}: a peer died or did not answer within --timeout {cfg.timeout:g} s; "
+              "ending the run", 1)
     except RunAborted as err:
         _fail(who, f"run aborted: {err}", 1)
     except ConfigError as err:

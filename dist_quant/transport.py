@@ -38,6 +38,7 @@ naming the peer and the message, after at most the process-group timeout.
 from __future__ import annotations
 
 import io
+import re
 from typing import Any
 
 import torch
@@ -56,14 +57,10 @@ class PeerLostError(RuntimeError):
     """A peer died or did not answer within the process-group timeout."""
 
 
-def _wait(works: list[Any], what: str, peers: list[int]) -> None:
-    for work, peer in zip(works, peers, strict=True):
-        try:
-            work.wait()
-        except RuntimeError as err:  # DistBackendError and gloo/nccl errors derive from it
-            raise PeerLostError(f"lost rank {peer} while exchanging the {what}: "
-                                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
-                                ) from err
+def _cause(err: BaseException) -> str:
+    """The first line of a backend error, without the C++ source location."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", text)
 
 
 def blob_from(obj: Any) -> torch.Tensor:
@@ -82,15 +79,37 @@ class Transport:
     """Point-to-point exchange between the server rank and the worker ranks.
 
     ``worker_ranks[i]`` is the global rank of worker ``i``. The server uses the ``*_workers``
-    methods, a worker the ``*_server`` ones.
+    methods, a worker the ``*_server`` ones. ``group`` is the process group whose timeout
+    bounds every wait (None = the default group).
     """
 
-    def __init__(self, server_rank: int, worker_ranks: list[int], device: torch.device):
+    def __init__(self, server_rank: int, worker_ranks: list[int], device: torch.device,
+                 group: Any = None):
+        self.group = group
         self.server_rank = int(server_rank)
         self.worker_ranks = [int(r) for r in worker_ranks]
         self.device = torch.device(device)
         self.bytes_up = 0
         self.bytes_down = 0
+
+    def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        return dist.isend(tensor, dst=peer, group=self.group, tag=tag)
+
+    def _irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
+        return dist.irecv(tensor, src=peer, group=self.group, tag=tag)
+
+    def _wait(self, works: list[Any], what: str, peers: list[int]) -> None:
+        for work, peer in zip(works, peers, strict=True):
+            try:
+                work.wait()
+            except RuntimeError as err:  # DistBackendError and gloo/nccl errors derive from it
+                raise PeerLostError(f"lost contact with {self.describe(peer)} while exchanging "
+                                    f"the {what} ({_cause(err)})") from err
+
+    def describe(self, rank: int) -> str:
+        if rank == self.server_rank:
+            return f"rank {rank} (the server)"
+        return f"rank {rank} (worker {self.worker_ranks.index(rank)})"
 
     @property
     def num_workers(self) -> int:
@@ -101,8 +120,8 @@ class Transport:
                           counted: bool = False) -> torch.Tensor:
         """One ``[W, numel]`` tensor: row ``i`` comes from worker ``i``."""
         out = torch.empty(self.num_workers, numel, dtype=dtype, device=self.device)
-        works = [dist.irecv(out[i], src=r, tag=tag) for i, r in enumerate(self.worker_ranks)]
-        _wait(works, what, self.worker_ranks)
+        works = [self._irecv(out[i], r, tag) for i, r in enumerate(self.worker_ranks)]
+        self._wait(works, what, self.worker_ranks)
         if counted:
             self.bytes_up += out.numel() * out.element_size()
         return out
@@ -111,8 +130,8 @@ class Transport:
                         counted: bool = False) -> None:
         """The same flat tensor to every worker, one point-to-point send per link."""
         tensor = tensor.to(self.device).contiguous()
-        works = [dist.isend(tensor, dst=r, tag=tag) for r in self.worker_ranks]
-        _wait(works, what, self.worker_ranks)
+        works = [self._isend(tensor, r, tag) for r in self.worker_ranks]
+        self._wait(works, what, self.worker_ranks)
         if counted:
             self.bytes_down += self.num_workers * tensor.numel() * tensor.element_size()
 
@@ -121,7 +140,7 @@ class Transport:
         out = []
         for i, r in enumerate(self.worker_ranks):
             buf = torch.empty(int(sizes[i, 0]), dtype=torch.uint8, device=self.device)
-            _wait([dist.irecv(buf, src=r, tag=TAG_BLOB)], what, [r])
+            self._wait([self._irecv(buf, r, TAG_BLOB)], what, [r])
             out.append(blob_to(buf))
         return out
 
@@ -129,21 +148,21 @@ class Transport:
         for r, obj in zip(self.worker_ranks, objs, strict=True):
             blob = blob_from(obj).to(self.device)
             size = torch.tensor([blob.numel()], dtype=torch.int64, device=self.device)
-            works = [dist.isend(size, dst=r, tag=TAG_SIZE), dist.isend(blob, dst=r, tag=TAG_BLOB)]
-            _wait(works, what, [r, r])
+            works = [self._isend(size, r, TAG_SIZE), self._isend(blob, r, TAG_BLOB)]
+            self._wait(works, what, [r, r])
 
     # ---- worker side ---------------------------------------------------------------------
     def send_to_server(self, tensor: torch.Tensor, tag: int, what: str,
                        counted: bool = False) -> None:
         tensor = tensor.to(self.device).contiguous()
-        _wait([dist.isend(tensor, dst=self.server_rank, tag=tag)], what, [self.server_rank])
+        self._wait([self._isend(tensor, self.server_rank, tag)], what, [self.server_rank])
         if counted:
             self.bytes_up += tensor.numel() * tensor.element_size()
 
     def recv_from_server(self, numel: int, dtype: torch.dtype, tag: int, what: str,
                          counted: bool = False) -> torch.Tensor:
         out = torch.empty(numel, dtype=dtype, device=self.device)
-        _wait([dist.irecv(out, src=self.server_rank, tag=tag)], what, [self.server_rank])
+        self._wait([self._irecv(out, self.server_rank, tag)], what, [self.server_rank])
         if counted:
             self.bytes_down += out.numel() * out.element_size()
         return out

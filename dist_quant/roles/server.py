@@ -6,7 +6,8 @@ single-process simulator; only the ``workers`` object that moves payloads differ
 1. receive the W uplink payloads (and telemetry; at evaluation steps the BN statistics);
 2. ``g = decode_mean(payloads)``; a payload that is marked non-finite or fails validation is
    left out (``--on-nonfinite skip``: ``g`` is the mean of the others, the count is logged; if
-   none is left the parameters and momentum stay as they are) or ends the run (``abort``);
+   none is left the parameters and momentum stay as they are, and ``STUCK_STEPS`` such steps
+   in a row end the run) or ends the run (``abort``);
 3. ``DecoupledMomentumSGD`` with the L2 term computed here (MATH 5a):
    ``m <- mu m + g``, ``theta <- theta - eta (m + lambda theta)``, decay on weights only unless
    ``--decay-all`` (``decay_param_groups``);
@@ -64,6 +65,8 @@ from dist_quant.transport import (
 )
 
 EVAL_CHUNK = 4096
+SKIP_LINES = 10    # steps whose left-out payloads are printed; later ones are only counted
+STUCK_STEPS = 10   # consecutive steps without any valid payload end the run
 
 
 class Server:
@@ -226,6 +229,7 @@ def run_server(cfg: TrainConfig, server: Server, workers: Workers, run_dir: str)
     test_loss = test_acc = float("nan")
     evals = sum(1 for s in range(1, start + 1) if is_eval_step(cfg, s))
     step = start
+    skipped_steps = stuck = 0
     try:
         for step in range(start + 1, cfg.steps + 1):
             with_stats = is_eval_step(cfg, step)
@@ -236,7 +240,13 @@ def run_server(cfg: TrainConfig, server: Server, workers: Workers, run_dir: str)
             g, bad = server.aggregate(payloads)
             t2 = time.perf_counter()
             if bad:
-                _report_bad(cfg, step, bad, workers)
+                _report_bad(cfg, step, bad, workers, printed=skipped_steps)
+                skipped_steps += 1
+            stuck = 0 if g is not None else stuck + 1
+            if stuck >= STUCK_STEPS:
+                workers.downlink(ABORT, None)
+                raise RunAborted(f"no valid payload for {stuck} consecutive steps (up to step "
+                                 f"{step}): training diverged; lower --lr")
             server.update(g)
             t3 = time.perf_counter()
             if not bool(torch.isfinite(common.flat_params(server.model)).all()):
@@ -287,12 +297,16 @@ def run_server(cfg: TrainConfig, server: Server, workers: Workers, run_dir: str)
     return summary
 
 
-def _report_bad(cfg: TrainConfig, step: int, bad: list[str], workers: Workers) -> None:
+def _report_bad(cfg: TrainConfig, step: int, bad: list[str], workers: Workers,
+                printed: int) -> None:
+    """Abort, or print one line for each of the first ``SKIP_LINES`` steps with bad payloads."""
     if cfg.on_nonfinite == "abort":
         workers.downlink(ABORT, None)
         raise RunAborted(f"step {step}: {'; '.join(bad)} (--on-nonfinite abort)")
-    for msg in bad:
-        print(f"step {step}: skipped the payload of {msg}", file=sys.stderr, flush=True)
+    if printed < SKIP_LINES:
+        more = " (from now on only counted in metrics.jsonl)" if printed == SKIP_LINES - 1 else ""
+        print(f"step {step}: left out {len(bad)} of {cfg.workers} payloads: {'; '.join(bad)}"
+              f"{more}", file=sys.stderr, flush=True)
 
 
 def _check_replicas(server: Server, states: list[dict[str, Any]]) -> None:

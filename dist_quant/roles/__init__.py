@@ -1,0 +1,1 @@
+"""The two roles of the parameter-server job (server and worker) and what they share."""

@@ -1,0 +1,101 @@
+"""Process-level behaviour: a dead or hung peer, two torchrun agents, roles from the environment.
+
+The fault test starts the ranks itself (plain env:// variables, no torchrun, whose agent would
+tear the group down on its own) so that what ends the survivors is this package's timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
+from dist_quant.config import TrainConfig
+from dist_quant.train import full_argv, run_in_process
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT = 5.0
+TINY = dict(hidden="7,5", train_size=120, test_size=30, batch_size=4, eval_every=3,
+            progress=False, bucket_size=5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_dead_or_hung_peer_ends_the_run_within_the_timeout(tmp_path, sig):
+    cfg = TrainConfig(**{**TINY, "eval_every": 10**6}, workers=2, steps=10**6, timeout=TIMEOUT,
+                      run_dir=str(tmp_path / "run"))
+    argv = [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
+    port = str(free_port())
+    procs = [subprocess.Popen(argv, env=env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="3"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(3)]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert all(p.poll() is None for p in procs), "a rank ended before the fault"
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.kill(procs[2].pid, sig)  # worker 1
+        for p in procs[:2]:
+            # hang detector: the survivors must end on their own, within the timeout
+            p.wait(timeout=TIMEOUT + 60)
+        errors = [p.stderr.read() for p in procs[:2]]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert [p.returncode for p in procs[:2]] == [1, 1]
+    assert "rank 2 (worker 1)" in errors[0] and "lost contact" in errors[0]
+    assert "lost contact" in errors[1] and "--timeout 5 s" in errors[1]
+
+
+def test_two_torchrun_agents_with_roles_from_the_environment(tmp_path):
+    """Multi-node on loopback: agent A runs three workers, agent B the server (c10d
+    rendezvous assigns ranks in any order; DIST_QUANT_ROLE picks the server). The result equals
+    the single-process reference."""
+    cfg = TrainConfig(**TINY, workers=3, steps=5, timeout=60.0, run_dir=str(tmp_path / "mn"))
+    port = free_port()
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--rdzv-backend",
+             "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mn"]
+    job = ["-m", "dist_quant.train", *full_argv(cfg)]
+    procs = [subprocess.Popen([*agent, "--nproc-per-node", "3", *job],
+                              env=env(DIST_QUANT_ROLE="worker")),
+             subprocess.Popen([*agent, "--nproc-per-node", "1", *job],
+                              env=env(DIST_QUANT_ROLE="server"))]
+    try:
+        codes = [p.wait(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert codes == [0, 0]
+    sim = cfg.replace(run_dir=str(tmp_path / "sim"), simulate=True)
+    assert run_in_process(sim) == 0
+    a = load_checkpoint(latest_checkpoint(cfg.run_dir))
+    b = load_checkpoint(latest_checkpoint(sim.run_dir))
+    for key, value in a["server"]["model"].items():
+        assert torch.equal(value, b["server"]["model"][key]), key
+    assert all(torch.equal(x["generator"], y["generator"])
+               for x, y in zip(a["workers"], b["workers"], strict=True))
+    assert Path(cfg.run_dir, "summary.json").is_file()
