@@ -3,9 +3,9 @@
 Topology of one run with prefix ``dq<pid>-<seq>`` (names stay unique per process and run)::
 
     namespace <prefix>-hub : bridge br0, ports v0 .. v{H-1} (one veth end per host)
-    namespace <prefix>-s   : eth0 (10.77.0.1/24)   the server (or, for ddp, the first worker)
+    namespace <prefix>-s   : eth0 (10.77.0.1/24)   the server
     namespace <prefix>-w1  : eth0 (10.77.0.2/24)   worker 1
-    ...
+    ...                                             (ddp: no server, w1 is 10.77.0.1)
 
 Every veth pair is created directly inside its two namespaces (``ip -n HUB link add vI type
 veth peer name eth0 netns HOST``), so nothing is added to the machine's own namespace and
@@ -15,7 +15,10 @@ does no multicast snooping, so nothing but the job's own traffic (and its ARP) r
 counters.
 
 Shaping is not done here: each host runs ``launch/node.sh shape`` inside its namespace (the
-script the containers run; see its header for the exact tc commands). This module only
+script the containers run; see its header for the exact tc commands). It shapes both
+directions of the host's link from inside: the egress of eth0, and its ingress through an
+ifb device, which meters what the bridge delivers exactly as a qdisc on the bridge side of
+the veth would, and is what a container can do to its own link. This module only
 builds and removes the namespaces, starts processes in them, and reads counters:
 ``ip -n NS -s -j link show dev eth0`` (the kernel's per-device counters, the same numbers
 as ``/sys/class/net/eth0/statistics/{tx,rx}_bytes`` inside the namespace), or

@@ -103,8 +103,11 @@ class StepWindow:
     def _last_step(self) -> int:
         if not self.metrics.exists():
             return 0
-        steps = [json.loads(x)["step"] for x in self.metrics.read_text().splitlines() if x]
-        return max(steps, default=0)
+        last = 0
+        for line in self.metrics.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                last = max(last, int(json.loads(line)["step"]))
+        return last
 
     def poll(self) -> None:
         try:
@@ -155,8 +158,9 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
               deadline_s: float | None = None) -> dict[str, Any]:
     """Shape every host, run one torchrun agent per host, return counters and tc commands.
 
-    Raises :class:`ClusterError` naming the first host that failed (with its log's tail); the
-    other hosts are stopped at once instead of waiting for their process-group timeout.
+    Raises :class:`ClusterError` naming the host(s) found failed (with their logs' tails) at
+    the first poll that sees one; the caller's cleanup then stops the others at once instead
+    of leaving them to their process-group timeout.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     rdzv = cluster.hosts[0].addr
