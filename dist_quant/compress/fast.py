@@ -1,17 +1,23 @@
 """Compiled CPU path of the k-bit compressor: build, load, dispatch.
 
 The kernels (:mod:`dist_quant.compress.kernels_c`) are compiled on first use with the system C
-compiler (``$CC``, else ``cc``) into ``$DIST_QUANT_CACHE`` (default
-``$XDG_CACHE_HOME/dist_quant`` or ``~/.cache/dist_quant``), one shared library per source,
-flags and CPU model (``-march=native``), written atomically so that processes starting together
-may all build. Compiling takes well under a second; later processes load the cached library.
-They are called through ctypes, which releases the GIL, so threads split a tensor.
+compiler (``$CC``, else ``cc``; no Python or torch headers, about half a second) into
+``$DIST_QUANT_CACHE`` (default ``$XDG_CACHE_HOME/dist_quant`` or ``~/.cache/dist_quant``), one
+shared library per source, flags and CPU model (``-march=native``), written atomically so that
+processes starting together may all build. Later processes load the cached library. Calls go
+through ctypes, which releases the GIL, so threads split a tensor.
 
 ``DIST_QUANT_KERNELS`` selects the path: ``auto`` (default: compiled if it builds, else pure
-torch, with one warning), ``torch`` (always the pure-torch path), ``c`` (compiled or raise).
-The compiled path serves contiguous CPU tensors of fp32/fp16/bf16 below 2^31 coordinates; fp64
-and CUDA tensors take the pure-torch path. Both paths produce the same headers and the same
-decodes; the random draws come from different streams of the same law (see kernels_c).
+torch, with one RuntimeWarning), ``torch`` (always the pure-torch path), ``c`` (compiled or
+raise). The compiled path serves CPU tensors of fp32/fp16/bf16 below 2^31 coordinates; fp64 and
+CUDA tensors take the pure-torch path. Both paths produce the same headers and the same decodes;
+the random draws come from different streams of the same law (see kernels_c).
+
+What makes it fast: one pass per chunk of whole buckets (min/max, headers, draws, packing while
+the chunk sits in L2, the next chunk prefetched meanwhile); 16 coordinates per AVX-512
+instruction where the CPU has it (portable C otherwise); no full-size float intermediates;
+decoded outputs written with streaming stores into reused buffers, and fresh outputs advised
+onto transparent huge pages (mapping fresh memory otherwise costs more than decoding into it).
 
 Threads: ``torch.get_num_threads()`` (the training processes set 1).
 """
@@ -49,7 +55,7 @@ NONTEMPORAL_BYTES = 8 << 20
 HUGE_PAGE_BYTES = 4 << 20
 
 _state: dict = {}  # path selected with use()
-_loaded: dict = {}  # the library, once per process
+_loaded: dict = {}  # the library and the thread pool, once per process
 
 
 def mode() -> str:
@@ -142,8 +148,11 @@ def library() -> ctypes.CDLL | None:
 
 
 def reset() -> None:
-    """Forget the loaded library and any path selected with :func:`use`."""
+    """Forget the loaded library, the thread pool and any path selected with :func:`use`."""
     _state.clear()
+    pool = _loaded.pop("pool", None)
+    if pool is not None:
+        pool.shutdown(wait=True)
     _loaded.clear()
 
 
@@ -189,8 +198,14 @@ def _run(fn, tasks):
     """``fn(*task)`` for every task, on up to num_threads threads (ctypes drops the GIL)."""
     if len(tasks) == 1:
         return [fn(*tasks[0])]
-    with ThreadPoolExecutor(min(len(tasks), max(1, torch.get_num_threads()))) as pool:
-        return list(pool.map(lambda task: fn(*task), tasks))
+    workers = max(1, torch.get_num_threads())
+    pool = _loaded.get("pool")
+    if pool is None or _loaded.get("pool_workers") != workers:
+        if pool is not None:
+            pool.shutdown(wait=False)
+        pool = _loaded["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="dist_quant")
+        _loaded["pool_workers"] = workers
+    return list(pool.map(lambda task: fn(*task), tasks))
 
 
 def _keys(generator: torch.Generator | None) -> tuple[int, int]:

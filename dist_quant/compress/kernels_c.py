@@ -350,16 +350,28 @@ static void decode_block(const uint8_t *bits, int64_t d, int k, const float *a, 
             for (int64_t v = (i0 - blk) >> 4; blk + 16 * v < i1; v++) {
                 int64_t p = blk + 16 * v;
                 int64_t have = end - p < 16 ? end - p : 16;
+                const uint8_t *src = bits + p * k / 8;
                 uint8_t raw[16] = {0};
-                memcpy(raw, bits + p * k / 8, (size_t)((have * k + 7) / 8));
+                if (have < 16) {  /* the tail: copy only the bytes that exist */
+                    memcpy(raw, src, (size_t)((have * k + 7) / 8));
+                    src = raw;
+                }
                 __m512i tv;
                 if (k == 8) {
-                    tv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)raw));
+                    tv = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)src));
                 } else {
-                    __m512i words = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)raw));
-                    if (k == 2) words = _mm512_set1_epi32(_mm_cvtsi128_si32(
-                        _mm512_castsi512_si128(words)));
-                    else words = _mm512_permutexvar_epi32(pick, words);
+                    /* loads of the exact width (a wider load of a narrower store would
+                       stall on store forwarding) */
+                    __m512i words;
+                    if (k == 2) {
+                        uint32_t w;
+                        memcpy(&w, src, 4);
+                        words = _mm512_set1_epi32((int)w);
+                    } else {
+                        uint64_t w;
+                        memcpy(&w, src, 8);
+                        words = _mm512_permutexvar_epi32(pick, _mm512_set1_epi64((long long)w));
+                    }
                     tv = _mm512_and_si512(_mm512_srlv_epi32(words, shifts), mask);
                 }
                 __m512 vals = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(tv), va), vb);

@@ -5,8 +5,9 @@ With ``L = 2^k - 1``, the worker sends an offset ``b``, a level spacing ``a`` an
 coordinate, an integer ``t_i`` in ``0..L``; the server reconstructs ``a t_i + b``.
 
 1. ``b`` = the bucket's minimum rounded *down* to the header type, ``a`` = ``(max - b) / L``
-   rounded *up* (MATH 4e: every level the decoder can form lies where the encoder assumed, and
-   ``b + L a >= max``). For ``k = 1`` these are the sheet's ``b = min g``, ``a = max g - min g``.
+   (in float64) rounded *up*, one ulp more if ``b + L a`` still falls short of the maximum
+   (MATH 4e: the encoder draws with the values the decoder will use, and ``b + L a >= max``).
+   For ``k = 1`` these are the sheet's ``b = min g``, ``a = max g - min g``.
 2. ``y_i = (g_i - b) / a``, clamped to ``[0, L]`` (rounding can push it out, MATH 4d); ``y_i = 0``
    when ``a = 0`` (a constant bucket decodes exactly to ``b``).
 3. ``t_i = floor(y_i) + 1`` with probability ``frac(y_i)``, else ``floor(y_i)``: the two
@@ -24,14 +25,17 @@ Buckets (4f): each bucket carries two header reals, ``2 h / d`` extra bits per c
 ``h``-bit headers (1/8 bit at d = 512 with fp32 headers), and the variance is summed over buckets
 of their own (much smaller) ranges.
 
-The random draw, exactly: ``q_i = floor(y_i 2^24)`` and ``t_i = (q_i + r_i) >> 24`` with ``r_i``
-uniform on ``0..2^24 - 1``. Then ``P(t_i = floor(y_i) + 1) = frac(q_i / 2^24)``, which differs
-from ``frac(y_i)`` by less than ``2^-24``: the decode's bias is below ``a 2^-24`` per coordinate
-(an fp32 ``y_i`` in [0, 1) carries 24 significant bits, so this is also where the float
-arithmetic stops). The pure-torch path takes ``r_i`` from ``torch.randint`` on the given
-generator; the compiled CPU path (:mod:`dist_quant.compress.fast`) takes it from a counter-based
-hash seeded by two draws of the same generator. Same law, different streams: payloads are
-deterministic given the generator and the path.
+The random draw, exactly: ``y_i = (g_i - b) * fl(1 / a)`` in float32 (a true division where
+``1 / a`` overflows, i.e. ``a`` denormal), ``q_i = floor(y_i 2^24)`` and
+``t_i = (q_i + r_i) >> 24`` with ``r_i`` uniform on ``0..2^24 - 1``. Then
+``P(t_i = floor(y_i) + 1) = frac(q_i / 2^24)``, which differs from ``frac(y_i)`` by less than
+``2^-24``. Bias bound per coordinate: ``|E[decode_i] - g_i| < a 2^-24`` from the draw, plus the
+float32 rounding of ``y_i`` (subtraction, reciprocal, product: below ``2^-22 |g_i - b|``) and of
+the decoded level ``a t + b`` itself (half an ulp of the output, as any float32 result has).
+The pure-torch path takes ``r_i`` from ``torch.randint`` on the given generator; the compiled
+CPU path (:mod:`dist_quant.compress.fast`) from a counter-based hash keyed by two draws of the
+same generator. Same law and the same arithmetic (identical headers, identical decodes of a
+given payload), different streams: payloads are deterministic given the generator and the path.
 """
 
 from __future__ import annotations
