@@ -238,3 +238,22 @@ def test_portable_c_without_avx512_matches(monkeypatch):
             assert torch.equal(comp.decode(data), expected)
             monkeypatch.undo()
         assert torch.equal(again, data)
+
+
+def test_failed_build_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("DIST_QUANT_CACHE", str(tmp_path))
+    saved = dict(fast._loaded)
+    fast._loaded.clear()
+    try:
+        with fast.use("auto"), pytest.warns(RuntimeWarning, match="pure-torch path"):
+            assert fast.library() is None
+        comp = get_compressor("onebit", bucket_size=8)
+        with fast.use("auto"):
+            payload = comp.encode(grad(100), generator=torch.Generator().manual_seed(0))
+            assert comp.decode(payload).shape == (100,)
+        with fast.use("c"), pytest.raises(RuntimeError, match="did not build"):
+            fast.library()
+    finally:
+        fast._loaded.clear()
+        fast._loaded.update(saved)
