@@ -49,7 +49,8 @@ class ErrorFeedback:
                              f"the tensor has {flat.numel()}")
         corrected = flat.float() + self.residual
         payload = self.inner.encode(corrected, generator=generator)
-        self.residual = corrected.sub_(self.inner.decode(payload))
+        # the old residual's buffer receives the decode: one allocation per step, not two
+        self.residual = corrected.sub_(self.inner.decode(payload, out=self.residual))
         return payload
 
     def decode(self, payload, out=None):
