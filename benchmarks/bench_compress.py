@@ -15,9 +15,12 @@ Measured in one process, on fp32 input of n elements, as GB/s of input (4 n byte
 
 Ratios are throughput ratios against the cast: encode against ``x.to(bf16)``, decode into a new
 tensor against the same, decode into a reused buffer against the cast into a reused buffer (both
-then exclude the operating system's cost of mapping fresh pages). Every figure is the minimum
-over ``--repeat`` rounds; within a round the operations run back to back, so a busy machine
-slows the reference and the compressor alike. One thread (``torch.set_num_threads(1)``, as in
+then exclude the operating system's cost of mapping fresh pages). A new decode output is fp32,
+twice the bytes of the cast's bf16 output, and large allocations come from the operating system
+freshly mapped and zeroed, a cost per byte; so the headline also gives decode against ``clone``
+(a new output of the same size). Every figure is the minimum over ``--repeat`` rounds; within
+a round the operations run back to back, so a busy machine slows the reference and the
+compressor alike. One thread (``torch.set_num_threads(1)``, as in
 training) and all threads. With a CUDA device, the same on the GPU against its copy bandwidth.
 
 Also: the server's ``decode_mean`` of W payloads (16M coordinates, onebit, buckets of 512) into
@@ -221,7 +224,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/bench_compress.py " + " ".join(sys.argv[1:] if argv is None
                                                                  else argv)
     lines = [f"# Compressor throughput, {date}", "", f"Command: `{command.strip()}`", "",
-             *describe(), "", __doc__.split("\n\n", 1)[1].split("Run from")[0].strip(), ""]
+             *describe(), "", "Measured " + __doc__.split("Measured", 1)[1].strip(), ""]
     print("\n".join(lines), flush=True)
 
     def emit(new):
@@ -237,7 +240,7 @@ def main(argv=None) -> int:
             emit(table(n, timings, nbytes) + [""])
             if t == 1 and n == 16 * 2**20:
                 for op, ref in (("encode", "cast"), ("decode_into", "cast_into"),
-                                ("decode", "cast")):
+                                ("decode", "cast"), ("decode", "clone")):
                     ratio = timings[ref] / timings[f"onebit/512|{op}"]
                     whole = timings[ref] / timings[f"onebit|{op}"]
                     headline.append(f"- onebit {op} vs {ref}: {ratio:.2f}x (buckets of 512), "
