@@ -43,7 +43,7 @@ class TrainConfig:
     # --- uplink compression ----------------------------------------------------------------
     compressor: str = _opt("onebit", "Uplink compressor: none (fp32), fp16, bf16, onebit, kbit, "
                            "sign.")
-    bucket_size: int = _opt(512, "Coordinates per (a, b) header for onebit/kbit; 0 = the whole "
+    bucket_size: int = _opt(128, "Coordinates per (a, b) header for onebit/kbit; 0 = the whole "
                             "flattened gradient (the sheet's per-tensor rule).")
     bits: int = _opt(2, "Bits per coordinate for the kbit compressor (1..8).")
     header_dtype: str = _opt("fp32", "Type of the (a, b) headers on the wire; fp16 rounds outward "
@@ -59,16 +59,16 @@ class TrainConfig:
     data_dir: str = _opt("", "Directory holding the MNIST IDX files (for --dataset mnist).")
     train_size: int = _opt(4000, "Training examples to generate (mnist1d, teacher).")
     test_size: int = _opt(1000, "Test examples to generate (mnist1d, teacher).")
-    hidden: str = _opt("256,256", "Hidden layer widths, comma separated.")
-    keep_prob: float = _opt(0.9, "Dropout KEEP probability p in (0, 1] (1 disables dropout; "
+    hidden: str = _opt("192,192", "Hidden layer widths, comma separated.")
+    keep_prob: float = _opt(0.8, "Dropout KEEP probability p in (0, 1] (1 disables dropout; "
                             "torch's Dropout takes the drop probability 1 - p).")
     batchnorm: bool = _opt(True, "BatchNorm after every hidden Linear.")
     init: str = _opt("he", "Hidden weight init: he (2/fan_in), lecun (1/fan_in), double "
                      "(4/fan_in).", choices=INITS)
     # --- optimisation ----------------------------------------------------------------------
-    steps: int = _opt(600, "Synchronous steps to run.")
-    batch_size: int = _opt(32, "Minibatch size per worker.")
-    lr: float = _opt(0.05, "Learning rate eta.")
+    steps: int = _opt(1000, "Synchronous steps to run.")
+    batch_size: int = _opt(512, "Minibatch size per worker (at most its shard: train_size / W).")
+    lr: float = _opt(0.2, "Learning rate eta.")
     momentum: float = _opt(0.9, "Momentum mu on the stochastic gradient only (0 <= mu < 1).")
     weight_decay: float = _opt(5e-4, "L2 coefficient lambda, applied at the server outside "
                                "momentum.")
@@ -81,7 +81,7 @@ class TrainConfig:
     # --- run bookkeeping -------------------------------------------------------------------
     run_dir: str = _opt("", "Directory for config.json, metrics.jsonl, summary.json and "
                         "checkpoints (default: runs/<time>-<method>).")
-    eval_every: int = _opt(50, "Evaluate on the test split every N steps (and at the end).")
+    eval_every: int = _opt(100, "Evaluate on the test split every N steps (and at the end).")
     checkpoint_every: int = _opt(0, "Write a checkpoint every N steps (0 = only at the end).")
     resume: str = _opt("", "Run directory whose latest checkpoint the run continues from.")
     # --- processes and faults --------------------------------------------------------------
@@ -172,7 +172,7 @@ class TrainConfig:
                 self.batch_size:
             bad("batch_size", f"{self.batch_size} exceeds a worker's shard "
                 f"({self.train_size} // {self.workers} = {self.train_size // self.workers} "
-                "examples)")
+                "examples); lower --batch-size or raise --train-size")
         self._validate_compressors()
         return self
 

@@ -12,13 +12,28 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     "skipped": int}``. ``bytes_*`` are this step's bytes handed to the transport, summed over
     all ranks that send in that direction (uplink: workers -> server; downlink:
     server -> workers; for allreduce baselines, what each rank sends, summed, split evenly).
+    For the parameter-server job (``dist_quant.transport``): ``bytes_up = W * up`` plus
+    ``W * 4k`` at evaluation steps (the workers' BatchNorm running statistics, ``k`` floats,
+    sent uncompressed), ``bytes_down = W * down``, where ``up``/``down`` are the uplink and
+    downlink compressors' ``payload_nbytes(n)`` for ``n`` parameters; telemetry, control and
+    checkpoint messages are not counted. ``time`` splits the server's step (evaluation and
+    checkpoints excluded): the slowest worker's ``compute`` (downlink decode included in
+    ``decode``) and ``encode`` (plus the server's downlink encode), the server's ``decode``
+    and ``update``, and ``communicate`` = the rest (transfer and waiting); the simulator sums
+    its virtual workers' times instead (``dist_quant.roles.server``). ``skipped`` counts the
+    payloads left out at this step (non-finite or invalid).
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
     "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``.
 - ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,
   ``fp32_bytes_up``, ``fp32_bytes_down`` (what fp32 would have sent for the same steps),
   ``steps``, ``workers``, ``params``, ``wall_seconds``, ``compressor``, ``method``,
-  ``skipped_payloads``.
-- ``checkpoints/``: ``step_<t>.pt`` files written atomically, plus ``latest`` (a text file).
+  ``skipped_payloads``. The parameter-server job adds ``bucket_size``, ``downlink``,
+  ``payload_nbytes_up``, ``payload_nbytes_down`` (one payload, bytes), ``simulate`` and
+  ``stopped_early`` (``--stop-accuracy`` reached before ``--steps``); ``steps`` is the number
+  of steps run. ``fp32_bytes_*`` price every payload at the ``none`` compressor's size
+  (statistics included, as sent).
+- ``checkpoints/``: ``step_<t>.pt`` files written atomically, plus ``latest`` (a text file
+  naming the newest); contents in ``dist_quant.checkpoint``.
 """
 
 from __future__ import annotations
