@@ -1,7 +1,7 @@
 """Compiled CPU path of the k-bit compressor: build, load, dispatch.
 
 The kernels (:mod:`dist_quant.compress.kernels_c`) are compiled on first use with the system C
-compiler (``$CC``, else ``cc``; no Python or torch headers, about half a second) into
+compiler (``$CC``, else ``cc``; no Python or torch headers, about one second) into
 ``$DIST_QUANT_CACHE`` (default ``$XDG_CACHE_HOME/dist_quant`` or ``~/.cache/dist_quant``), one
 shared library per source, flags and CPU model (``-march=native``), written atomically so that
 processes starting together may all build. Later processes load the cached library. Calls go

@@ -1,8 +1,9 @@
 """C source of the fused CPU kernels (compiled and loaded by :mod:`dist_quant.compress.fast`).
 
 Kept as a Python string so that it ships inside the package with no build step at install time.
-Plain C99 plus GCC's ``_Float16``; no Python or torch headers, so compiling takes well under a
-second. Every function works on a coordinate range so that callers can split a tensor across
+Plain C (gnu11) plus GCC's ``_Float16``, with AVX-512 intrinsics where ``-march=native``
+offers them (the portable loops otherwise; both give identical results); no Python or torch
+headers, so compiling takes about a second. Every function works on a coordinate range so that callers can split a tensor across
 threads; ranges start on a multiple of 8 coordinates (a byte boundary of the bit stream for
 every k) and, for the fused encoder, on a bucket boundary.
 
