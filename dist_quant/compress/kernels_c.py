@@ -3,9 +3,9 @@
 Kept as a Python string so that it ships inside the package with no build step at install time.
 Plain C (gnu11) plus GCC's ``_Float16``, with AVX-512 intrinsics where ``-march=native``
 offers them (the portable loops otherwise; both give identical results); no Python or torch
-headers, so compiling takes about a second. Every function works on a coordinate range so that callers can split a tensor across
-threads; ranges start on a multiple of 8 coordinates (a byte boundary of the bit stream for
-every k) and, for the fused encoder, on a bucket boundary.
+headers, so compiling takes about a second. Every function works on a coordinate range so
+that callers can split a tensor across threads; ranges start on a multiple of 8 coordinates (a
+byte boundary of the bit stream for every k) and, for the fused encoder, on a bucket boundary.
 
 The arithmetic mirrors the pure-torch path of :mod:`dist_quant.compress.quantize` operation by
 operation (compiled with ``-ffp-contract=off``, so no fused multiply-adds): headers and decodes
