@@ -137,7 +137,8 @@ class Worker:
                 "generator": self.gen.get_state(),
                 "dropout_generator": self.dropout_gen.get_state(),
                 "sampler": self.sampler.state_dict(),
-                "compressor": self.comp.state_dict() if hasattr(self.comp, "state_dict") else {}}
+                "compressor": _on(self.comp.state_dict(), torch.device("cpu"))
+                if hasattr(self.comp, "state_dict") else {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["index"]) != self.index:
@@ -150,7 +151,7 @@ class Worker:
         self.dropout_gen.set_state(state["dropout_generator"])
         self.sampler.load_state_dict(state["sampler"])
         if hasattr(self.comp, "load_state_dict"):
-            self.comp.load_state_dict(state["compressor"])
+            self.comp.load_state_dict(_on(state["compressor"], self.device))
 
 
 def run_worker(cfg: TrainConfig, worker: Worker, transport: Transport) -> None:
@@ -174,6 +175,15 @@ def run_worker(cfg: TrainConfig, worker: Worker, transport: Transport) -> None:
             transport.send_blob(worker.state_dict(), "worker state")
         if control == LAST:
             break
+
+
+def _on(obj: Any, device: torch.device) -> Any:
+    """``obj`` with every tensor in it (nested dicts) moved to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _on(v, device) for k, v in obj.items()}
+    return obj
 
 
 def replica_of(model: torch.nn.Module, state: dict[str, Any]) -> torch.Tensor:
