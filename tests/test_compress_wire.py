@@ -7,7 +7,7 @@ import struct
 import pytest
 import torch
 
-from dist_quant.compress import available_compressors, get_compressor, wire
+from dist_quant.compress import available_compressors, fast, get_compressor, wire
 from dist_quant.errors import ConfigError, NonFiniteGradientError, PayloadError
 
 ALL = [
@@ -223,3 +223,17 @@ def test_decode_into_a_reused_buffer(name, options):
     assert y.data_ptr() == out.data_ptr() and torch.equal(out, comp.decode(payload))
     with pytest.raises(ValueError, match="77 elements"):
         comp.decode(payload, out=torch.empty(76))
+
+
+@pytest.mark.parametrize("path", ["torch", "c"])
+def test_decode_mean_names_the_row_with_a_bad_scale(path):
+    """Rows with identical fixed headers are validated once, their scales row by row."""
+    if path == "c" and fast.mode() == "torch":
+        pytest.skip("pure-torch path forced")
+    comp = get_compressor("onebit", bucket_size=16)
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.stack([comp.encode(torch.randn(50, generator=gen), generator=gen).to_tensor()
+                        for _ in range(4)])
+    rows[2] = _set_scale(rows[2], float("nan"))
+    with fast.use(path), pytest.raises(PayloadError, match="row 2: non-finite scale"):
+        comp.decode_mean(rows)
