@@ -124,8 +124,15 @@ def launch(cfg: TrainConfig, extra_env: dict[str, str] | None = None) -> int:
 def train_command(ctx: click.Context, **params: Any) -> None:
     """Train with W workers and a parameter server (starts torchrun; see --simulate).
 
-    Defaults: 4 workers, 1-bit uplink in buckets, fp32 downlink, MNIST-1D generated on the spot.
-    Leaves a run directory (config.json, metrics.jsonl, summary.json, checkpoints/).
+    Defaults: 4 workers, 1-bit uplink in buckets of 128, fp32 downlink, MNIST-1D generated on
+    the spot. Leaves a run directory (config.json, metrics.jsonl, summary.json, checkpoints/).
+    Exit status: 0 done, 1 the run failed, 2 bad option.
+
+    \b
+    The same job under torchrun, and on two machines (run the second line on each, NODE=0, 1):
+      torchrun --standalone --nproc-per-node 5 -m dist_quant.train --workers 4
+      torchrun --nnodes 2 --node-rank NODE --nproc-per-node 3 --rdzv-backend c10d \\
+          --rdzv-endpoint HOST0:29400 --rdzv-id job1 -m dist_quant.train --workers 5
     """
     try:
         cfg, _ = config_from_options(ctx, params)
