@@ -17,6 +17,10 @@ class NonFiniteGradientError(ValueError):
         )
 
 
+class WireRangeError(ValueError):
+    """A finite value does not fit the wire type (e.g. a range above 65504 in fp16 headers)."""
+
+
 class ConfigError(ValueError):
     """A configuration value is out of range; ``option`` names the command-line option."""
 

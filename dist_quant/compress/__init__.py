@@ -27,8 +27,8 @@ from dist_quant.compress.error_feedback import ErrorFeedback
 from dist_quant.compress.floats import BF16Compressor, FP16Compressor, NoneCompressor
 from dist_quant.compress.quantize import KBitCompressor
 from dist_quant.compress.sign import SignCompressor
-from dist_quant.compress.wire import HEADER_DTYPES, Payload, WireRangeError
-from dist_quant.errors import ConfigError
+from dist_quant.compress.wire import HEADER_DTYPES, Payload
+from dist_quant.errors import ConfigError, WireRangeError
 
 OPTIONS = ("bucket_size", "bits", "header_dtype", "error_feedback")
 

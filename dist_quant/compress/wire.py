@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dist_quant.errors import PayloadError
+from dist_quant.errors import PayloadError, WireRangeError  # noqa: F401 (wire.WireRangeError)
 
 VERSION = 1
 FIXED_HEADER = struct.Struct("<BBBBB3xQQQ")
@@ -63,10 +63,6 @@ HEADER_DTYPE_NAMES = {v: k for k, v in HEADER_DTYPE_CODES.items()}
 
 FLAG_NONFINITE = 1
 KNOWN_FLAGS = FLAG_NONFINITE
-
-
-class WireRangeError(ValueError):
-    """A finite value does not fit the wire type (e.g. a range above 65504 in fp16 headers)."""
 
 
 @dataclass(frozen=True)
