@@ -52,7 +52,7 @@ class TrainConfig:
     # --- downlink --------------------------------------------------------------------------
     downlink: str = _opt("none", "Downlink compressor: none sends fp32 parameters; any other "
                          "compressor sends the compressed change of the workers' replica.")
-    downlink_bucket_size: int = _opt(512, "Bucket size of the downlink compressor.")
+    downlink_bucket_size: int = _opt(128, "Bucket size of the downlink compressor.")
     # --- data and model --------------------------------------------------------------------
     dataset: str = _opt("mnist1d", "mnist1d (generated), teacher (synthetic), mnist (IDX files "
                         "in --data-dir) or a path to an .npz with x, y, x_test, y_test.")
