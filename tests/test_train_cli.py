@@ -95,3 +95,16 @@ def test_resume_refuses_a_changed_trajectory(tmp_path):
     result = runner.invoke(train_command, ["--resume", cfg.run_dir, "--steps", "6"])
     assert result.exit_code == 0, result.output
     assert read_summary(cfg.run_dir)["steps"] == 6
+
+
+def test_divergence_ends_the_run_with_a_message(tmp_path, capfd):
+    """A huge learning rate: every payload is non-finite, the run stops instead of idling."""
+    cfg = TrainConfig(hidden="7,5", train_size=120, test_size=30, batch_size=4, workers=2,
+                      steps=50, lr=1e12, progress=False, run_dir=str(tmp_path / "r"),
+                      simulate=True)
+    assert run_in_process(cfg) == 1
+    err = capfd.readouterr().err
+    assert "no valid payload for 10 consecutive steps" in err and "lower --lr" in err
+    assert err.count("left out 2 of 2 payloads") == 10  # printed lines are bounded
+    skipped = [r["skipped"] for r in read_metrics(cfg.run_dir) if r["kind"] == "step"]
+    assert skipped[-9:] == [2] * 9 and len(skipped) < 50  # the 10th step ended the run

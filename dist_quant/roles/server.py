@@ -7,7 +7,8 @@ single-process simulator; only the ``workers`` object that moves payloads differ
 2. ``g = decode_mean(payloads)``; a payload that is marked non-finite or fails validation is
    left out (``--on-nonfinite skip``: ``g`` is the mean of the others, the count is logged; if
    none is left the parameters and momentum stay as they are, and ``STUCK_STEPS`` such steps
-   in a row end the run) or ends the run (``abort``);
+   in a row end the run: a diverged model gives non-finite gradients everywhere) or ends the
+   run (``abort``);
 3. ``DecoupledMomentumSGD`` with the L2 term computed here (MATH 5a):
    ``m <- mu m + g``, ``theta <- theta - eta (m + lambda theta)``, decay on weights only unless
    ``--decay-all`` (``decay_param_groups``);
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset
 from dist_quant.errors import NonFiniteGradientError, PayloadError
-from dist_quant.metrics import RunRecorder
+from dist_quant.metrics import RunRecorder, read_metrics
 from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
 from dist_quant.progress import Progress, summary_line
 from dist_quant.roles import common
@@ -227,7 +228,7 @@ def run_server(cfg: TrainConfig, server: Server, workers: Workers, run_dir: str)
     combine = torch.sum if workers.sequential else torch.amax
     progress = Progress(cfg.steps, enabled=cfg.progress, start=start)
     test_loss = test_acc = float("nan")
-    evals = sum(1 for s in range(1, start + 1) if is_eval_step(cfg, s))
+    evals = sum(1 for r in read_metrics(run_dir) if r["kind"] == "eval")  # kept when resuming
     step = start
     skipped_steps = stuck = 0
     try:
@@ -249,10 +250,6 @@ def run_server(cfg: TrainConfig, server: Server, workers: Workers, run_dir: str)
                                  f"{step}): training diverged; lower --lr")
             server.update(g)
             t3 = time.perf_counter()
-            if not bool(torch.isfinite(common.flat_params(server.model)).all()):
-                workers.downlink(ABORT, None)
-                raise RunAborted(f"the parameters became non-finite at step {step}: training "
-                                 "diverged; lower --lr")
             down = server.downlink()
             t4 = time.perf_counter()
             last = step == cfg.steps
