@@ -38,7 +38,7 @@ def write_run(path: Path, clock, accuracies, seconds_per_step, up, down=16000, l
               wire=None, **config):
     """A run of STEPS steps evaluated every 2 steps; ``accuracies`` at steps 2, 4, ..., 10."""
     clock[0] = 0.0
-    cfg = TrainConfig().replace(workers=WORKERS, steps=STEPS, **config).to_dict()
+    cfg = TrainConfig(bucket_size=512).replace(workers=WORKERS, steps=STEPS, **config).to_dict()
     rec = RunRecorder(path, cfg)
     for t in range(1, STEPS + 1):
         clock[0] = t * seconds_per_step
@@ -176,14 +176,15 @@ def test_a_directory_without_runs_is_a_usage_error(tmp_path):
 
 
 @pytest.mark.parametrize(("config", "label"), [
-    ({}, "PS onebit b512"),
+    ({"bucket_size": 512}, "PS onebit b512"),
     ({"bucket_size": 0}, "PS onebit whole"),
     ({"compressor": "sign", "error_feedback": True}, "PS sign+EF"),
-    ({"downlink": "onebit"}, "PS onebit b512 up+down"),
-    ({"downlink": "fp16"}, "PS onebit b512 down fp16"),
+    ({"downlink": "onebit", "bucket_size": 512, "downlink_bucket_size": 512},
+     "PS onebit b512 up+down"),
+    ({"downlink": "fp16", "bucket_size": 512}, "PS onebit b512 down fp16"),
     ({"compressor": "none"}, "PS fp32"),
     ({"compressor": "kbit", "bits": 2, "bucket_size": 256}, "PS 2bit b256"),
-    ({"header_dtype": "fp16"}, "PS onebit b512 fp16 headers"),
+    ({"header_dtype": "fp16", "bucket_size": 512}, "PS onebit b512 fp16 headers"),
     ({"method": "ddp"}, "DDP fp32"),
     ({"method": "ddp", "ddp_hook": "fp16"}, "DDP fp16"),
     ({"method": "ddp", "ddp_hook": "powersgd", "powersgd_rank": 2}, "DDP PowerSGD r2"),
@@ -193,6 +194,7 @@ def test_method_label(config, label):
 
 
 def test_run_labels_name_what_differs_and_number_repeats():
-    configs = [{"seed": 0}, {"seed": 1, "run_dir": "x"}, {"method": "ddp"}, {"method": "ddp"}]
+    configs = [{"seed": 0, "bucket_size": 512}, {"seed": 1, "run_dir": "x", "bucket_size": 512},
+               {"method": "ddp"}, {"method": "ddp"}]
     assert run_labels(configs) == ["PS onebit b512 seed=0", "PS onebit b512 seed=1",
                                    "DDP fp32 #1", "DDP fp32 #2"]
