@@ -51,7 +51,9 @@ class TrainConfig:
     error_feedback: bool = _opt(False, "Wrap the uplink compressor in error feedback.")
     # --- downlink --------------------------------------------------------------------------
     downlink: str = _opt("none", "Downlink compressor: none sends fp32 parameters; any other "
-                         "compressor sends the compressed change of the workers' replica.")
+                         "compressor sends the compressed change of the workers' replica, its "
+                         "error carried to the next step (so it must be contractive: sign, "
+                         "fp16, bf16, kbit with --bits >= 2).")
     downlink_bucket_size: int = _opt(128, "Bucket size of the downlink compressor.")
     # --- data and model --------------------------------------------------------------------
     dataset: str = _opt("mnist1d", "mnist1d (generated), teacher (synthetic), mnist (IDX files "
@@ -186,6 +188,15 @@ class TrainConfig:
         if self.downlink not in names:
             raise ConfigError("--downlink", f"must be one of {', '.join(names)}; "
                               f"got {self.downlink!r}")
+        if self.downlink == "onebit" or (self.downlink == "kbit" and self.bits == 1):
+            # The replica error is carried into the next step (error feedback). Stochastic
+            # rounding to the two ends of a bucket's range leaves an error whose spread is
+            # about 2.4 times that of its input when the input is itself such an error, so
+            # the carried error grows geometrically and training diverges.
+            raise ConfigError("--downlink", "stochastic 1-bit rounding cannot carry the "
+                              "replica error (it amplifies it every step and diverges); use "
+                              "sign (1 bit + a scale per bucket, contractive) or kbit with "
+                              "--bits >= 2")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:

@@ -13,7 +13,8 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 ``ps-onebit-whole`` 1-bit, one (a, b) for the whole gradient (the sheet's rule)
 ``ps-onebit``       1-bit in buckets of the default ``--bucket-size``
 ``ps-sign-ef``      scaled sign with error feedback
-``ps-onebit-updown`` 1-bit uplink and 1-bit downlink
+``ps-onebit-updown`` 1-bit uplink and 1-bit downlink (scaled sign of the replica change: the
+                    downlink carries its error, which needs a contractive compressor)
 ``ddp-fp32``        torch DDP, fp32 gloo allreduce
 ``ddp-fp16``        torch DDP, ``fp16_compress_hook``
 ``ddp-powersgd``    torch DDP, PowerSGD hook (``--powersgd-rank``)
@@ -81,7 +82,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ps-sign-ef": {"method": "ps", "compressor": "sign", "error_feedback": True,
                    "downlink": "none"},
     "ps-onebit-updown": {"method": "ps", "compressor": "onebit", "error_feedback": False,
-                         "downlink": "onebit"},
+                         "downlink": "sign"},
     "ddp-fp32": {"method": "ddp", "ddp_hook": "none"},
     "ddp-fp16": {"method": "ddp", "ddp_hook": "fp16"},
     "ddp-powersgd": {"method": "ddp", "ddp_hook": "powersgd"},

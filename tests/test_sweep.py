@@ -35,7 +35,7 @@ def test_presets_map_onto_config_fields():
     assert points["ps-onebit-whole"].bucket_size == 0
     assert points["ps-onebit"].bucket_size == TrainConfig().bucket_size > 0
     assert points["ps-sign-ef"].compressor == "sign" and points["ps-sign-ef"].error_feedback
-    assert points["ps-onebit-updown"].downlink == "onebit"
+    assert points["ps-onebit-updown"].downlink == "sign"
     assert [points[k].ddp_hook for k in ("ddp-fp32", "ddp-fp16", "ddp-powersgd")] == \
         ["none", "fp16", "powersgd"]
     assert all(points[k].method == "ddp" for k in ("ddp-fp32", "ddp-fp16", "ddp-powersgd"))

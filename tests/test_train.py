@@ -104,8 +104,8 @@ def onebit_w2(runs):
 
 @pytest.fixture(scope="module")
 def w4_downlink(runs):
-    """W = 4, 1-bit both ways, worker 1's gradient NaN at step 2."""
-    cfg = tiny(runs, "w4", workers=4, compressor="onebit", downlink="onebit",
+    """W = 4, 1-bit both ways (sign downlink), worker 1's gradient NaN at step 2."""
+    cfg = tiny(runs, "w4", workers=4, compressor="onebit", downlink="sign",
                downlink_bucket_size=7, inject_nonfinite="1:2", steps=6, keep_prob=0.8)
     return cfg, distributed(cfg), simulated(cfg.replace(run_dir=str(runs / "w4_sim")))
 

@@ -25,6 +25,8 @@ TINY = ["--hidden", "7,5", "--train-size", "120", "--test-size", "30", "--batch-
     (["--keep-prob", "0"], "--keep-prob"),
     (["--compressor", "twobit"], "--compressor"),
     (["--downlink", "nope"], "--downlink"),
+    (["--downlink", "onebit"], "--downlink"),
+    (["--downlink", "kbit", "--bits", "1"], "--downlink"),
     (["--bits", "9"], "--bits"),
     (["--inject-nonfinite", "4:1"], "--inject-nonfinite"),
     (["--inject-nonfinite", "x"], "--inject-nonfinite"),
