@@ -19,6 +19,11 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def count_nonfinite(x: torch.Tensor) -> int:
+    """How many NaN/Inf ``x`` holds. A NaN or an Inf makes the plain sum non-finite, so a
+    finite sum proves the usual case (none) in one fast reduction; otherwise (a non-finite
+    value, or finite values whose sum overflows) the elementwise test counts them."""
+    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+        return 0
     return int(x.numel() - torch.isfinite(x).sum().item())
 
 
@@ -156,14 +161,16 @@ class Compressor:
         if batch.dtype != torch.uint8 or batch.dim() != 2 or batch.shape[0] < 1:
             raise PayloadError(f"decode_mean expects a [W, nbytes] uint8 tensor with W >= 1, "
                                f"got dtype {batch.dtype} shape {tuple(batch.shape)}")
-        head = batch[:, : wire.FIXED_NBYTES]
-        same = batch.shape[1] >= wire.FIXED_NBYTES and bool((head == head[:1]).all())
+        same = batch.shape[1] >= wire.FIXED_NBYTES
+        if same:
+            heads = wire.fixed_headers(batch)
+            same = all(head == heads[0] for head in heads)
         n = None
-        for row in range(batch.shape[0]):
-            try:
-                if row == 0 or not same:  # identical fixed headers: row 0 speaks for all
-                    h = self.validate(batch[row])
-                self._check_body(batch[row, wire.FIXED_NBYTES:], h.n)
+        for row in (0,) if same else range(batch.shape[0]):  # identical fixed headers: row 0
+            try:                                              # speaks for all
+                h = self.validate(batch[row])
+                if not same:
+                    self._check_body(batch[row, wire.FIXED_NBYTES:], h.n)
             except NonFiniteGradientError as err:
                 err.row = row
                 err.args = (f"row {row}: {err.args[0]}",)
@@ -174,7 +181,18 @@ class Compressor:
                 n = h.n
             elif h.n != n:
                 raise PayloadError(f"row {row}: n={h.n} differs from row 0's n={n}")
+        if same:  # the bodies, all rows at once where the compressor can
+            self._check_rows(batch[:, wire.FIXED_NBYTES:], n)
         return n
+
+    def _check_rows(self, bodies: torch.Tensor, n: int) -> None:
+        """Validate the bodies of a ``[W, body bytes]`` batch (as ``_check_body`` does each);
+        the error names the first bad row. Subclasses may check all rows at once."""
+        for row in range(bodies.shape[0]):
+            try:
+                self._check_body(bodies[row], n)
+            except PayloadError as err:
+                raise PayloadError(f"row {row}: {err}") from None
 
     def decode_mean(self, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of the decodes of the W rows of a ``[W, nbytes]`` uint8 tensor (float32).

@@ -130,18 +130,22 @@ def _bind(path: Path) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when the pure-torch path is selected or the build failed."""
-    if mode() == "torch":
+    selected = mode()
+    if selected == "torch":
         return None
+    lib = _loaded.get("lib")
+    if lib is not None:
+        return lib
     if "lib" not in _loaded:
         try:
             _loaded["lib"] = _bind(build())
         except Exception as err:  # no compiler, read-only cache, ...: fall back, loudly
             _loaded["lib"] = None
             _loaded["error"] = err
-            if mode() != "c":
+            if selected != "c":
                 warnings.warn(f"dist_quant: compiled k-bit kernels unavailable, using the "
                               f"pure-torch path ({err})", RuntimeWarning, stacklevel=2)
-    if _loaded["lib"] is None and mode() == "c":
+    if _loaded["lib"] is None and selected == "c":
         raise RuntimeError(f"DIST_QUANT_KERNELS=c but the kernels did not build: "
                            f"{_loaded.get('error')}")
     return _loaded["lib"]
@@ -232,13 +236,17 @@ def kbit_encode(x: torch.Tensor, body: torch.Tensor, comp, generator) -> int:
     d = comp.bucket_size or n
     nb = comp.num_buckets(n)
     s, m = _keys(generator)
-    a_out, b_out, bits = comp._split(body, n)
     hcode = wire.HEADER_DTYPE_CODES[comp.header_dtype]
     chunk = fused_chunk(d)
-    if chunk is not None:
+    if chunk is not None:  # the kernel stores bytes: the body's a, b and bits by address
+        if not body.is_contiguous():
+            raise ValueError("kbit_encode writes into a contiguous body")
+        a_ptr = body.data_ptr()
+        b_ptr = a_ptr + nb * comp.hbytes
+        bits_ptr = b_ptr + nb * comp.hbytes
         counts = _run(lambda c0, c1: lib.dq_encode_fused(
-            _ptr(x), n, d, comp.bits, hcode, s, m, _ptr(a_out), _ptr(b_out), _ptr(bits),
-            c0, c1, chunk), _ranges(n, chunk))
+            _ptr(x), n, d, comp.bits, hcode, s, m, a_ptr, b_ptr, bits_ptr, c0, c1, chunk),
+            _ranges(n, chunk))
         if any(c > 0 for c in counts):
             return sum(c for c in counts if c > 0)
         if any(c < 0 for c in counts):
@@ -247,6 +255,8 @@ def kbit_encode(x: torch.Tensor, body: torch.Tensor, comp, generator) -> int:
         return 0
     # large buckets: pass 1 min/max per (bucket, thread piece), pass 2 quantise
     from dist_quant.compress.quantize import header_values
+
+    a_out, b_out, bits = comp._split(body, n)
 
     segments = [(j, j * d + p0, j * d + p1) for j in range(nb)
                 for p0, p1 in _ranges(min(d, n - j * d), 8)]
@@ -285,8 +295,7 @@ def _fp32_headers(comp, rows: torch.Tensor, n: int):
     lib = library()
     w_count = rows.shape[0]
     nb = comp.num_buckets(n)
-    a = torch.empty(w_count, nb)
-    b = torch.empty(w_count, nb)
+    a, b = torch.empty(2, w_count, nb).unbind(0)
     base = rows.data_ptr()
     bad = lib.dq_headers(base, base + nb * comp.hbytes, rows.stride(0), w_count, nb,
                          wire.HEADER_DTYPE_CODES[comp.header_dtype], _ptr(a), _ptr(b))

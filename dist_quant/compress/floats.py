@@ -23,7 +23,8 @@ class FloatCompressor(Compressor):
         return n * self.bits // 8
 
     def _encode_body(self, x, body, generator):
-        cast = x.to(self.dtype)
+        cast = body.view(self.dtype)
+        cast.copy_(x)  # rounds to nearest; checked below, where it lies (no temporary)
         bad = count_nonfinite(cast)
         if bad:
             count = count_nonfinite(x)
@@ -31,10 +32,12 @@ class FloatCompressor(Compressor):
                 raise NonFiniteGradientError(count, x.numel())
             raise wire.WireRangeError(f"{bad} finite value(s) exceed the {self.name} range "
                                       f"(largest |x| = {x.abs().max().item():.4g})")
-        body.view(self.dtype).copy_(cast)
 
     def _decode_body(self, body, n):
         return wire.view_as(body, 0, n, self.dtype).to(torch.float32, copy=True)
+
+    def _decode_into(self, body, n, out):
+        return out.copy_(wire.view_as(body, 0, n, self.dtype))
 
 
 class NoneCompressor(FloatCompressor):

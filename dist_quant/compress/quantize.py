@@ -170,6 +170,14 @@ class KBitCompressor(Compressor):
         if not fast.usable(body, self):  # the compiled decode checks while converting
             self._check_body_torch(body, n)
 
+    def _check_rows(self, bodies, n):
+        if fast.usable(bodies, self):  # the compiled decode checks while converting
+            return
+        nb = self.num_buckets(n)
+        heads = bodies[:, : 2 * nb * self.hbytes].contiguous().view(self.hdtype)  # [W, 2 nb]
+        if not (torch.isfinite(heads).all() and (heads[:, :nb] >= 0).all()):
+            super()._check_rows(bodies, n)  # finds and names the bad row
+
     def _check_body_torch(self, body, n):
         a, b, _ = self._split(body, n)
         if not torch.isfinite(a).all():

@@ -148,6 +148,16 @@ def read_header(data: torch.Tensor) -> Header:
     return Header.unpack(raw)
 
 
+def fixed_headers(batch: torch.Tensor) -> list[bytes]:
+    """The raw fixed headers of the rows of a ``[W, nbytes]`` uint8 batch, ``nbytes >= 32``
+    (read in place on the CPU; one copy of the header columns to the host otherwise)."""
+    if batch.device.type == "cpu" and batch.stride(1) == 1:
+        base, stride = batch.data_ptr(), batch.stride(0)
+        return [ctypes.string_at(base + row * stride, FIXED_NBYTES)
+                for row in range(batch.shape[0])]
+    return [row.tobytes() for row in batch[:, :FIXED_NBYTES].cpu().numpy()]
+
+
 def new_payload(header: Header, nbytes: int, device: torch.device,
                 zero_body: bool = True) -> torch.Tensor:
     """A uint8 buffer of ``nbytes`` bytes whose first 32 bytes hold ``header``; its body is

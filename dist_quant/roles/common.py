@@ -8,7 +8,9 @@ downlink quantiser from ``(seed, DOWNLINK)``. ``i`` is the worker index 0..W-1 (
 rank), so the simulator and any rank layout draw the same numbers. The global RNG is never used.
 
 Flat order. Parameters are flattened in ``model.parameters()`` order; this is the order of the
-coordinates in every payload.
+coordinates in every payload. :class:`ParamViews` ties a model's parameters to one flat vector
+once, so that the per-step copies between them make no pass over the module tree and build no
+views or temporaries.
 """
 
 from __future__ import annotations
@@ -71,6 +73,37 @@ def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
     for p in model.parameters():
         p.copy_(flat[offset:offset + p.numel()].view_as(p))
         offset += p.numel()
+
+
+class ParamViews:
+    """A model's parameters and matching views of one flat vector ``flat`` (same device and
+    dtype, ``model.parameters()`` order), built once: :meth:`load` copies ``flat`` into the
+    parameters, :meth:`store` the parameters into ``flat``. The parameters must stay the same
+    tensors (``load_state_dict`` copies into them, so it keeps them) and ``flat`` the same buffer
+    (update it in place)."""
+
+    def __init__(self, model: nn.Module, flat: torch.Tensor):
+        self.params = list(model.parameters())
+        self.flat = flat
+        self.views = []
+        offset = 0
+        for p in self.params:
+            self.views.append(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        if offset != flat.numel():
+            raise ValueError(f"the flat vector holds {flat.numel()} values, the model "
+                             f"{offset} parameters")
+
+    @torch.no_grad()
+    def load(self) -> None:
+        for p, v in zip(self.params, self.views, strict=True):
+            p.copy_(v)
+
+    @torch.no_grad()
+    def store(self) -> torch.Tensor:
+        for p, v in zip(self.params, self.views, strict=True):
+            v.copy_(p)
+        return self.flat
 
 
 def flat_grads(model: nn.Module) -> torch.Tensor:

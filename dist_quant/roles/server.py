@@ -82,6 +82,12 @@ class Server:
         self.gen = common.generator(self.device, cfg.seed, common.DOWNLINK)
         self.replica = common.flat_params(self.model).clone()
         self.n = self.replica.numel()
+        # buffers reused every step: theta gathered from the model (into the replica itself
+        # when theta is what goes down), the mean gradient, the change sent down and its decode
+        self.theta = self.replica if cfg.downlink == "none" else torch.empty_like(self.replica)
+        self.params = common.ParamViews(self.model, self.theta)
+        self.g = torch.empty_like(self.replica)
+        self.delta = torch.empty_like(self.replica)
         self.n_stats = common.bn_stats(self.model).numel()
         self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
         self.step = 0
@@ -89,7 +95,7 @@ class Server:
     def aggregate(self, payloads: torch.Tensor) -> tuple[torch.Tensor | None, list[str]]:
         """Mean of the valid rows' decodes (None if none is valid), and why rows were left out."""
         try:
-            return self.up.decode_mean(payloads), []
+            return self.up.decode_mean(payloads, out=self.g), []
         except (PayloadError, NonFiniteGradientError):
             pass
         good, bad = [], []
@@ -99,7 +105,7 @@ class Server:
                 good.append(i)
             except (PayloadError, NonFiniteGradientError) as err:
                 bad.append(f"worker {i}: {err}")
-        return (self.up.decode_mean(payloads[good]) if good else None), bad
+        return (self.up.decode_mean(payloads[good], out=self.g) if good else None), bad
 
     @torch.no_grad()
     def update(self, g: torch.Tensor | None) -> None:
@@ -111,13 +117,13 @@ class Server:
     @torch.no_grad()
     def downlink(self) -> torch.Tensor:
         """The downlink payload (flat uint8); advances the tracked replica."""
-        theta = common.flat_params(self.model)
-        if self.cfg.downlink == "none":
+        theta = self.params.store()
+        if self.cfg.downlink == "none":  # theta is the replica: the workers receive it whole
             payload = self.down.encode(theta).to_tensor()
-            self.replica.copy_(theta)
         else:
-            payload = self.down.encode(theta - self.replica, generator=self.gen).to_tensor()
-            self.replica.add_(self.down.decode(payload))
+            change = torch.sub(theta, self.replica, out=self.delta)
+            payload = self.down.encode(change, generator=self.gen).to_tensor()
+            self.replica.add_(self.down.decode(payload, out=self.delta))
         return payload.to(self.device)
 
     @torch.no_grad()
@@ -145,7 +151,7 @@ class Server:
         self.step = int(state["step"])
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
-        self.replica = state["replica"].to(self.device).clone()
+        self.replica.copy_(state["replica"])
         self.gen.set_state(state["generator"])
 
 

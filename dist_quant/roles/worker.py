@@ -62,9 +62,11 @@ class Worker:
                                         dropout_generator=self.dropout_gen)
         self.replica = common.flat_params(self.model).clone()
         self.n = self.replica.numel()
+        self.params = common.ParamViews(self.model, self.replica)  # the model reads the replica
         self.n_stats = common.bn_stats(self.model).numel()
         self.comp = common.uplink_compressor(cfg, stateful=True)
         self.down = common.downlink_compressor(cfg)
+        self.decoded = torch.empty_like(self.replica)  # reused downlink decode (compressed)
         self.nonfinite_at = cfg.nonfinite_at
         self.step = 0
         self.pending: torch.Tensor | None = None  # downlink payload not yet decoded
@@ -117,13 +119,12 @@ class Worker:
     def _apply_pending(self) -> None:
         if self.pending is None:
             return
-        decoded = self.down.decode(self.pending)
-        self.pending = None
-        if self.cfg.downlink == "none":
-            self.replica.copy_(decoded)
+        if self.cfg.downlink == "none":  # the parameters themselves: decoded into the replica
+            self.down.decode(self.pending, out=self.replica)
         else:
-            self.replica.add_(decoded)
-        common.load_flat_params(self.model, self.replica)
+            self.replica.add_(self.down.decode(self.pending, out=self.decoded))
+        self.pending = None
+        self.params.load()
 
     def bn_stats(self) -> torch.Tensor:
         return common.bn_stats(self.model)
@@ -146,7 +147,7 @@ class Worker:
         self.step = int(state["step"])
         self.pending = None
         self.model.load_state_dict(state["model"])
-        self.replica = common.flat_params(self.model).clone()
+        self.params.store()  # into the same replica buffer
         self.gen.set_state(state["generator"])
         self.dropout_gen.set_state(state["dropout_generator"])
         self.sampler.load_state_dict(state["sampler"])
