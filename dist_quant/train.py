@@ -208,6 +208,9 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
         from dist_quant.ddp import run_ddp
 
         run_ddp(cfg)
+        # every rank's outstanding collectives (the loss gathers started during backward)
+        # finish before the group goes: tearing it down under one ended a rank with SIGABRT
+        dist.barrier()
         dist.destroy_process_group()
         return 0
 
