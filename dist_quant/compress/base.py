@@ -10,6 +10,8 @@ faster ``decode_mean``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dist_quant.compress import wire
@@ -22,7 +24,7 @@ def count_nonfinite(x: torch.Tensor) -> int:
     """How many NaN/Inf ``x`` holds. A NaN or an Inf makes the plain sum non-finite, so a
     finite sum proves the usual case (none) in one fast reduction; otherwise (a non-finite
     value, or finite values whose sum overflows) the elementwise test counts them."""
-    if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+    if math.isfinite(x.sum().item()):
         return 0
     return int(x.numel() - torch.isfinite(x).sum().item())
 
@@ -68,6 +70,14 @@ class Compressor:
             nonfinite_count=nonfinite_count,
         )
 
+    def _fixed(self, n: int) -> tuple[bytes, int]:
+        """The packed fixed header of a finite payload of ``n`` coordinates and the payload's
+        length; kept for the last ``n`` asked (a run encodes and decodes one size each step)."""
+        cached = self.__dict__.get("_fixed_cache")
+        if cached is None or cached[0] != n:
+            cached = self._fixed_cache = (n, self._header(n).pack(), self.payload_nbytes(n))
+        return cached[1], cached[2]
+
     # ---- encode ------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None) -> wire.Payload:
         """Encode a tensor (flattened; fp16/bf16/fp32/fp64) into its payload on x's device.
@@ -75,8 +85,8 @@ class Compressor:
         Raises :class:`NonFiniteGradientError` if ``x`` holds NaN or Inf (nothing is encoded).
         """
         flat = self._check_input(x)
-        out = wire.new_payload(self._header(flat.numel()), self.payload_nbytes(flat.numel()),
-                               flat.device, zero_body=False)
+        raw, nbytes = self._fixed(flat.numel())
+        out = wire.new_payload(raw, nbytes, flat.device, zero_body=False)
         self._encode_body(flat, out[wire.FIXED_NBYTES:], generator)
         return wire.Payload(out)
 
@@ -86,7 +96,7 @@ class Compressor:
         if x.dtype not in FLOAT_DTYPES:
             raise ValueError(f"encode expects a float16/bfloat16/float32/float64 tensor, "
                              f"got {x.dtype}")
-        return x.reshape(-1)
+        return x if x.dim() == 1 else x.reshape(-1)
 
     def _encode_body(self, x: torch.Tensor, body: torch.Tensor,
                      generator: torch.Generator | None) -> None:
@@ -104,7 +114,22 @@ class Compressor:
     # ---- decode ------------------------------------------------------------------------------
     def validate(self, data: torch.Tensor) -> wire.Header:
         """Check a payload's header and length against this compressor; return the header."""
-        h = wire.read_header(data)
+        return self._check_header(wire.read_header(data), data.numel())
+
+    def _valid_n(self, raw: bytes, nbytes: int) -> int:
+        """:meth:`validate` of a raw fixed header and the payload's length, returning ``n``.
+        The header of a finite payload is valid exactly when it equals the one this compressor
+        writes for its ``n`` (every field is then what the checks want), so the usual case is
+        one comparison of 32 bytes; anything else is parsed and checked field by field, which
+        raises the error that names the problem."""
+        if len(raw) == wire.FIXED_NBYTES:
+            n = wire.header_n(raw)
+            if (raw, nbytes) == self._fixed(n):
+                return n
+        return self._check_header(wire.Header.unpack(raw), nbytes).n
+
+    def _check_header(self, h: wire.Header, nbytes: int) -> wire.Header:
+        """:meth:`validate` of a parsed header and the payload's length in bytes."""
         if h.version != wire.VERSION:
             raise PayloadError(f"unknown payload version {h.version} (this decoder reads "
                                f"version {wire.VERSION})")
@@ -124,8 +149,8 @@ class Compressor:
         if not h.nonfinite and h.nonfinite_count:
             raise PayloadError(f"non-finite count {h.nonfinite_count} without the flag")
         want_len = self.payload_nbytes(h.n)
-        if data.numel() != want_len:
-            raise PayloadError(f"wrong payload length: {data.numel()} bytes, but n={h.n} needs "
+        if nbytes != want_len:
+            raise PayloadError(f"wrong payload length: {nbytes} bytes, but n={h.n} needs "
                                f"{want_len}")
         if h.nonfinite:
             raise NonFiniteGradientError(h.nonfinite_count, h.n)
@@ -139,13 +164,13 @@ class Compressor:
         tensor: a caller that decodes every step reuses one buffer and saves the allocation.
         """
         data = wire.as_bytes(payload)
-        h = self.validate(data)
+        n = self._valid_n(wire.read_fixed(data), data.numel())
         body = data[wire.FIXED_NBYTES:]
-        self._check_body(body, h.n)
+        self._check_body(body, n)
         if out is None:
-            return self._decode_body(body, h.n)
-        out = _result(out, h.n, data.device)
-        return self._decode_into(body, h.n, out)
+            return self._decode_body(body, n)
+        out = _result(out, n, data.device)
+        return self._decode_into(body, n, out)
 
     def _decode_into(self, body: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
         return out.copy_(self._decode_body(body, n))
@@ -168,9 +193,11 @@ class Compressor:
         n = None
         for row in (0,) if same else range(batch.shape[0]):  # identical fixed headers: row 0
             try:                                              # speaks for all
-                h = self.validate(batch[row])
-                if not same:
-                    self._check_body(batch[row, wire.FIXED_NBYTES:], h.n)
+                if same:
+                    row_n = self._valid_n(heads[0], batch.shape[1])
+                else:
+                    row_n = self.validate(batch[row]).n
+                    self._check_body(batch[row, wire.FIXED_NBYTES:], row_n)
             except NonFiniteGradientError as err:
                 err.row = row
                 err.args = (f"row {row}: {err.args[0]}",)
@@ -178,19 +205,20 @@ class Compressor:
             except PayloadError as err:
                 raise PayloadError(f"row {row}: {err}") from None
             if n is None:
-                n = h.n
-            elif h.n != n:
-                raise PayloadError(f"row {row}: n={h.n} differs from row 0's n={n}")
+                n = row_n
+            elif row_n != n:
+                raise PayloadError(f"row {row}: n={row_n} differs from row 0's n={n}")
         if same:  # the bodies, all rows at once where the compressor can
-            self._check_rows(batch[:, wire.FIXED_NBYTES:], n)
+            self._check_rows(batch, n)
         return n
 
-    def _check_rows(self, bodies: torch.Tensor, n: int) -> None:
-        """Validate the bodies of a ``[W, body bytes]`` batch (as ``_check_body`` does each);
-        the error names the first bad row. Subclasses may check all rows at once."""
-        for row in range(bodies.shape[0]):
+    def _check_rows(self, batch: torch.Tensor, n: int) -> None:
+        """Validate the bodies of a ``[W, nbytes]`` batch whose fixed headers are valid (as
+        ``_check_body`` does each); the error names the first bad row. Subclasses may check all
+        rows at once."""
+        for row in range(batch.shape[0]):
             try:
-                self._check_body(bodies[row], n)
+                self._check_body(batch[row, wire.FIXED_NBYTES:], n)
             except PayloadError as err:
                 raise PayloadError(f"row {row}: {err}") from None
 
@@ -213,4 +241,4 @@ def _result(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Ten
     if out.dtype != torch.float32 or out.numel() != n or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of {n} elements, got "
                          f"{out.dtype} with {out.numel()}")
-    return out.view(-1)
+    return out if out.dim() == 1 else out.view(-1)

@@ -231,7 +231,10 @@ def kbit_encode(x: torch.Tensor, body: torch.Tensor, comp, generator) -> int:
     """Write the k-bit body of x into ``body``; returns the non-finite count (0 = written).
     Raises WireRangeError when a header does not fit its type."""
     lib = library()
-    x = x.contiguous() if x.dtype == torch.float32 else x.float()
+    if x.dtype != torch.float32:
+        x = x.float()
+    elif not x.is_contiguous():
+        x = x.contiguous()
     n = x.numel()
     d = comp.bucket_size or n
     nb = comp.num_buckets(n)
@@ -289,55 +292,67 @@ def new_output(n: int) -> torch.Tensor:
     return out
 
 
-def _fp32_headers(comp, rows: torch.Tensor, n: int):
-    """Header values of payload bodies ``rows`` ([W, body bytes], contiguous rows) as fp32
-    ``[W, nb]`` tensors, validated; raises the compressor's PayloadError naming the row."""
+def _fp32_headers(comp, body: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
+    """Header values of one payload body (1-D) or of the rows of a batch (2-D, contiguous rows,
+    the body from byte ``start`` of each row) as one fp32 tensor, the ``[W, nb]`` scales ``a``
+    then the ``[W, nb]`` offsets ``b``, validated; raises the compressor's PayloadError naming
+    the row."""
     lib = library()
-    w_count = rows.shape[0]
+    one = body.dim() == 1
+    w_count = 1 if one else body.shape[0]
     nb = comp.num_buckets(n)
-    a, b = torch.empty(2, w_count, nb).unbind(0)
-    base = rows.data_ptr()
-    bad = lib.dq_headers(base, base + nb * comp.hbytes, rows.stride(0), w_count, nb,
-                         wire.HEADER_DTYPE_CODES[comp.header_dtype], _ptr(a), _ptr(b))
+    ab = torch.empty(2 * w_count * nb)
+    a_ptr = ab.data_ptr()
+    base = body.data_ptr() + start
+    bad = lib.dq_headers(base, base + nb * comp.hbytes, 0 if one else body.stride(0), w_count,
+                         nb, wire.HEADER_DTYPE_CODES[comp.header_dtype], a_ptr,
+                         a_ptr + 4 * w_count * nb)
     if bad:
         for row in range(w_count):  # the torch check words the error
             try:
-                comp._check_body_torch(rows[row], n)
+                comp._check_body_torch(body[start:] if one else body[row, start:], n)
             except wire.PayloadError as err:
                 raise wire.PayloadError(f"row {row}: {err}" if w_count > 1 else str(err)) \
                     from None
-    return a, b
+    return ab
 
 
 def kbit_decode(body: torch.Tensor, n: int, comp, out: torch.Tensor,
                 streaming: bool = False) -> torch.Tensor:
     """Validate the headers and decode one body into ``out``."""
     lib = library()
-    body = body.contiguous()
-    a, b = _fp32_headers(comp, body.unsqueeze(0), n)
-    bits = body[2 * comp.num_buckets(n) * comp.hbytes:]
+    if not body.is_contiguous():
+        body = body.contiguous()
+    nb = comp.num_buckets(n)
+    ab = _fp32_headers(comp, body, n)
+    a_ptr = ab.data_ptr()
+    bits_ptr = body.data_ptr() + 2 * nb * comp.hbytes
     d = comp.bucket_size or n
     nt = int(streaming and n * 4 >= NONTEMPORAL_BYTES)
-    _run(lambda c0, c1: lib.dq_decode(_ptr(bits), d, comp.bits, _ptr(a), _ptr(b), _ptr(out),
+    out_ptr = out.data_ptr()
+    _run(lambda c0, c1: lib.dq_decode(bits_ptr, d, comp.bits, a_ptr, a_ptr + 4 * nb, out_ptr,
                                       c0, c1, nt), _ranges(n, 8))
     return out
 
 
-def kbit_decode_mean(body: torch.Tensor, n: int, comp, out: torch.Tensor,
-                     streaming: bool = False) -> torch.Tensor:
-    """Validate the headers and write the mean of the W decodes of ``body`` ([W, body bytes])
-    into ``out``."""
+def kbit_decode_mean(batch: torch.Tensor, n: int, comp, out: torch.Tensor,
+                     streaming: bool = False, start: int = wire.FIXED_NBYTES) -> torch.Tensor:
+    """Validate the headers and write the mean of the W decodes of the bodies of ``batch``
+    (``[W, nbytes]``, each row's body from byte ``start``) into ``out``."""
     lib = library()
-    if body.stride(1) != 1:
-        body = body.contiguous()
-    w_count = body.shape[0]
+    if batch.stride(1) != 1:
+        batch = batch.contiguous()
+    w_count = batch.shape[0]
     nb = comp.num_buckets(n)
-    a, b = _fp32_headers(comp, body, n)
-    bits = body[:, 2 * nb * comp.hbytes:]
+    ab = _fp32_headers(comp, batch, n, start)
+    a_ptr = ab.data_ptr()
+    bits_ptr = batch.data_ptr() + start + 2 * nb * comp.hbytes
+    stride = batch.stride(0)
     d = comp.bucket_size or n
     nt = int(streaming and n * 4 >= NONTEMPORAL_BYTES)
-    _run(lambda c0, c1: lib.dq_decode_mean(_ptr(bits), body.stride(0), w_count, nb, d,
-                                           comp.bits, _ptr(a), _ptr(b), _ptr(out), c0, c1, nt),
+    out_ptr = out.data_ptr()
+    _run(lambda c0, c1: lib.dq_decode_mean(bits_ptr, stride, w_count, nb, d, comp.bits, a_ptr,
+                                           a_ptr + 4 * w_count * nb, out_ptr, c0, c1, nt),
          _ranges(n, 8))
     return out
 

@@ -170,13 +170,15 @@ class KBitCompressor(Compressor):
         if not fast.usable(body, self):  # the compiled decode checks while converting
             self._check_body_torch(body, n)
 
-    def _check_rows(self, bodies, n):
-        if fast.usable(bodies, self):  # the compiled decode checks while converting
+    def _check_rows(self, batch, n):
+        if fast.usable(batch, self):  # the compiled decode checks while converting
             return
         nb = self.num_buckets(n)
-        heads = bodies[:, : 2 * nb * self.hbytes].contiguous().view(self.hdtype)  # [W, 2 nb]
-        if not (torch.isfinite(heads).all() and (heads[:, :nb] >= 0).all()):
-            super()._check_rows(bodies, n)  # finds and names the bad row
+        start = wire.FIXED_NBYTES
+        heads = batch[:, start:start + 2 * nb * self.hbytes].clone(
+            memory_format=torch.contiguous_format).view(self.hdtype)  # a fresh, aligned copy
+        if not (torch.isfinite(heads).all() and (heads[:, :nb] >= 0).all()):  # [W, 2 nb]
+            super()._check_rows(batch, n)  # finds and names the bad row
 
     def _check_body_torch(self, body, n):
         a, b, _ = self._split(body, n)
@@ -211,14 +213,15 @@ class KBitCompressor(Compressor):
     def decode_mean(self, batch, out=None):
         n = self._validate_rows(batch)
         streaming = out is not None
-        if out is None and fast.usable(batch, self):
+        compiled = fast.usable(batch, self)
+        if out is None and compiled:
             out = fast.new_output(n)
         out = _result(out, n, batch.device)
         if n == 0:
             return out
+        if compiled:
+            return fast.kbit_decode_mean(batch, n, self, out, streaming=streaming)
         body = batch[:, wire.FIXED_NBYTES:]
-        if fast.usable(batch, self):
-            return fast.kbit_decode_mean(body, n, self, out, streaming=streaming)
         out.zero_()
         for row in range(batch.shape[0]):
             out.add_(self._decode_body(body[row], n))

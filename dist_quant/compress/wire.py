@@ -134,18 +134,26 @@ def as_bytes(payload: Payload | torch.Tensor) -> torch.Tensor:
     if isinstance(payload, torch.Tensor):
         if payload.dtype != torch.uint8:
             raise PayloadError(f"payload tensor must be uint8, got {payload.dtype}")
-        return payload.reshape(-1)
+        return payload if payload.dim() == 1 else payload.reshape(-1)
     raise PayloadError(f"expected a Payload or a uint8 tensor, got {type(payload).__name__}")
 
 
 def read_header(data: torch.Tensor) -> Header:
     """Parse the fixed header of a payload tensor (copies 32 bytes to the host)."""
+    return Header.unpack(read_fixed(data))
+
+
+def read_fixed(data: torch.Tensor) -> bytes:
+    """The raw fixed header of a payload tensor, unparsed (fewer bytes if it is shorter)."""
     count = min(data.numel(), FIXED_NBYTES)
     if data.device.type == "cpu" and data.is_contiguous():
-        raw = ctypes.string_at(data.data_ptr(), count) if count else b""
-    else:
-        raw = bytes(data[:count].cpu().numpy().tobytes())
-    return Header.unpack(raw)
+        return ctypes.string_at(data.data_ptr(), count) if count else b""
+    return bytes(data[:count].cpu().numpy().tobytes())
+
+
+def header_n(raw: bytes) -> int:
+    """The coordinate count ``n`` of a raw fixed header (at least 32 bytes)."""
+    return int.from_bytes(raw[8:16], "little")
 
 
 def fixed_headers(batch: torch.Tensor) -> list[bytes]:
@@ -158,12 +166,12 @@ def fixed_headers(batch: torch.Tensor) -> list[bytes]:
     return [row.tobytes() for row in batch[:, :FIXED_NBYTES].cpu().numpy()]
 
 
-def new_payload(header: Header, nbytes: int, device: torch.device,
+def new_payload(header: Header | bytes, nbytes: int, device: torch.device,
                 zero_body: bool = True) -> torch.Tensor:
-    """A uint8 buffer of ``nbytes`` bytes whose first 32 bytes hold ``header``; its body is
-    zero, or left for the encoder to fill completely (``zero_body=False``)."""
+    """A uint8 buffer of ``nbytes`` bytes whose first 32 bytes hold ``header`` (parsed or
+    packed); its body is zero, or left for the encoder to fill completely (``zero_body=False``)."""
     out = (torch.zeros if zero_body else torch.empty)(nbytes, dtype=torch.uint8, device=device)
-    raw = header.pack()
+    raw = header if isinstance(header, bytes) else header.pack()
     if out.device.type == "cpu":
         ctypes.memmove(out.data_ptr(), raw, FIXED_NBYTES)
     else:

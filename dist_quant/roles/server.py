@@ -124,7 +124,7 @@ class Server:
             change = torch.sub(theta, self.replica, out=self.delta)
             payload = self.down.encode(change, generator=self.gen).to_tensor()
             self.replica.add_(self.down.decode(payload, out=self.delta))
-        return payload.to(self.device)
+        return payload if payload.device == self.device else payload.to(self.device)
 
     @torch.no_grad()
     def evaluate(self, mean_stats: torch.Tensor | None) -> tuple[float, float]:

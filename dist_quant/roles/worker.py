@@ -90,7 +90,8 @@ class Worker:
             payload = self.comp.encode(g, generator=self.gen)
         except NonFiniteGradientError as err:
             payload = self.comp.nonfinite_payload(self.n, err.count)
-        return payload.to_tensor().to(self.device)
+        data = payload.to_tensor()
+        return data if data.device == self.device else data.to(self.device)
 
     def step_up(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Apply the pending downlink, compute and encode one step.
@@ -115,7 +116,6 @@ class Worker:
         checkpoint), so its decode time is billed to the worker, not to the link."""
         self.pending = payload
 
-    @torch.no_grad()
     def _apply_pending(self) -> None:
         if self.pending is None:
             return
