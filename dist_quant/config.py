@@ -48,7 +48,9 @@ class TrainConfig:
     bits: int = _opt(2, "Bits per coordinate for the kbit compressor (1..8).")
     header_dtype: str = _opt("fp32", "Type of the (a, b) headers on the wire; fp16 rounds outward "
                              "so the decode stays unbiased.", choices=HEADER_DTYPES)
-    error_feedback: bool = _opt(False, "Wrap the uplink compressor in error feedback.")
+    error_feedback: bool = _opt(False, "Wrap the uplink compressor in error feedback. It needs a "
+                                "contractive compressor (sign); around stochastic 1-bit "
+                                "rounding the carried error grows and long runs diverge.")
     # --- downlink --------------------------------------------------------------------------
     downlink: str = _opt("none", "Downlink compressor: none sends fp32 parameters; any other "
                          "compressor sends the compressed change of the workers' replica, its "
