@@ -2,9 +2,11 @@
 
 ``method_label`` names the method: ``"PS onebit b512"``, ``"PS onebit whole"`` (bucket 0, the
 sheet's per-tensor rule), ``"PS 2bit b512"``, ``"PS sign+EF"``, ``"PS onebit b512 up+down"``
-(the downlink uses the uplink compressor), ``"PS fp32"``, ``"DDP fp32"``, ``"DDP fp16"``,
-``"DDP PowerSGD r2"``. ``run_labels`` adds ``key=value`` for the config fields that tell apart
-runs sharing a name (a seed, a worker count, a learning rate).
+(the downlink uses the uplink compressor and bucket size), ``"PS onebit b512 down sign"``
+(a ``sign`` downlink in buckets of the uplink's size; ``"down sign b128"`` when they differ),
+``"PS fp32"``, ``"DDP fp32"``, ``"DDP fp16"``, ``"DDP PowerSGD r2"``. ``run_labels`` adds
+``key=value`` for the config fields that tell apart runs sharing a name (a seed, a worker count,
+a learning rate).
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ def resolved(config: dict[str, Any]) -> dict[str, Any]:
     return {**dataclasses.asdict(TrainConfig()), **config}
 
 
+def bucket_label(bucket_size: int) -> str:
+    return "whole" if bucket_size == 0 else f"b{bucket_size}"
+
+
 def compressor_label(name: str, bucket_size: int, bits: int) -> str:
     if name in PS_FLOATS:
         return PS_FLOATS[name]
-    bucket = "whole" if bucket_size == 0 else f"b{bucket_size}"
     if name == "onebit":
-        return f"onebit {bucket}"
+        return f"onebit {bucket_label(bucket_size)}"
     if name == "kbit":
-        return f"{bits}bit {bucket}"
+        return f"{bits}bit {bucket_label(bucket_size)}"
     return name
 
 
@@ -51,9 +56,14 @@ def method_label(config: dict[str, Any]) -> str:
         label += f" {c['header_dtype']} headers"
     if c["downlink"] != "none":
         down = compressor_label(c["downlink"], c["downlink_bucket_size"], c["bits"])
-        same = c["downlink"] == c["compressor"] and (
-            c["downlink_bucket_size"] == c["bucket_size"] or c["downlink"] in PS_FLOATS)
-        label += " up+down" if same else f" down {down}"
+        same_bucket = (c["downlink_bucket_size"] == c["bucket_size"]
+                       or c["downlink"] in PS_FLOATS)
+        if c["downlink"] == c["compressor"] and same_bucket:
+            label += " up+down"
+        else:
+            if down == c["downlink"] and not same_bucket:  # a name without its bucket (sign)
+                down += f" {bucket_label(c['downlink_bucket_size'])}"
+            label += f" down {down}"
     return label
 
 
