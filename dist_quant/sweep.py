@@ -8,17 +8,18 @@ link (rate, latency, loss)::
 
 Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` fields:
 
-==================  ===========================================================
-``ps-fp32``         parameter server, fp32 uplink (compressor ``none``)
-``ps-onebit-whole`` 1-bit, one (a, b) for the whole gradient (the sheet's rule)
-``ps-onebit``       1-bit in buckets of the default ``--bucket-size``
-``ps-sign-ef``      scaled sign with error feedback
-``ps-onebit-updown`` 1-bit uplink and 1-bit downlink (scaled sign of the replica change: the
-                    downlink carries its error, which needs a contractive compressor)
-``ddp-fp32``        torch DDP, fp32 gloo allreduce
-``ddp-fp16``        torch DDP, ``fp16_compress_hook``
-``ddp-powersgd``    torch DDP, PowerSGD hook (``--powersgd-rank``)
-==================  ===========================================================
+====================  =========================================================
+``ps-fp32``           parameter server, fp32 uplink (compressor ``none``)
+``ps-onebit-whole``   1-bit, one (a, b) for the whole gradient (the sheet's rule)
+``ps-onebit``         1-bit in buckets of the default ``--bucket-size``
+``ps-sign-ef``        scaled sign with error feedback
+``ps-onebit-updown``  1-bit uplink and a 1-bit ``sign`` downlink (scaled sign of the replica
+                      change: the downlink carries its error, which needs a contractive
+                      compressor; a stochastic 1-bit downlink is refused by validation)
+``ddp-fp32``          torch DDP, fp32 gloo allreduce
+``ddp-fp16``          torch DDP, ``fp16_compress_hook``
+``ddp-powersgd``      torch DDP, PowerSGD hook (``--powersgd-rank``)
+====================  =========================================================
 
 ``-m LABEL:field=value,field=value`` starts from the preset ``LABEL`` (or, for a label that is
 no preset, from the defaults) and sets the fields: ``-m ps-kbit2:compressor=kbit,bits=2``.
