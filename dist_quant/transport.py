@@ -12,8 +12,8 @@ statistics count, ``up``/``down`` = the compressors' ``payload_nbytes(n)``):
 message                 direction                   tensor                           counted
 ======================  ==========================  ===============================  =========
 gradient payload        worker i -> server          ``uint8[up]``                    up
-telemetry               worker i -> server          ``float64[3]``: loss, compute s,  no
-                                                    encode s
+telemetry               worker i -> server          ``float64[4]``: loss, decode s,   no
+                                                    compute s, encode s
 BN running statistics   worker i -> server          ``float32[k]`` (evaluation        up
                                                     steps only)
 control                 server -> worker i          ``int64[1]``: continue / last /   no
@@ -50,7 +50,7 @@ TAG_PAYLOAD, TAG_TELEMETRY, TAG_STATS, TAG_CONTROL, TAG_DOWN, TAG_SIZE, TAG_BLOB
 # control codes sent to every worker after each step
 CONTINUE, LAST, ABORT = 0, 1, 2
 
-TELEMETRY = ("loss", "compute", "encode")
+TELEMETRY = ("loss", "decode", "compute", "encode")  # worker -> server, per step
 
 
 class PeerLostError(RuntimeError):

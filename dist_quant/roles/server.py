@@ -62,6 +62,7 @@ from dist_quant.transport import (
     TAG_PAYLOAD,
     TAG_STATS,
     TAG_TELEMETRY,
+    TELEMETRY,
     Transport,
 )
 
@@ -191,7 +192,8 @@ class RemoteWorkers:
     def uplink(self, with_stats: bool):
         payloads = self.t.recv_from_workers(self.n_up, torch.uint8, TAG_PAYLOAD,
                                             "gradient payload", counted=True)
-        telemetry = self.t.recv_from_workers(4, torch.float64, TAG_TELEMETRY, "telemetry")
+        telemetry = self.t.recv_from_workers(len(TELEMETRY), torch.float64, TAG_TELEMETRY,
+                                             "telemetry")
         stats = None
         if with_stats and self.n_stats:
             stats = self.t.recv_from_workers(self.n_stats, torch.float32, TAG_STATS,
