@@ -37,10 +37,6 @@ class BatchSampler:
         self.epoch, self.position = 0, 0
         self._order: torch.Tensor | None = None
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.n // self.batch_size
-
     def _epoch_order(self) -> torch.Tensor:
         if self._order is None:
             g = torch.Generator().manual_seed(stream_seed(self.seed, self.worker_index,

@@ -77,11 +77,6 @@ def equal(claim: str, statement: str, predicted, measured) -> Row:
                bool(predicted == measured), {"predicted": predicted, "measured": measured})
 
 
-def max_abs_z(mean: torch.Tensor, target: torch.Tensor, se: torch.Tensor) -> float:
-    """Largest ``|mean_i - target_i| / se_i``: a Monte Carlo mean against its prediction."""
-    return float(((mean.double() - target.double()).abs() / se.double()).max())
-
-
 def z_bound(count: int, false_alarm: float = 1e-6) -> float:
     """Bound on the largest |z| of ``count`` independent standard normals, exceeded with
     probability about ``false_alarm`` (two-sided Bonferroni, Gaussian tail)."""
