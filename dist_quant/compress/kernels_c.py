@@ -182,6 +182,13 @@ static inline __mmask16 lanes(int64_t p, int64_t i0, int64_t i1) {
     int64_t lo = i0 - p > 0 ? i0 - p : 0, hi = i1 - p < 16 ? i1 - p : 16;
     return (__mmask16)(((1U << hi) - 1U) & ~((1U << lo) - 1U));
 }
+/* the hash inputs i m + s of the 16 coordinates p..p+15 */
+static inline __m512i counters(int64_t p, uint32_t s, uint32_t m) {
+    return _mm512_add_epi32(
+        _mm512_set1_epi32((int)((uint32_t)p * m + s)),
+        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                             15), _mm512_set1_epi32((int)m)));
+}
 /* one bucket segment [i0, i1) of the block starting at blk, k = 1: bit masks into masks[].
    Same arithmetic as the scalar loop below, minus the clamps, which cannot change a 1-bit
    result (y >= 0 since x >= b; any y >= 1 gives t = 1), and with the scale 2^24 folded into
@@ -194,10 +201,7 @@ static void quantize1_segment(const float *x, float bj, float mul, uint32_t s, u
     const __m512i vthr = _mm512_set1_epi32(1 << DRAW_BITS);
     const __m512i step = _mm512_set1_epi32((int)(16U * m));
     int64_t v = (i0 - blk) >> 4;
-    __m512i ctr = _mm512_add_epi32(
-        _mm512_set1_epi32((int)((uint32_t)(blk + 16 * v) * m + s)),
-        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
-                                             15), _mm512_set1_epi32((int)m)));
+    __m512i ctr = counters(blk + 16 * v, s, m);
     for (; blk + 16 * v < i1; v++) {
         int64_t p = blk + 16 * v;
         if (pf) _mm_prefetch((const char *)(x + p + pf), _MM_HINT_T1);
@@ -219,10 +223,7 @@ static void quantizek_segment(const float *x, float bj, float mul, float levels,
     const __m512 top = _mm512_set1_ps(levels * 16777216.0f);
     const __m512i step = _mm512_set1_epi32((int)(16U * m));
     int64_t v = (i0 - blk) >> 4;
-    __m512i ctr = _mm512_add_epi32(
-        _mm512_set1_epi32((int)((uint32_t)(blk + 16 * v) * m + s)),
-        _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
-                                             15), _mm512_set1_epi32((int)m)));
+    __m512i ctr = counters(blk + 16 * v, s, m);
     for (; blk + 16 * v < i1; v++) {
         int64_t p = blk + 16 * v;
         if (pf) _mm_prefetch((const char *)(x + p + pf), _MM_HINT_T1);
