@@ -229,12 +229,13 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
-    def to_argv(self) -> list[str]:
-        """The command-line options that reproduce this config (non-default fields only)."""
+    def to_argv(self, defaults: bool = False) -> list[str]:
+        """The command-line options that reproduce this config: the non-default fields, or
+        every field with ``defaults=True``."""
         argv: list[str] = []
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value == f.default:
+            if value == f.default and not defaults:
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):

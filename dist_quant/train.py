@@ -89,14 +89,7 @@ def default_run_dir(cfg: TrainConfig, root: str = "runs") -> str:
 
 def full_argv(cfg: TrainConfig) -> list[str]:
     """Every option of ``cfg`` on a command line (so a resumed run's processes agree)."""
-    argv = []
-    for name, value in cfg.to_dict().items():
-        flag = name.replace("_", "-")
-        if isinstance(value, bool):
-            argv.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            argv += [f"--{flag}", str(value)]
-    return argv
+    return cfg.to_argv(defaults=True)
 
 
 # ---- launcher --------------------------------------------------------------------------------
