@@ -79,7 +79,7 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 class RunRecorder:
     """Appends step and eval lines to ``metrics.jsonl`` and writes the JSON files.
 
-    ``resume=True`` keeps the existing lines up to the resumed step (later ones are dropped, as
+    ``resume_step=t`` keeps the existing lines up to step ``t`` (later ones are dropped, as
     they will be recomputed) and continues the byte counters from there.
     """
 
