@@ -228,7 +228,10 @@ class Compressor:
         ``out`` (optional, float32 of length n) is reused instead of allocating the result.
         """
         n = self._validate_rows(batch)
-        out = _result(out, n, batch.device)
+        return self._mean_of_rows(batch, n, _result(out, n, batch.device))
+
+    def _mean_of_rows(self, batch: torch.Tensor, n: int, out: torch.Tensor) -> torch.Tensor:
+        """``out`` = the mean of the decodes of the (validated) rows, one row at a time."""
         out.zero_()
         for row in range(batch.shape[0]):
             out.add_(self._decode_body(batch[row, wire.FIXED_NBYTES:], n))

@@ -176,7 +176,7 @@ def use(path: str):
             _state["mode"] = saved
 
 
-def usable(tensor: torch.Tensor, compressor) -> bool:
+def usable(tensor: torch.Tensor) -> bool:
     return (tensor.device.type == "cpu" and tensor.dtype != torch.float64
             and tensor.numel() < MAX_N and library() is not None)
 

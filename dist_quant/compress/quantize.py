@@ -133,7 +133,7 @@ class KBitCompressor(Compressor):
         n = x.numel()
         if n == 0:
             return
-        if fast.usable(x, self):
+        if fast.usable(x):
             count = fast.kbit_encode(x, body, self, generator)
             if count:
                 raise NonFiniteGradientError(count, n)
@@ -167,11 +167,11 @@ class KBitCompressor(Compressor):
 
     # ---- decode ------------------------------------------------------------------------------
     def _check_body(self, body, n):
-        if not fast.usable(body, self):  # the compiled decode checks while converting
+        if not fast.usable(body):  # the compiled decode checks while converting
             self._check_body_torch(body, n)
 
     def _check_rows(self, batch, n):
-        if fast.usable(batch, self):  # the compiled decode checks while converting
+        if fast.usable(batch):  # the compiled decode checks while converting
             return
         nb = self.num_buckets(n)
         start = wire.FIXED_NBYTES
@@ -197,7 +197,7 @@ class KBitCompressor(Compressor):
     def _decode_body(self, body, n, out=None):
         if n == 0:
             return torch.empty(0, dtype=torch.float32, device=body.device)
-        if fast.usable(body, self):
+        if fast.usable(body):
             # streaming stores only into a caller's (reused, already mapped) buffer
             target = fast.new_output(n) if out is None else _result(out, n, body.device)
             return fast.kbit_decode(body, n, self, target, streaming=out is not None)
@@ -213,7 +213,7 @@ class KBitCompressor(Compressor):
     def decode_mean(self, batch, out=None):
         n = self._validate_rows(batch)
         streaming = out is not None
-        compiled = fast.usable(batch, self)
+        compiled = fast.usable(batch)
         if out is None and compiled:
             out = fast.new_output(n)
         out = _result(out, n, batch.device)
@@ -221,8 +221,4 @@ class KBitCompressor(Compressor):
             return out
         if compiled:
             return fast.kbit_decode_mean(batch, n, self, out, streaming=streaming)
-        body = batch[:, wire.FIXED_NBYTES:]
-        out.zero_()
-        for row in range(batch.shape[0]):
-            out.add_(self._decode_body(body[row], n))
-        return out.div_(batch.shape[0])
+        return self._mean_of_rows(batch, n, out)
