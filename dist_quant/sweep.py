@@ -68,6 +68,7 @@ from typing import Any
 
 import click
 
+from dist_quant.cluster.run import log_tail
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.metrics import write_json_atomic
@@ -275,13 +276,6 @@ def output_to(path: Path) -> Iterator[None]:
         os.close(saved[1])
 
 
-def _tail(path: Path, lines: int = 12) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
     """Run one point into ``run_dir`` (cleared first); return its index record."""
     if run_dir.exists():
@@ -316,7 +310,7 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
     elif error is None and not (run_dir / "summary.json").is_file():
         error = "the run wrote no summary.json"
     if error is not None:
-        record.update(status="failed", returncode=code, error=error, log_tail=_tail(log))
+        record.update(status="failed", returncode=code, error=error, log_tail=log_tail(log, 12))
     return record
 
 

@@ -81,7 +81,8 @@ def node_env(host: Host, link: Link, *, role: str, nnodes: int, rdzv_host: str, 
             "DQ_MODULE": module, "DQ_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of the text file ``path`` ("" when it cannot be read)."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -173,7 +174,7 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
         proc = cluster.spawn(host, [str(NODE_SCRIPT), "shape"], env, log)
         if proc.wait() != 0:
             raise ClusterError(f"shaping host {host.label} failed (exit {proc.returncode}):\n"
-                               f"{_tail(log)}")
+                               f"{log_tail(log)}")
         if not tc_commands:
             tc_commands = [x for x in log.read_text().splitlines() if x.strip()]
     before = _merge(cluster.counters(), cluster.ack_counters())
@@ -196,7 +197,7 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
             if code != 0:
                 log = log_dir / f"{host.label}.log"
                 failed.append(f"host {host.label} ({host.addr}) exited with status {code}; "
-                              f"log {log}:\n{_tail(log)}")
+                              f"log {log}:\n{log_tail(log)}")
         if failed:
             raise ClusterError("\n".join(failed))
         if deadline_s is not None and time.monotonic() - t0 > deadline_s:
