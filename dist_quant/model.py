@@ -36,6 +36,13 @@ from dist_quant.errors import ConfigError
 INIT_VARIANCE = {"he": 2.0, "lecun": 1.0, "double": 4.0}
 
 
+def check_keep_prob(keep_prob: float) -> float:
+    """``keep_prob`` as a float, or ConfigError naming ``--keep-prob`` outside (0, 1]."""
+    if not 0.0 < keep_prob <= 1.0:
+        raise ConfigError("--keep-prob", f"keep probability must be in (0, 1], got {keep_prob}")
+    return float(keep_prob)
+
+
 class KeepDropout(nn.Module):
     """Inverted dropout configured by the KEEP probability ``p`` (MATH 3).
 
@@ -50,9 +57,7 @@ class KeepDropout(nn.Module):
 
     def __init__(self, keep_prob: float, generator: torch.Generator | None = None):
         super().__init__()
-        if not 0.0 < keep_prob <= 1.0:
-            raise ConfigError("--keep-prob", f"keep probability must be in (0, 1], got {keep_prob}")
-        self.keep_prob = float(keep_prob)
+        self.keep_prob = check_keep_prob(keep_prob)
         self.generator = generator
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,8 +114,7 @@ def build_mlp(
         raise ConfigError("--init", f"unknown init {init!r}; choose from {sorted(INIT_VARIANCE)}")
     if not gain > 0:
         raise ConfigError("gain", f"gain must be > 0, got {gain}")
-    if not 0.0 < keep_prob <= 1.0:
-        raise ConfigError("--keep-prob", f"keep probability must be in (0, 1], got {keep_prob}")
+    check_keep_prob(keep_prob)
 
     layers: list[nn.Module] = []
     width = in_features
