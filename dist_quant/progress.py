@@ -22,15 +22,13 @@ WIDTH = 20
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool = True, start: int = 0,
-                 stream: TextIO | None = None):
+    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None):
         self.total, self.enabled = int(total), bool(enabled)
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
         self.last_draw = 0.0
         self.last_acc = float("nan")
         self.drawn = False
-        self.step = start
 
     def line(self, step: int, loss: float, acc: float, up: int, down: int) -> str:
         done = int(WIDTH * step / max(self.total, 1))
@@ -43,7 +41,7 @@ class Progress:
         if not self.enabled:
             return
         new_eval = not (math.isnan(acc) or acc == self.last_acc) or step == self.total
-        self.step, self.last_acc = step, acc
+        self.last_acc = acc
         if self.tty:
             now = time.monotonic()
             if now - self.last_draw >= 0.1 or step == self.total:

@@ -234,7 +234,7 @@ def run_server(cfg: TrainConfig, server: Server, workers: Workers, run_dir: str)
     recorder = RunRecorder(run_dir, cfg.to_dict(), resume_step=start if cfg.resume else None)
     up_size, down_size = server.up.payload_nbytes(server.n), server.down.payload_nbytes(server.n)
     combine = torch.sum if workers.sequential else torch.amax
-    progress = Progress(cfg.steps, enabled=cfg.progress, start=start)
+    progress = Progress(cfg.steps, enabled=cfg.progress)
     test_loss = test_acc = float("nan")
     evals = sum(1 for r in read_metrics(run_dir) if r["kind"] == "eval")  # kept when resuming
     step = start
