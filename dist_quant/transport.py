@@ -160,8 +160,15 @@ class Transport:
             self.bytes_up += tensor.numel() * tensor.element_size()
 
     def recv_from_server(self, numel: int, dtype: torch.dtype, tag: int, what: str,
-                         counted: bool = False) -> torch.Tensor:
-        out = torch.empty(numel, dtype=dtype, device=self.device)
+                         counted: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One flat tensor from the server; into ``out`` (contiguous, ``numel`` values of
+        ``dtype`` on this transport's device) when given, a new tensor otherwise."""
+        if out is None:
+            out = torch.empty(numel, dtype=dtype, device=self.device)
+        elif (out.numel() != numel or out.dtype != dtype or out.device != self.device
+              or not out.is_contiguous()):
+            raise ValueError(f"out must be a contiguous {dtype} tensor of {numel} values on "
+                             f"{self.device}, got {out.dtype} with {out.numel()} on {out.device}")
         self._wait([self._irecv(out, self.server_rank, tag)], what, [self.server_rank])
         if counted:
             self.bytes_down += out.numel() * out.element_size()

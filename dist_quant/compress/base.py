@@ -156,6 +156,14 @@ class Compressor:
             raise NonFiniteGradientError(h.nonfinite_count, h.n)
         return h
 
+    def check(self, payload: wire.Payload | torch.Tensor) -> int:
+        """Validate one payload exactly as :meth:`decode` does, without decoding it; return its
+        ``n``. Raises PayloadError (or NonFiniteGradientError for a non-finite payload)."""
+        data = wire.as_bytes(payload)
+        n = self._valid_n(wire.read_fixed(data), data.numel())
+        self._check_body(data[wire.FIXED_NBYTES:], n)
+        return n
+
     def decode(self, payload: wire.Payload | torch.Tensor,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """Validate and decode one payload into a flat float32 tensor on its device.
@@ -164,9 +172,8 @@ class Compressor:
         tensor: a caller that decodes every step reuses one buffer and saves the allocation.
         """
         data = wire.as_bytes(payload)
-        n = self._valid_n(wire.read_fixed(data), data.numel())
+        n = self.check(data)
         body = data[wire.FIXED_NBYTES:]
-        self._check_body(body, n)
         if out is None:
             return self._decode_body(body, n)
         out = _result(out, n, data.device)

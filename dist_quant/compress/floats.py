@@ -48,6 +48,30 @@ class NoneCompressor(FloatCompressor):
     dtype = torch.float32
     bits = 32
 
+    def payload_buffer(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reusable payload of ``n`` coordinates and its body as ``n`` float32 values (a view:
+        the header is 32 bytes, so the body is aligned). A caller that keeps its vector in the
+        body sends the buffer as the payload after :meth:`seal`, with no copy."""
+        raw, nbytes = self._fixed(n)
+        data = wire.new_payload(raw, nbytes, torch.device(device), zero_body=False)
+        return data, data[wire.FIXED_NBYTES:].view(torch.float32)
+
+    def seal(self, data: torch.Tensor) -> wire.Payload:
+        """The payload of a :meth:`payload_buffer` whose body holds the values to send: what
+        :meth:`encode` of those values returns, made in place (the header is rewritten, the
+        values are checked: raises NonFiniteGradientError if any is NaN or Inf)."""
+        n = (data.numel() - wire.FIXED_NBYTES) // 4
+        raw, nbytes = self._fixed(n)
+        if data.dtype != torch.uint8 or data.dim() != 1 or data.numel() != nbytes:
+            raise ValueError(f"seal expects a flat uint8 payload buffer of {nbytes} bytes, got "
+                             f"{data.dtype} with shape {tuple(data.shape)}")
+        values = data[wire.FIXED_NBYTES:].view(torch.float32)
+        if count_nonfinite(values):
+            raise NonFiniteGradientError(count_nonfinite(values), n)
+        if wire.read_fixed(data) != raw:
+            data[:wire.FIXED_NBYTES].copy_(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+        return wire.Payload(data)
+
 
 class FP16Compressor(FloatCompressor):
     name = kind = "fp16"

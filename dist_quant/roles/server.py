@@ -81,10 +81,17 @@ class Server:
         self.up = common.uplink_compressor(cfg, stateful=False)
         self.down = common.downlink_compressor(cfg)
         self.gen = common.generator(self.device, cfg.seed, common.DOWNLINK)
-        self.replica = common.flat_params(self.model).clone()
-        self.n = self.replica.numel()
+        flat = common.flat_params(self.model)
+        self.n = flat.numel()
         # buffers reused every step: theta gathered from the model (into the replica itself
-        # when theta is what goes down), the mean gradient, the change sent down and its decode
+        # when theta is what goes down: the body of the one downlink payload, sent as it is),
+        # the mean gradient, the change sent down and its decode
+        self.down_buf: torch.Tensor | None = None
+        if cfg.downlink == "none":
+            self.down_buf, self.replica = self.down.payload_buffer(self.n, self.device)
+            self.replica.copy_(flat)
+        else:
+            self.replica = flat.clone()
         self.theta = self.replica if cfg.downlink == "none" else torch.empty_like(self.replica)
         self.params = common.ParamViews(self.model, self.theta)
         self.g = torch.empty_like(self.replica)
@@ -119,8 +126,8 @@ class Server:
     def downlink(self) -> torch.Tensor:
         """The downlink payload (flat uint8); advances the tracked replica."""
         theta = self.params.store()
-        if self.cfg.downlink == "none":  # theta is the replica: the workers receive it whole
-            payload = self.down.encode(theta).to_tensor()
+        if self.down_buf is not None:  # theta is the replica, the body of the payload: sent whole
+            payload = self.down.seal(self.down_buf).to_tensor()
         else:
             change = torch.sub(theta, self.replica, out=self.delta)
             payload = self.down.encode(change, generator=self.gen).to_tensor()
@@ -145,7 +152,7 @@ class Server:
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step,
                 "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
-                "optimizer": self.opt.state_dict(), "replica": self.replica.cpu(),
+                "optimizer": self.opt.state_dict(), "replica": self.replica.to("cpu", copy=True),
                 "generator": self.gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

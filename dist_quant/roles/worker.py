@@ -60,12 +60,21 @@ class Worker:
         self.dropout_gen = common.generator(self.device, cfg.seed, index, common.DROPOUT)
         self.model = common.build_model(cfg, data.in_features, data.num_classes, self.device,
                                         dropout_generator=self.dropout_gen)
-        self.replica = common.flat_params(self.model).clone()
-        self.n = self.replica.numel()
-        self.params = common.ParamViews(self.model, self.replica)  # the model reads the replica
+        flat = common.flat_params(self.model)
+        self.n = flat.numel()
         self.n_stats = common.bn_stats(self.model).numel()
         self.comp = common.uplink_compressor(cfg, stateful=True)
         self.down = common.downlink_compressor(cfg)
+        # the downlink is received into one reused buffer; with --downlink none its body is the
+        # replica itself, so receiving is decoding (what is left is the header's validation)
+        if cfg.downlink == "none":
+            self.inbox, self.replica = self.down.payload_buffer(self.n, self.device)
+            self.replica.copy_(flat)
+        else:
+            self.inbox = torch.empty(self.down.payload_nbytes(self.n), dtype=torch.uint8,
+                                     device=self.device)
+            self.replica = flat.clone()
+        self.params = common.ParamViews(self.model, self.replica)  # the model reads the replica
         self.decoded = torch.empty_like(self.replica)  # reused downlink decode (compressed)
         self.nonfinite_at = cfg.nonfinite_at
         self.step = 0
@@ -119,7 +128,9 @@ class Worker:
     def _apply_pending(self) -> None:
         if self.pending is None:
             return
-        if self.cfg.downlink == "none":  # the parameters themselves: decoded into the replica
+        if self.cfg.downlink == "none" and self.pending is self.inbox:  # received in place
+            self.down.check(self.pending)
+        elif self.cfg.downlink == "none":  # the parameters themselves: decoded into the replica
             self.down.decode(self.pending, out=self.replica)
         else:
             self.replica.add_(self.down.decode(self.pending, out=self.decoded))
@@ -171,7 +182,8 @@ def run_worker(cfg: TrainConfig, worker: Worker, transport: Transport) -> None:
         if control == ABORT:
             raise RunAborted(f"the server aborted the run at step {step} (see its message)")
         worker.receive_downlink(transport.recv_from_server(n_down, torch.uint8, TAG_DOWN,
-                                                           "parameters payload", counted=True))
+                                                           "parameters payload", counted=True,
+                                                           out=worker.inbox))
         if is_checkpoint_step(cfg, step, last=control == LAST):
             transport.send_blob(worker.state_dict(), "worker state")
         if control == LAST:
