@@ -80,9 +80,14 @@ class ParamViews:
     dtype, ``model.parameters()`` order), built once: :meth:`load` copies ``flat`` into the
     parameters, :meth:`store` the parameters into ``flat``. The parameters must stay the same
     tensors (``load_state_dict`` copies into them, so it keeps them) and ``flat`` the same buffer
-    (update it in place)."""
+    (update it in place).
 
-    def __init__(self, model: nn.Module, flat: torch.Tensor):
+    With ``alias=True`` the parameters become those views (their values are first copied into
+    ``flat``): the model then reads and updates ``flat`` itself, and ``load``/``store`` have
+    nothing left to copy. Every in-place update of a parameter (optimizer steps,
+    ``load_state_dict``) is then an update of ``flat``, and the reverse."""
+
+    def __init__(self, model: nn.Module, flat: torch.Tensor, alias: bool = False):
         self.params = list(model.parameters())
         self.flat = flat
         self.views = []
@@ -93,16 +98,26 @@ class ParamViews:
         if offset != flat.numel():
             raise ValueError(f"the flat vector holds {flat.numel()} values, the model "
                              f"{offset} parameters")
+        self.aliased = False
+        if alias:
+            self.store()
+            with torch.no_grad():
+                for p, v in zip(self.params, self.views, strict=True):
+                    p.data = v
+            self.aliased = True
 
     @torch.no_grad()
     def load(self) -> None:
+        if self.aliased:
+            return
         for p, v in zip(self.params, self.views, strict=True):
             p.copy_(v)
 
     @torch.no_grad()
     def store(self) -> torch.Tensor:
-        for p, v in zip(self.params, self.views, strict=True):
-            v.copy_(p)
+        if not self.aliased:
+            for p, v in zip(self.params, self.views, strict=True):
+                v.copy_(p)
         return self.flat
 
 

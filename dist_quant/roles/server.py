@@ -93,7 +93,7 @@ class Server:
         else:
             self.replica = flat.clone()
         self.theta = self.replica if cfg.downlink == "none" else torch.empty_like(self.replica)
-        self.params = common.ParamViews(self.model, self.theta)
+        self.params = common.ParamViews(self.model, self.theta, alias=True)  # updated in place
         self.g = torch.empty_like(self.replica)
         self.delta = torch.empty_like(self.replica)
         self.n_stats = common.bn_stats(self.model).numel()
@@ -151,7 +151,7 @@ class Server:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step,
-                "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "model": {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()},
                 "optimizer": self.opt.state_dict(), "replica": self.replica.to("cpu", copy=True),
                 "generator": self.gen.get_state()}
 

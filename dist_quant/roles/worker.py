@@ -74,7 +74,8 @@ class Worker:
             self.inbox = torch.empty(self.down.payload_nbytes(self.n), dtype=torch.uint8,
                                      device=self.device)
             self.replica = flat.clone()
-        self.params = common.ParamViews(self.model, self.replica)  # the model reads the replica
+        # the model's parameters are views of the replica: they read each downlink in place
+        self.params = common.ParamViews(self.model, self.replica, alias=True)
         self.decoded = torch.empty_like(self.replica)  # reused downlink decode (compressed)
         self.nonfinite_at = cfg.nonfinite_at
         self.step = 0
@@ -145,7 +146,7 @@ class Worker:
         """Everything needed to continue bit for bit (the replica is in ``model``)."""
         self._apply_pending()
         return {"index": self.index, "step": self.step,
-                "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
+                "model": {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()},
                 "generator": self.gen.get_state(),
                 "dropout_generator": self.dropout_gen.get_state(),
                 "sampler": self.sampler.state_dict(),
