@@ -10,7 +10,7 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 
 ====================  =========================================================
 ``ps-fp32``           parameter server, fp32 uplink (compressor ``none``)
-``ps-onebit-whole``   1-bit, one (a, b) for the whole gradient (the sheet's rule)
+``ps-onebit-whole``   1-bit, one (a, b) for the whole gradient (the per-tensor rule)
 ``ps-onebit``         1-bit in buckets of the default ``--bucket-size``
 ``ps-sign-ef``        scaled sign with error feedback
 ``ps-onebit-updown``  1-bit uplink and a 1-bit ``sign`` downlink (scaled sign of the replica

@@ -5,7 +5,7 @@
 >>> payload = comp.encode(grad, generator=gen)          # doctest: +SKIP
 >>> comp.decode(payload.to_tensor())                    # doctest: +SKIP
 
-Names: ``none`` (fp32), ``fp16``, ``bf16``, ``onebit`` (the sheet's unbiased 1-bit rule),
+Names: ``none`` (fp32), ``fp16``, ``bf16``, ``onebit`` (the unbiased 1-bit rule, per bucket),
 ``kbit`` (``bits`` in 1..8), ``sign`` (scaled sign, biased), and the baselines ``qsgd`` (norm
 scaling, ``levels`` s; unbiased), ``terngrad`` (ternary, max scaling; unbiased), ``topk`` (the
 ``ratio`` n largest coordinates; biased, meant for error feedback) and ``randk`` (``ratio`` n
