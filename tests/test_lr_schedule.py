@@ -149,3 +149,21 @@ def test_ddp_and_parameter_server_follow_the_same_schedule(tmp_path):
         (ps_params - ddp_params).abs().max()
     # and the schedule mattered: a constant lr ends elsewhere
     assert schedule_from_config(cfg).factor(cfg.steps) != 1.0
+
+
+def test_readme_schedule_example_runs():
+    """The README's snippet, as written, on a small model: lr follows the schedule."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
+    snippet = next(b for b in blocks if "LRSchedule" in b)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    scope = {"model": model}
+    exec(snippet, scope)
+    opt = scope["opt"]
+    for t in range(1, 61):
+        model(torch.ones(1, 3)).sum().backward()
+        opt.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * scope["schedule"].factor(t))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2 * (1 + math.cos(math.pi * 9 / 950)) / 2)
