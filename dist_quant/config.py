@@ -6,8 +6,8 @@ metadata. ``TrainConfig.validate`` raises :class:`dist_quant.errors.ConfigError`
 and the allowed range, before any process starts.
 
 Fields that move the bandwidth/accuracy trade-off: ``compressor``, ``bucket_size``, ``bits``,
-``error_feedback`` and ``downlink`` (fewer bytes, more gradient noise); ``workers`` and
-``batch_size`` (more data per step, more payloads per step).
+``qsgd_levels``, ``sparsity_ratio``, ``error_feedback`` and ``downlink`` (fewer bytes, more
+gradient noise); ``workers`` and ``batch_size`` (more data per step, more payloads per step).
 """
 
 from __future__ import annotations

@@ -11,11 +11,14 @@ so the first update after the warmup uses the full lr, the step schedule multipl
 ``gamma`` every ``step_size`` updates, and the cosine reaches ``(1 + cos(pi (T - w - 1) /
 (T - w))) / 2``, just above 0, at the last update.
 
-:class:`~dist_quant.optim.DecoupledMomentumSGD` takes a schedule and applies it itself
-(``lr_t = base_lr f(t)``), so the parameter server and the DDP baseline, which both build that
-optimizer, follow the same one; ``metrics.jsonl`` records ``lr`` (the base lr times ``f(t)``)
-on every step line. Use the decoupled optimizer under a schedule: torch's coupled SGD
-reproduces it only with a momentum that changes with the learning rate (MATH 5d).
+:class:`~dist_quant.optim.DecoupledMomentumSGD` takes a schedule and applies it itself (``lr_t =
+base_lr f(t)``), so the parameter server and the DDP baseline, which both build that optimizer,
+follow the same one; ``metrics.jsonl`` records ``lr`` (the base lr times ``f(t)``) on every step
+line. ``t`` is the optimizer's own count of updates: a parameter-server step that leaves out every
+payload (``--on-nonfinite skip`` with no valid payload) applies no update, and from then on the
+optimizer's ``t`` is one behind the step number that ``metrics.jsonl`` records ``lr`` for. Use the
+decoupled optimizer under a schedule: torch's coupled SGD reproduces it only with a momentum that
+changes with the learning rate (MATH 5d).
 """
 
 from __future__ import annotations
