@@ -23,12 +23,12 @@ import click
 from dist_quant.errors import ConfigError
 from dist_quant.linkmodel import (
     Link,
-    _link_of,
-    _read_run,
     compare,
+    link_of,
     predict_comm_seconds,
     predict_wall_seconds,
     predict_wire,
+    read_run,
 )
 
 
@@ -36,13 +36,13 @@ def predict_run(run_dir: str | Path, link: Link, allreduces: int = 1) -> dict[st
     """Predicted communication seconds, wall seconds and wire bytes of ``run_dir`` on ``link``."""
     run_dir = Path(run_dir)
     try:
-        config, steps, summary = _read_run(run_dir)
+        config, steps, summary = read_run(run_dir)
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError("RUN_DIR", f"{run_dir} is not a finished run directory (config.json, "
                           f"metrics.jsonl, summary.json): {err}") from None
     link.validate()
     method, workers = config["method"], summary.get("workers", config["workers"])
-    ran_on = _link_of(run_dir)
+    ran_on = link_of(run_dir)
     comm = predict_comm_seconds(steps, method, workers, link, allreduces)
     return {
         "run_dir": str(run_dir), "method": method, "workers": workers, "steps": len(steps),

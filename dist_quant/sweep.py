@@ -19,7 +19,9 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 ``ps-qsgd``           QSGD, ``--qsgd-levels`` levels, L2 norm per bucket (Alistarh et al. 2017)
 ``ps-terngrad``       TernGrad, ternary with max scaling per bucket (Wen et al. 2017)
 ``ps-topk-ef``        top-k (``--sparsity-ratio``) with error feedback
-``ps-randk``          random-k rescaled by n / k (unbiased), ``--sparsity-ratio``
+``ps-randk``          random-k rescaled by n / k (unbiased), ``--sparsity-ratio``; its variance
+                      is (n / k - 1) ||g||^2, so at the default ratio 0.01 and lr 0.2 the
+                      default job diverges (``--set sparsity_ratio=0.25`` learns)
 ``ddp-fp32``          torch DDP, fp32 gloo allreduce
 ``ddp-fp16``          torch DDP, ``fp16_compress_hook``
 ``ddp-powersgd``      torch DDP, PowerSGD hook (``--powersgd-rank``)
