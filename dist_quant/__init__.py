@@ -3,19 +3,53 @@
 Workers quantise gradients to one bit per coordinate (unbiased stochastic rounding with the
 minimum-variance scale and offset), a parameter server reconstructs, averages and applies SGD
 whose momentum acts on the stochastic gradient only. See README.md.
+
+The supported library surface is ``__all__``: the compressors and their registry, the
+optimizer with its coupled equivalent and parameter groups, the learning-rate schedule, the
+training configuration, and the errors. Everything else (roles, transport, cluster) is
+internal and may change.
 """
 
 __version__ = "0.1.0"
 
-from dist_quant.compress import available_compressors, get_compressor  # noqa: E402
-from dist_quant.errors import ConfigError, NonFiniteGradientError, PayloadError  # noqa: E402
-from dist_quant.optim import DecoupledMomentumSGD  # noqa: E402
+from dist_quant.compress import (  # noqa: E402
+    Compressor,
+    ErrorFeedback,
+    Payload,
+    available_compressors,
+    get_compressor,
+)
+from dist_quant.config import TrainConfig  # noqa: E402
+from dist_quant.errors import (  # noqa: E402
+    ConfigError,
+    NonFiniteGradientError,
+    PayloadError,
+    WireRangeError,
+)
+from dist_quant.lr_schedule import LRSchedule  # noqa: E402
+from dist_quant.optim import (  # noqa: E402
+    CoupledSettings,
+    DecoupledMomentumSGD,
+    coupled_equivalent,
+    coupled_sgd,
+    decay_param_groups,
+)
 
 __all__ = [
+    "Compressor",
     "ConfigError",
+    "CoupledSettings",
     "DecoupledMomentumSGD",
+    "ErrorFeedback",
+    "LRSchedule",
     "NonFiniteGradientError",
+    "Payload",
     "PayloadError",
+    "TrainConfig",
+    "WireRangeError",
     "available_compressors",
+    "coupled_equivalent",
+    "coupled_sgd",
+    "decay_param_groups",
     "get_compressor",
 ]

@@ -6,8 +6,8 @@ metadata. ``TrainConfig.validate`` raises :class:`dist_quant.errors.ConfigError`
 and the allowed range, before any process starts.
 
 Fields that move the bandwidth/accuracy trade-off: ``compressor``, ``bucket_size``, ``bits``,
-``error_feedback`` and ``downlink`` (fewer bytes, more gradient noise); ``workers`` and
-``batch_size`` (more data per step, more payloads per step).
+``qsgd_levels``, ``sparsity_ratio``, ``error_feedback`` and ``downlink`` (fewer bytes, more
+gradient noise); ``workers`` and ``batch_size`` (more data per step, more payloads per step).
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ INITS = ("he", "lecun", "double")
 BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 ON_NONFINITE = ("skip", "abort")
+LR_SCHEDULES = ("constant", "step", "cosine")
+# unbiased stochastic compressors: their rounding error cannot be carried on the downlink
+NOT_CONTRACTIVE = ("onebit", "qsgd", "terngrad", "randk")
 BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
 
 
@@ -42,15 +45,21 @@ class TrainConfig:
     workers: int = _opt(4, "Number of worker processes W (the server is an extra rank 0).")
     # --- uplink compression ----------------------------------------------------------------
     compressor: str = _opt("onebit", "Uplink compressor: none (fp32), fp16, bf16, onebit, kbit, "
-                           "sign.")
-    bucket_size: int = _opt(128, "Coordinates per (a, b) header for onebit/kbit; 0 = the whole "
-                            "flattened gradient (the sheet's per-tensor rule).")
+                           "sign; baselines qsgd (--qsgd-levels), terngrad, topk (with "
+                           "--error-feedback) and randk (--sparsity-ratio).")
+    bucket_size: int = _opt(128, "Coordinates per header (the (a, b) of onebit/kbit, the scale of "
+                            "sign/qsgd/terngrad); 0 = the whole flattened gradient (the "
+                            "per-tensor rule).")
     bits: int = _opt(2, "Bits per coordinate for the kbit compressor (1..8).")
     header_dtype: str = _opt("fp32", "Type of the (a, b) headers on the wire; fp16 rounds outward "
                              "so the decode stays unbiased.", choices=HEADER_DTYPES)
     error_feedback: bool = _opt(False, "Wrap the uplink compressor in error feedback. It needs a "
                                 "contractive compressor (sign); around stochastic 1-bit "
                                 "rounding the carried error grows and long runs diverge.")
+    qsgd_levels: int = _opt(4, "Levels s of the qsgd compressor (1..32767): 1 + bit_length(s) "
+                            "bits per coordinate, plus the bucket's norm.")
+    sparsity_ratio: float = _opt(0.01, "Fraction of the coordinates that topk and randk send, "
+                                 "in (0, 1]: 64 x ratio bits per coordinate.")
     # --- downlink --------------------------------------------------------------------------
     downlink: str = _opt("none", "Downlink compressor: none sends fp32 parameters; any other "
                          "compressor sends the compressed change of the workers' replica, its "
@@ -72,7 +81,14 @@ class TrainConfig:
     # --- optimisation ----------------------------------------------------------------------
     steps: int = _opt(1000, "Synchronous steps to run.")
     batch_size: int = _opt(512, "Minibatch size per worker (at most its shard: train_size / W).")
-    lr: float = _opt(0.2, "Learning rate eta.")
+    lr: float = _opt(0.2, "Learning rate eta (the peak of --lr-schedule).")
+    lr_schedule: str = _opt("constant", "Learning-rate schedule after the warmup: constant, step "
+                            "(times --lr-gamma every --lr-step-size steps) or cosine (to 0 at "
+                            "the last step).", choices=LR_SCHEDULES)
+    warmup_steps: int = _opt(0, "Linear warmup: the learning rate rises from lr / N to lr over "
+                             "the first N steps (0 = none).")
+    lr_step_size: int = _opt(300, "Steps between two decays of the step schedule.")
+    lr_gamma: float = _opt(0.1, "Factor of each decay of the step schedule, in (0, 1].")
     momentum: float = _opt(0.9, "Momentum mu on the stochastic gradient only (0 <= mu < 1).")
     weight_decay: float = _opt(5e-4, "L2 coefficient lambda, applied at the server outside "
                                "momentum.")
@@ -137,6 +153,17 @@ class TrainConfig:
             bad("batch_size", f"must be >= 1; got {self.batch_size}")
         if not self.lr > 0:
             bad("lr", f"must be > 0; got {self.lr}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            bad("warmup_steps", f"must be in 0..--steps ({self.steps}); got {self.warmup_steps}")
+        if self.lr_step_size < 1:
+            bad("lr_step_size", f"must be >= 1; got {self.lr_step_size}")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            bad("lr_gamma", f"must be in (0, 1]; got {self.lr_gamma}")
+        if not 1 <= self.qsgd_levels <= 32767:
+            bad("qsgd_levels", f"must be in 1..32767; got {self.qsgd_levels}")
+        if not 0.0 < self.sparsity_ratio <= 1.0:
+            bad("sparsity_ratio", f"is a fraction of the coordinates, must be in (0, 1]; got "
+                f"{self.sparsity_ratio}")
         if not 0.0 <= self.momentum < 1.0:
             bad("momentum", f"must be in [0, 1); got {self.momentum}")
         if self.weight_decay < 0:
@@ -190,15 +217,15 @@ class TrainConfig:
         if self.downlink not in names:
             raise ConfigError("--downlink", f"must be one of {', '.join(names)}; "
                               f"got {self.downlink!r}")
-        if self.downlink == "onebit" or (self.downlink == "kbit" and self.bits == 1):
+        if self.downlink in NOT_CONTRACTIVE or (self.downlink == "kbit" and self.bits == 1):
             # The replica error is carried into the next step (error feedback). Stochastic
             # rounding to the two ends of a bucket's range leaves an error whose spread is
             # about 2.4 times that of its input when the input is itself such an error, so
             # the carried error grows geometrically and training diverges.
-            raise ConfigError("--downlink", "stochastic 1-bit rounding cannot carry the "
-                              "replica error (it amplifies it every step and diverges); use "
-                              "sign (1 bit + a scale per bucket, contractive) or kbit with "
-                              "--bits >= 2")
+            raise ConfigError("--downlink", f"{self.downlink}: an unbiased stochastic "
+                              "compressor cannot carry the replica error (it amplifies it "
+                              "every step and diverges); use sign (1 bit + a scale per bucket, "
+                              "contractive), topk, or kbit with --bits >= 2")
 
     @property
     def hidden_sizes(self) -> tuple[int, ...]:

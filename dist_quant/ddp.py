@@ -83,6 +83,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dist_quant.config import TrainConfig
 from dist_quant.data import load_dataset, worker_batches
 from dist_quant.errors import ConfigError
+from dist_quant.lr_schedule import schedule_from_config
 from dist_quant.metrics import RunRecorder
 from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
 from dist_quant.progress import Progress, summary_line
@@ -291,7 +292,8 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     hook, state = make_hook(cfg)
     ddp.register_comm_hook(state, meter.wrap(hook))
     opt = DecoupledMomentumSGD(decay_param_groups(model, cfg.weight_decay, cfg.decay_all),
-                               lr=cfg.lr, momentum=cfg.momentum)
+                               lr=cfg.lr, momentum=cfg.momentum,
+                               schedule=schedule_from_config(cfg))
 
     recorder = RunRecorder(cfg.run_dir, cfg.to_dict()) if rank == 0 else None
     progress = Progress(cfg.steps, enabled=cfg.progress and rank == 0)

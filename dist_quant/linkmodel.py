@@ -176,7 +176,8 @@ def predict_wall_seconds(baseline_wall: float, steps: list[dict[str, Any]], meth
             - predict_comm_seconds(steps, method, workers, base, allreduces))
 
 
-def _read_run(run_dir: Path) -> tuple[dict, list[dict], dict]:
+def read_run(run_dir: Path) -> tuple[dict, list[dict], dict]:
+    """(config, step records, summary) of a finished run directory."""
     from dist_quant.metrics import read_metrics, read_summary
 
     config = json.loads((run_dir / "config.json").read_text())["config"]
@@ -184,7 +185,8 @@ def _read_run(run_dir: Path) -> tuple[dict, list[dict], dict]:
     return config, steps, read_summary(run_dir)
 
 
-def _link_of(run_dir: Path) -> Link:
+def link_of(run_dir: Path) -> Link:
+    """The link a run ran on (its ``link.json``; uncapped without one)."""
     path = run_dir / "link.json"
     if not path.exists():
         return Link()
@@ -202,9 +204,9 @@ def compare(run_dir: str | Path, baseline_dir: str | Path, allreduces: int = 1) 
     with a steady window, predicted against measured data and ACK bytes over that window.
     """
     run_dir, baseline_dir = Path(run_dir), Path(baseline_dir)
-    config, steps, summary = _read_run(run_dir)
-    _, _, base_summary = _read_run(baseline_dir)
-    link, base_link = _link_of(run_dir), _link_of(baseline_dir)
+    config, steps, summary = read_run(run_dir)
+    _, _, base_summary = read_run(baseline_dir)
+    link, base_link = link_of(run_dir), link_of(baseline_dir)
     method, workers = config["method"], summary.get("workers", config["workers"])
     predicted = predict_wall_seconds(base_summary["wall_seconds"], steps, method, workers, link,
                                      base_link, allreduces)

@@ -21,7 +21,9 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     ``decode``) and ``encode`` (plus the server's downlink encode), the server's ``decode``
     and ``update``, and ``communicate`` = the rest (transfer and waiting); the simulator sums
     its virtual workers' times instead (``dist_quant.roles.server``). ``skipped`` counts the
-    payloads left out at this step (non-finite or invalid).
+    payloads left out at this step (non-finite or invalid). ``lr`` is the learning rate of
+    step ``t`` under the run's schedule (``dist_quant.lr_schedule.lr_at``); the optimizer
+    applies the same value at its ``t``-th update.
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
     "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``.
 - ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,
@@ -107,6 +109,11 @@ class RunRecorder:
         write_json_atomic(self.dir / "config.json",
                           {"config": config, "versions": versions(), "git_commit": git_commit()})
         self._fh = open(metrics, "a", buffering=1)  # noqa: SIM115 (closed in close())
+        self._lr = None
+        if "lr" in config:
+            from dist_quant.lr_schedule import schedule_from_config
+
+            self._lr = (float(config["lr"]), schedule_from_config(config))
 
     def wall(self) -> float:
         return self.wall_offset + time.perf_counter() - self.t0
@@ -121,6 +128,8 @@ class RunRecorder:
                "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
                "wall": self.wall(), "time": {p: float(times.get(p, 0.0)) for p in PHASES},
                "skipped": int(skipped)}
+        if self._lr is not None:
+            rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
         self._fh.write(json.dumps(rec) + "\n")
         return rec
 

@@ -23,7 +23,9 @@ coincide for ``eta' = eta``, ``mu' = mu (1 - eta lambda)``, ``lambda' = lambda (
 ``e_1 = -eta lambda mu theta_0`` (for identical gradients).
 
 (5d) Under a learning-rate schedule the coupled rule needs ``mu'_t = mu (1 - eta_{t-1} lambda)``,
-changing with the schedule: no fixed coupled setting reproduces the decoupled rule.
+changing with the schedule: no fixed coupled setting reproduces the decoupled rule. So the
+schedule (:mod:`dist_quant.lr_schedule`) belongs to ``DecoupledMomentumSGD``, which applies it
+itself: ``eta_t = eta f(t)`` in the rule above, nothing else changes.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from dist_quant.errors import ConfigError
+from dist_quant.lr_schedule import LRSchedule
 
 
 def _check(lr: float, momentum: float, weight_decay: float) -> None:
@@ -55,15 +58,27 @@ class DecoupledMomentumSGD(torch.optim.Optimizer):
     ``weight_decay`` may differ per parameter group (see ``decay_param_groups``). The buffer
     ``m`` (state ``"momentum_buffer"``) starts at zero, so the first step uses ``m = grad``.
     Works in any float dtype; ``state_dict``/``load_state_dict`` round-trip exactly.
+
+    ``schedule`` (an :class:`~dist_quant.lr_schedule.LRSchedule`) sets each group's ``lr`` to
+    ``base_lr * schedule.factor(t)`` before update ``t``; ``base_lr`` is the group's lr at
+    construction and ``t`` counts this optimizer's steps (both kept in the param groups, so a
+    checkpoint resumes the schedule where it was). After a step, ``group["lr"]`` is the lr that
+    step used.
     """
 
     def __init__(
         self, params: Iterable, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+        schedule: LRSchedule | None = None,
     ):
         _check(lr, momentum, weight_decay)
         super().__init__(params, {"lr": lr, "momentum": momentum, "weight_decay": weight_decay})
         for group in self.param_groups:
             _check(group["lr"], group["momentum"], group["weight_decay"])
+        self.schedule = None if schedule is None or schedule.is_constant else schedule
+        if self.schedule is not None:
+            for group in self.param_groups:
+                group.setdefault("base_lr", group["lr"])
+                group.setdefault("updates", 0)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -72,6 +87,9 @@ class DecoupledMomentumSGD(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if self.schedule is not None:
+                group["updates"] += 1
+                group["lr"] = group["base_lr"] * self.schedule.factor(group["updates"])
             lr, mu, lam = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:

@@ -10,12 +10,18 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 
 ====================  =========================================================
 ``ps-fp32``           parameter server, fp32 uplink (compressor ``none``)
-``ps-onebit-whole``   1-bit, one (a, b) for the whole gradient (the sheet's rule)
+``ps-onebit-whole``   1-bit, one (a, b) for the whole gradient (the per-tensor rule)
 ``ps-onebit``         1-bit in buckets of the default ``--bucket-size``
 ``ps-sign-ef``        scaled sign with error feedback
 ``ps-onebit-updown``  1-bit uplink and a 1-bit ``sign`` downlink (scaled sign of the replica
                       change: the downlink carries its error, which needs a contractive
                       compressor; a stochastic 1-bit downlink is refused by validation)
+``ps-qsgd``           QSGD, ``--qsgd-levels`` levels, L2 norm per bucket (Alistarh et al. 2017)
+``ps-terngrad``       TernGrad, ternary with max scaling per bucket (Wen et al. 2017)
+``ps-topk-ef``        top-k (``--sparsity-ratio``) with error feedback
+``ps-randk``          random-k rescaled by n / k (unbiased), ``--sparsity-ratio``; its variance
+                      is (n / k - 1) ||g||^2, so at the default ratio 0.01 and lr 0.2 the
+                      default job diverges (``--set sparsity_ratio=0.25`` learns)
 ``ddp-fp32``          torch DDP, fp32 gloo allreduce
 ``ddp-fp16``          torch DDP, ``fp16_compress_hook``
 ``ddp-powersgd``      torch DDP, PowerSGD hook (``--powersgd-rank``)
@@ -85,6 +91,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "downlink": "none"},
     "ps-onebit-updown": {"method": "ps", "compressor": "onebit", "error_feedback": False,
                          "downlink": "sign"},
+    "ps-qsgd": {"method": "ps", "compressor": "qsgd", "error_feedback": False,
+                "downlink": "none"},
+    "ps-terngrad": {"method": "ps", "compressor": "terngrad", "error_feedback": False,
+                    "downlink": "none"},
+    "ps-topk-ef": {"method": "ps", "compressor": "topk", "error_feedback": True,
+                   "downlink": "none"},
+    "ps-randk": {"method": "ps", "compressor": "randk", "error_feedback": False,
+                 "downlink": "none"},
     "ddp-fp32": {"method": "ddp", "ddp_hook": "none"},
     "ddp-fp16": {"method": "ddp", "ddp_hook": "fp16"},
     "ddp-powersgd": {"method": "ddp", "ddp_hook": "powersgd"},
@@ -451,6 +465,11 @@ def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], rate: s
       dist-quant sweep sweeps/bw --cluster -m ps-fp32 -m ps-onebit -m ddp-fp32 \\
           -m ddp-powersgd --rate 10,100,none --set workers=4 --set steps=1500 \\
           --set eval_every=25 --set stop_accuracy=0.65
+
+    \b
+    Example (the compression baselines at 10 Mbit/s):
+      dist-quant sweep sweeps/baselines --cluster -m ps-qsgd -m ps-terngrad \\
+          -m ps-topk-ef -m ps-onebit --rate 10 --set workers=4 --set eval_every=25
     """
     try:
         points = points_from_options(methods, sets, rate, latency, loss, grid, cluster)

@@ -39,7 +39,8 @@ def expected_nbytes(name, options, n):
 
 
 def test_registry_names():
-    assert set(available_compressors()) == {"none", "fp16", "bf16", "onebit", "kbit", "sign"}
+    assert set(available_compressors()) == {"none", "fp16", "bf16", "onebit", "kbit", "sign",
+                                            "qsgd", "terngrad", "topk", "randk"}
 
 
 @pytest.mark.parametrize("name,options", ALL)

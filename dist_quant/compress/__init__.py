@@ -5,12 +5,19 @@
 >>> payload = comp.encode(grad, generator=gen)          # doctest: +SKIP
 >>> comp.decode(payload.to_tensor())                    # doctest: +SKIP
 
-Names: ``none`` (fp32), ``fp16``, ``bf16``, ``onebit`` (the sheet's unbiased 1-bit rule),
-``kbit`` (``bits`` in 1..8), ``sign`` (scaled sign, biased). Options, all keyword:
+Names: ``none`` (fp32), ``fp16``, ``bf16``, ``onebit`` (the unbiased 1-bit rule, per bucket),
+``kbit`` (``bits`` in 1..8), ``sign`` (scaled sign, biased), and the baselines ``qsgd`` (norm
+scaling, ``levels`` s; unbiased), ``terngrad`` (ternary, max scaling; unbiased), ``topk`` (the
+``ratio`` n largest coordinates; biased, meant for error feedback) and ``randk`` (``ratio`` n
+random coordinates rescaled by n / k; unbiased). Options, all keyword:
 
-- ``bucket_size`` (onebit, kbit, sign): coordinates per header; ``None`` or 0 = whole tensor.
+- ``bucket_size`` (onebit, kbit, sign, qsgd, terngrad): coordinates per header; ``None`` or 0 =
+  whole tensor.
 - ``bits`` (kbit): 1..8; ``onebit`` is ``kbit`` with ``bits=1`` (same code, same payload).
-- ``header_dtype`` (onebit, kbit, sign): ``fp32`` (default), ``fp16`` or ``bf16``.
+- ``header_dtype`` (onebit, kbit, sign, qsgd, terngrad): ``fp32`` (default), ``fp16`` or
+  ``bf16``.
+- ``levels`` (qsgd): s in 1..32767 (default 4).
+- ``ratio`` (topk, randk): fraction of coordinates sent, in (0, 1] (default 0.01).
 - ``error_feedback`` (all): wrap in :class:`ErrorFeedback`.
 
 Options a compressor does not use are ignored, so a caller may pass one configuration's worth to
@@ -25,12 +32,18 @@ from collections.abc import Callable
 from dist_quant.compress.base import Compressor
 from dist_quant.compress.error_feedback import ErrorFeedback
 from dist_quant.compress.floats import BF16Compressor, FP16Compressor, NoneCompressor
+from dist_quant.compress.qsgd import MAX_LEVELS, QSGDCompressor
 from dist_quant.compress.quantize import KBitCompressor
+from dist_quant.compress.randk import RandKCompressor
 from dist_quant.compress.sign import SignCompressor
+from dist_quant.compress.terngrad import TernGradCompressor
+from dist_quant.compress.topk import TopKCompressor
 from dist_quant.compress.wire import HEADER_DTYPES, Payload
 from dist_quant.errors import ConfigError, WireRangeError
 
-OPTIONS = ("bucket_size", "bits", "header_dtype", "error_feedback")
+OPTIONS = ("bucket_size", "bits", "header_dtype", "error_feedback", "levels", "ratio")
+DEFAULT_LEVELS = 4
+DEFAULT_RATIO = 0.01
 
 
 def _bucket(bucket_size: int | None) -> int:
@@ -59,6 +72,22 @@ def _bits(bits: int | None) -> int:
     return bits
 
 
+def _levels(levels: int | None) -> int:
+    if levels is None:
+        return DEFAULT_LEVELS
+    if isinstance(levels, bool) or not isinstance(levels, int) or not 1 <= levels <= MAX_LEVELS:
+        raise ConfigError("levels", f"must be an integer in 1..{MAX_LEVELS}; got {levels!r}")
+    return levels
+
+
+def _ratio(ratio: float | None) -> float:
+    if ratio is None:
+        return DEFAULT_RATIO
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ConfigError("ratio", f"must be a fraction in (0, 1]; got {ratio!r}")
+    return float(ratio)
+
+
 _REGISTRY: dict[str, Callable[..., Compressor]] = {
     "none": lambda **o: NoneCompressor(),
     "fp16": lambda **o: FP16Compressor(),
@@ -69,6 +98,12 @@ _REGISTRY: dict[str, Callable[..., Compressor]] = {
                                        _header(o.get("header_dtype"))),
     "sign": lambda **o: SignCompressor(_bucket(o.get("bucket_size")),
                                        _header(o.get("header_dtype"))),
+    "qsgd": lambda **o: QSGDCompressor(_levels(o.get("levels")), _bucket(o.get("bucket_size")),
+                                       _header(o.get("header_dtype"))),
+    "terngrad": lambda **o: TernGradCompressor(_bucket(o.get("bucket_size")),
+                                               _header(o.get("header_dtype"))),
+    "topk": lambda **o: TopKCompressor(_ratio(o.get("ratio"))),
+    "randk": lambda **o: RandKCompressor(_ratio(o.get("ratio"))),
 }
 
 

@@ -38,7 +38,6 @@ class Compressor:
     bucket_size: int = 0  # 0 = the whole tensor
     header_dtype: str = "fp32"
     uses_header_dtype: bool = False
-    unbiased: bool = True
 
     # ---- sizes -------------------------------------------------------------------------------
     def num_buckets(self, n: int) -> int:

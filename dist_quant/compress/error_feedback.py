@@ -59,9 +59,6 @@ class ErrorFeedback:
     def decode_mean(self, batch, out=None):
         return self.inner.decode_mean(batch, out=out)
 
-    def reset(self) -> None:
-        self.residual = None
-
     def state_dict(self) -> dict:
         return {"residual": None if self.residual is None else self.residual.clone()}
 

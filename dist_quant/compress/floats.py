@@ -77,11 +77,9 @@ class FP16Compressor(FloatCompressor):
     name = kind = "fp16"
     dtype = torch.float16
     bits = 16
-    unbiased = False
 
 
 class BF16Compressor(FloatCompressor):
     name = kind = "bf16"
     dtype = torch.bfloat16
     bits = 16
-    unbiased = False

@@ -1,13 +1,13 @@
 """Unbiased k-bit stochastic quantisation; ``onebit`` is its ``k = 1`` case (MATH 4a-4g).
 
-The rule, per bucket of ``d`` consecutive coordinates (``d = n``: the sheet's whole-tensor rule).
+The rule, per bucket of ``d`` consecutive coordinates (``d = n``: the per-tensor rule).
 With ``L = 2^k - 1``, the worker sends an offset ``b``, a level spacing ``a`` and, for every
 coordinate, an integer ``t_i`` in ``0..L``; the server reconstructs ``a t_i + b``.
 
 1. ``b`` = the bucket's minimum rounded *down* to the header type, ``a`` = ``(max - b) / L``
    (in float64) rounded *up*, one ulp more if ``b + L a`` still falls short of the maximum
    (MATH 4e: the encoder draws with the values the decoder will use, and ``b + L a >= max``).
-   For ``k = 1`` these are the sheet's ``b = min g``, ``a = max g - min g``.
+   For ``k = 1`` these are the per-tensor rule's ``b = min g``, ``a = max g - min g``.
 2. ``y_i = (g_i - b) / a``, clamped to ``[0, L]`` (rounding can push it out, MATH 4d); ``y_i = 0``
    when ``a = 0`` (a constant bucket decodes exactly to ``b``).
 3. ``t_i = floor(y_i) + 1`` with probability ``frac(y_i)``, else ``floor(y_i)``: the two

@@ -21,7 +21,6 @@ class SignCompressor(Compressor):
     name = kind = "sign"
     bits = 1
     uses_header_dtype = True
-    unbiased = False
 
     def __init__(self, bucket_size: int = 0, header_dtype: str = "fp32"):
         self.bucket_size = bucket_size

@@ -10,9 +10,10 @@ Fixed header, 32 bytes::
     offset  size  field
     0       1     version            (1)
     1       1     compressor id      0 none (fp32), 1 fp16, 2 bf16, 3 kbit (onebit = kbit, k=1),
-                                     4 sign
+                                     4 sign, 5 qsgd, 6 terngrad, 7 topk, 8 randk
     2       1     flags              bit 0: non-finite gradient (no usable body; see below)
-    3       1     bits per value     none 32, fp16/bf16 16, kbit k in 1..8, sign 1
+    3       1     bits per value     none 32, fp16/bf16 16, kbit k in 1..8, sign 1, qsgd
+                                     1 + bit_length(s), terngrad 2, topk/randk 32
     4       1     header dtype       0 fp32, 1 fp16, 2 bf16 (of the per-bucket reals); 0 when
                                      the compressor has none
     5       3     reserved           zero
@@ -27,12 +28,20 @@ Body, by compressor (``nb = ceil(n / d)`` buckets, ``nb = 1`` when ``d = 0`` and
     kbit        nb scales a, then nb offsets b (header dtype),        2 nb h + ceil(n k / 8)
                 then the n level indices t, k bits each
     sign        nb scales s (header dtype), then n sign bits          nb h + ceil(n / 8)
+    qsgd        nb norms (header dtype, rounded up), then n codes     nb h + ceil(n w / 8)
+                of w = 1 + bit_length(s) bits: level << 1 | sign
+    terngrad    the qsgd layout with s = 1 and max |g| as the scale   nb h + ceil(n 2 / 8)
+    topk, randk k int32 indices (ascending), then k float32 values    8 k
 
-``h`` is the header dtype's size (4 or 2 bytes). Packed values form one bit stream over the whole
-tensor (buckets are not padded): value ``i`` occupies stream bits ``[i k, (i + 1) k)``, least
-significant bit first, and stream bit ``j`` is bit ``j % 8`` of byte ``j // 8``. Padding bits of
-the last byte are zero. So a 1-bit payload of n coordinates carries ``ceil(n / 8)`` bytes of bits
-plus its headers (MATH 4i).
+``h`` is the header dtype's size (4 or 2 bytes); ``k = min(n, max(1, round(r n)))`` for
+sparsity ratio ``r`` (0 when ``n = 0``). The levels ``s`` of qsgd and the ratio ``r`` do not
+travel: both ends take them from the configuration, as they take the shape; a mismatch shows as
+a wrong ``bits`` field or payload length, or as a level above ``s``, all rejected.
+
+Packed values form one bit stream over the whole tensor (buckets are not padded): value ``i``
+occupies stream bits ``[i k, (i + 1) k)``, least significant bit first, and stream bit ``j`` is bit
+``j % 8`` of byte ``j // 8``. Padding bits of the last byte are zero. So a 1-bit payload of n
+coordinates carries ``ceil(n / 8)`` bytes of bits plus its headers (MATH 4i).
 
 A non-finite payload (``Compressor.nonfinite_payload``) has the usual length for its ``n`` so
 that fixed-size collectives still line up; its body is zero and decoding it raises
@@ -54,12 +63,12 @@ FIXED_HEADER = struct.Struct("<BBBBB3xQQQ")
 FIXED_NBYTES = FIXED_HEADER.size  # 32
 assert FIXED_NBYTES == 32
 
-COMPRESSOR_IDS = {"none": 0, "fp16": 1, "bf16": 2, "kbit": 3, "sign": 4}
+COMPRESSOR_IDS = {"none": 0, "fp16": 1, "bf16": 2, "kbit": 3, "sign": 4, "qsgd": 5,
+                  "terngrad": 6, "topk": 7, "randk": 8}
 COMPRESSOR_NAMES = {v: k for k, v in COMPRESSOR_IDS.items()}
 
 HEADER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEADER_DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
-HEADER_DTYPE_NAMES = {v: k for k, v in HEADER_DTYPE_CODES.items()}
 
 FLAG_NONFINITE = 1
 KNOWN_FLAGS = FLAG_NONFINITE

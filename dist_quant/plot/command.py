@@ -30,7 +30,12 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
     Each path is a run directory (holding summary.json) or a sweep directory searched for
     them recursively.
     """
-    from dist_quant.plot.figures import draw_all
+    try:
+        from dist_quant.plot.figures import draw_all
+    except ImportError as err:
+        raise click.ClickException(f"dist-quant plot needs matplotlib ({err}); install it with "
+                                   "pip install 'dist-quant[plot]' (or pip install "
+                                   "matplotlib)") from None
     from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
     from dist_quant.plot.runs import find_runs, group_by_cap
 

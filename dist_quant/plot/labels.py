@@ -1,12 +1,12 @@
 """Short, stable names for runs, read from the ``"config"`` object of ``config.json``.
 
-``method_label`` names the method: ``"PS onebit b512"``, ``"PS onebit whole"`` (bucket 0, the
-sheet's per-tensor rule), ``"PS 2bit b512"``, ``"PS sign+EF"``, ``"PS onebit b512 up+down"``
-(the downlink uses the uplink compressor and bucket size), ``"PS onebit b512 down sign"``
-(a ``sign`` downlink in buckets of the uplink's size; ``"down sign b128"`` when they differ),
-``"PS fp32"``, ``"DDP fp32"``, ``"DDP fp16"``, ``"DDP PowerSGD r2"``. ``run_labels`` adds
-``key=value`` for the config fields that tell apart runs sharing a name (a seed, a worker count,
-a learning rate).
+``method_label`` names the method: ``"PS onebit b512"``, ``"PS onebit whole"`` (bucket 0, the per-
+tensor rule), ``"PS 2bit b512"``, ``"PS sign+EF"``, ``"PS onebit b512 up+down"`` (the downlink uses
+the uplink compressor and bucket size), ``"PS onebit b512 down sign"`` (a ``sign`` downlink in
+buckets of the uplink's size; ``"down sign b128"`` when they differ), ``"PS fp32"``, ``"DDP fp32"``,
+``"DDP fp16"``, ``"DDP PowerSGD r2"``; the baselines ``"PS QSGD s4 b128"``, ``"PS TernGrad b128"``,
+``"PS top-1%+EF"``, ``"PS rand-1%"``. ``run_labels`` adds ``key=value`` for the config fields that
+tell apart runs sharing a name (a seed, a worker count, a learning rate).
 """
 
 from __future__ import annotations
@@ -33,13 +33,26 @@ def bucket_label(bucket_size: int) -> str:
     return "whole" if bucket_size == 0 else f"b{bucket_size}"
 
 
-def compressor_label(name: str, bucket_size: int, bits: int) -> str:
+def ratio_label(ratio: float) -> str:
+    return f"{100 * ratio:g}%"
+
+
+def compressor_label(name: str, bucket_size: int, bits: int, levels: int = 4,
+                     ratio: float = 0.01) -> str:
     if name in PS_FLOATS:
         return PS_FLOATS[name]
     if name == "onebit":
         return f"onebit {bucket_label(bucket_size)}"
     if name == "kbit":
         return f"{bits}bit {bucket_label(bucket_size)}"
+    if name == "qsgd":
+        return f"QSGD s{levels} {bucket_label(bucket_size)}"
+    if name == "terngrad":
+        return f"TernGrad {bucket_label(bucket_size)}"
+    if name == "topk":
+        return f"top-{ratio_label(ratio)}"
+    if name == "randk":
+        return f"rand-{ratio_label(ratio)}"
     return name
 
 
@@ -49,13 +62,15 @@ def method_label(config: dict[str, Any]) -> str:
         if c["ddp_hook"] == "powersgd":
             return f"DDP PowerSGD r{c['powersgd_rank']}"
         return DDP_HOOKS.get(c["ddp_hook"], f"DDP {c['ddp_hook']}")
-    label = "PS " + compressor_label(c["compressor"], c["bucket_size"], c["bits"])
+    label = "PS " + compressor_label(c["compressor"], c["bucket_size"], c["bits"],
+                                     c["qsgd_levels"], c["sparsity_ratio"])
     if c["error_feedback"]:
         label += "+EF"
     if c["header_dtype"] != "fp32" and c["compressor"] not in PS_FLOATS:
         label += f" {c['header_dtype']} headers"
     if c["downlink"] != "none":
-        down = compressor_label(c["downlink"], c["downlink_bucket_size"], c["bits"])
+        down = compressor_label(c["downlink"], c["downlink_bucket_size"], c["bits"],
+                                c["qsgd_levels"], c["sparsity_ratio"])
         same_bucket = (c["downlink_bucket_size"] == c["bucket_size"]
                        or c["downlink"] in PS_FLOATS)
         if c["downlink"] == c["compressor"] and same_bucket:

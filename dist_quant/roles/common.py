@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
 from dist_quant.compress import get_compressor
 from dist_quant.config import TrainConfig
@@ -50,29 +51,20 @@ def uplink_compressor(cfg: TrainConfig, stateful: bool):
     """The uplink compressor; ``stateful`` adds error feedback when configured (workers only:
     the server decodes with the stateless inner compressor, the payloads are the same)."""
     return get_compressor(cfg.compressor, bucket_size=cfg.bucket_size, bits=cfg.bits,
-                          header_dtype=cfg.header_dtype,
+                          header_dtype=cfg.header_dtype, levels=cfg.qsgd_levels,
+                          ratio=cfg.sparsity_ratio,
                           error_feedback=cfg.error_feedback and stateful)
 
 
 def downlink_compressor(cfg: TrainConfig):
     return get_compressor(cfg.downlink, bucket_size=cfg.downlink_bucket_size, bits=cfg.bits,
-                          header_dtype=cfg.header_dtype)
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+                          header_dtype=cfg.header_dtype, levels=cfg.qsgd_levels,
+                          ratio=cfg.sparsity_ratio)
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-@torch.no_grad()
-def load_flat_params(model: nn.Module, flat: torch.Tensor) -> None:
-    offset = 0
-    for p in model.parameters():
-        p.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
+    """The parameters in ``model.parameters()`` order as one new flat tensor."""
+    return parameters_to_vector(p.detach() for p in model.parameters())
 
 
 class ParamViews:

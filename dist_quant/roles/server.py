@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset
 from dist_quant.errors import NonFiniteGradientError, PayloadError
+from dist_quant.lr_schedule import schedule_from_config
 from dist_quant.metrics import RunRecorder, read_metrics
 from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
 from dist_quant.progress import Progress, summary_line
@@ -77,7 +78,7 @@ class Server:
         self.model = common.build_model(cfg, data.in_features, data.num_classes, self.device)
         self.opt = DecoupledMomentumSGD(
             decay_param_groups(self.model, cfg.weight_decay, cfg.decay_all),
-            lr=cfg.lr, momentum=cfg.momentum)
+            lr=cfg.lr, momentum=cfg.momentum, schedule=schedule_from_config(cfg))
         self.up = common.uplink_compressor(cfg, stateful=False)
         self.down = common.downlink_compressor(cfg)
         self.gen = common.generator(self.device, cfg.seed, common.DOWNLINK)

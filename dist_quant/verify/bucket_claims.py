@@ -12,7 +12,7 @@ import torch
 
 from dist_quant.compress import get_compressor, wire
 from dist_quant.verify.fixtures import worker_gradients
-from dist_quant.verify.quant_claims import DRAWS, decode_floor, gradient, sheet_rule
+from dist_quant.verify.quant_claims import DRAWS, decode_floor, gradient, per_tensor_rule
 from dist_quant.verify.quant_stats import (
     Z,
     accumulate,
@@ -46,8 +46,8 @@ def bucket_rule(ctx: Context, d: int, bits: int = 1):
 def claim_4f(ctx: Context) -> list[Row]:
     g = gradient(ctx)
     n = g.numel()
-    sheet, a, b = sheet_rule(ctx)
-    sheet_var, sheet_mu4 = two_point(g, b.expand(n), (a + b).expand(n))
+    whole, a, b = per_tensor_rule(ctx)
+    tensor_var, tensor_mu4 = two_point(g, b.expand(n), (a + b).expand(n))
     rows = []
     for d in (512, 64):
         m, var, mu4, a_max = bucket_rule(ctx, d)
@@ -56,18 +56,18 @@ def claim_4f(ctx: Context) -> list[Row]:
                             "|z| ~ N(0,1)", z, z_bound(n)))
         rows.append(within("4f", f"d={d}: total variance = sum over buckets (g - min_B)(max_B - g)",
                            var.sum().item(), m.var.sum().item(), Z * se_total_var(var, mu4, DRAWS)))
-    ratio = sheet_var.sum().item() / var.sum().item()
-    se = ratio * math.hypot(se_total_var(sheet_var, sheet_mu4, DRAWS) / sheet_var.sum().item(),
+    ratio = tensor_var.sum().item() / var.sum().item()
+    se = ratio * math.hypot(se_total_var(tensor_var, tensor_mu4, DRAWS) / tensor_var.sum().item(),
                             se_total_var(var, mu4, DRAWS) / var.sum().item())
-    rows.append(within("4f", "variance reduction, sheet's rule (d = n) / d=64", ratio,
-                       sheet.var.sum().item() / m.var.sum().item(), Z * se))
+    rows.append(within("4f", "variance reduction, per-tensor rule (d = n) / d=64", ratio,
+                       whole.var.sum().item() / m.var.sum().item(), Z * se))
     comp = get_compressor("onebit", bucket_size=64)
     bits = 8 * comp.payload_nbytes(n) / n
     predicted = 1 + 2 * 32 / 64
     rows.append(within("4f", "bits per coordinate at d=64, fp32 headers: 1 + 2 h / d "
                        "(+ fixed header, ceil)", predicted, bits, (8 * wire.FIXED_NBYTES + 8 + 64)
                        / n))
-    ctx.data["4f_total_variance"] = {"d=n": sheet_var.sum().item(), "d=512":
+    ctx.data["4f_total_variance"] = {"d=n": tensor_var.sum().item(), "d=512":
                                      bucket_rule(ctx, 512)[1].sum().item(),
                                      "d=64": var.sum().item()}
     return rows

@@ -49,7 +49,8 @@ def run_claims(ctx: Context, only: tuple[str, ...] = ()) -> list[Row]:
 @click.option("--only", default="", help="Comma-separated claim-id prefixes to run (e.g. "
               "'4' or '1d,5c'); default: all.")
 def verify(as_json: bool, seed: int, only: str) -> None:
-    """Check every numbered claim of the mathematics empirically (MATH 1a-5d).
+    """Check every numbered claim of the mathematics empirically (1a-5d, stated in
+    docs/claims.md).
 
     Prints one row per check: the claim, what theory predicts, what was measured, the
     tolerance (derived from the statistics of the measurement) and ok/FAIL. Exit status 1 if any

@@ -1,4 +1,4 @@
-"""Checks of MATH 4a-4e: the sheet's one-bit rule on a real gradient, through the compressor API.
+"""Checks of MATH 4a-4e: the per-tensor one-bit rule on a real gradient, through the compressor API.
 
 The gradient is that of the project's MLP on an MNIST-1D minibatch (``fixtures``). Mean errors
 are judged coordinate by coordinate: the largest |z| over the n coordinates must stay below the
@@ -34,7 +34,7 @@ def gradient(ctx: Context) -> torch.Tensor:
     return worker_gradients(ctx, 1)[0]
 
 
-def sheet_rule(ctx: Context):
+def per_tensor_rule(ctx: Context):
     """Moments of the compressor's onebit decodes with bucket_size=0, and its (a, b)."""
     def make():
         g = gradient(ctx)
@@ -42,7 +42,7 @@ def sheet_rule(ctx: Context):
         payload = comp.encode(g, generator=ctx.generator(40)).to_tensor()
         a, b = headers(payload, 1, torch.float32)
         return decode_moments(comp, g, DRAWS, ctx.generator(41)), a, b
-    return ctx.cached("sheet_rule", make)
+    return ctx.cached("per_tensor_rule", make)
 
 
 def decode_floor(g: torch.Tensor, a: float) -> float:
@@ -52,14 +52,14 @@ def decode_floor(g: torch.Tensor, a: float) -> float:
 
 def claim_4a(ctx: Context) -> list[Row]:
     g = gradient(ctx)
-    m, a, b = sheet_rule(ctx)
+    m, a, b = per_tensor_rule(ctx)
     n = g.numel()
     var, _ = two_point(g, b.expand(n), (a + b).expand(n))
     z = z_scores(m, g, var, decode_floor(g, a.item())).abs().max().item()
     lo, hi = g.min().item(), g.max().item()
     header_err = max(abs(b.item() - lo), abs((a + b).item() - hi)) / ulp(max(abs(lo), abs(hi)))
     return [
-        within("4a", f"header of the sheet's rule: b = min g, a + b = max g (in ulps, n={n})",
+        within("4a", f"header of the per-tensor rule: b = min g, a + b = max g (in ulps, n={n})",
                0.0, header_err, 1.0),
         at_most("4a", f"E[a t + b] = g: max |z| of the mean of {DRAWS} decodes over {n} "
                 "coordinates", "|z| ~ N(0,1)", z, z_bound(n)),
@@ -95,7 +95,7 @@ def claim_4b(ctx: Context) -> list[Row]:
 def claim_4c(ctx: Context) -> list[Row]:
     g = gradient(ctx)
     n = g.numel()
-    m, a, b = sheet_rule(ctx)
+    m, a, b = per_tensor_rule(ctx)
     var, mu4 = two_point(g, b.expand(n), (a + b).expand(n))
     total, se = var.sum().item(), se_total_var(var, mu4, DRAWS)
     wide_m, lo, hi = widened(ctx)
@@ -105,7 +105,7 @@ def claim_4c(ctx: Context) -> list[Row]:
     ratio_se = ratio * math.hypot(se / total, wide_se / wide_total)
     r = (g.max() - g.min()).item()
     return [
-        within("4c", "total variance = sum (g - min)(max - g) (sheet's rule, measured)", total,
+        within("4c", "total variance = sum (g - min)(max - g) (per-tensor rule, measured)", total,
                m.var.sum().item(), Z * se),
         at_most("4c", "...at most n (max - min)^2 / 4", "<= bound", m.var.sum().item(),
                 n * r * r / 4),
