@@ -35,7 +35,8 @@ class LocalWorkers:
 
     def uplink(self, with_stats: bool):
         payloads, telemetry = zip(*(w.step_up() for w in self.workers), strict=True)
-        payloads, telemetry = torch.stack(payloads), torch.stack(telemetry)
+        payloads = torch.stack([p[0] for p in payloads])
+        telemetry = torch.stack(telemetry)
         self.bytes_up += payloads.numel()
         stats = None
         if with_stats and self.workers[0].n_stats:
@@ -47,7 +48,7 @@ class LocalWorkers:
         if control == ABORT:
             return
         for w in self.workers:
-            w.receive_downlink(payload)
+            w.receive_downlink([payload])
             self.bytes_down += payload.numel()
 
     def collect_states(self) -> list[dict[str, Any]]:

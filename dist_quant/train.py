@@ -97,7 +97,7 @@ def torchrun_command(cfg: TrainConfig) -> list[str]:
     """``python -m torch.distributed.run --standalone ...`` for this config on this machine."""
     if cfg.simulate:
         return [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
-    nproc = cfg.workers if cfg.method == "ddp" else cfg.workers + 1
+    nproc = cfg.world_size
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(nproc), "-m", "dist_quant.train", *full_argv(cfg)]
 
@@ -192,11 +192,11 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
     dist.init_process_group(backend, timeout=datetime.timedelta(
         seconds=max(cfg.timeout, STARTUP_TIMEOUT)))
     rank, world = dist.get_rank(), dist.get_world_size()
-    expected = cfg.workers if cfg.method == "ddp" else cfg.workers + 1
+    expected = cfg.world_size
     if workers_explicit and world != expected:
         raise ConfigError("--workers", f"{cfg.workers} workers need {expected} processes, "
                           f"torchrun started {world}")
-    cfg = cfg.replace(workers=world if cfg.method == "ddp" else world - 1).validate()
+    cfg = cfg.replace(workers=cfg.workers_in(world)).validate()
     if cfg.method == "ddp":
         from dist_quant.ddp import run_ddp
 

@@ -48,9 +48,9 @@ from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset
 from dist_quant.errors import NonFiniteGradientError, PayloadError
 from dist_quant.metrics import RunRecorder, read_metrics
-from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
 from dist_quant.progress import Progress, summary_line
 from dist_quant.roles import common
+from dist_quant.roles.shard import ShardServer
 from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.roles.worker import RunAborted
 from dist_quant.transport import (
@@ -72,95 +72,70 @@ STUCK_STEPS = 10   # consecutive steps without any valid payload end the run
 
 
 class Server:
+    """The star's server: one :class:`~dist_quant.roles.shard.ShardServer` over the whole flat
+    vector (the arithmetic of the step) and the model it evaluates, whose parameters are views
+    of the shard's ``theta``."""
+
     def __init__(self, cfg: TrainConfig, data: Dataset, device: torch.device):
         self.cfg, self.device = cfg, torch.device(device)
         self.model = common.build_model(cfg, data.in_features, data.num_classes, self.device)
-        self.opt = DecoupledMomentumSGD(
-            decay_param_groups(self.model, cfg.weight_decay, cfg.decay_all),
-            lr=cfg.lr, momentum=cfg.momentum)
-        self.up = common.uplink_compressor(cfg, stateful=False)
-        self.down = common.downlink_compressor(cfg)
-        self.gen = common.generator(self.device, cfg.seed, common.DOWNLINK)
-        flat = common.flat_params(self.model)
-        self.n = flat.numel()
-        # buffers reused every step: theta gathered from the model (into the replica itself
-        # when theta is what goes down: the body of the one downlink payload, sent as it is),
-        # the mean gradient, the change sent down and its decode
-        self.down_buf: torch.Tensor | None = None
-        if cfg.downlink == "none":
-            self.down_buf, self.replica = self.down.payload_buffer(self.n, self.device)
-            self.replica.copy_(flat)
-        else:
-            self.replica = flat.clone()
-        self.theta = self.replica if cfg.downlink == "none" else torch.empty_like(self.replica)
-        self.params = common.ParamViews(self.model, self.theta, alias=True)  # updated in place
-        self.g = torch.empty_like(self.replica)
-        self.delta = torch.empty_like(self.replica)
+        self.n = common.num_params(self.model)
+        self.shard = ShardServer(cfg, self.model, 0, self.n, 0, self.device)
+        self.up, self.down, self.opt = self.shard.up, self.shard.down, self.shard.opt
+        self.replica = self.shard.replica
+        self.params = common.ParamViews(self.model, self.shard.theta, alias=True)
         self.n_stats = common.bn_stats(self.model).numel()
         self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
-        self.step = 0
+
+    @property
+    def step(self) -> int:
+        return self.shard.step
 
     def aggregate(self, payloads: torch.Tensor) -> tuple[torch.Tensor | None, list[str]]:
         """Mean of the valid rows' decodes (None if none is valid), and why rows were left out."""
-        try:
-            return self.up.decode_mean(payloads, out=self.g), []
-        except (PayloadError, NonFiniteGradientError):
-            pass
-        good, bad = [], []
-        for i in range(payloads.shape[0]):
-            try:
-                self.up.decode(payloads[i])
-                good.append(i)
-            except (PayloadError, NonFiniteGradientError) as err:
-                bad.append(f"worker {i}: {err}")
-        return (self.up.decode_mean(payloads[good], out=self.g) if good else None), bad
+        return self.shard.aggregate(payloads)
 
-    @torch.no_grad()
     def update(self, g: torch.Tensor | None) -> None:
-        if g is not None:
-            common.set_flat_grads(self.model, g)
-            self.opt.step()
-        self.step += 1
+        self.shard.update(g)
 
-    @torch.no_grad()
     def downlink(self) -> torch.Tensor:
         """The downlink payload (flat uint8); advances the tracked replica."""
-        theta = self.params.store()
-        if self.down_buf is not None:  # theta is the replica, the body of the payload: sent whole
-            payload = self.down.seal(self.down_buf).to_tensor()
-        else:
-            change = torch.sub(theta, self.replica, out=self.delta)
-            payload = self.down.encode(change, generator=self.gen).to_tensor()
-            self.replica.add_(self.down.decode(payload, out=self.delta))
-        return payload if payload.device == self.device else payload.to(self.device)
+        return self.shard.downlink()
 
-    @torch.no_grad()
     def evaluate(self, mean_stats: torch.Tensor | None) -> tuple[float, float]:
         """(test loss, test accuracy) of ``theta`` with the workers' averaged BN statistics."""
-        if mean_stats is not None:
-            common.load_bn_stats(self.model, mean_stats)
-        self.model.eval()
-        loss_sum, correct = 0.0, 0
-        for i in range(0, len(self.y_test), EVAL_CHUNK):
-            x, y = self.x_test[i:i + EVAL_CHUNK], self.y_test[i:i + EVAL_CHUNK]
-            out = self.model(x)
-            loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-            correct += int((out.argmax(1) == y).sum())
-        n = len(self.y_test)
-        return loss_sum / n, correct / n
+        return evaluate_model(self.model, self.x_test, self.y_test, mean_stats)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step,
                 "model": {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()},
                 "optimizer": self.opt.state_dict(), "replica": self.replica.to("cpu", copy=True),
-                "generator": self.gen.get_state()}
+                "generator": self.shard.gen.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
+        self.shard.step = int(state["step"])
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.replica.copy_(state["replica"])
-        self.gen.set_state(state["generator"])
+        self.shard.gen.set_state(state["generator"])
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
+                   mean_stats: torch.Tensor | None) -> tuple[float, float]:
+    """(test loss, test accuracy) of ``model`` in eval mode, after loading the workers'
+    averaged BN statistics ``mean_stats`` (None: keep the ones it has)."""
+    if mean_stats is not None:
+        common.load_bn_stats(model, mean_stats)
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for i in range(0, len(y_test), EVAL_CHUNK):
+        x, y = x_test[i:i + EVAL_CHUNK], y_test[i:i + EVAL_CHUNK]
+        out = model(x)
+        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+        correct += int((out.argmax(1) == y).sum())
+    n = len(y_test)
+    return loss_sum / n, correct / n
 
 
 class Workers(Protocol):
