@@ -112,7 +112,9 @@ class RunRecorder:
         return self.wall_offset + time.perf_counter() - self.t0
 
     def step(self, step: int, loss: float, bytes_up: int, bytes_down: int,
-             times: dict[str, float], skipped: int = 0) -> dict[str, Any]:
+             times: dict[str, float], skipped: int = 0,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append a step line; ``extra`` adds fields (the sharded job's per-server bytes)."""
         self.cum_up += int(bytes_up)
         self.cum_down += int(bytes_down)
         self.skipped += int(skipped)
@@ -120,7 +122,7 @@ class RunRecorder:
                "bytes_up": int(bytes_up), "bytes_down": int(bytes_down),
                "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
                "wall": self.wall(), "time": {p: float(times.get(p, 0.0)) for p in PHASES},
-               "skipped": int(skipped)}
+               "skipped": int(skipped), **(extra or {})}
         self._fh.write(json.dumps(rec) + "\n")
         return rec
 

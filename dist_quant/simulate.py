@@ -18,6 +18,7 @@ import torch
 
 from dist_quant.config import TrainConfig
 from dist_quant.data import load_dataset
+from dist_quant.roles import common
 from dist_quant.roles.server import Server, run_server
 from dist_quant.roles.worker import RunAborted, Worker
 from dist_quant.transport import ABORT
@@ -62,6 +63,12 @@ class LocalWorkers:
 def run_simulate(cfg: TrainConfig, device: torch.device, run_dir: str) -> dict[str, Any]:
     """Run the whole job in this process; return its summary."""
     data = load_dataset(cfg)
+    if cfg.num_shards > 1:  # sharded or colocated servers: every rank's pieces in turn
+        from dist_quant.roles.exchange import run_all
+        from dist_quant.roles.placement import place
+
+        model = common.build_model(cfg, data.in_features, data.num_classes, device)
+        return run_all(cfg, place(cfg, common.num_params(model)), data, device)
     server = Server(cfg, data, device)
     workers = LocalWorkers([Worker(cfg, data, i, device) for i in range(cfg.workers)])
     return run_server(cfg, server, workers, run_dir)

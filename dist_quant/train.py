@@ -207,6 +207,12 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
         dist.destroy_process_group()
         return 0
 
+    if cfg.num_shards > 1:
+        from dist_quant.roles.exchange import run_distributed_rank
+
+        run_distributed_rank(cfg, device, backend)
+        dist.destroy_process_group()
+        return 0
     server_rank, worker_ranks = resolve_roles(device)
     # the training traffic gets its own group with the short --timeout
     group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))

@@ -46,12 +46,11 @@ import torch.nn.functional as F
 
 from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset
-from dist_quant.errors import NonFiniteGradientError, PayloadError
 from dist_quant.metrics import RunRecorder, read_metrics
 from dist_quant.progress import Progress, summary_line
 from dist_quant.roles import common
-from dist_quant.roles.shard import ShardServer
 from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
+from dist_quant.roles.shard import ShardServer
 from dist_quant.roles.worker import RunAborted
 from dist_quant.transport import (
     ABORT,

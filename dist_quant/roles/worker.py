@@ -33,8 +33,8 @@ from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset, worker_batches
 from dist_quant.errors import NonFiniteGradientError
 from dist_quant.roles import common
-from dist_quant.roles.shard import shard_tags
 from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
+from dist_quant.roles.shard import shard_tags
 from dist_quant.transport import (
     ABORT,
     LAST,
