@@ -21,7 +21,10 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     ``decode``) and ``encode`` (plus the server's downlink encode), the server's ``decode``
     and ``update``, and ``communicate`` = the rest (transfer and waiting); the simulator sums
     its virtual workers' times instead (``dist_quant.roles.server``). ``skipped`` counts the
-    payloads left out at this step (non-finite or invalid).
+    payloads left out at this step (non-finite or invalid). Sharded and colocated servers
+    (``dist_quant.roles.exchange``) add ``"servers": [{"bytes_up", "bytes_down", "skipped"}]``
+    (per shard: what server s's link carried, rows it left out) and ``"bytes_stats"`` (the
+    BN statistics inside ``bytes_up``); a payload that stays on its rank is not counted.
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
     "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``.
 - ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,

@@ -7,7 +7,8 @@ loop and :class:`~dist_quant.roles.server.Server` update; only the payloads are 
 memory instead of over torch.distributed. On the same device type and seed it ends with the
 same parameters, bit for bit, so tests use it as the reference. Bytes are counted from the
 same tensors a transport would be handed; phase times are sums over the virtual workers, and
-``communicate`` is the in-memory hand-over (close to zero).
+``communicate`` is the in-memory hand-over (close to zero). Sharded and colocated servers run
+every rank's phases of :mod:`dist_quant.roles.exchange` in turn over an in-memory fabric.
 """
 
 from __future__ import annotations

@@ -17,7 +17,9 @@ Roles. The global rank 0 is the server and ranks 1..W are workers 0..W-1, unless
 has ``DIST_QUANT_ROLE=server|worker`` in its environment (containers whose rendezvous order is
 arbitrary): then the ranks exchange their roles at start-up (one ``all_gather``); exactly one
 must be the server and the workers are numbered in rank order. The worker index picks the
-shard and seeds the worker's generators. ``--workers`` may be left out under torchrun (it is
+shard and seeds the worker's generators. ``--servers S`` (W + S ranks: servers first) and
+``--colocate`` (W ranks, each worker and server; ``DIST_QUANT_ROLE=colocated``) are placed by
+:mod:`dist_quant.roles.placement`. ``--workers`` may be left out under torchrun (it is
 then the world size minus one); given, it must agree with the world size.
 
 Processes. Every process calls ``torch.set_num_threads(1)``; the backend is gloo for CPU

@@ -224,3 +224,65 @@ def test_abort_on_nonfinite_ends_a_sharded_run(tmp_path, capfd):
     assert run_in_process(cfg) == 1
     err = capfd.readouterr().err
     assert "step 2: shard 0: worker 0" in err and "run aborted" in err
+
+
+def test_a_lost_peer_ends_a_colocated_run_within_the_timeout(tmp_path):
+    """Kill one of three colocated ranks mid-run: the others end with status 1 and a
+    message naming it, within --timeout (ranks started by hand: no torchrun agent)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from dist_quant.train import full_argv
+
+    timeout = 5.0
+    cfg = tiny(tmp_path, "lost", workers=3, colocate=True, steps=10**6, eval_every=10**6,
+               checkpoint_every=0, timeout=timeout)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    argv = [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
+    procs = [subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1",
+                                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                         "RANK": str(r), "LOCAL_RANK": str(r),
+                                         "WORLD_SIZE": "3"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for r in range(3)]
+    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert all(p.poll() is None for p in procs), "a rank ended before the fault"
+            assert time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        os.kill(procs[2].pid, signal.SIGKILL)
+        for p in procs[:2]:
+            p.wait(timeout=timeout + 60)   # hang detector: they end on their own
+        errors = [p.stderr.read() for p in procs[:2]]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert [p.returncode for p in procs[:2]] == [1, 1]
+    assert all("lost contact" in e for e in errors), errors
+    assert any("rank 2 (server 2 and worker 2)" in e for e in errors), errors
+
+
+def test_presets_and_labels_name_the_topology():
+    import dataclasses
+
+    from dist_quant.plot.labels import method_label
+    from dist_quant.sweep import PRESETS
+
+    sharded = TrainConfig(**PRESETS["ps-sharded"]).validate()
+    colocated = TrainConfig(**PRESETS["ps-colocated"]).validate()
+    assert (sharded.servers, sharded.colocate, sharded.downlink) == (2, False, "sign")
+    assert (colocated.servers, colocated.colocate, colocated.downlink) == (1, True, "sign")
+    assert sharded.compressor == colocated.compressor == "onebit"
+    assert method_label(dataclasses.asdict(sharded)).endswith(" down sign S=2")
+    assert method_label(dataclasses.asdict(colocated)).endswith(" down sign colocated")
+    assert not method_label(dataclasses.asdict(TrainConfig())).endswith(("S=1", "colocated"))
