@@ -152,48 +152,15 @@ def pick_device(cfg: TrainConfig):
     return torch.device("cuda", index)
 
 
-def resolve_roles(device) -> tuple[int, list[int]]:
-    """(server rank, worker ranks in worker-index order); see the module docstring."""
-    import torch
-    import torch.distributed as dist
-
-    role = os.environ.get(ROLE_ENV, "")
-    if role not in ("", "server", "worker"):
-        raise ConfigError(ROLE_ENV, f"must be server or worker; got {role!r}")
-    mine = torch.tensor([int(bool(role)), int(role == "server")], dtype=torch.int64,
-                        device=device)
-    world = dist.get_world_size()
-    if world < 2:
-        raise ConfigError("--workers", "the parameter-server job needs at least 2 ranks "
-                          "(a server and a worker)")
-    flags = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(flags, mine)
-    given = [int(f[0]) for f in flags]
-    servers = [r for r, f in enumerate(flags) if int(f[1])]
-    if not any(given):
-        return 0, list(range(1, world))
-    if not all(given):
-        raise ConfigError(ROLE_ENV, f"is set on ranks {[r for r in range(world) if given[r]]} "
-                          "only; set it on every rank or on none")
-    if len(servers) != 1:
-        raise ConfigError(ROLE_ENV, f"exactly one rank must be the server; got {len(servers)}")
-    return servers[0], [r for r in range(world) if r != servers[0]]
-
-
 def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
     import torch.distributed as dist
-
-    from dist_quant.data import load_dataset
-    from dist_quant.roles.server import RemoteWorkers, Server, run_server
-    from dist_quant.roles.worker import Worker, run_worker
-    from dist_quant.transport import Transport
 
     device = pick_device(cfg)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda"
                                                          else "gloo")
     dist.init_process_group(backend, timeout=datetime.timedelta(
         seconds=max(cfg.timeout, STARTUP_TIMEOUT)))
-    rank, world = dist.get_rank(), dist.get_world_size()
+    world = dist.get_world_size()
     expected = cfg.world_size
     if workers_explicit and world != expected:
         raise ConfigError("--workers", f"{cfg.workers} workers need {expected} processes, "
@@ -209,29 +176,9 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
         dist.destroy_process_group()
         return 0
 
-    if cfg.num_shards > 1:
-        from dist_quant.roles.exchange import run_distributed_rank
+    from dist_quant.roles.exchange import run_distributed_rank
 
-        run_distributed_rank(cfg, device, backend)
-        dist.destroy_process_group()
-        return 0
-    server_rank, worker_ranks = resolve_roles(device)
-    # the training traffic gets its own group with the short --timeout
-    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))
-    transport = Transport(server_rank, worker_ranks, device, group)
-    data = load_dataset(cfg)
-    if rank == server_rank:
-        if not cfg.run_dir:
-            cfg = cfg.replace(run_dir=default_run_dir(cfg))
-        server = Server(cfg, data, device)
-        remote = RemoteWorkers(transport, server.up.payload_nbytes(server.n),
-                               server.down.payload_nbytes(server.n), server.n_stats)
-        dist.barrier()
-        run_server(cfg, server, remote, cfg.run_dir)
-    else:
-        worker = Worker(cfg, data, worker_ranks.index(rank), device)
-        dist.barrier()
-        run_worker(cfg, worker, transport)
+    run_distributed_rank(cfg, device, backend)
     dist.destroy_process_group()
     return 0
 

@@ -98,6 +98,7 @@ class RankRoles:
         self.step = 0
         self.control = CONTINUE
         self.printed = 0          # steps whose left-out rows this server printed
+        self.abort_reason = ""    # why this server asks the leader to abort, if it does
         if self.is_leader:
             self.theta = common.flat_params(self.model)
             self.params = common.ParamViews(self.model, self.theta, alias=True)
@@ -137,6 +138,8 @@ class RankRoles:
         abort = bool(bad) and self.cfg.on_nonfinite == "abort"
         if bad:
             self._report_bad(bad, abort)
+        self.abort_reason = f"{self._where()}: {'; '.join(bad)} (--on-nonfinite abort)" \
+            if abort else ""
         remote = self.p.remote_workers(sh.index)
         status = torch.tensor([float(v) for v in (
             len(bad), g is None, abort, t2 - t1, t3 - t2, t4 - t3, remote * rows.shape[1],
@@ -147,11 +150,19 @@ class RankRoles:
             self.fabric.send(self.rank, self.p.leader, TAG_THETA, sh.theta,
                              "parameters for evaluation")
 
+    def _where(self) -> str:
+        """``step t`` (the star) or ``step t: shard s``."""
+        one = self.p.num_shards == 1
+        return f"step {self.step}" + ("" if one else f": shard {self.shard.index}")
+
     def _report_bad(self, bad: list[str], abort: bool) -> None:
-        where = f"step {self.step}: shard {self.shard.index}"
+        """Print why rows were left out: one line for each of the first ``SKIP_LINES`` steps
+        with bad rows; an abort's reason (the leader ends the run with it when it is here)."""
+        where = self._where()
         if abort:
-            print(f"{where}: {'; '.join(bad)} (--on-nonfinite abort)", file=sys.stderr,
-                  flush=True)
+            if not self.is_leader:
+                print(f"{where}: {'; '.join(bad)} (--on-nonfinite abort)", file=sys.stderr,
+                      flush=True)
         elif self.printed < SKIP_LINES:
             more = " (from now on only counted in metrics.jsonl)" \
                 if self.printed == SKIP_LINES - 1 else ""
@@ -179,10 +190,12 @@ class RankRoles:
         for s in range(p.num_shards):
             self.stuck[s] = self.stuck[s] + 1 if self.status[s, 1] else 0
         if self.status[:, 2].any():
-            reason = f"step {self.step}: a payload was refused (--on-nonfinite abort)"
+            reason = self.abort_reason or (
+                f"step {self.step}: a payload was refused (--on-nonfinite abort)")
         elif max(self.stuck) >= STUCK_STEPS:
             s = max(range(p.num_shards), key=lambda k: self.stuck[k])
-            reason = (f"no valid payload for shard {s} for {self.stuck[s]} consecutive steps "
+            which = "" if p.num_shards == 1 else f" for shard {s}"
+            reason = (f"no valid payload{which} for {self.stuck[s]} consecutive steps "
                       f"(up to step {self.step}): training diverged; lower --lr")
         last = self.step == self.cfg.steps
         if self.with_stats and not reason:

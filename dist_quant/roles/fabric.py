@@ -5,7 +5,10 @@ calls serve one process holding every rank (:class:`LocalFabric`, the ``--simula
 reference) and a torch.distributed rank holding one (:class:`RemoteFabric`). A message whose
 two ends are on the same rank is handed over in memory in both. Every message has a size both
 ends know from the config; nothing on the training path is pickled (states at checkpoints and
-on resume travel as blobs, as in :mod:`dist_quant.transport`).
+on resume travel as blobs, as in :mod:`dist_quant.transport`). The messages are those of
+:mod:`dist_quant.transport` (gradient payload, telemetry, BN statistics, control, parameters
+payload, state blobs; same tags) plus two from each server to the leader: its step's status
+(``float64[8]``, see ``exchange.STATUS``) and, at evaluation steps, its shard of ``theta``.
 
 Remote sends are posted (``isend``) and waited for only at :meth:`RemoteFabric.flush`, at the
 end of the step: every rank posts all its sends of a phase before it blocks in a receive, so
@@ -21,13 +24,23 @@ from collections import defaultdict, deque
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dist_quant.roles.placement import Placement
-from dist_quant.transport import PeerLostError, _cause, blob_from, blob_to
+from dist_quant.transport import (  # noqa: F401 (the tags are this module's vocabulary too)
+    TAG_BLOB,
+    TAG_CONTROL,
+    TAG_DOWN,
+    TAG_PAYLOAD,
+    TAG_SIZE,
+    TAG_STATS,
+    TAG_TELEMETRY,
+    Transport,
+    blob_from,
+    blob_to,
+)
 
-TAG_UP, TAG_TELEMETRY, TAG_STATS, TAG_STATUS, TAG_THETA, TAG_CONTROL, TAG_DOWN, TAG_SIZE, \
-    TAG_BLOB = range(11, 20)
+TAG_UP = TAG_PAYLOAD
+TAG_STATUS, TAG_THETA = 8, 9   # server -> leader: its step's status; its shard, to evaluate
 
 
 class LocalFabric:
@@ -66,28 +79,29 @@ class LocalFabric:
         pass
 
 
-class RemoteFabric(LocalFabric):
-    """This rank's end of every link, over torch.distributed point-to-point (``group`` gives
-    the timeout); messages to itself stay in memory."""
+class RemoteFabric(LocalFabric, Transport):
+    """This rank's end of every link, over torch.distributed point-to-point with the
+    :class:`~dist_quant.transport.Transport` primitives (``group`` gives the timeout; a lost
+    peer is named by its place in the placement); messages to itself stay in memory."""
 
     def __init__(self, placement: Placement, rank: int, device: torch.device, group: Any = None):
-        super().__init__(placement)
-        self.rank, self.device, self.group = int(rank), torch.device(device), group
+        LocalFabric.__init__(self, placement)
+        Transport.__init__(self, placement.leader, list(placement.worker_ranks), device, group)
+        self.rank = int(rank)
         self.pending: list[tuple[Any, int, str]] = []
 
-    def _wait(self, works: list[tuple[Any, int, str]]) -> None:
+    def describe(self, rank: int) -> str:
+        return self.placement.describe(rank)
+
+    def _wait_all(self, works: list[tuple[Any, int, str]]) -> None:
         for work, peer, what in works:
-            try:
-                work.wait()
-            except RuntimeError as err:  # DistBackendError and gloo/nccl errors derive from it
-                raise PeerLostError(f"lost contact with {self.placement.describe(peer)} while "
-                                    f"exchanging the {what} ({_cause(err)})") from err
+            self._wait([work], what, [peer])
 
     def send(self, src: int, dst: int, tag: int, obj: Any, what: str) -> None:
         if dst == self.rank:
             return super().send(src, dst, tag, obj, what)
         tensor = obj.to(self.device).contiguous()
-        self.pending.append((dist.isend(tensor, dst=dst, group=self.group, tag=tag), dst, what))
+        self.pending.append((self._isend(tensor, dst, tag), dst, what))
 
     def recv(self, src: int, dst: int, tag: int, what: str, numel: int = 0,
              dtype: torch.dtype = torch.uint8, out: torch.Tensor | None = None) -> Any:
@@ -95,18 +109,18 @@ class RemoteFabric(LocalFabric):
             return super().recv(src, dst, tag, what, out=out)
         if out is None:
             out = torch.empty(numel, dtype=dtype, device=self.device)
-        self._wait([(dist.irecv(out, src=src, group=self.group, tag=tag), src, what)])
+        self._wait([self._irecv(out, src, tag)], what, [src])
         return out
 
     def gather(self, srcs: list[int], dst: int, tag: int, numel: int, dtype: torch.dtype,
                what: str, device: torch.device) -> torch.Tensor:
         out = torch.empty(len(srcs), numel, dtype=dtype, device=self.device)
-        works = [(dist.irecv(out[k], src=s, group=self.group, tag=tag), s, what)
-                 for k, s in enumerate(srcs) if s != self.rank]
+        works = [(self._irecv(out[k], s, tag), s, what) for k, s in enumerate(srcs)
+                 if s != self.rank]
         for k, s in enumerate(srcs):
             if s == self.rank:
                 out[k].copy_(super().recv(s, dst, tag, what).reshape(-1))
-        self._wait(works)
+        self._wait_all(works)
         return out
 
     def send_blob(self, src: int, dst: int, obj: Any, what: str) -> None:
@@ -126,4 +140,4 @@ class RemoteFabric(LocalFabric):
     def flush(self) -> None:
         """Wait for every posted send (the end of a step)."""
         pending, self.pending = self.pending, []
-        self._wait(pending)
+        self._wait_all(pending)

@@ -1,4 +1,4 @@
-"""A worker: its half of each synchronous step, and the loop that runs it over the transport.
+"""A worker: its half of each synchronous step.
 
 Worker ``i`` of ``W`` holds its shard of the training set, a replica of the model, its own
 quantiser and dropout generators (seeded from ``(seed, i)``), its batch sampler and, with
@@ -8,17 +8,20 @@ quantiser and dropout generators (seeded from ``(seed, i)``), its batch sampler 
 1. draw the next minibatch of its shard; forward in training mode (BatchNorm normalises with
    this minibatch's statistics and updates the worker's own running statistics);
 2. backward the data loss only (mean cross-entropy; the L2 term lives at the server, MATH 5);
-3. flatten every gradient into one vector ``g`` and encode it with its own generator; a
-   non-finite ``g`` is never quantised: the worker sends ``nonfinite_payload`` instead, of the
+3. flatten every gradient into one vector ``g`` and encode it once per parameter shard
+   (one shard for the star), each shard with its own encoder and generator, seeded from
+   ``(seed, i, QUANTISER)`` for shard 0 and ``(seed, i, QUANTISER, s)`` for shard s; a
+   non-finite shard is never quantised: the worker sends ``nonfinite_payload`` instead, of the
    same size;
-4. receive the downlink payload and, at the start of the next step, update the replica: with
-   ``--downlink none`` the payload is the server's parameters in fp32; otherwise it is the
-   compressed change ``C(theta - r)`` and the replica becomes ``r + decode(C(theta - r))``,
+4. receive the downlink payloads (one per shard) and, at the start of the next step, update
+   the replica: with ``--downlink none`` a payload is the server's parameters in fp32;
+   otherwise it is the compressed change ``C(theta - r)`` and the replica becomes
+   ``r + decode(C(theta - r))``,
    exactly what the server computes for its copy ``r``, so all replicas stay identical and
    what compression dropped is sent at the next step.
 
-The same :class:`Worker` object serves the distributed run (:func:`run_worker`) and the
-single-process simulator.
+The same :class:`Worker` object serves the distributed run and the single-process simulator
+(:mod:`dist_quant.roles.exchange` places it on a rank and moves its payloads).
 """
 
 from __future__ import annotations
@@ -33,18 +36,7 @@ from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset, worker_batches
 from dist_quant.errors import NonFiniteGradientError
 from dist_quant.roles import common
-from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.roles.shard import shard_tags
-from dist_quant.transport import (
-    ABORT,
-    LAST,
-    TAG_CONTROL,
-    TAG_DOWN,
-    TAG_PAYLOAD,
-    TAG_STATS,
-    TAG_TELEMETRY,
-    Transport,
-)
 
 
 class RunAborted(RuntimeError):
@@ -191,30 +183,6 @@ class Worker:
         for c, st in zip(self.comps, comps, strict=True):
             if hasattr(c, "load_state_dict"):
                 c.load_state_dict(_on(st, self.device))
-
-
-def run_worker(cfg: TrainConfig, worker: Worker, transport: Transport) -> None:
-    """The worker's side of the distributed loop (mirrors :func:`roles.server.run_server`)."""
-    if cfg.resume:
-        worker.load_state_dict(transport.recv_blob("resume state"))
-    n_down = worker.down.payload_nbytes(worker.n)
-    for step in range(worker.step + 1, cfg.steps + 1):
-        payload, telemetry = worker.step_up()
-        transport.send_to_server(payload[0], TAG_PAYLOAD, "gradient payload", counted=True)
-        transport.send_to_server(telemetry, TAG_TELEMETRY, "telemetry")
-        if is_eval_step(cfg, step) and worker.n_stats:
-            transport.send_to_server(worker.bn_stats(), TAG_STATS, "BatchNorm statistics",
-                                     counted=True)
-        control = int(transport.recv_from_server(1, torch.int64, TAG_CONTROL, "control")[0])
-        if control == ABORT:
-            raise RunAborted(f"the server aborted the run at step {step} (see its message)")
-        worker.receive_downlink([transport.recv_from_server(n_down, torch.uint8, TAG_DOWN,
-                                                            "parameters payload", counted=True,
-                                                            out=worker.inbox)])
-        if is_checkpoint_step(cfg, step, last=control == LAST):
-            transport.send_blob(worker.state_dict(), "worker state")
-        if control == LAST:
-            break
 
 
 def _one_or_list(items: list[Any]) -> Any:
