@@ -17,7 +17,8 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
                       change: the downlink carries its error, which needs a contractive
                       compressor; a stochastic 1-bit downlink is refused by validation)
 ``ps-sharded``        the best 1-bit setting of the bandwidth record (1-bit uplink in buckets,
-                      fp16 headers, ``sign`` downlink) on S = 2 dedicated servers
+                      fp16 headers, ``sign`` downlink in buckets of 512) on S = 2 dedicated
+                      servers
 ``ps-colocated``      the same setting with no dedicated server: every worker serves 1/W
                       of the parameters (``--colocate``)
 ``ddp-fp32``          torch DDP, fp32 gloo allreduce
@@ -81,7 +82,7 @@ _DEFAULTS = TrainConfig()
 # the best 1-bit setting of the bandwidth record (benchmarks/bandwidth-2026-11-26)
 _RECOMMENDED = {"method": "ps", "compressor": "onebit", "bucket_size": _DEFAULTS.bucket_size,
                 "error_feedback": False, "header_dtype": "fp16", "downlink": "sign",
-                "downlink_bucket_size": _DEFAULTS.bucket_size}
+                "downlink_bucket_size": 512}
 PRESETS: dict[str, dict[str, Any]] = {
     "ps-fp32": {"method": "ps", "compressor": "none", "error_feedback": False,
                 "downlink": "none"},

@@ -284,6 +284,6 @@ def test_presets_and_labels_name_the_topology():
     assert (sharded.servers, sharded.colocate, sharded.downlink) == (2, False, "sign")
     assert (colocated.servers, colocated.colocate, colocated.downlink) == (1, True, "sign")
     assert sharded.compressor == colocated.compressor == "onebit"
-    assert method_label(dataclasses.asdict(sharded)).endswith(" down sign S=2")
-    assert method_label(dataclasses.asdict(colocated)).endswith(" down sign colocated")
+    assert method_label(dataclasses.asdict(sharded)).endswith(" down sign b512 S=2")
+    assert method_label(dataclasses.asdict(colocated)).endswith(" down sign b512 colocated")
     assert not method_label(dataclasses.asdict(TrainConfig())).endswith(("S=1", "colocated"))
