@@ -46,6 +46,10 @@ class TrainConfig:
     colocate: bool = _opt(False, "No dedicated server: each of the W workers also serves 1/W "
                           "of the parameters (compressed all-to-all up, all-gather down). "
                           "Needs --servers 1.")
+    overlap: bool = _opt(False, "Send each shard's uplink payload as soon as backward has "
+                         "produced its gradients (last layers first), overlapping the transfer "
+                         "with the rest of backward; same parameters as without it. Needs "
+                         "several shards (--servers > 1 or --colocate) to hide anything.")
     # --- uplink compression ----------------------------------------------------------------
     compressor: str = _opt("onebit", "Uplink compressor: none (fp32), fp16, bf16, onebit, kbit, "
                            "sign.")

@@ -2,8 +2,8 @@
 
 Two distributed jobs run once per module (torchrun over gloo on loopback, tiny model):
 S = 2 dedicated servers with worker 1's gradient NaN at step 2, and W = 3 colocated servers
-(odd: the shards are unequal) with a sign downlink. Each is compared bit for bit with its
-``--simulate`` reference, and the byte counts with the formula of
+(odd: the shards are unequal) with a sign downlink and ``--overlap``. Each is compared bit for
+bit with its ``--simulate`` reference, and the byte counts with the formula of
 :mod:`dist_quant.roles.placement`.
 """
 
@@ -79,7 +79,7 @@ def sharded(runs):
 @pytest.fixture(scope="module")
 def colocated(runs):
     cfg = tiny(runs, "co", workers=3, colocate=True, steps=6, downlink="sign",
-               downlink_bucket_size=7, error_feedback=False)
+               downlink_bucket_size=7, error_feedback=False, overlap=True)
     assert launch(cfg) == 0
     return cfg, Path(cfg.run_dir), simulated(cfg, "co_sim")
 
@@ -181,6 +181,25 @@ def test_replicas_match_the_servers_tracked_copies(colocated):
     for w in state["workers"]:
         assert torch.equal(replica_of(model, w), replica)
     assert (theta - replica).norm() > 0
+
+
+def test_overlap_changes_no_bit_and_records_what_it_hid(colocated, tmp_path):
+    """Shipping each shard during backward gives the sequential step's payloads (each shard
+    draws from its own generator), with a NaN injected as well; the shards of the last layers
+    leave before backward ends, so some uplink time ran alongside it."""
+    cfg, run_dir, _ = colocated
+    states = {}
+    for overlap in (False, True):
+        c = cfg.replace(run_dir=str(tmp_path / str(overlap)), overlap=overlap, simulate=True,
+                        inject_nonfinite="1:2", steps=4)
+        assert run_in_process(c) == 0
+        states[overlap] = final(c.run_dir)
+    assert_equal(states[False], states[True])
+    hidden = [r["time_overlap"] for r in read_metrics(run_dir) if r["kind"] == "step"]
+    assert len(hidden) == cfg.steps and all(h > 0 for h in hidden)
+    sequential = [r["time_overlap"] for r in read_metrics(tmp_path / "False")
+                  if r["kind"] == "step"]
+    assert sequential == [0.0] * 4
 
 
 # ---- faults and resume -------------------------------------------------------------------

@@ -9,8 +9,9 @@ A rank holds up to three pieces (:class:`RankRoles`): worker ``i``
 rank runs every phase, doing the part of its pieces:
 
 1. ``up``: worker i computes its gradient, encodes it once per shard with that shard's
-   generator and sends shard s's payload to server s; telemetry (and, at evaluation steps, its
-   BN running statistics) goes to the leader;
+   generator and sends shard s's payload to server s (with ``--overlap`` during backward, as
+   soon as the shard is complete: :mod:`dist_quant.roles.overlap`); telemetry (and, at
+   evaluation steps, its BN running statistics) goes to the leader;
 2. ``serve``: server s decodes and averages its W rows (a bad row is left out of this shard
    only), steps its shard with ``DecoupledMomentumSGD`` and encodes its shard's downlink; it
    reports to the leader (rows left out, whether it could step, phase times, bytes) and, at
@@ -68,8 +69,8 @@ from dist_quant.roles.placement import Placement
 from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.roles.server import SKIP_LINES, STUCK_STEPS, evaluate_model
 from dist_quant.roles.shard import ShardServer
-from dist_quant.roles.worker import RunAborted, Worker, replica_of
-from dist_quant.transport import ABORT, CONTINUE, LAST, TELEMETRY
+from dist_quant.roles.worker import TELEMETRY, RunAborted, Worker, replica_of
+from dist_quant.transport import ABORT, CONTINUE, LAST
 
 # server -> leader, per step: rows left out, could not step (0/1), abort requested (0/1),
 # decode s, update s, encode s, bytes received over links, bytes to send over links
@@ -112,10 +113,11 @@ class RankRoles:
         self.with_stats = is_eval_step(self.cfg, self.step)
         if self.worker is None:
             return
-        payloads, telemetry = self.worker.step_up()
-        for s, payload in enumerate(payloads):
+        def ship(s: int, payload: torch.Tensor) -> None:
             self.fabric.send(self.rank, self.p.server_ranks[s], TAG_UP, payload,
                              "gradient payload")
+
+        _, telemetry = self.worker.step_up(ship)
         self.fabric.send(self.rank, self.p.leader, TAG_TELEMETRY, telemetry, "telemetry")
         if self.with_stats and self.n_stats:
             self.fabric.send(self.rank, self.p.leader, TAG_STATS, self.worker.bn_stats(),
@@ -245,7 +247,7 @@ class RankRoles:
         if not self.is_leader:
             return
         combine = torch.sum if self.sequential else torch.amax
-        tel = combine(self.telemetry[:, 1:], dim=0).tolist()   # decode, compute, encode
+        tel = combine(self.telemetry[:, 1:], dim=0).tolist()   # decode, compute, encode, overlap
         srv = combine(self.status[:, 3:6], dim=0).tolist()      # decode, update, encode
         times = {"compute": tel[1], "encode": tel[2] + srv[2], "decode": tel[0] + srv[0],
                  "update": srv[1]}
@@ -261,7 +263,8 @@ class RankRoles:
                                                     for u, d, k in zip(
                                                         ups, downs, self.status[:, 0].tolist(),
                                                         strict=True)],
-                                        "bytes_stats": self.stats_bytes})
+                                        "bytes_stats": self.stats_bytes,
+                                        "time_overlap": tel[3]})
         if self.with_stats:
             self.recorder.eval(self.step, self.test_loss, self.test_acc)
         self.progress.update(self.step, rec["loss"], self.test_acc, self.recorder.cum_up,

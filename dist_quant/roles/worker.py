@@ -27,6 +27,7 @@ The same :class:`Worker` object serves the distributed run and the single-proces
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +38,9 @@ from dist_quant.data import Dataset, worker_batches
 from dist_quant.errors import NonFiniteGradientError
 from dist_quant.roles import common
 from dist_quant.roles.shard import shard_tags
+
+# worker -> leader, per step (float64)
+TELEMETRY = ("loss", "decode", "compute", "encode", "overlap")
 
 
 class RunAborted(RuntimeError):
@@ -85,19 +89,32 @@ class Worker:
         self.nonfinite_at = cfg.nonfinite_at
         self.step = 0
         self.pending: list[torch.Tensor] | None = None  # downlink payloads not yet decoded
+        self.overlap = None
+        if cfg.overlap:
+            from dist_quant.roles.overlap import OverlappedBackward
+
+            self.overlap = OverlappedBackward(self)
 
     # ---- one step ---------------------------------------------------------------------------
-    def compute(self) -> tuple[torch.Tensor, float]:
-        """Gradient of the data loss on the next minibatch, flattened; and the loss."""
+    def forward_loss(self) -> torch.Tensor:
+        """The data loss on the next minibatch (training mode; gradients cleared)."""
         idx = self.sampler.next().to(self.device)
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(self.x[idx]), self.y[idx])
+        return F.cross_entropy(self.model(self.x[idx]), self.y[idx])
+
+    def compute(self) -> tuple[torch.Tensor, float]:
+        """Gradient of the data loss on the next minibatch, flattened; and the loss."""
+        loss = self.forward_loss()
         loss.backward()
         g = common.flat_grads(self.model)
+        self._inject(g)
+        return g, float(loss.detach())
+
+    def _inject(self, g: torch.Tensor) -> None:
+        """``--inject-nonfinite``: coordinate 0 (shard 0) of this step's gradient is NaN."""
         if self.nonfinite_at == (self.index, self.step + 1):
             g[0] = float("nan")
-        return g, float(loss.detach())
 
     def encode(self, g: torch.Tensor, shard: int = 0) -> torch.Tensor:
         """The uplink payload of one shard of ``g`` as a flat uint8 tensor (a non-finite marker
@@ -112,22 +129,35 @@ class Worker:
         data = payload.to_tensor()
         return data if data.device == self.device else data.to(self.device)
 
-    def step_up(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Apply the pending downlink, compute and encode one step.
+    def step_up(self, ship: Callable[[int, torch.Tensor], None] | None = None,
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Apply the pending downlink, compute and encode one step; ``ship(s, payload)`` is
+        called with each shard's payload as soon as it is encoded (with ``--overlap``, during
+        backward: see :mod:`dist_quant.roles.overlap`; else after it, in shard order).
 
-        Returns (one uint8 payload per shard, telemetry float64 ``[loss, decode s, compute s,
-        encode s]``); ``decode`` is this worker's decoding of the previous step's downlink.
+        Returns (one uint8 payload per shard, telemetry float64 ``TELEMETRY``); ``decode`` is
+        this worker's decoding of the previous step's downlink, ``overlap`` the seconds from
+        the first shard's hand-over to the end of backward (0 without ``--overlap``).
         """
         t0 = time.perf_counter()
         self._apply_pending()
         t1 = time.perf_counter()
-        g, loss = self.compute()
-        t2 = time.perf_counter()
-        payload = [self.encode(g, s) for s in range(len(self.bounds))]
-        t3 = time.perf_counter()
+        if self.overlap is not None:
+            g, loss, payload, encode_s, overlap_s = self.overlap.compute(ship)
+            t2 = t3 = time.perf_counter()
+            t2 -= encode_s
+        else:
+            g, loss = self.compute()
+            t2 = time.perf_counter()
+            payload = [self.encode(g, s) for s in range(len(self.bounds))]
+            t3 = time.perf_counter()
+            if ship is not None:
+                for s, data in enumerate(payload):
+                    ship(s, data)
+            overlap_s = 0.0
         self.step += 1
-        telemetry = torch.tensor([loss, t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64,
-                                 device=self.device)
+        telemetry = torch.tensor([loss, t1 - t0, t2 - t1, t3 - t2, overlap_s],
+                                 dtype=torch.float64, device=self.device)
         return payload, telemetry
 
     def receive_downlink(self, payloads: list[torch.Tensor]) -> None:
