@@ -198,6 +198,9 @@ def run_in_process(cfg: TrainConfig) -> int:
     except RunAborted as err:
         print(f"dist_quant: run aborted: {err}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as err:  # found once the model exists (e.g. more shards than buckets)
+        print(f"dist_quant: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

@@ -97,9 +97,13 @@ def test_shards_are_contiguous_balanced_and_on_bucket_boundaries(n, bucket, shar
     assert max(buckets) - min(buckets) <= 1 and min(buckets) >= 1
 
 
-def test_too_many_shards_and_bad_options_are_refused():
+def test_too_many_shards_and_bad_options_are_refused(tmp_path, capfd):
     with pytest.raises(ConfigError, match="--servers"):
         shard_bounds(10, 5, 3)
+    # 399 parameters in buckets of 128: 4 buckets, not enough for 5 servers
+    cfg = tiny(tmp_path, "many", workers=2, servers=5, bucket_size=128, simulate=True, steps=2)
+    assert run_in_process(cfg) == 2
+    assert "--servers: 5 shards need at least 5 buckets" in capfd.readouterr().err
     for bad, option in [(dict(servers=0), "--servers"), (dict(servers=2, colocate=True),
                                                           "--colocate"),
                         (dict(method="ddp", servers=2), "--servers"),

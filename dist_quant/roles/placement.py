@@ -38,15 +38,16 @@ from dist_quant.errors import ConfigError
 ROLES = ("server", "worker", "colocated")
 
 
-def shard_bounds(n: int, bucket_size: int, shards: int) -> list[tuple[int, int]]:
+def shard_bounds(n: int, bucket_size: int, shards: int,
+                 option: str = "--servers") -> list[tuple[int, int]]:
     """``[(lo, hi)]`` of ``shards`` contiguous shards of ``n`` coordinates on bucket
-    boundaries (``bucket_size`` 0 = every coordinate is a boundary), balanced by buckets."""
+    boundaries (``bucket_size`` 0 = every coordinate is a boundary), balanced by buckets;
+    ConfigError naming ``option`` when there are fewer buckets than shards."""
     unit = bucket_size or 1
     buckets = -(-n // unit)
     if shards > buckets:
-        raise ConfigError("--servers" if shards > 1 else "--workers",
-                          f"{shards} shards need at least {shards} buckets; the model's {n} "
-                          f"parameters make {buckets} buckets of {unit}")
+        raise ConfigError(option, f"{shards} shards need at least {shards} buckets; the "
+                          f"model's {n} parameters make {buckets} buckets of {unit}")
     cuts = [min(round(s * buckets / shards) * unit, n) for s in range(shards + 1)]
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
@@ -92,7 +93,8 @@ class Placement:
 def place(cfg: TrainConfig, n: int, roles: list[str] | None = None) -> Placement:
     """The placement of ``cfg``'s job for a model of ``n`` parameters; ``roles[r]`` is rank
     r's ``DIST_QUANT_ROLE`` (None or all empty: from rank order)."""
-    bounds = tuple(shard_bounds(n, cfg.bucket_size, cfg.num_shards))
+    bounds = tuple(shard_bounds(n, cfg.bucket_size, cfg.num_shards,
+                                "--workers" if cfg.colocate else "--servers"))
     world, servers = cfg.world_size, cfg.num_shards
     if roles is not None and any(roles):
         return _from_roles(cfg, bounds, roles)
