@@ -1,4 +1,4 @@
-"""The synchronous step of the sharded and colocated parameter servers, written once.
+"""The synchronous step of the parameter-server job, written once for every topology.
 
 A rank holds up to three pieces (:class:`RankRoles`): worker ``i``
 (:class:`~dist_quant.roles.worker.Worker`), the server of shard ``s``
@@ -428,7 +428,8 @@ def gather_roles(device: torch.device) -> list[str]:
 
 
 def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str) -> None:
-    """This torchrun process's part of a sharded or colocated job (``dist_quant.train``)."""
+    """This torchrun process's part of the parameter-server job (``dist_quant.train``): the
+    training traffic gets its own process group with the short ``--timeout``."""
     import datetime
 
     import torch.distributed as dist
