@@ -11,6 +11,10 @@ tensors (loaded with ``weights_only=True``)::
                    "generator" (quantiser), "dropout_generator", "sampler" (epoch, position),
                    "compressor" (error-feedback residual or {})} for each worker ]}
 
+With ``--servers S > 1`` or ``--colocate`` the file also holds ``"shards"`` (the states of
+shards 1..S-1) and ``"server"`` holds shard 0's (``theta``, ``optimizer``, ``replica``,
+``generator``, its bounds) beside the model (:mod:`dist_quant.roles.exchange`).
+
 The workers send their states to the server at checkpoint steps and the server writes the one
 file, so a multi-host run needs no shared file system. Every random stream the run draws from
 is in it (the global RNG is never used), so a run resumed from step ``t`` continues bit for

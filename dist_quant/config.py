@@ -43,6 +43,16 @@ class TrainConfig:
     method: str = _opt("ps", "ps: parameter server with compressed payloads; ddp: torch DDP "
                        "allreduce baseline (see --ddp-hook).", choices=METHODS)
     workers: int = _opt(4, "Number of worker processes W (the server is an extra rank 0).")
+    servers: int = _opt(1, "Dedicated parameter servers S (--method ps): the flat parameters "
+                        "are split into S contiguous shards on uplink bucket boundaries, "
+                        "balanced by size; server s owns shard s. 1 = one server (the star).")
+    colocate: bool = _opt(False, "No dedicated server: each of the W workers also serves 1/W "
+                          "of the parameters (compressed all-to-all up, all-gather down). "
+                          "Needs --servers 1.")
+    overlap: bool = _opt(False, "Send each shard's uplink payload as soon as backward has "
+                         "produced its gradients (last layers first), overlapping the transfer "
+                         "with the rest of backward; same parameters as without it. Needs "
+                         "several shards (--servers > 1 or --colocate) to hide anything.")
     # --- uplink compression ----------------------------------------------------------------
     compressor: str = _opt("onebit", "Uplink compressor: none (fp32), fp16, bf16, onebit, kbit, "
                            "sign; baselines qsgd (--qsgd-levels), terngrad, topk (with "
@@ -133,6 +143,14 @@ class TrainConfig:
                 bad(f.name, f"must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if not 1 <= self.workers <= 256:
             bad("workers", f"must be in 1..256; got {self.workers}")
+        if not 1 <= self.servers <= 64:
+            bad("servers", f"must be in 1..64; got {self.servers}")
+        if self.method != "ps" and (self.servers != 1 or self.colocate):
+            bad("servers" if self.servers != 1 else "colocate",
+                "places the parameter-server job's shards (--method ps only)")
+        if self.colocate and self.servers != 1:
+            bad("colocate", f"makes every worker a server (S = W); leave --servers at 1, "
+                f"got {self.servers}")
         if self.bucket_size < 0:
             bad("bucket_size", f"must be >= 0 (0 = whole tensor); got {self.bucket_size}")
         if self.downlink_bucket_size < 0:
@@ -230,6 +248,24 @@ class TrainConfig:
     @property
     def hidden_sizes(self) -> tuple[int, ...]:
         return tuple(int(w) for w in self.hidden.split(",") if w.strip())
+
+    @property
+    def num_shards(self) -> int:
+        """How many shards the parameters are split into: W colocated, else ``servers``."""
+        return self.workers if self.colocate else self.servers
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the job: W (ddp, colocated), W + S (dedicated servers)."""
+        if self.method == "ddp" or self.colocate:
+            return self.workers
+        return self.workers + self.servers
+
+    def workers_in(self, world: int) -> int:
+        """W for a world of ``world`` processes (inverse of :attr:`world_size`)."""
+        if self.method == "ddp" or self.colocate:
+            return world
+        return world - self.servers
 
     @property
     def nonfinite_at(self) -> tuple[int, int] | None:

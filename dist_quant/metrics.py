@@ -23,7 +23,11 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     its virtual workers' times instead (``dist_quant.roles.server``). ``skipped`` counts the
     payloads left out at this step (non-finite or invalid). ``lr`` is the learning rate of
     step ``t`` under the run's schedule (``dist_quant.lr_schedule.lr_at``); the optimizer
-    applies the same value at its ``t``-th update.
+    applies the same value at its ``t``-th update. Sharded and colocated servers
+    (``dist_quant.roles.exchange``) add ``"servers": [{"bytes_up", "bytes_down", "skipped"}]``
+    (per shard: what server s's link carried, rows it left out) and ``"bytes_stats"`` (the
+    BN statistics inside ``bytes_up``); a payload that stays on its rank is not counted.
+    ``"time_overlap"``: seconds of uplink that ran beside backward (``--overlap``; else 0).
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
     "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``.
 - ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,
@@ -119,7 +123,9 @@ class RunRecorder:
         return self.wall_offset + time.perf_counter() - self.t0
 
     def step(self, step: int, loss: float, bytes_up: int, bytes_down: int,
-             times: dict[str, float], skipped: int = 0) -> dict[str, Any]:
+             times: dict[str, float], skipped: int = 0,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append a step line; ``extra`` adds fields (the sharded job's per-server bytes)."""
         self.cum_up += int(bytes_up)
         self.cum_down += int(bytes_down)
         self.skipped += int(skipped)
@@ -127,7 +133,7 @@ class RunRecorder:
                "bytes_up": int(bytes_up), "bytes_down": int(bytes_down),
                "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
                "wall": self.wall(), "time": {p: float(times.get(p, 0.0)) for p in PHASES},
-               "skipped": int(skipped)}
+               "skipped": int(skipped), **(extra or {})}
         if self._lr is not None:
             rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
         self._fh.write(json.dumps(rec) + "\n")

@@ -16,6 +16,11 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 ``ps-onebit-updown``  1-bit uplink and a 1-bit ``sign`` downlink (scaled sign of the replica
                       change: the downlink carries its error, which needs a contractive
                       compressor; a stochastic 1-bit downlink is refused by validation)
+``ps-sharded``        the best 1-bit setting of the bandwidth record (1-bit uplink in buckets,
+                      fp16 headers, ``sign`` downlink in buckets of 512) on S = 2 dedicated
+                      servers
+``ps-colocated``      the same setting with no dedicated server: every worker serves 1/W
+                      of the parameters (``--colocate``)
 ``ps-qsgd``           QSGD, ``--qsgd-levels`` levels, L2 norm per bucket (Alistarh et al. 2017)
 ``ps-terngrad``       TernGrad, ternary with max scaling per bucket (Wen et al. 2017)
 ``ps-topk-ef``        top-k (``--sparsity-ratio``) with error feedback
@@ -80,6 +85,10 @@ from dist_quant.errors import ConfigError
 from dist_quant.metrics import write_json_atomic
 
 _DEFAULTS = TrainConfig()
+# the best 1-bit setting of the bandwidth record (benchmarks/bandwidth-2026-11-26)
+_RECOMMENDED = {"method": "ps", "compressor": "onebit", "bucket_size": _DEFAULTS.bucket_size,
+                "error_feedback": False, "header_dtype": "fp16", "downlink": "sign",
+                "downlink_bucket_size": 512}
 PRESETS: dict[str, dict[str, Any]] = {
     "ps-fp32": {"method": "ps", "compressor": "none", "error_feedback": False,
                 "downlink": "none"},
@@ -99,6 +108,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "downlink": "none"},
     "ps-randk": {"method": "ps", "compressor": "randk", "error_feedback": False,
                  "downlink": "none"},
+    "ps-sharded": {**_RECOMMENDED, "servers": 2, "colocate": False},
+    "ps-colocated": {**_RECOMMENDED, "servers": 1, "colocate": True},
     "ddp-fp32": {"method": "ddp", "ddp_hook": "none"},
     "ddp-fp16": {"method": "ddp", "ddp_hook": "fp16"},
     "ddp-powersgd": {"method": "ddp", "ddp_hook": "powersgd"},

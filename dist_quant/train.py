@@ -17,7 +17,9 @@ Roles. The global rank 0 is the server and ranks 1..W are workers 0..W-1, unless
 has ``DIST_QUANT_ROLE=server|worker`` in its environment (containers whose rendezvous order is
 arbitrary): then the ranks exchange their roles at start-up (one ``all_gather``); exactly one
 must be the server and the workers are numbered in rank order. The worker index picks the
-shard and seeds the worker's generators. ``--workers`` may be left out under torchrun (it is
+shard and seeds the worker's generators. ``--servers S`` (W + S ranks: servers first) and
+``--colocate`` (W ranks, each worker and server; ``DIST_QUANT_ROLE=colocated``) are placed by
+:mod:`dist_quant.roles.placement`. ``--workers`` may be left out under torchrun (it is
 then the world size minus one); given, it must agree with the world size.
 
 Processes. Every process calls ``torch.set_num_threads(1)``; the backend is gloo for CPU
@@ -97,7 +99,7 @@ def torchrun_command(cfg: TrainConfig) -> list[str]:
     """``python -m torch.distributed.run --standalone ...`` for this config on this machine."""
     if cfg.simulate:
         return [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
-    nproc = cfg.workers if cfg.method == "ddp" else cfg.workers + 1
+    nproc = cfg.world_size
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", str(nproc), "-m", "dist_quant.train", *full_argv(cfg)]
 
@@ -150,53 +152,20 @@ def pick_device(cfg: TrainConfig):
     return torch.device("cuda", index)
 
 
-def resolve_roles(device) -> tuple[int, list[int]]:
-    """(server rank, worker ranks in worker-index order); see the module docstring."""
-    import torch
-    import torch.distributed as dist
-
-    role = os.environ.get(ROLE_ENV, "")
-    if role not in ("", "server", "worker"):
-        raise ConfigError(ROLE_ENV, f"must be server or worker; got {role!r}")
-    mine = torch.tensor([int(bool(role)), int(role == "server")], dtype=torch.int64,
-                        device=device)
-    world = dist.get_world_size()
-    if world < 2:
-        raise ConfigError("--workers", "the parameter-server job needs at least 2 ranks "
-                          "(a server and a worker)")
-    flags = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(flags, mine)
-    given = [int(f[0]) for f in flags]
-    servers = [r for r, f in enumerate(flags) if int(f[1])]
-    if not any(given):
-        return 0, list(range(1, world))
-    if not all(given):
-        raise ConfigError(ROLE_ENV, f"is set on ranks {[r for r in range(world) if given[r]]} "
-                          "only; set it on every rank or on none")
-    if len(servers) != 1:
-        raise ConfigError(ROLE_ENV, f"exactly one rank must be the server; got {len(servers)}")
-    return servers[0], [r for r in range(world) if r != servers[0]]
-
-
 def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
     import torch.distributed as dist
-
-    from dist_quant.data import load_dataset
-    from dist_quant.roles.server import RemoteWorkers, Server, run_server
-    from dist_quant.roles.worker import Worker, run_worker
-    from dist_quant.transport import Transport
 
     device = pick_device(cfg)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda"
                                                          else "gloo")
     dist.init_process_group(backend, timeout=datetime.timedelta(
         seconds=max(cfg.timeout, STARTUP_TIMEOUT)))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    expected = cfg.workers if cfg.method == "ddp" else cfg.workers + 1
+    world = dist.get_world_size()
+    expected = cfg.world_size
     if workers_explicit and world != expected:
         raise ConfigError("--workers", f"{cfg.workers} workers need {expected} processes, "
                           f"torchrun started {world}")
-    cfg = cfg.replace(workers=world if cfg.method == "ddp" else world - 1).validate()
+    cfg = cfg.replace(workers=cfg.workers_in(world)).validate()
     if cfg.method == "ddp":
         from dist_quant.ddp import run_ddp
 
@@ -207,23 +176,9 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
         dist.destroy_process_group()
         return 0
 
-    server_rank, worker_ranks = resolve_roles(device)
-    # the training traffic gets its own group with the short --timeout
-    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))
-    transport = Transport(server_rank, worker_ranks, device, group)
-    data = load_dataset(cfg)
-    if rank == server_rank:
-        if not cfg.run_dir:
-            cfg = cfg.replace(run_dir=default_run_dir(cfg))
-        server = Server(cfg, data, device)
-        remote = RemoteWorkers(transport, server.up.payload_nbytes(server.n),
-                               server.down.payload_nbytes(server.n), server.n_stats)
-        dist.barrier()
-        run_server(cfg, server, remote, cfg.run_dir)
-    else:
-        worker = Worker(cfg, data, worker_ranks.index(rank), device)
-        dist.barrier()
-        run_worker(cfg, worker, transport)
+    from dist_quant.roles.exchange import run_distributed_rank
+
+    run_distributed_rank(cfg, device, backend)
     dist.destroy_process_group()
     return 0
 
@@ -243,6 +198,9 @@ def run_in_process(cfg: TrainConfig) -> int:
     except RunAborted as err:
         print(f"dist_quant: run aborted: {err}", file=sys.stderr, flush=True)
         return 1
+    except ConfigError as err:  # found once the model exists (e.g. more shards than buckets)
+        print(f"dist_quant: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 

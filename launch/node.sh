@@ -15,7 +15,8 @@
 #   DQ_LATENCY_MS [0]     one-way host-to-host latency; each link delays half of it per direction
 #   DQ_LOSS_PCT [0]       packet loss on a host-to-host path (applied where packets arrive)
 #   DQ_QUEUE_FRAMES [1000]  rate limiter queue in full frames (as deep as a NIC queue)
-#   DQ_ROLE               server | worker (exported as DIST_QUANT_ROLE for the training job)
+#   DQ_ROLE               server | worker | colocated (exported as DIST_QUANT_ROLE for the
+#                         training job; colocated: a worker that also serves a shard)
 #   DQ_NNODES             number of hosts (torchrun agents) in the job
 #   DQ_RDZV_HOST          address or name of the rendezvous host (the server; for ddp a worker)
 #   DQ_RDZV_PORT [29400]  rendezvous port
@@ -114,8 +115,8 @@ launch() {
     local addr rdzv_addr is_host=0 extra=()
     [[ -n ${DQ_NNODES:-} ]] || die "DQ_NNODES (number of hosts) is not set"
     [[ -n ${DQ_RDZV_HOST:-} ]] || die "DQ_RDZV_HOST (rendezvous host) is not set"
-    [[ -z ${DQ_ROLE:-} || $DQ_ROLE == server || $DQ_ROLE == worker ]] ||
-        die "DQ_ROLE must be server or worker; got '$DQ_ROLE'"
+    [[ -z ${DQ_ROLE:-} || $DQ_ROLE =~ ^(server|worker|colocated)$ ]] ||
+        die "DQ_ROLE must be server or worker (or colocated); got '$DQ_ROLE'"
     addr=$(ip -4 -o addr show dev "$IFACE" | awk '{ split($4, a, "/"); print a[1]; exit }')
     [[ -n $addr ]] || die "$IFACE has no IPv4 address"
     rdzv_addr=$(getent ahostsv4 "$DQ_RDZV_HOST" | awk '{ print $1; exit }') ||

@@ -180,6 +180,27 @@ def test_training_run_records_wire_bytes(tmp_path):
 
 
 @needs_netns
+@pytest.mark.parametrize("topology", ["sharded", "colocated"])
+def test_sharded_and_colocated_servers_run_on_the_cluster(tmp_path, topology):
+    """S = 2 dedicated server hosts and 2 workers, or 3 hosts that are workers and servers:
+    the roles come from DIST_QUANT_ROLE, every payload byte crosses a link inside frames."""
+    extra = {"servers": 2} if topology == "sharded" else {"colocate": True, "workers": 3}
+    cfg = TrainConfig(**{"workers": 2, **extra}, steps=6, eval_every=3, progress=False,
+                      run_dir=str(tmp_path / "run"), downlink="sign")
+    out = run_cluster(cfg, rate_mbit=10, latency_ms=0)
+    assert leftovers(f"dq{os.getpid()}-") == []
+    run = Path(out["run_dir"])
+    wire = json.loads((run / "wire.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    hosts = ["s", "s2", "w1", "w2"] if topology == "sharded" else ["w1", "w2", "w3"]
+    assert sorted(wire["per_host"]) == hosts
+    assert summary["servers"] == cfg.num_shards and summary["steps"] == 6
+    payload = summary["bytes_up"] + summary["bytes_down"]
+    assert wire["payload_bytes_up"] + wire["payload_bytes_down"] == payload > 0
+    assert wire["wire_bytes_up"] + wire["wire_bytes_down"] >= FRAME_FACTOR * payload
+
+
+@needs_netns
 def test_failed_host_stops_the_run_and_everything_is_removed(xfer, tmp_path, monkeypatch):
     """A worker dies after the rendezvous while the server waits: no hang, nothing left."""
     monkeypatch.setenv("DQX_BYTES", "1000")

@@ -49,10 +49,12 @@ def script_variables() -> set[str]:
 
 def test_services_server_and_scalable_worker(compose):
     services = compose["services"]
-    assert set(services) == {"server", "worker"}
+    assert set(services) == {"server", "shard", "worker"}
     worker = services["worker"]
     # scalable: nothing that names or pins one container
-    assert "container_name" not in worker and "hostname" not in worker and "ports" not in worker
+    for scalable in (worker, services["shard"]):
+        assert not {"container_name", "hostname", "ports"} & set(scalable)
+    assert services["shard"]["scale"] == 0 and services["shard"]["depends_on"] == ["server"]
     for svc in services.values():
         assert "NET_ADMIN" in svc["cap_add"]               # tc inside the container
         assert svc["build"] == "."
@@ -71,6 +73,7 @@ def test_roles_and_rendezvous(compose):
     env = {name: {k: substitute(v) for k, v in svc["environment"].items()}
            for name, svc in services.items()}
     assert env["server"]["DQ_ROLE"] == "server" and env["worker"]["DQ_ROLE"] == "worker"
+    assert env["shard"]["DQ_ROLE"] == "server"
     for e in env.values():
         assert e["DQ_RDZV_HOST"] == "server"               # the service name resolves
         assert int(e["DQ_NNODES"]) == int(substitute("${DQ_WORKERS:-4}")) + 1
@@ -118,6 +121,28 @@ def test_training_options_parse_into_a_valid_config(compose):
     # and the job's module exists
     module = re.search(r"DQ_MODULE:-([\w.]+)", NODE_SCRIPT.read_text()).group(1)
     assert module == "dist_quant.train" and importlib.util.find_spec(module) is not None
+
+
+@pytest.mark.parametrize("env, servers, colocate", [
+    ({}, 1, False),
+    ({"DQ_SERVERS": "2"}, 2, False),
+    ({"DQ_COLOCATE": "--colocate", "DQ_SERVER_ROLE": "colocated",
+      "DQ_WORKER_ROLE": "colocated"}, 1, True),
+])
+def test_sharded_and_colocated_settings_reach_every_container(compose, env, servers, colocate):
+    """The documented variables select the topology: every container gets the same options,
+    and colocated containers carry both roles."""
+    from dist_quant.train import config_from_options, train_command
+
+    for name, svc in compose["services"].items():
+        args = [substitute(a, env) for a in svc["command"]]
+        ctx = train_command.make_context("train", list(args))
+        cfg, _ = config_from_options(ctx, ctx.params)
+        assert (cfg.servers, cfg.colocate) == (servers, colocate)
+        role = substitute(svc["environment"]["DQ_ROLE"], env)
+        assert role == ("colocated" if colocate and name != "shard" else
+                        "worker" if name == "worker" else "server")
+    assert re.search(r"colocated", NODE_SCRIPT.read_text())
 
 
 def test_scripts_are_executable_and_parse():

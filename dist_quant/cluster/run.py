@@ -1,8 +1,10 @@
 """Run a job on a namespace cluster over capped links and record wire bytes beside payload bytes.
 
-One host (network namespace) per torchrun agent: for ``--method ps`` the server ``s`` and the
-workers ``w1..wW`` (W + 1 hosts), for ``--method ddp`` the workers only (W hosts, ``w1`` hosts
-the rendezvous). Each host runs ``launch/node.sh shape`` and then ``launch/node.sh launch``
+One host (network namespace) per torchrun agent: for ``--method ps`` the server ``s`` (with
+``--servers S`` the servers ``s, s2..sS``) and the workers ``w1..wW`` (W + S hosts), for
+``--colocate`` and ``--method ddp`` the workers only (W hosts, ``w1`` hosts the rendezvous;
+colocated hosts carry both roles, ``DIST_QUANT_ROLE=colocated``). Each host runs
+``launch/node.sh shape`` and then ``launch/node.sh launch``
 (c10d rendezvous on the first host, ``GLOO_SOCKET_IFNAME=eth0``, ``DIST_QUANT_ROLE`` set), so
 every byte between ranks crosses two shaped links (the sender's egress, the receiver's
 ingress) over TCP between distinct addresses.
@@ -222,7 +224,7 @@ def _ratio(wire: int, payload: int) -> float | None:
 
 def wire_record(method: str, delta: dict[str, dict[str, int]], payload_up: int,
                 payload_down: int, side: str = "tx") -> dict:
-    """Wire bytes per direction from per-host counter deltas (label ``s`` is the server).
+    """Wire bytes per direction from per-host counter deltas (labels ``s*`` are servers).
 
     ``side="tx"``: up = what the workers transmitted, down = what the server transmitted.
     ``side="rx"``: the same directions counted where they arrive (up = what the server
@@ -239,9 +241,11 @@ def wire_record(method: str, delta: dict[str, dict[str, int]], payload_up: int,
         up, down = total // 2, total - total // 2
         ack_up, ack_down = ack_total // 2, ack_total - ack_total // 2
     else:
-        workers = sum(v for h, v in wire.items() if h != "s")
-        up, down = (workers, wire["s"]) if side == "tx" else (wire["s"], workers)
-        ack_up, ack_down = acks["s"], sum(v for h, v in acks.items() if h != "s")
+        servers = sum(v for h, v in wire.items() if h.startswith("s"))
+        workers = sum(v for h, v in wire.items() if not h.startswith("s"))
+        up, down = (workers, servers) if side == "tx" else (servers, workers)
+        ack_up = sum(v for h, v in acks.items() if h.startswith("s"))
+        ack_down = sum(v for h, v in acks.items() if not h.startswith("s"))
     return {"wire_bytes_up": up, "wire_bytes_down": down,
             "payload_bytes_up": payload_up, "payload_bytes_down": payload_down,
             "ratio_up": _ratio(up, payload_up), "ratio_down": _ratio(down, payload_down),
@@ -296,11 +300,21 @@ def _no_interrupts():
 
 
 def cluster_roles(cfg: TrainConfig) -> tuple[list[str], list[str]]:
-    """Host labels and DIST_QUANT_ROLE values: ps = server + W workers, ddp = W workers."""
+    """Host labels and DIST_QUANT_ROLE values: ps = server(s) + W workers (servers ``s``,
+    ``s2``, ...), colocated = W hosts that are worker and server, ddp = W workers."""
     workers = [f"w{i}" for i in range(1, cfg.workers + 1)]
     if cfg.method == "ddp":
         return workers, ["worker"] * cfg.workers
-    return ["s", *workers], ["server"] + ["worker"] * cfg.workers
+    if cfg.colocate:
+        return workers, ["colocated"] * cfg.workers
+    servers = ["s"] + [f"s{k}" for k in range(2, cfg.servers + 1)]
+    return [*servers, *workers], ["server"] * cfg.servers + ["worker"] * cfg.workers
+
+
+def traffic(cfg: TrainConfig) -> str:
+    """How :func:`wire_record` splits the hosts' bytes: ``ps`` (servers ``s*`` against
+    workers) or ``ddp`` (every host sends and receives alike: allreduce, colocated servers)."""
+    return "ddp" if cfg.method == "ddp" or cfg.colocate else "ps"
 
 
 def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
@@ -337,9 +351,9 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     link_rec = {"rate_mbit": link.rate_mbit, "latency_ms": link.latency_ms,
                 "loss_pct": link.loss_pct, "hosts": len(labels), "mtu": mtu,
                 "queue_frames": QUEUE_FRAMES, "tc_commands": job["tc_commands"]}
-    wire = {**wire_record(cfg.method, job["per_host"], int(summary["bytes_up"]),
+    wire = {**wire_record(traffic(cfg), job["per_host"], int(summary["bytes_up"]),
                           int(summary["bytes_down"])),
-            "seconds": job["seconds"], "steady": _steady(cfg.method, job["window"]),
+            "seconds": job["seconds"], "steady": _steady(traffic(cfg), job["window"]),
             "per_host": job["per_host"]}
     write_json_atomic(run_dir / "link.json", link_rec)
     write_json_atomic(run_dir / "wire.json", wire)

@@ -1,12 +1,14 @@
 """Short, stable names for runs, read from the ``"config"`` object of ``config.json``.
 
-``method_label`` names the method: ``"PS onebit b512"``, ``"PS onebit whole"`` (bucket 0, the per-
-tensor rule), ``"PS 2bit b512"``, ``"PS sign+EF"``, ``"PS onebit b512 up+down"`` (the downlink uses
-the uplink compressor and bucket size), ``"PS onebit b512 down sign"`` (a ``sign`` downlink in
-buckets of the uplink's size; ``"down sign b128"`` when they differ), ``"PS fp32"``, ``"DDP fp32"``,
-``"DDP fp16"``, ``"DDP PowerSGD r2"``; the baselines ``"PS QSGD s4 b128"``, ``"PS TernGrad b128"``,
-``"PS top-1%+EF"``, ``"PS rand-1%"``. ``run_labels`` adds ``key=value`` for the config fields that
-tell apart runs sharing a name (a seed, a worker count, a learning rate).
+``method_label`` names the method: ``"PS onebit b512"``, ``"PS onebit whole"`` (bucket 0, the
+per-tensor rule), ``"PS 2bit b512"``, ``"PS sign+EF"``, ``"PS onebit b512 up+down"`` (the downlink
+uses the uplink compressor and bucket size), ``"PS onebit b512 down sign"`` (a ``sign`` downlink in
+buckets of the uplink's size; ``"down sign b128"`` when they differ), ``"PS fp32"``,
+``"PS onebit b128 ... S=2"`` (S dedicated servers), ``"PS onebit b128 ... colocated"`` (every
+worker serves a shard), ``"DDP fp32"``, ``"DDP fp16"``, ``"DDP PowerSGD r2"``; the baselines
+``"PS QSGD s4 b128"``, ``"PS TernGrad b128"``, ``"PS top-1%+EF"``, ``"PS rand-1%"``.
+``run_labels`` adds ``key=value`` for the config fields that tell apart runs sharing a name (a
+seed, a worker count, a learning rate).
 """
 
 from __future__ import annotations
@@ -79,7 +81,14 @@ def method_label(config: dict[str, Any]) -> str:
             if down == c["downlink"] and not same_bucket:  # a name without its bucket (sign)
                 down += f" {bucket_label(c['downlink_bucket_size'])}"
             label += f" down {down}"
-    return label
+    return label + topology_label(c)
+
+
+def topology_label(c: dict[str, Any]) -> str:
+    """`` colocated``, `` S=2`` for sharded servers, nothing for the star."""
+    if c.get("colocate"):
+        return " colocated"
+    return f" S={c['servers']}" if c.get("servers", 1) > 1 else ""
 
 
 def run_labels(configs: list[dict[str, Any]]) -> list[str]:

@@ -62,6 +62,11 @@ def downlink_compressor(cfg: TrainConfig):
                           ratio=cfg.sparsity_ratio)
 
 
+def num_params(model: nn.Module) -> int:
+    """The length of the flat parameter vector (what the shards split)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def flat_params(model: nn.Module) -> torch.Tensor:
     """The parameters in ``model.parameters()`` order as one new flat tensor."""
     return parameters_to_vector(p.detach() for p in model.parameters())

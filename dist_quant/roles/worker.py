@@ -1,4 +1,4 @@
-"""A worker: its half of each synchronous step, and the loop that runs it over the transport.
+"""A worker: its half of each synchronous step.
 
 Worker ``i`` of ``W`` holds its shard of the training set, a replica of the model, its own
 quantiser and dropout generators (seeded from ``(seed, i)``), its batch sampler and, with
@@ -8,22 +8,26 @@ quantiser and dropout generators (seeded from ``(seed, i)``), its batch sampler 
 1. draw the next minibatch of its shard; forward in training mode (BatchNorm normalises with
    this minibatch's statistics and updates the worker's own running statistics);
 2. backward the data loss only (mean cross-entropy; the L2 term lives at the server, MATH 5);
-3. flatten every gradient into one vector ``g`` and encode it with its own generator; a
-   non-finite ``g`` is never quantised: the worker sends ``nonfinite_payload`` instead, of the
+3. flatten every gradient into one vector ``g`` and encode it once per parameter shard
+   (one shard for the star), each shard with its own encoder and generator, seeded from
+   ``(seed, i, QUANTISER)`` for shard 0 and ``(seed, i, QUANTISER, s)`` for shard s; a
+   non-finite shard is never quantised: the worker sends ``nonfinite_payload`` instead, of the
    same size;
-4. receive the downlink payload and, at the start of the next step, update the replica: with
-   ``--downlink none`` the payload is the server's parameters in fp32; otherwise it is the
-   compressed change ``C(theta - r)`` and the replica becomes ``r + decode(C(theta - r))``,
+4. receive the downlink payloads (one per shard) and, at the start of the next step, update
+   the replica: with ``--downlink none`` a payload is the server's parameters in fp32;
+   otherwise it is the compressed change ``C(theta - r)`` and the replica becomes
+   ``r + decode(C(theta - r))``,
    exactly what the server computes for its copy ``r``, so all replicas stay identical and
    what compression dropped is sent at the next step.
 
-The same :class:`Worker` object serves the distributed run (:func:`run_worker`) and the
-single-process simulator.
+The same :class:`Worker` object serves the distributed run and the single-process simulator
+(:mod:`dist_quant.roles.exchange` places it on a rank and moves its payloads).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,17 +37,10 @@ from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset, worker_batches
 from dist_quant.errors import NonFiniteGradientError
 from dist_quant.roles import common
-from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
-from dist_quant.transport import (
-    ABORT,
-    LAST,
-    TAG_CONTROL,
-    TAG_DOWN,
-    TAG_PAYLOAD,
-    TAG_STATS,
-    TAG_TELEMETRY,
-    Transport,
-)
+from dist_quant.roles.shard import shard_tags
+
+# worker -> leader, per step (float64)
+TELEMETRY = ("loss", "decode", "compute", "encode", "overlap")
 
 
 class RunAborted(RuntimeError):
@@ -51,90 +48,135 @@ class RunAborted(RuntimeError):
 
 
 class Worker:
-    def __init__(self, cfg: TrainConfig, data: Dataset, index: int, device: torch.device):
+    def __init__(self, cfg: TrainConfig, data: Dataset, index: int, device: torch.device,
+                 bounds: list[tuple[int, int]] | None = None):
         self.cfg, self.index, self.device = cfg, int(index), torch.device(device)
         shard = data.shard(index, cfg.workers)
         self.x, self.y = shard.x_train.to(self.device), shard.y_train.to(self.device)
         self.sampler = worker_batches(len(self.y), cfg.batch_size, cfg.seed, index)
-        self.gen = common.generator(self.device, cfg.seed, index, common.QUANTISER)
         self.dropout_gen = common.generator(self.device, cfg.seed, index, common.DROPOUT)
         self.model = common.build_model(cfg, data.in_features, data.num_classes, self.device,
                                         dropout_generator=self.dropout_gen)
         flat = common.flat_params(self.model)
         self.n = flat.numel()
         self.n_stats = common.bn_stats(self.model).numel()
-        self.comp = common.uplink_compressor(cfg, stateful=True)
+        # one uplink encoder and quantiser stream per parameter shard (one shard: the star)
+        self.bounds = list(bounds) if bounds is not None else [(0, self.n)]
+        self.gens = [common.generator(self.device, cfg.seed, index, common.QUANTISER,
+                                      *shard_tags(s)) for s in range(len(self.bounds))]
+        self.comps = [common.uplink_compressor(cfg, stateful=True) for _ in self.bounds]
+        self.gen, self.comp = self.gens[0], self.comps[0]
         self.down = common.downlink_compressor(cfg)
         # the downlink is received into one reused buffer; with --downlink none its body is the
         # replica itself, so receiving is decoding (what is left is the header's validation)
-        if cfg.downlink == "none":
+        if len(self.bounds) > 1:  # one inbox per shard, decoded into the replica's slice
+            self.replica = flat.clone()
+            self.inboxes = [torch.empty(self.down.payload_nbytes(hi - lo), dtype=torch.uint8,
+                                        device=self.device) for lo, hi in self.bounds]
+            self.inbox = None
+        elif cfg.downlink == "none":
             self.inbox, self.replica = self.down.payload_buffer(self.n, self.device)
             self.replica.copy_(flat)
         else:
             self.inbox = torch.empty(self.down.payload_nbytes(self.n), dtype=torch.uint8,
                                      device=self.device)
             self.replica = flat.clone()
+        if len(self.bounds) == 1:
+            self.inboxes = [self.inbox]
         # the model's parameters are views of the replica: they read each downlink in place
         self.params = common.ParamViews(self.model, self.replica, alias=True)
         self.decoded = torch.empty_like(self.replica)  # reused downlink decode (compressed)
         self.nonfinite_at = cfg.nonfinite_at
         self.step = 0
-        self.pending: torch.Tensor | None = None  # downlink payload not yet decoded
+        self.pending: list[torch.Tensor] | None = None  # downlink payloads not yet decoded
+        self.overlap = None
+        if cfg.overlap:
+            from dist_quant.roles.overlap import OverlappedBackward
+
+            self.overlap = OverlappedBackward(self)
 
     # ---- one step ---------------------------------------------------------------------------
-    def compute(self) -> tuple[torch.Tensor, float]:
-        """Gradient of the data loss on the next minibatch, flattened; and the loss."""
+    def forward_loss(self) -> torch.Tensor:
+        """The data loss on the next minibatch (training mode; gradients cleared)."""
         idx = self.sampler.next().to(self.device)
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(self.x[idx]), self.y[idx])
+        return F.cross_entropy(self.model(self.x[idx]), self.y[idx])
+
+    def compute(self) -> tuple[torch.Tensor, float]:
+        """Gradient of the data loss on the next minibatch, flattened; and the loss."""
+        loss = self.forward_loss()
         loss.backward()
         g = common.flat_grads(self.model)
-        if self.nonfinite_at == (self.index, self.step + 1):
-            g[0] = float("nan")
+        self._inject(g)
         return g, float(loss.detach())
 
-    def encode(self, g: torch.Tensor) -> torch.Tensor:
-        """The uplink payload as a flat uint8 tensor (a non-finite marker if ``g`` is)."""
+    def _inject(self, g: torch.Tensor) -> None:
+        """``--inject-nonfinite``: coordinate 0 (shard 0) of this step's gradient is NaN."""
+        if self.nonfinite_at == (self.index, self.step + 1):
+            g[0] = float("nan")
+
+    def encode(self, g: torch.Tensor, shard: int = 0) -> torch.Tensor:
+        """The uplink payload of one shard of ``g`` as a flat uint8 tensor (a non-finite marker
+        if that shard of ``g`` is): each shard has its own encoder and generator, so a bad
+        shard leaves the others' payloads as they would have been."""
+        lo, hi = self.bounds[shard]
+        part = g if (lo, hi) == (0, g.numel()) else g[lo:hi]
         try:
-            payload = self.comp.encode(g, generator=self.gen)
+            payload = self.comps[shard].encode(part, generator=self.gens[shard])
         except NonFiniteGradientError as err:
-            payload = self.comp.nonfinite_payload(self.n, err.count)
+            payload = self.comps[shard].nonfinite_payload(hi - lo, err.count)
         data = payload.to_tensor()
         return data if data.device == self.device else data.to(self.device)
 
-    def step_up(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply the pending downlink, compute and encode one step.
+    def step_up(self, ship: Callable[[int, torch.Tensor], None] | None = None,
+                ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Apply the pending downlink, compute and encode one step; ``ship(s, payload)`` is
+        called with each shard's payload as soon as it is encoded (with ``--overlap``, during
+        backward: see :mod:`dist_quant.roles.overlap`; else after it, in shard order).
 
-        Returns (payload uint8, telemetry float64 ``[loss, decode s, compute s, encode s]``);
-        ``decode`` is this worker's decoding of the previous step's downlink.
+        Returns (one uint8 payload per shard, telemetry float64 ``TELEMETRY``); ``decode`` is
+        this worker's decoding of the previous step's downlink, ``overlap`` the seconds from
+        the first shard's hand-over to the end of backward (0 without ``--overlap``).
         """
         t0 = time.perf_counter()
         self._apply_pending()
         t1 = time.perf_counter()
-        g, loss = self.compute()
-        t2 = time.perf_counter()
-        payload = self.encode(g)
-        t3 = time.perf_counter()
+        if self.overlap is not None:
+            g, loss, payload, encode_s, overlap_s = self.overlap.compute(ship)
+            t2 = t3 = time.perf_counter()
+            t2 -= encode_s
+        else:
+            g, loss = self.compute()
+            t2 = time.perf_counter()
+            payload = [self.encode(g, s) for s in range(len(self.bounds))]
+            t3 = time.perf_counter()
+            if ship is not None:
+                for s, data in enumerate(payload):
+                    ship(s, data)
+            overlap_s = 0.0
         self.step += 1
-        telemetry = torch.tensor([loss, t1 - t0, t2 - t1, t3 - t2], dtype=torch.float64,
-                                 device=self.device)
+        telemetry = torch.tensor([loss, t1 - t0, t2 - t1, t3 - t2, overlap_s],
+                                 dtype=torch.float64, device=self.device)
         return payload, telemetry
 
-    def receive_downlink(self, payload: torch.Tensor) -> None:
-        """Keep the downlink payload; it is decoded at the start of the next step (or before a
-        checkpoint), so its decode time is billed to the worker, not to the link."""
-        self.pending = payload
+    def receive_downlink(self, payloads: list[torch.Tensor]) -> None:
+        """Keep the downlink payloads (one per shard); they are decoded at the start of the
+        next step (or before a checkpoint), so their decode time is billed to the worker, not
+        to the link."""
+        self.pending = list(payloads)
 
     def _apply_pending(self) -> None:
         if self.pending is None:
             return
-        if self.cfg.downlink == "none" and self.pending is self.inbox:  # received in place
-            self.down.check(self.pending)
-        elif self.cfg.downlink == "none":  # the parameters themselves: decoded into the replica
-            self.down.decode(self.pending, out=self.replica)
-        else:
-            self.replica.add_(self.down.decode(self.pending, out=self.decoded))
+        for (lo, hi), payload in zip(self.bounds, self.pending, strict=True):
+            replica = self.replica if len(self.bounds) == 1 else self.replica[lo:hi]
+            if self.cfg.downlink == "none" and payload is self.inbox:  # received in place
+                self.down.check(payload)
+            elif self.cfg.downlink == "none":  # the parameters themselves: into the replica
+                self.down.decode(payload, out=replica)
+            else:
+                replica.add_(self.down.decode(payload, out=self.decoded[lo:hi]))
         self.pending = None
         self.params.load()
 
@@ -147,11 +189,12 @@ class Worker:
         self._apply_pending()
         return {"index": self.index, "step": self.step,
                 "model": {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()},
-                "generator": self.gen.get_state(),
+                "generator": _one_or_list([g.get_state() for g in self.gens]),
                 "dropout_generator": self.dropout_gen.get_state(),
                 "sampler": self.sampler.state_dict(),
-                "compressor": _on(self.comp.state_dict(), torch.device("cpu"))
-                if hasattr(self.comp, "state_dict") else {}}
+                "compressor": _one_or_list([_on(c.state_dict(), torch.device("cpu"))
+                                            if hasattr(c, "state_dict") else {}
+                                            for c in self.comps])}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["index"]) != self.index:
@@ -160,35 +203,21 @@ class Worker:
         self.pending = None
         self.model.load_state_dict(state["model"])
         self.params.store()  # into the same replica buffer
-        self.gen.set_state(state["generator"])
+        gens, comps = state["generator"], state["compressor"]
+        if len(self.bounds) == 1:
+            gens, comps = [gens], [comps]
+        for g, st in zip(self.gens, gens, strict=True):
+            g.set_state(st)
         self.dropout_gen.set_state(state["dropout_generator"])
         self.sampler.load_state_dict(state["sampler"])
-        if hasattr(self.comp, "load_state_dict"):
-            self.comp.load_state_dict(_on(state["compressor"], self.device))
+        for c, st in zip(self.comps, comps, strict=True):
+            if hasattr(c, "load_state_dict"):
+                c.load_state_dict(_on(st, self.device))
 
 
-def run_worker(cfg: TrainConfig, worker: Worker, transport: Transport) -> None:
-    """The worker's side of the distributed loop (mirrors :func:`roles.server.run_server`)."""
-    if cfg.resume:
-        worker.load_state_dict(transport.recv_blob("resume state"))
-    n_down = worker.down.payload_nbytes(worker.n)
-    for step in range(worker.step + 1, cfg.steps + 1):
-        payload, telemetry = worker.step_up()
-        transport.send_to_server(payload, TAG_PAYLOAD, "gradient payload", counted=True)
-        transport.send_to_server(telemetry, TAG_TELEMETRY, "telemetry")
-        if is_eval_step(cfg, step) and worker.n_stats:
-            transport.send_to_server(worker.bn_stats(), TAG_STATS, "BatchNorm statistics",
-                                     counted=True)
-        control = int(transport.recv_from_server(1, torch.int64, TAG_CONTROL, "control")[0])
-        if control == ABORT:
-            raise RunAborted(f"the server aborted the run at step {step} (see its message)")
-        worker.receive_downlink(transport.recv_from_server(n_down, torch.uint8, TAG_DOWN,
-                                                           "parameters payload", counted=True,
-                                                           out=worker.inbox))
-        if is_checkpoint_step(cfg, step, last=control == LAST):
-            transport.send_blob(worker.state_dict(), "worker state")
-        if control == LAST:
-            break
+def _one_or_list(items: list[Any]) -> Any:
+    """A state of one shard as it is (the star's checkpoint format), of several as a list."""
+    return items[0] if len(items) == 1 else items
 
 
 def _on(obj: Any, device: torch.device) -> Any:

@@ -1,0 +1,452 @@
+"""The synchronous step of the parameter-server job, written once for every topology.
+
+A rank holds up to three pieces (:class:`RankRoles`): worker ``i``
+(:class:`~dist_quant.roles.worker.Worker`), the server of shard ``s``
+(:class:`~dist_quant.roles.shard.ShardServer`), and, on the server of shard 0, the leader
+(evaluation, metrics, checkpoints, the decision to go on). Which rank holds which piece is the
+:class:`~dist_quant.roles.placement.Placement`; how bytes move is the fabric
+(:mod:`dist_quant.roles.fabric`). One step is a fixed sequence of phases (``PHASES``); each
+rank runs every phase, doing the part of its pieces:
+
+1. ``up``: worker i computes its gradient, encodes it once per shard with that shard's
+   generator and sends shard s's payload to server s (with ``--overlap`` during backward, as
+   soon as the shard is complete: :mod:`dist_quant.roles.overlap`); telemetry (and, at
+   evaluation steps, its BN running statistics) goes to the leader;
+2. ``serve``: server s decodes and averages its W rows (a bad row is left out of this shard
+   only), steps its shard with ``DecoupledMomentumSGD`` and encodes its shard's downlink; it
+   reports to the leader (rows left out, whether it could step, phase times, bytes) and, at
+   evaluation steps, sends its parameters;
+3. ``lead``: the leader evaluates the gathered parameters with the averaged BN statistics
+   and decides: continue, last step, or abort (``--on-nonfinite abort`` with a bad row, or a
+   shard without any valid row for ``STUCK_STEPS`` steps in a row); it tells every rank;
+4. ``control``: the other ranks receive that decision (abort ends them);
+5. ``down_send`` / ``down_recv``: server s sends its shard's downlink to every worker; every
+   worker keeps the S payloads and applies them at the start of its next step;
+6. ``record``: the leader writes the step's metrics (bytes per direction and per server);
+7. ``ckpt_send`` / ``ckpt_save``: at checkpoint steps every rank sends its pieces' states to
+   the leader, which writes one file holding every shard's and every worker's state.
+
+``--simulate`` (:func:`run_all`) runs each phase for every rank in one process over a
+:class:`~dist_quant.roles.fabric.LocalFabric`; a distributed rank (:func:`run_rank`) runs the
+phases for itself over a :class:`~dist_quant.roles.fabric.RemoteFabric`. The arithmetic, the
+random streams and the order of every operation on them are the same, so both end with the
+same parameters bit for bit.
+
+Checkpoint (format 1): ``{"step", "config", "server": {"model": the leader's model (theta of
+every shard, BN statistics of the last evaluation), **state of shard 0}, "shards": [states of
+shards 1..S-1], "workers": [worker states]}``; shard states are
+:meth:`ShardServer.state_dict`.
+
+Phase times (``metrics.jsonl``): the slowest worker's ``compute``, ``encode``, ``decode``
+plus the slowest server's decode, update and downlink encode (sums in the simulator);
+``communicate`` is the rest of the leader's step. Evaluation and checkpoints are outside.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import torch
+
+from dist_quant.config import TrainConfig
+from dist_quant.data import Dataset
+from dist_quant.metrics import RunRecorder, read_metrics
+from dist_quant.progress import Progress, summary_line
+from dist_quant.roles import common
+from dist_quant.roles.fabric import (
+    TAG_CONTROL,
+    TAG_DOWN,
+    TAG_STATS,
+    TAG_STATUS,
+    TAG_TELEMETRY,
+    TAG_THETA,
+    TAG_UP,
+    LocalFabric,
+)
+from dist_quant.roles.placement import Placement
+from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
+from dist_quant.roles.server import SKIP_LINES, STUCK_STEPS, evaluate_model
+from dist_quant.roles.shard import ShardServer
+from dist_quant.roles.worker import TELEMETRY, RunAborted, Worker, replica_of
+from dist_quant.transport import ABORT, CONTINUE, LAST
+
+# server -> leader, per step: rows left out, could not step (0/1), abort requested (0/1),
+# decode s, update s, encode s, bytes received over links, bytes to send over links
+STATUS = ("left_out", "stuck", "abort", "decode", "update", "encode", "bytes_up", "bytes_down")
+
+PHASES = ("up", "serve", "lead", "control", "down_send", "down_recv", "record", "ckpt_send",
+          "ckpt_save")
+
+
+class RankRoles:
+    """The pieces one rank holds, and its part of each phase of the step."""
+
+    def __init__(self, cfg: TrainConfig, placement: Placement, rank: int, data: Dataset,
+                 device: torch.device, fabric: Any):
+        self.cfg, self.p, self.rank, self.fabric = cfg, placement, int(rank), fabric
+        self.device = torch.device(device)
+        self.model = common.build_model(cfg, data.in_features, data.num_classes, self.device)
+        self.n = common.num_params(self.model)
+        self.n_stats = common.bn_stats(self.model).numel()
+        w, s = placement.worker_of(rank), placement.shard_of(rank)
+        self.worker = None if w is None else Worker(cfg, data, w, self.device,
+                                                    list(placement.bounds))
+        self.shard = None if s is None else ShardServer(cfg, self.model, *placement.bounds[s],
+                                                        s, self.device)
+        self.is_leader = rank == placement.leader
+        self.step = 0
+        self.control = CONTINUE
+        self.printed = 0          # steps whose left-out rows this server printed
+        self.abort_reason = ""    # why this server asks the leader to abort, if it does
+        if self.is_leader:
+            self.theta = common.flat_params(self.model)
+            self.params = common.ParamViews(self.model, self.theta, alias=True)
+            self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
+            self.stuck = [0] * placement.num_shards
+
+    # ---- 1. up ---------------------------------------------------------------------------
+    def up(self) -> None:
+        self.step += 1
+        self.t0 = time.perf_counter()
+        self.with_stats = is_eval_step(self.cfg, self.step)
+        if self.worker is None:
+            return
+        def ship(s: int, payload: torch.Tensor) -> None:
+            self.fabric.send(self.rank, self.p.server_ranks[s], TAG_UP, payload,
+                             "gradient payload")
+
+        _, telemetry = self.worker.step_up(ship)
+        self.fabric.send(self.rank, self.p.leader, TAG_TELEMETRY, telemetry, "telemetry")
+        if self.with_stats and self.n_stats:
+            self.fabric.send(self.rank, self.p.leader, TAG_STATS, self.worker.bn_stats(),
+                             "BatchNorm statistics")
+
+    # ---- 2. serve ------------------------------------------------------------------------
+    def serve(self) -> None:
+        sh = self.shard
+        if sh is None:
+            return
+        rows = self.fabric.gather(list(self.p.worker_ranks), self.rank, TAG_UP, sh.up_nbytes(),
+                                  torch.uint8, "gradient payload", self.device)
+        t1 = time.perf_counter()
+        g, bad = sh.aggregate(rows)
+        t2 = time.perf_counter()
+        sh.update(g)
+        t3 = time.perf_counter()
+        self.down_payload = sh.downlink()
+        t4 = time.perf_counter()
+        abort = bool(bad) and self.cfg.on_nonfinite == "abort"
+        if bad:
+            self._report_bad(bad, abort)
+        self.abort_reason = f"{self._where()}: {'; '.join(bad)} (--on-nonfinite abort)" \
+            if abort else ""
+        remote = self.p.remote_workers(sh.index)
+        status = torch.tensor([float(v) for v in (
+            len(bad), g is None, abort, t2 - t1, t3 - t2, t4 - t3, remote * rows.shape[1],
+            remote * self.down_payload.numel())],
+                              dtype=torch.float64)
+        self.fabric.send(self.rank, self.p.leader, TAG_STATUS, status, "server status")
+        if self.with_stats:
+            self.fabric.send(self.rank, self.p.leader, TAG_THETA, sh.theta,
+                             "parameters for evaluation")
+
+    def _where(self) -> str:
+        """``step t`` (the star) or ``step t: shard s``."""
+        one = self.p.num_shards == 1
+        return f"step {self.step}" + ("" if one else f": shard {self.shard.index}")
+
+    def _report_bad(self, bad: list[str], abort: bool) -> None:
+        """Print why rows were left out: one line for each of the first ``SKIP_LINES`` steps
+        with bad rows; an abort's reason (the leader ends the run with it when it is here)."""
+        where = self._where()
+        if abort:
+            if not self.is_leader:
+                print(f"{where}: {'; '.join(bad)} (--on-nonfinite abort)", file=sys.stderr,
+                      flush=True)
+        elif self.printed < SKIP_LINES:
+            more = " (from now on only counted in metrics.jsonl)" \
+                if self.printed == SKIP_LINES - 1 else ""
+            print(f"{where}: left out {len(bad)} of {self.cfg.workers} payloads: "
+                  f"{'; '.join(bad)}{more}", file=sys.stderr, flush=True)
+        self.printed += 1
+
+    # ---- 3. lead -------------------------------------------------------------------------
+    def lead(self) -> None:
+        if not self.is_leader:
+            return
+        p, f = self.p, self.fabric
+        self.telemetry = f.gather(list(p.worker_ranks), self.rank, TAG_TELEMETRY,
+                                  len(TELEMETRY), torch.float64, "telemetry", self.device).cpu()
+        self.status = f.gather(list(p.server_ranks), self.rank, TAG_STATUS, len(STATUS),
+                               torch.float64, "server status", self.device).cpu()
+        stats = None
+        if self.with_stats and self.n_stats:
+            stats = f.gather(list(p.worker_ranks), self.rank, TAG_STATS, self.n_stats,
+                             torch.float32, "BatchNorm statistics", self.device)
+        self.stats_bytes = 0 if stats is None else 4 * self.n_stats * sum(
+            r != self.rank for r in p.worker_ranks)
+        self.t_eval = 0.0
+        reason = ""
+        for s in range(p.num_shards):
+            self.stuck[s] = self.stuck[s] + 1 if self.status[s, 1] else 0
+        if self.status[:, 2].any():
+            reason = self.abort_reason or (
+                f"step {self.step}: a payload was refused (--on-nonfinite abort)")
+        elif max(self.stuck) >= STUCK_STEPS:
+            s = max(range(p.num_shards), key=lambda k: self.stuck[k])
+            which = "" if p.num_shards == 1 else f" for shard {s}"
+            reason = (f"no valid payload{which} for {self.stuck[s]} consecutive steps "
+                      f"(up to step {self.step}): training diverged; lower --lr")
+        last = self.step == self.cfg.steps
+        if self.with_stats and not reason:
+            te = time.perf_counter()
+            for s, (lo, hi) in enumerate(p.bounds):
+                f.recv(p.server_ranks[s], self.rank, TAG_THETA, "parameters for evaluation",
+                       hi - lo, torch.float32, out=self.theta[lo:hi])
+            self.test_loss, self.test_acc = evaluate_model(
+                self.model, self.x_test, self.y_test, None if stats is None else stats.mean(0))
+            self.evals += 1
+            last = last or 0 < self.cfg.stop_accuracy <= self.test_acc
+            self.t_eval = time.perf_counter() - te
+        self.control = ABORT if reason else LAST if last else CONTINUE
+        for r in p.ranks:
+            if r != self.rank:
+                f.send(self.rank, r, TAG_CONTROL, torch.tensor([self.control]), "control")
+        if reason:
+            f.flush()
+            raise RunAborted(reason)
+
+    # ---- 4. control ----------------------------------------------------------------------
+    def receive_control(self) -> None:
+        if self.is_leader:
+            return
+        self.control = int(self.fabric.recv(self.p.leader, self.rank, TAG_CONTROL, "control", 1,
+                                            torch.int64)[0])
+        if self.control == ABORT:
+            raise RunAborted(f"the leader ended the run at step {self.step} (see the message "
+                             "of the rank that refused a payload, or the leader's)")
+
+    # ---- 5. downlink ---------------------------------------------------------------------
+    def down_send(self) -> None:
+        if self.shard is not None:
+            for r in self.p.worker_ranks:
+                self.fabric.send(self.rank, r, TAG_DOWN, self.down_payload, "parameters payload")
+
+    def down_recv(self) -> None:
+        if self.worker is not None:
+            w = self.worker
+            w.receive_downlink([self.fabric.recv(self.p.server_ranks[s], self.rank, TAG_DOWN,
+                                                 "parameters payload", box.numel(), torch.uint8,
+                                                 out=box) for s, box in enumerate(w.inboxes)])
+        self.fabric.flush()
+
+    # ---- 6. record -----------------------------------------------------------------------
+    def record(self) -> None:
+        if not self.is_leader:
+            return
+        combine = torch.sum if self.sequential else torch.amax
+        tel = combine(self.telemetry[:, 1:], dim=0).tolist()   # decode, compute, encode, overlap
+        srv = combine(self.status[:, 3:6], dim=0).tolist()      # decode, update, encode
+        times = {"compute": tel[1], "encode": tel[2] + srv[2], "decode": tel[0] + srv[0],
+                 "update": srv[1]}
+        wall = time.perf_counter() - self.t0 - self.t_eval
+        times["communicate"] = max(0.0, wall - sum(times.values()))
+        ups = [int(b) for b in self.status[:, 6].tolist()]
+        downs = [int(b) for b in self.status[:, 7].tolist()]
+        rec = self.recorder.step(self.step, float(self.telemetry[:, 0].mean()),
+                                 sum(ups) + self.stats_bytes, sum(downs), times,
+                                 skipped=int(self.status[:, 0].sum()),
+                                 extra={"servers": [{"bytes_up": u, "bytes_down": d,
+                                                     "skipped": int(k)}
+                                                    for u, d, k in zip(
+                                                        ups, downs, self.status[:, 0].tolist(),
+                                                        strict=True)],
+                                        "bytes_stats": self.stats_bytes,
+                                        "time_overlap": tel[3]})
+        if self.with_stats:
+            self.recorder.eval(self.step, self.test_loss, self.test_acc)
+        self.progress.update(self.step, rec["loss"], self.test_acc, self.recorder.cum_up,
+                             self.recorder.cum_down)
+
+    # ---- 7. checkpoints ------------------------------------------------------------------
+    def _checkpoint_now(self) -> bool:
+        return is_checkpoint_step(self.cfg, self.step, last=self.control == LAST)
+
+    def own_state(self) -> dict[str, Any]:
+        return {"worker": None if self.worker is None else self.worker.state_dict(),
+                "shard": None if self.shard is None else self.shard.state_dict()}
+
+    def ckpt_send(self) -> None:
+        if self._checkpoint_now() and not self.is_leader:
+            self.fabric.send_blob(self.rank, self.p.leader, self.own_state(), "rank state")
+
+    def ckpt_save(self) -> None:
+        if not (self._checkpoint_now() and self.is_leader):
+            return
+        from dist_quant.checkpoint import save_checkpoint
+
+        p = self.p
+        states = {r: (self.own_state() if r == self.rank else
+                      self.fabric.recv_blob(r, self.rank, "rank state")) for r in p.ranks}
+        shards = [states[p.server_ranks[s]]["shard"] for s in range(p.num_shards)]
+        workers = [states[p.worker_ranks[i]]["worker"] for i in range(len(p.worker_ranks))]
+        replica = torch.cat([s["replica"] for s in shards])
+        for i, state in enumerate(workers):
+            if not torch.equal(replica_of(self.model, state), replica):
+                raise RuntimeError(f"worker {i}'s replica differs from the servers' tracked copy")
+        with torch.no_grad():
+            self.theta.copy_(torch.cat([s["theta"] for s in shards]).to(self.device))
+        model = {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        save_checkpoint(self.cfg.run_dir, self.step, {
+            "format": 1, "step": self.step, "config": self.cfg.to_dict(),
+            "server": {"model": model, **shards[0]}, "shards": shards[1:], "workers": workers})
+
+    # ---- start and end -------------------------------------------------------------------
+    def resume_send(self) -> None:
+        """The leader reads the checkpoint and hands every rank its pieces' states."""
+        self.resumed: dict[str, Any] | None = None
+        if not (self.cfg.resume and self.is_leader):
+            return
+        from dist_quant.checkpoint import load_for_resume
+
+        state = load_for_resume(self.cfg)
+        self.model.load_state_dict(state["server"]["model"])
+        shards = [state["server"], *state["shards"]]
+        for r in self.p.ranks:
+            w, s = self.p.worker_of(r), self.p.shard_of(r)
+            mine = {"worker": None if w is None else state["workers"][w],
+                    "shard": None if s is None else shards[s]}
+            if r == self.rank:
+                self.resumed = mine
+            else:
+                self.fabric.send_blob(self.rank, r, mine, "resume state")
+
+    def resume_recv(self) -> None:
+        if not self.cfg.resume:
+            return
+        mine = self.resumed if self.is_leader else self.fabric.recv_blob(
+            self.p.leader, self.rank, "resume state")
+        if self.worker is not None:
+            self.worker.load_state_dict(mine["worker"])
+            self.step = self.worker.step
+        if self.shard is not None:
+            self.shard.load_state_dict(mine["shard"])
+            self.step = self.shard.step
+
+    def open_records(self, sequential: bool) -> None:
+        self.sequential = sequential
+        if not self.is_leader:
+            return
+        start = self.step
+        self.recorder = RunRecorder(self.cfg.run_dir, self.cfg.to_dict(),
+                                    resume_step=start if self.cfg.resume else None)
+        self.evals = sum(1 for r in read_metrics(self.cfg.run_dir) if r["kind"] == "eval")
+        self.progress = Progress(self.cfg.steps, enabled=self.cfg.progress)
+        self.test_loss = self.test_acc = float("nan")
+
+    def close_records(self) -> dict[str, Any] | None:
+        if not self.is_leader:
+            return None
+        p, cfg = self.p, self.cfg
+        from dist_quant.compress import get_compressor
+
+        fp32 = get_compressor("none")
+        per_step = sum(p.remote_workers(s) * fp32.payload_nbytes(hi - lo)
+                       for s, (lo, hi) in enumerate(p.bounds))
+        stats = 4 * self.n_stats * sum(r != self.rank for r in p.worker_ranks)
+        sh = self.shard
+        summary = self.recorder.summary(
+            test_accuracy=self.test_acc, test_loss=self.test_loss,
+            fp32_bytes_up=self.step * per_step + self.evals * stats,
+            fp32_bytes_down=self.step * per_step, steps=self.step, workers=cfg.workers,
+            params=self.n, compressor=cfg.compressor, method=cfg.method,
+            bucket_size=cfg.bucket_size, downlink=cfg.downlink,
+            payload_nbytes_up=sum(sh.up.payload_nbytes(hi - lo) for lo, hi in p.bounds),
+            payload_nbytes_down=sum(sh.down.payload_nbytes(hi - lo) for lo, hi in p.bounds),
+            servers=p.num_shards, colocate=cfg.colocate, shard_sizes=[hi - lo for lo, hi
+                                                                      in p.bounds],
+            simulate=cfg.simulate, stopped_early=self.step < cfg.steps)
+        self.recorder.close()
+        print(summary_line(summary), flush=True)
+        return summary
+
+
+def _phase(ranks: list[RankRoles], name: str) -> None:
+    for r in ranks:
+        getattr(r, "receive_control" if name == "control" else name)()
+
+
+def run_all(cfg: TrainConfig, placement: Placement, data: Dataset, device: torch.device,
+            fabric: Any = None) -> dict[str, Any]:
+    """Every rank of ``placement`` in this process (``--simulate``); returns the summary.
+    The leader runs last in each phase, after the ranks whose messages it gathers."""
+    fabric = fabric or LocalFabric(placement)
+    order = [r for r in placement.ranks if r != placement.leader] + [placement.leader]
+    ranks = [RankRoles(cfg, placement, r, data, device, fabric) for r in order]
+    return _drive(cfg, ranks, sequential=True)
+
+
+def run_rank(cfg: TrainConfig, placement: Placement, rank: int, data: Dataset,
+             device: torch.device, fabric: Any) -> dict[str, Any] | None:
+    """This process's rank of a distributed job; the leader returns the summary."""
+    return _drive(cfg, [RankRoles(cfg, placement, rank, data, device, fabric)],
+                  sequential=False)
+
+
+def _drive(cfg: TrainConfig, ranks: list[RankRoles], sequential: bool) -> dict[str, Any] | None:
+    for name in ("resume_send", "resume_recv"):
+        _phase(ranks, name)
+    for r in ranks:
+        r.open_records(sequential)
+    try:
+        while ranks[0].step < cfg.steps and ranks[0].control != LAST:
+            for name in PHASES:
+                _phase(ranks, name)
+    finally:
+        for r in ranks:
+            if r.is_leader:
+                r.progress.close()
+    return next((r.close_records() for r in ranks if r.is_leader), None)
+
+
+def gather_roles(device: torch.device) -> list[str]:
+    """Every rank's ``DIST_QUANT_ROLE`` (one ``all_gather`` of a small code per rank)."""
+    import os
+
+    import torch.distributed as dist
+
+    from dist_quant.roles.placement import ROLES
+
+    role = os.environ.get("DIST_QUANT_ROLE", "")
+    code = ROLES.index(role) + 1 if role in ROLES else (0 if not role else -1)
+    mine = torch.tensor([code], dtype=torch.int64, device=device)
+    codes = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(codes, mine)
+    return ["" if int(c) == 0 else ROLES[int(c) - 1] if int(c) > 0 else "?" for c in codes]
+
+
+def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str) -> None:
+    """This torchrun process's part of the parameter-server job (``dist_quant.train``): the
+    training traffic gets its own process group with the short ``--timeout``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from dist_quant.data import load_dataset
+    from dist_quant.roles.fabric import RemoteFabric
+    from dist_quant.roles.placement import place
+    from dist_quant.train import default_run_dir
+
+    roles = gather_roles(device)
+    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))
+    data = load_dataset(cfg)
+    rank = dist.get_rank()
+    n = common.num_params(common.build_model(cfg, data.in_features, data.num_classes, device))
+    placement = place(cfg, n, roles)
+    if rank == placement.leader and not cfg.run_dir:
+        cfg = cfg.replace(run_dir=default_run_dir(cfg))
+    fabric = RemoteFabric(placement, rank, device, group)
+    dist.barrier()
+    run_rank(cfg, placement, rank, data, device, fabric)

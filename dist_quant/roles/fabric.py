@@ -1,0 +1,143 @@
+"""How the messages of a step move between the ranks of a :class:`Placement`.
+
+``send(src, dst, tag, tensor)`` and ``recv(src, dst, tag, ...)`` name both ends, so the same
+calls serve one process holding every rank (:class:`LocalFabric`, the ``--simulate``
+reference) and a torch.distributed rank holding one (:class:`RemoteFabric`). A message whose
+two ends are on the same rank is handed over in memory in both. Every message has a size both
+ends know from the config; nothing on the training path is pickled (states at checkpoints and
+on resume travel as blobs, as in :mod:`dist_quant.transport`). The messages are those of
+:mod:`dist_quant.transport` (gradient payload, telemetry, BN statistics, control, parameters
+payload, state blobs; same tags) plus two from each server to the leader: its step's status
+(``float64[8]``, see ``exchange.STATUS``) and, at evaluation steps, its shard of ``theta``.
+
+Remote sends are posted (``isend``) and waited for only at :meth:`RemoteFabric.flush`, at the
+end of the step: every rank posts all its sends of a phase before it blocks in a receive, so
+the all-to-all of the colocated job cannot deadlock on a link whose peer is itself sending. A
+sent tensor must not change until the flush (the roles hand over fresh payloads, or buffers
+they next write after the step). A peer that dies or stops answering raises
+:class:`~dist_quant.transport.PeerLostError` naming it, within the process-group timeout.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from typing import Any
+
+import torch
+
+from dist_quant.roles.placement import Placement
+from dist_quant.transport import (  # noqa: F401 (the tags are this module's vocabulary too)
+    TAG_BLOB,
+    TAG_CONTROL,
+    TAG_DOWN,
+    TAG_PAYLOAD,
+    TAG_SIZE,
+    TAG_STATS,
+    TAG_TELEMETRY,
+    Transport,
+    blob_from,
+    blob_to,
+)
+
+TAG_UP = TAG_PAYLOAD
+TAG_STATUS, TAG_THETA = 8, 9   # server -> leader: its step's status; its shard, to evaluate
+
+
+class LocalFabric:
+    """Every rank in this process: a message is queued by its (src, dst, tag)."""
+
+    def __init__(self, placement: Placement):
+        self.placement = placement
+        self.queues: dict[tuple[int, int, int], deque] = defaultdict(deque)
+
+    def send(self, src: int, dst: int, tag: int, obj: Any, what: str) -> None:
+        self.queues[(src, dst, tag)].append(obj)
+
+    def recv(self, src: int, dst: int, tag: int, what: str, numel: int = 0,
+             dtype: torch.dtype = torch.uint8, out: torch.Tensor | None = None) -> Any:
+        queue = self.queues[(src, dst, tag)]
+        if not queue:
+            raise RuntimeError(f"{self.placement.describe(dst)} waits for the {what} from "
+                               f"{self.placement.describe(src)}, which was never sent")
+        got = queue.popleft()
+        if out is not None:
+            return out.copy_(got)
+        return got
+
+    def gather(self, srcs: list[int], dst: int, tag: int, numel: int, dtype: torch.dtype,
+               what: str, device: torch.device) -> torch.Tensor:
+        """One ``[len(srcs), numel]`` tensor, row ``k`` from ``srcs[k]``."""
+        return torch.stack([self.recv(s, dst, tag, what).reshape(-1) for s in srcs])
+
+    def send_blob(self, src: int, dst: int, obj: Any, what: str) -> None:
+        LocalFabric.send(self, src, dst, TAG_BLOB, obj, what)
+
+    def recv_blob(self, src: int, dst: int, what: str) -> Any:
+        return self.recv(src, dst, TAG_BLOB, what)
+
+    def flush(self) -> None:
+        pass
+
+
+class RemoteFabric(LocalFabric, Transport):
+    """This rank's end of every link, over torch.distributed point-to-point with the
+    :class:`~dist_quant.transport.Transport` primitives (``group`` gives the timeout; a lost
+    peer is named by its place in the placement); messages to itself stay in memory."""
+
+    def __init__(self, placement: Placement, rank: int, device: torch.device, group: Any = None):
+        LocalFabric.__init__(self, placement)
+        Transport.__init__(self, placement.leader, list(placement.worker_ranks), device, group)
+        self.rank = int(rank)
+        self.pending: list[tuple[Any, int, str]] = []
+
+    def describe(self, rank: int) -> str:
+        return self.placement.describe(rank)
+
+    def _wait_all(self, works: list[tuple[Any, int, str]]) -> None:
+        for work, peer, what in works:
+            self._wait([work], what, [peer])
+
+    def send(self, src: int, dst: int, tag: int, obj: Any, what: str) -> None:
+        if dst == self.rank:
+            return super().send(src, dst, tag, obj, what)
+        tensor = obj.to(self.device).contiguous()
+        self.pending.append((self._isend(tensor, dst, tag), dst, what))
+
+    def recv(self, src: int, dst: int, tag: int, what: str, numel: int = 0,
+             dtype: torch.dtype = torch.uint8, out: torch.Tensor | None = None) -> Any:
+        if src == self.rank:
+            return super().recv(src, dst, tag, what, out=out)
+        if out is None:
+            out = torch.empty(numel, dtype=dtype, device=self.device)
+        self._wait([self._irecv(out, src, tag)], what, [src])
+        return out
+
+    def gather(self, srcs: list[int], dst: int, tag: int, numel: int, dtype: torch.dtype,
+               what: str, device: torch.device) -> torch.Tensor:
+        out = torch.empty(len(srcs), numel, dtype=dtype, device=self.device)
+        works = [(self._irecv(out[k], s, tag), s, what) for k, s in enumerate(srcs)
+                 if s != self.rank]
+        for k, s in enumerate(srcs):
+            if s == self.rank:
+                out[k].copy_(super().recv(s, dst, tag, what).reshape(-1))
+        self._wait_all(works)
+        return out
+
+    def send_blob(self, src: int, dst: int, obj: Any, what: str) -> None:
+        if dst == self.rank:
+            return super().send_blob(src, dst, obj, what)
+        blob = blob_from(obj).to(self.device)
+        self.send(src, dst, TAG_SIZE, torch.tensor([blob.numel()], dtype=torch.int64), what)
+        self.send(src, dst, TAG_BLOB, blob, what)
+        self.flush()
+
+    def recv_blob(self, src: int, dst: int, what: str) -> Any:
+        if src == self.rank:
+            return super().recv(src, dst, TAG_BLOB, what)
+        size = int(self.recv(src, dst, TAG_SIZE, what, 1, torch.int64)[0])
+        return blob_to(self.recv(src, dst, TAG_BLOB, what, size, torch.uint8))
+
+    def flush(self) -> None:
+        """Wait for every posted send (the end of a step)."""
+        pending, self.pending = self.pending, []
+        self._wait_all(pending)
