@@ -1,6 +1,6 @@
 """Learning-rate schedules: the factor that multiplies each parameter group's base lr at update t.
 
-``t = 1, 2, ..., T`` counts the optimizer's updates (``T = --steps``), ``w = --warmup-steps``::
+``t = 1, 2, ..., T`` counts the steps (``T = --steps``), ``w = --warmup-steps``::
 
     warmup       t <= w:  f(t) = t / w                                  (linear, f(w) = 1)
     constant     t >  w:  f(t) = 1
@@ -14,9 +14,9 @@ so the first update after the warmup uses the full lr, the step schedule multipl
 :class:`~dist_quant.optim.DecoupledMomentumSGD` takes a schedule and applies it itself (``lr_t =
 base_lr f(t)``), so the parameter server and the DDP baseline, which both build that optimizer,
 follow the same one; ``metrics.jsonl`` records ``lr`` (the base lr times ``f(t)``) on every step
-line. ``t`` is the optimizer's own count of updates: a parameter-server step that leaves out every
-payload (``--on-nonfinite skip`` with no valid payload) applies no update, and from then on the
-optimizer's ``t`` is one behind the step number that ``metrics.jsonl`` records ``lr`` for. Use the
+line. ``t`` is the step number: a parameter-server step that leaves out every payload of a shard
+(``--on-nonfinite skip`` with no valid payload) applies no update there but still moves that
+shard's schedule on (``DecoupledMomentumSGD.skip_step``), so every shard stays on the step. Use the
 decoupled optimizer under a schedule: torch's coupled SGD reproduces it only with a momentum that
 changes with the learning rate (MATH 5d).
 """

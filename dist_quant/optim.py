@@ -63,7 +63,8 @@ class DecoupledMomentumSGD(torch.optim.Optimizer):
     ``base_lr * schedule.factor(t)`` before update ``t``; ``base_lr`` is the group's lr at
     construction and ``t`` counts this optimizer's steps (both kept in the param groups, so a
     checkpoint resumes the schedule where it was). After a step, ``group["lr"]`` is the lr that
-    step used.
+    step used. :meth:`skip_step` counts a step that applies no update (a parameter-server step
+    with no valid gradient), so ``t`` stays the step number.
     """
 
     def __init__(
@@ -80,16 +81,24 @@ class DecoupledMomentumSGD(torch.optim.Optimizer):
                 group.setdefault("base_lr", group["lr"])
                 group.setdefault("updates", 0)
 
+    def _advance(self) -> None:
+        if self.schedule is not None:
+            for group in self.param_groups:
+                group["updates"] += 1
+                group["lr"] = group["base_lr"] * self.schedule.factor(group["updates"])
+
+    def skip_step(self) -> None:
+        """Count a step without an update: the schedule moves on, parameters and momentum stay."""
+        self._advance()
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._advance()
         for group in self.param_groups:
-            if self.schedule is not None:
-                group["updates"] += 1
-                group["lr"] = group["base_lr"] * self.schedule.factor(group["updates"])
             lr, mu, lam = group["lr"], group["momentum"], group["weight_decay"]
             for p in group["params"]:
                 if p.grad is None:

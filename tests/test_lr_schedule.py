@@ -16,7 +16,8 @@ from dist_quant.errors import ConfigError
 from dist_quant.lr_schedule import LRSchedule, lr_at, schedule_from_config
 from dist_quant.metrics import read_metrics
 from dist_quant.optim import DecoupledMomentumSGD
-from dist_quant.roles.server import Server
+from dist_quant.roles import common
+from dist_quant.roles.shard import ShardServer
 from dist_quant.simulate import run_simulate
 
 
@@ -116,10 +117,13 @@ def _cfg(**changes) -> TrainConfig:
 
 def test_server_lr_per_step_equals_the_formula():
     cfg = _cfg(lr_schedule="cosine", decay_all=False)
-    server = Server(cfg, load_dataset(cfg), torch.device("cpu"))
+    data = load_dataset(cfg)
+    model = common.build_model(cfg, data.in_features, data.num_classes, torch.device("cpu"))
+    server = ShardServer(cfg, model, 0, common.num_params(model), 0, torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     for t in range(1, cfg.steps + 1):
-        server.update(torch.randn(server.n, generator=gen) * 0.01)
+        g = torch.randn(server.n, generator=gen) * 0.01
+        server.update(None if t == 5 else g)  # a step without a valid payload keeps the count
         want = lr_at(cfg, t)
         assert [g["lr"] for g in server.opt.param_groups] == [want] * len(server.opt.param_groups)
     assert lr_at(cfg, 1) == pytest.approx(cfg.lr / cfg.warmup_steps)

@@ -114,6 +114,8 @@ class ShardServer:
             for leaf, a, b in self.pieces:
                 leaf.grad = g[a:b].view_as(leaf).clone()
             self.opt.step()
+        else:
+            self.opt.skip_step()
         self.step += 1
 
     @torch.no_grad()
