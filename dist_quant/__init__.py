@@ -9,13 +9,16 @@ __version__ = "0.1.0"
 
 from dist_quant.compress import available_compressors, get_compressor  # noqa: E402
 from dist_quant.errors import ConfigError, NonFiniteGradientError, PayloadError  # noqa: E402
+from dist_quant.hooks import OneBitState, onebit_hook  # noqa: E402
 from dist_quant.optim import DecoupledMomentumSGD  # noqa: E402
 
 __all__ = [
     "ConfigError",
     "DecoupledMomentumSGD",
     "NonFiniteGradientError",
+    "OneBitState",
     "PayloadError",
     "available_compressors",
     "get_compressor",
+    "onebit_hook",
 ]

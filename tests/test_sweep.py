@@ -30,7 +30,8 @@ TINY = {"train_size": [200], "test_size": [100], "hidden": ["24"], "batch_size":
 def test_presets_map_onto_config_fields():
     points = {p.label: p.cfg for p in expand_grid(list(PRESETS))}
     assert set(points) == {"ps-fp32", "ps-onebit-whole", "ps-onebit", "ps-sign-ef",
-                           "ps-onebit-updown", "ddp-fp32", "ddp-fp16", "ddp-powersgd"}
+                           "ps-onebit-updown", "ddp-fp32", "ddp-fp16", "ddp-powersgd",
+                           "ddp-onebit"}
     assert points["ps-fp32"].compressor == "none" and points["ps-fp32"].method == "ps"
     assert points["ps-onebit-whole"].bucket_size == 0
     assert points["ps-onebit"].bucket_size == TrainConfig().bucket_size > 0
