@@ -404,7 +404,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
 def _onebit_summary(cfg: TrainConfig, state: OneBitState) -> dict[str, Any]:
     rate, fp32_bytes, sent = state.compression_stats()
     return {"hook_compressor": cfg.compressor, "bucket_size": cfg.bucket_size,
-            "error_feedback": cfg.error_feedback, "allgather": state.allgather,
+            "error_feedback": cfg.error_feedback, "allgather_bits": state.allgather_bits,
             "rank0_bytes_sent": sent, "rank0_fp32_bytes": fp32_bytes}
 
 
