@@ -215,7 +215,8 @@ def _onebit_nbytes(m: int, d: int = D) -> int:
 
 
 def _slices(n: int, world: int = WORLD, d: int = D) -> list[int]:
-    """Slice sizes: the nb = ceil(n / d) buckets dealt out, floor(s nb / W) to floor((s+1) nb / W)."""
+    """Slice sizes: the nb = ceil(n / d) buckets dealt out, floor(s nb / W) up to
+    floor((s + 1) nb / W)."""
     nb = math.ceil(n / d)
     ends = [min(n, (s * nb // world) * d) for s in range(world + 1)]
     return [ends[s + 1] - ends[s] for s in range(world)]
