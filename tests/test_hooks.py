@@ -209,9 +209,14 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 
 # ---- the formulas ----------------------------------------------------------------------------
+def _kbit_nbytes(m: int, k: int, d: int = D) -> int:
+    """MATH 4f, 4i: 32-byte fixed header, fp32 (a, b) per bucket, ceil(m k / 8) bytes of bits;
+    an empty slice sends nothing."""
+    return 0 if m == 0 else 32 + 8 * math.ceil(m / d) + math.ceil(m * k / 8)
+
+
 def _onebit_nbytes(m: int, d: int = D) -> int:
-    """MATH 4f, 4i: 32-byte fixed header, fp32 (a, b) per bucket, ceil(m / 8) bytes of bits."""
-    return 0 if m == 0 else 32 + 8 * math.ceil(m / d) + math.ceil(m / 8)
+    return _kbit_nbytes(m, 1, d)
 
 
 def _slices(n: int, world: int = WORLD, d: int = D) -> list[int]:
@@ -322,32 +327,44 @@ def test_fp32_payloads_equal_plain_allreduce_to_rounding(ranks):
                           float(scale)), (grads - plain).abs().max()
 
 
+def _fp32_nbytes(m: int) -> int:
+    return 0 if m == 0 else 32 + 4 * m
+
+
 def test_tiny_buckets_and_exact_bytes(ranks):
-    for compressor, nbytes, d in (("onebit", _onebit_nbytes, D),
-                                  ("none", lambda m: 32 + 4 * m if m else 0, 1)):
+    # onebit up, the default 4-bit all-gather down (same buckets); none: fp32 both ways
+    for compressor, up, down, d in (
+            ("onebit", _onebit_nbytes, lambda m: _kbit_nbytes(m, 4), D),
+            ("none", _fp32_nbytes, _fp32_nbytes, 1)):
         buckets = ranks[0]["tiny"][compressor]["buckets"]
         # DDP's first iteration uses one bucket, then one per parameter (sizes 1 and 2 < W)
         assert buckets[0] == sum(SIZES) and sorted(buckets[-len(SIZES):]) == sorted(SIZES)
-        world_up = sum((WORLD - 1) * nbytes(m) for n in buckets for m in _slices(n, d=d))
+        slices = [_slices(n, d=d) for n in buckets]
+        world_up = sum((WORLD - 1) * up(m) for sl in slices for m in sl)
+        world_down = sum((WORLD - 1) * down(m) for sl in slices for m in sl)
         for rank, r in enumerate(ranks):
             t = r["tiny"][compressor]
             assert t["buckets"] == buckets
             c = t["counters"]
-            own = [_slices(n, d=d)[rank] for n in buckets]
-            others = [sum(nbytes(m) for s, m in enumerate(_slices(n, d=d)) if s != rank)
-                      for n in buckets]
-            assert c["sent_up"] == sum(others) == c["received_down"]
-            assert c["received_up"] == (WORLD - 1) * sum(nbytes(m) for m in own) == \
-                c["sent_down"]
+            own = [sl[rank] for sl in slices]
+            assert c["sent_up"] == sum(up(m) for sl in slices for s, m in enumerate(sl)
+                                       if s != rank)
+            assert c["received_up"] == (WORLD - 1) * sum(up(m) for m in own)
+            assert c["sent_down"] == (WORLD - 1) * sum(down(m) for m in own)
+            assert c["received_down"] == sum(down(m) for sl in slices
+                                             for s, m in enumerate(sl) if s != rank)
             # what reached the transport is what was counted
             assert t["transport"] == (c["sent_up"] + c["sent_down"],
                                       c["received_up"] + c["received_down"])
-            assert c["world_up"] == c["world_down"] == world_up
+            assert (c["world_up"], c["world_down"]) == (world_up, world_down)
             assert c["fp32_sent"] == sum(4 * (n - m) + 4 * (WORLD - 1) * m
                                          for n, m in zip(buckets, own, strict=True))
             rate, fp32, sent = t["stats"]
             assert (fp32, sent) == (c["fp32_sent"], c["sent_up"] + c["sent_down"])
-        assert sum(r["tiny"][compressor]["counters"]["sent_up"] for r in ranks) == world_up
+            assert rate == pytest.approx(fp32 / sent)
+        for key, world in (("sent_up", world_up), ("received_up", world_up),
+                           ("sent_down", world_down), ("received_down", world_down)):
+            assert sum(r["tiny"][compressor]["counters"][key] for r in ranks) == world, key
 
 
 def test_replicas_hold_identical_parameters_after_every_step(ranks):
@@ -384,8 +401,13 @@ def test_cli_plumbing_preset_and_label():
 
 
 # ---- training: the MLP with the hook next to plain DDP -------------------------------------
+# W = 2, the default hook (onebit in buckets of 128, 4-bit all-gather), lr 0.05. Measured
+# (accuracy of plain DDP -> with the hook, seeds 0-7): 45.8 -> 44.9, 46.6 -> 45.2, 46.1 -> 46.5,
+# 45.4 -> 45.3, 44.2 -> 45.4, 43.5 -> 44.2, 45.4 -> 44.0, 44.7 -> 42.9: at most 1.8 points apart.
+# At the default lr 0.2 such short runs are noise-limited and the hook loses 2-7 points; the
+# default job (1000 steps, W = 4) closes the gap (README).
 TRAIN = {"train_size": 2000, "test_size": 1000, "hidden": "64,64", "batch_size": 250,
-         "steps": 120, "eval_every": 60, "progress": False}
+         "lr": 0.05, "steps": 150, "eval_every": 75, "progress": False}
 
 
 def _train_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -418,13 +440,15 @@ def test_train_records_the_hook_bytes_exactly(trained):
     run = trained / "onebit"
     summary = read_summary(run)
     n, world = summary["params"], summary["workers"]
-    per_step = (world - 1) * sum(_onebit_nbytes(m, 128) for m in _slices(n, world, 128))
+    slices = _slices(n, world, 128)  # the MLP fits in one DDP bucket
+    up = (world - 1) * sum(_onebit_nbytes(m, 128) for m in slices)
+    down = (world - 1) * sum(_kbit_nbytes(m, 4, 128) for m in slices)
     stats = (world - 1) * 4 * 2 * sum(int(w) for w in TRAIN["hidden"].split(","))
     for r in read_metrics(run):
         if r["kind"] != "step":
             continue
         evaluated = r["step"] % TRAIN["eval_every"] == 0
-        assert r["bytes_up"] == per_step + (stats if evaluated else 0)
-        assert r["bytes_down"] == per_step
-    assert summary["bytes_down"] == TRAIN["steps"] * per_step
+        assert r["bytes_up"] == up + (stats if evaluated else 0)
+        assert r["bytes_down"] == down
+    assert summary["bytes_down"] == TRAIN["steps"] * down
     assert summary["fp32_bytes_down"] == TRAIN["steps"] * (world - 1) * 4 * n
