@@ -24,10 +24,10 @@ parameter-server job, on the same data, with the same optimizer:
   PowerSGD. Matrices whose rank-r factors would not save 2x (``min_compression_rate``) and 1-D
   tensors (biases, BatchNorm scale and shift) travel uncompressed in one fp32 allreduce.
 - ``onebit``: :func:`dist_quant.hooks.onebit_hook`, this project's compressed exchange on each
-  bucket (compressed all-to-all of W slices, each rank averages its own, compressed
-  all-gather), with the uplink settings of the config: ``--compressor`` (onebit by default),
-  ``--bucket-size``, ``--bits``, ``--header-dtype``, ``--error-feedback`` and ``--seed`` (rank
-  ``r`` draws from ``(seed, r, QUANTISER)`` and ``(seed, r, DOWNLINK)``).
+  bucket (compressed all-to-all of W slices, each rank averages its own, all-gather of the
+  averages re-encoded with 4 bits), with the uplink settings of the config: ``--compressor``
+  (onebit by default), ``--bucket-size``, ``--bits``, ``--header-dtype``, ``--error-feedback``
+  and ``--seed`` (rank ``r`` draws from ``(seed, r, QUANTISER)`` and ``(seed, r, DOWNLINK)``).
 
 Bytes (the ``metrics.jsonl`` fields). Every tensor a hook hands to ``torch.distributed.all_reduce``
 is counted as it is handed over (:class:`AllreduceMeter`); this includes PowerSGD's P, Q and
