@@ -394,7 +394,8 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
             powersgd_rank=cfg.powersgd_rank if cfg.ddp_hook == "powersgd" else None,
             powersgd_start_iter=POWERSGD_START_ITER if cfg.ddp_hook == "powersgd" else None,
             **(_onebit_summary(cfg, state) if cfg.ddp_hook == "onebit" else {}),
-            allreduce="gloo-ring", stop_accuracy=cfg.stop_accuracy,
+            allreduce="all-to-all+all-gather" if cfg.ddp_hook == "onebit" else "gloo-ring",
+            stop_accuracy=cfg.stop_accuracy,
             stopped_early=step < cfg.steps)
         recorder.close()
         print(f"{compressor_name(cfg)}: {summary_line(summary)}", flush=True)
