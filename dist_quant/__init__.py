@@ -26,6 +26,7 @@ from dist_quant.errors import (  # noqa: E402
     PayloadError,
     WireRangeError,
 )
+from dist_quant.hooks import OneBitState, onebit_hook  # noqa: E402
 from dist_quant.lr_schedule import LRSchedule  # noqa: E402
 from dist_quant.optim import (  # noqa: E402
     CoupledSettings,
@@ -43,6 +44,7 @@ __all__ = [
     "ErrorFeedback",
     "LRSchedule",
     "NonFiniteGradientError",
+    "OneBitState",
     "Payload",
     "PayloadError",
     "TrainConfig",
@@ -52,4 +54,5 @@ __all__ = [
     "coupled_sgd",
     "decay_param_groups",
     "get_compressor",
+    "onebit_hook",
 ]

@@ -21,7 +21,7 @@ from typing import Any
 from dist_quant.errors import ConfigError
 
 METHODS = ("ps", "ddp")
-DDP_HOOKS = ("none", "fp16", "powersgd")
+DDP_HOOKS = ("none", "fp16", "powersgd", "onebit")
 HEADER_DTYPES = ("fp32", "fp16")
 INITS = ("he", "lecun", "double")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -106,7 +106,9 @@ class TrainConfig:
     seed: int = _opt(0, "Run seed; worker r's generator is seeded from (seed, r).")
     # --- DDP baseline ----------------------------------------------------------------------
     ddp_hook: str = _opt("none", "Communication hook for --method ddp: none (fp32 allreduce), "
-                         "fp16 (torch fp16_compress_hook), powersgd.", choices=DDP_HOOKS)
+                         "fp16 (torch fp16_compress_hook), powersgd, onebit (this project's "
+                         "compressed all-to-all + all-gather, with --compressor, --bucket-size, "
+                         "--bits, --header-dtype, --error-feedback).", choices=DDP_HOOKS)
     powersgd_rank: int = _opt(2, "Matrix approximation rank of the PowerSGD hook.")
     # --- run bookkeeping -------------------------------------------------------------------
     run_dir: str = _opt("", "Directory for config.json, metrics.jsonl, summary.json and "

@@ -23,6 +23,11 @@ parameter-server job, on the same data, with the same optimizer:
   vanilla step costs a full fp32 allreduce, which a bytes-to-target comparison would charge to
   PowerSGD. Matrices whose rank-r factors would not save 2x (``min_compression_rate``) and 1-D
   tensors (biases, BatchNorm scale and shift) travel uncompressed in one fp32 allreduce.
+- ``onebit``: :func:`dist_quant.hooks.onebit_hook`, this project's compressed exchange on each
+  bucket (compressed all-to-all of W slices, each rank averages its own, all-gather of the
+  averages re-encoded with 4 bits), with the uplink settings of the config: ``--compressor``
+  (onebit by default), ``--bucket-size``, ``--bits``, ``--header-dtype``, ``--error-feedback``
+  and ``--seed`` (rank ``r`` draws from ``(seed, r, QUANTISER)`` and ``(seed, r, DOWNLINK)``).
 
 Bytes (the ``metrics.jsonl`` fields). Every tensor a hook hands to ``torch.distributed.all_reduce``
 is counted as it is handed over (:class:`AllreduceMeter`); this includes PowerSGD's P, Q and
@@ -34,12 +39,15 @@ therefore send exactly ``2 (W - 1) B`` bytes per allreduce, each rank about ``2 
 We book the reduce-scatter half, ``(W - 1) B``, as ``bytes_up`` (contributions travelling to be
 reduced, the role of the PS uplink) and the allgather half, ``(W - 1) B``, as ``bytes_down``
 (reduced results travelling back, the PS downlink). Both are sums over all ranks, as for the
-PS. W = 1 sends nothing. Per-message transport headers are not payload (the namespace cluster
-measures them on the wire). On CUDA (nccl) the same convention is kept: NCCL's ring allreduce
-moves the same amounts, its tree algorithm does not. Checked against the sockets: over a
-run, the TCP payload gloo's sockets send (``ss -ti`` ``bytes_sent``, all ranks) exceeds the
-counted bytes by gloo's message headers only: 0.3 % for fp32 with the default MLP, W = 3
-(``tests/test_ddp.py`` bounds it by 2 %).
+PS. W = 1 sends nothing. The ``onebit`` hook hands gloo no allreduce: its bytes are the payload
+sizes its state counts (:class:`dist_quant.hooks.OneBitState`), the all-to-all booked as
+``bytes_up`` and the all-gather as ``bytes_down``, both summed over all ranks (exact: every
+rank computes every slice's payload size). Per-message transport headers are not payload (the
+namespace cluster measures them on the wire). On CUDA (nccl) the same convention is kept:
+NCCL's ring allreduce moves the same amounts, its tree algorithm does not. Checked against
+the sockets: over a run, the TCP payload gloo's sockets send (``ss -ti`` ``bytes_sent``, all
+ranks) exceeds the counted bytes by gloo's message headers only: 0.3 % for fp32 with the
+default MLP, W = 3 (``tests/test_ddp.py`` bounds it by 2 %).
 
 At each evaluation step the ranks send their BatchNorm running statistics to rank 0 with one
 gloo ``gather`` (``(W - 1) * 4k`` bytes, counted up and in ``fp32_bytes_up``, as the PS counts
@@ -80,9 +88,11 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel
 
+from dist_quant import collective
 from dist_quant.config import TrainConfig
 from dist_quant.data import load_dataset, worker_batches
 from dist_quant.errors import ConfigError
+from dist_quant.hooks import OneBitState, onebit_hook
 from dist_quant.lr_schedule import schedule_from_config
 from dist_quant.metrics import RunRecorder
 from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
@@ -116,14 +126,16 @@ def _union_length(intervals: list[tuple[float, float]]) -> float:
 class AllreduceMeter:
     """Stands in for ``torch.distributed`` inside torch's hook modules: ``all_reduce`` counts
     ``numel * element_size`` of the tensor handed over and times the call to its completion;
-    every other attribute is torch.distributed's own. Install with :meth:`installed`.
+    ``all_to_all_single`` (the onebit hook's moves, through :mod:`dist_quant.collective`) is
+    timed only, its bytes being counted by the hook's state; every other attribute is
+    torch.distributed's own. Install with :meth:`installed`.
 
     torch's hooks call ``dist.all_reduce`` through their module global ``dist`` (the PowerSGD
     hook from callbacks too, after the hook has returned), so replacing that global is the one
     place that sees every tensor they send, without re-deriving sizes from the algorithm.
     """
 
-    _MODULES = (default_hooks, powerSGD_hook)
+    _MODULES = (default_hooks, powerSGD_hook, collective)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -137,12 +149,19 @@ class AllreduceMeter:
             self.hooks: list[list[float]] = []  # [hook called, bucket result ready]
 
     def all_reduce(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        span = [time.perf_counter(), float("nan")]
         with self._lock:
             self.nbytes += tensor.numel() * tensor.element_size()
             self.calls += 1
+        return self._timed(dist.all_reduce, tensor, *args, **kwargs)
+
+    def all_to_all_single(self, *args: Any, **kwargs: Any) -> Any:
+        return self._timed(dist.all_to_all_single, *args, **kwargs)
+
+    def _timed(self, collective: Callable, *args: Any, **kwargs: Any) -> Any:
+        span = [time.perf_counter(), float("nan")]
+        with self._lock:
             self.comm.append(span)
-        work = dist.all_reduce(tensor, *args, **kwargs)
+        work = collective(*args, **kwargs)
         if work is None:  # synchronous call
             span[1] = time.perf_counter()
         else:
@@ -214,7 +233,21 @@ def make_hook(cfg: TrainConfig, group: dist.ProcessGroup | None = None) -> tuple
             start_powerSGD_iter=POWERSGD_START_ITER, use_error_feedback=True, warm_start=True,
             random_seed=cfg.seed)
         return powerSGD_hook.powerSGD_hook, state
-    raise ConfigError("--ddp-hook", f"must be none, fp16 or powersgd; got {cfg.ddp_hook!r}")
+    if cfg.ddp_hook == "onebit":
+        state = OneBitState(process_group=group, compressor=cfg.compressor,
+                            bucket_size=cfg.bucket_size, error_feedback=cfg.error_feedback,
+                            seed=cfg.seed, bits=cfg.bits, header_dtype=cfg.header_dtype)
+        return onebit_hook, state
+    raise ConfigError("--ddp-hook", f"must be none, fp16, powersgd or onebit; got "
+                      f"{cfg.ddp_hook!r}")
+
+
+def hook_bytes(state: Any) -> tuple[int, int]:
+    """(up, down) bytes a hook's state counted so far, all ranks together; (0, 0) for the
+    hooks whose bytes the :class:`AllreduceMeter` counts."""
+    if isinstance(state, OneBitState):
+        return state.world_up, state.world_down
+    return 0, 0
 
 
 def compressor_name(cfg: TrainConfig) -> str:
@@ -299,6 +332,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     progress = Progress(cfg.steps, enabled=cfg.progress and rank == 0)
     test_loss = test_acc = float("nan")
     evals, step = 0, 0
+    hooked = hook_bytes(state)
     try:
         with meter.installed():
             for step in range(1, cfg.steps + 1):
@@ -318,6 +352,9 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                 loss_work.wait()
 
                 up, down = ring_allreduce_bytes(meter.nbytes, world)
+                counted = hook_bytes(state)
+                up, down = up + counted[0] - hooked[0], down + counted[1] - hooked[1]
+                hooked = counted
                 ph = meter.phases()
                 times = {"compute": max(0.0, (t1 - t0) - ph["hooks"]), "encode": ph["encode"],
                          "communicate": ph["communicate"], "decode": ph["decode"],
@@ -358,11 +395,20 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
             compressor=compressor_name(cfg), method="ddp", ddp_hook=cfg.ddp_hook,
             powersgd_rank=cfg.powersgd_rank if cfg.ddp_hook == "powersgd" else None,
             powersgd_start_iter=POWERSGD_START_ITER if cfg.ddp_hook == "powersgd" else None,
-            allreduce="gloo-ring", stop_accuracy=cfg.stop_accuracy,
+            **(_onebit_summary(cfg, state) if cfg.ddp_hook == "onebit" else {}),
+            allreduce="all-to-all+all-gather" if cfg.ddp_hook == "onebit" else "gloo-ring",
+            stop_accuracy=cfg.stop_accuracy,
             stopped_early=step < cfg.steps)
         recorder.close()
         print(f"{compressor_name(cfg)}: {summary_line(summary)}", flush=True)
     return DDPResult(model=model, steps=step, summary=summary)
+
+
+def _onebit_summary(cfg: TrainConfig, state: OneBitState) -> dict[str, Any]:
+    rate, fp32_bytes, sent = state.compression_stats()
+    return {"hook_compressor": cfg.compressor, "bucket_size": cfg.bucket_size,
+            "error_feedback": cfg.error_feedback, "allgather_bits": state.allgather_bits,
+            "rank0_bytes_sent": sent, "rank0_fp32_bytes": fp32_bytes}
 
 
 def _evaluate_with_mean_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor,

@@ -30,6 +30,8 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 ``ddp-fp32``          torch DDP, fp32 gloo allreduce
 ``ddp-fp16``          torch DDP, ``fp16_compress_hook``
 ``ddp-powersgd``      torch DDP, PowerSGD hook (``--powersgd-rank``)
+``ddp-onebit``        torch DDP, this project's 1-bit hook (``dist_quant.hooks``) in buckets
+                      of the default ``--bucket-size``
 ====================  =========================================================
 
 ``-m LABEL:field=value,field=value`` starts from the preset ``LABEL`` (or, for a label that is
@@ -113,6 +115,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "ddp-fp32": {"method": "ddp", "ddp_hook": "none"},
     "ddp-fp16": {"method": "ddp", "ddp_hook": "fp16"},
     "ddp-powersgd": {"method": "ddp", "ddp_hook": "powersgd"},
+    "ddp-onebit": {"method": "ddp", "ddp_hook": "onebit", "compressor": "onebit",
+                   "bucket_size": _DEFAULTS.bucket_size, "error_feedback": False},
 }
 # fields that say nothing about the run's result (left out of a point's identity)
 NOT_IDENTITY = ("run_dir", "progress")

@@ -5,8 +5,9 @@ per-tensor rule), ``"PS 2bit b512"``, ``"PS sign+EF"``, ``"PS onebit b512 up+dow
 uses the uplink compressor and bucket size), ``"PS onebit b512 down sign"`` (a ``sign`` downlink in
 buckets of the uplink's size; ``"down sign b128"`` when they differ), ``"PS fp32"``,
 ``"PS onebit b128 ... S=2"`` (S dedicated servers), ``"PS onebit b128 ... colocated"`` (every
-worker serves a shard), ``"DDP fp32"``, ``"DDP fp16"``, ``"DDP PowerSGD r2"``; the baselines
-``"PS QSGD s4 b128"``, ``"PS TernGrad b128"``, ``"PS top-1%+EF"``, ``"PS rand-1%"``.
+worker serves a shard), ``"DDP fp32"``, ``"DDP fp16"``, ``"DDP PowerSGD r2"``, ``"DDP onebit b128"``
+(the onebit hook, named by its compressor as the PS uplink is, ``+EF`` with error feedback); the
+baselines ``"PS QSGD s4 b128"``, ``"PS TernGrad b128"``, ``"PS top-1%+EF"``, ``"PS rand-1%"``.
 ``run_labels`` adds ``key=value`` for the config fields that tell apart runs sharing a name (a
 seed, a worker count, a learning rate).
 """
@@ -63,6 +64,9 @@ def method_label(config: dict[str, Any]) -> str:
     if c["method"] == "ddp":
         if c["ddp_hook"] == "powersgd":
             return f"DDP PowerSGD r{c['powersgd_rank']}"
+        if c["ddp_hook"] == "onebit":
+            label = "DDP " + compressor_label(c["compressor"], c["bucket_size"], c["bits"])
+            return label + ("+EF" if c["error_feedback"] else "")
         return DDP_HOOKS.get(c["ddp_hook"], f"DDP {c['ddp_hook']}")
     label = "PS " + compressor_label(c["compressor"], c["bucket_size"], c["bits"],
                                      c["qsgd_levels"], c["sparsity_ratio"])
