@@ -32,17 +32,17 @@ The random draw, exactly: ``y_i = (g_i - b) * fl(1 / a)`` in float32 (a true div
 ``2^-24``. Bias bound per coordinate: ``|E[decode_i] - g_i| < a 2^-24`` from the draw, plus the
 float32 rounding of ``y_i`` (subtraction, reciprocal, product: below ``2^-22 |g_i - b|``) and of
 the decoded level ``a t + b`` itself (half an ulp of the output, as any float32 result has).
-The pure-torch path takes ``r_i`` from ``torch.randint`` on the given generator; the compiled
-CPU path (:mod:`dist_quant.compress.fast`) from a counter-based hash keyed by two draws of the
-same generator. Same law and the same arithmetic (identical headers, identical decodes of a
-given payload), different streams: payloads are deterministic given the generator and the path.
+Every path (pure torch, the compiled CPU kernels of :mod:`dist_quant.compress.fast` at every
+ISA level, the Triton kernels) takes ``r_i`` from the same counter-based hash keyed by two draws
+of the given generator (:mod:`dist_quant.compress.draws`) and does the same float32 arithmetic:
+payloads are byte-identical whichever path encodes them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dist_quant.compress import fast, wire
+from dist_quant.compress import draws, fast, wire
 from dist_quant.compress.base import Compressor, _result
 from dist_quant.compress.rounding import round_down, round_up
 from dist_quant.errors import NonFiniteGradientError, PayloadError
@@ -160,8 +160,7 @@ class KBitCompressor(Compressor):
         xb = _bucketed(x.float(), d, nb)
         y = scaled_offsets(xb, a32, b32).clamp_(0, self.levels)
         q = (y.reshape(-1)[:n] * float(1 << DRAW_BITS)).to(torch.int64)
-        r = torch.randint(0, 1 << DRAW_BITS, (n,), generator=generator, device=x.device,
-                          dtype=torch.int64)
+        r = draws.counter_draws(draws.keys(generator), n, x.device)
         t = (q + r) >> DRAW_BITS
         bits_out.copy_(wire.pack_bits(t, self.bits))
 
