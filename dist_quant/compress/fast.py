@@ -51,9 +51,12 @@ FUSED_TARGET = 32768  # coordinates per fused chunk (128 KiB of fp32: stays in L
 MAX_BUCKETS_PER_CHUNK = 8192  # size of the kernel's stack arrays
 MIN_PER_THREAD = 1 << 16
 MAX_N = 1 << 31
-# Decoded outputs this large bypass the caches (streaming stores), but only into buffers the
-# caller reuses: streaming into freshly allocated, not yet mapped pages is several times slower.
-NONTEMPORAL_BYTES = 8 << 20
+# Decoded outputs this large bypass the caches (streaming stores through a block in L1), and
+# only into buffers the caller reuses (streaming into fresh, not yet mapped pages is several
+# times slower). Off by default: with the vectorised decode the extra copy costs more than it
+# saves (measured on AMD EPYC, AVX2 and AVX-512: benchmarks/compress-2026-12-01.md); a CPU
+# where it pays can lower it.
+NONTEMPORAL_BYTES = int(os.environ.get("DIST_QUANT_STREAMING_BYTES", 1 << 62))
 # New outputs this large are advised onto transparent huge pages before the first write: the
 # operating system then maps 2 MiB at a time, which halves the cost of a fresh 64 MiB decode.
 HUGE_PAGE_BYTES = 4 << 20
@@ -142,6 +145,8 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.dq_headers.restype = i64
     lib.dq_advise_huge.argtypes = [ptr, i64]
     lib.dq_advise_huge.restype = i32
+    lib.dq_sign_encode.argtypes = [ptr, i64, i64, i32, ptr, ptr, i64, i64]
+    lib.dq_sign_encode.restype = i64
     lib.dq_draws.argtypes = [u32, u32, i64, i64, ptr]
     lib.dq_draws.restype = None
     return lib
@@ -412,3 +417,64 @@ def draws(s: int, m: int, c0: int, c1: int) -> torch.Tensor:
     out = torch.empty(c1 - c0, dtype=torch.int32)
     lib.dq_draws(s, m, c0, c1, _ptr(out))
     return out.long() & 0xFFFFFFFF
+
+
+# ---- sign ----------------------------------------------------------------------------------
+def sign_encode(x: torch.Tensor, body: torch.Tensor, comp) -> int:
+    """Write the sign body of x into ``body``; returns the non-finite count (0 = written).
+    Raises WireRangeError when a scale does not fit its type."""
+    lib = library()
+    if x.dtype != torch.float32:
+        x = x.float()
+    elif not x.is_contiguous():
+        x = x.contiguous()
+    if not body.is_contiguous():
+        raise ValueError("sign_encode writes into a contiguous body")
+    n = x.numel()
+    d = comp.bucket_size or n
+    step = d * 8 // math.gcd(d, 8)
+    s_ptr = body.data_ptr()
+    bits_ptr = s_ptr + comp.num_buckets(n) * comp.hbytes
+    hcode = wire.HEADER_DTYPE_CODES[comp.header_dtype]
+    counts = _run(lambda c0, c1: lib.dq_sign_encode(_ptr(x), n, d, hcode, s_ptr, bits_ptr, c0,
+                                                    c1), _ranges(n, step))
+    if any(c > 0 for c in counts):
+        return sum(c for c in counts if c > 0)
+    if any(c < 0 for c in counts):
+        raise wire.WireRangeError(f"mean |g| of a bucket exceeds header_dtype "
+                                  f"{comp.header_dtype}")
+    return 0
+
+
+def sign_decode(body: torch.Tensor, n: int, comp, out: torch.Tensor,
+                streaming: bool = False) -> torch.Tensor:
+    """Decode one (validated) sign body into ``out``: s (2 t - 1)."""
+    lib = library()
+    s, bits = comp._split(body, n)
+    s32 = s.float().contiguous()
+    bits = bits.contiguous()
+    d = comp.bucket_size or n
+    nt = int(streaming and n * 4 >= NONTEMPORAL_BYTES)
+    out_ptr, bits_ptr = out.data_ptr(), bits.data_ptr()
+    _run(lambda c0, c1: lib.dq_decode(bits_ptr, d, 1, _ptr(s32), None, out_ptr, c0, c1, nt),
+         _ranges(n, 8))
+    return out
+
+
+def sign_decode_mean(batch: torch.Tensor, n: int, comp, out: torch.Tensor,
+                     streaming: bool = False, start: int = wire.FIXED_NBYTES) -> torch.Tensor:
+    """The mean of the W sign decodes of the (validated) rows of ``batch`` into ``out``."""
+    lib = library()
+    if batch.stride(1) != 1:
+        batch = batch.contiguous()
+    nb = comp.num_buckets(n)
+    s32 = batch[:, start:start + nb * comp.hbytes].contiguous().view(comp.hdtype).float()
+    s32 = s32.contiguous()
+    bits_ptr = batch.data_ptr() + start + nb * comp.hbytes
+    d = comp.bucket_size or n
+    nt = int(streaming and n * 4 >= NONTEMPORAL_BYTES)
+    out_ptr = out.data_ptr()
+    _run(lambda c0, c1: lib.dq_decode_mean(bits_ptr, batch.stride(0), batch.shape[0], nb, d, 1,
+                                           _ptr(s32), None, out_ptr, c0, c1, nt),
+         _ranges(n, 8))
+    return out

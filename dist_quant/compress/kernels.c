@@ -80,19 +80,34 @@ static void fence(int nt) {
     (void)nt;
 }
 
-/* ---- 16-lane vectors (GCC/Clang vector extensions): one AVX-512 register, two AVX2
-   registers, four SSE2 or NEON registers; the compiler picks the instructions ------------- */
-#define LANES 16
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
+/* ---- vectors (GCC/Clang vector extensions) of the target's native width: 16 lanes on
+   AVX-512, 8 on AVX2, 4 on SSE2 and NEON. The kernels work on groups of 16 coordinates (2k
+   bytes of the bit stream), NV native vectors each; loops over the NV vectors of a group have
+   constant trip counts and unroll, so the vectors stay in registers ---------------------- */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define VBYTES 64
+#elif defined(__AVX2__)
+#define VBYTES 32
+#else
+#define VBYTES 16
+#endif
+#define VL (VBYTES / 4)   /* lanes per native vector */
+#define LANES 16          /* coordinates per group */
+#define NV (LANES / VL)   /* native vectors per group */
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef int32_t vi __attribute__((vector_size(VBYTES)));
+typedef uint32_t vu __attribute__((vector_size(VBYTES)));
 typedef uint32_t vu4 __attribute__((vector_size(16)));
-typedef uint8_t vb16 __attribute__((vector_size(16)));
+typedef uint8_t vb __attribute__((vector_size(VL)));
 #define INLINE static inline __attribute__((always_inline))
 
+#if VL == 16
 static const vu LANE = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-static const vu SHIFT4 = {0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28};
-static const vi HIGH8 = {0, 0, 0, 0, 0, 0, 0, 0, -1, -1, -1, -1, -1, -1, -1, -1};
+#elif VL == 8
+static const vu LANE = {0, 1, 2, 3, 4, 5, 6, 7};
+#else
+static const vu LANE = {0, 1, 2, 3};
+#endif
 
 INLINE vf loadf(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 INLINE void storef(float *p, vf v) { memcpy(p, &v, sizeof v); }
@@ -106,40 +121,55 @@ INLINE vu mix32v(vu x) {
     return x;
 }
 
-/* OR of the four 4-lane quarters of v, then of the four lanes (disjoint bits: a sum) */
-INLINE uint32_t or_quarters(vu v, int first, int count) {
-    vu4 q[4];
+/* OR of all lanes (disjoint bits: their sum) */
+INLINE uint32_t or_lanes(vu v) {
+    vu4 q[VL / 4];
     memcpy(q, &v, sizeof q);
-    vu4 acc = q[first];
-    for (int i = 1; i < count; i++) acc |= q[first + i];
+    vu4 acc = q[0];
+    for (int i = 1; i < VL / 4; i++) acc |= q[i];
     return acc[0] | acc[1] | acc[2] | acc[3];
 }
 
-/* pack 16 level indices (k in 1, 2, 4, 8; any k through the scalar loop) into 2k bytes */
-INLINE void pack16(vu t, int k, uint8_t *out) {
-    if (k == 1) {
-        uint16_t w = (uint16_t)or_quarters(t << LANE, 0, 4);
-        memcpy(out, &w, 2);
-    } else if (k == 2) {
-        uint32_t w = or_quarters(t << (LANE + LANE), 0, 4);
-        memcpy(out, &w, 4);
-    } else if (k == 4) {
-        vu s = t << SHIFT4;
-        uint32_t w[2] = {or_quarters(s, 0, 2), or_quarters(s, 2, 2)};
+/* lane L of a group (0..15) of vector h: LANE + VL h */
+#define GLANE(h) (LANE + (uint32_t)(VL * (h)))
+
+/* pack the 16 level indices of a group (k in 1, 2, 4, 8; any k through the scalar loop) into
+   2k bytes: index L takes stream bits [L k, (L + 1) k) */
+INLINE void pack16(const vu *t, int k, uint8_t *out) {
+    if (k == 1 || k == 2) {
+        vu acc = t[0] << (GLANE(0) * (uint32_t)k);
+        for (int h = 1; h < NV; h++) acc |= t[h] << (GLANE(h) * (uint32_t)k);
+        uint32_t w = or_lanes(acc);
+        memcpy(out, &w, (size_t)(2 * k));
+    } else if (k == 4) {  /* lanes 0..7 fill word 0, lanes 8..15 word 1 */
+        uint32_t w[2] = {0, 0};
+        for (int h = 0; h < NV; h++) {
+            vu s = t[h] << ((GLANE(h) & 7U) * 4U);
+#if VL == 16
+            vi high = (vi)(LANE >= 8U);
+            w[0] |= or_lanes(selu(high, splatu(0), s));
+            w[1] |= or_lanes(selu(high, s, splatu(0)));
+#else
+            w[(VL * h) / 8] |= or_lanes(s);
+#endif
+        }
         memcpy(out, w, 8);
     } else if (k == 8) {
-        vb16 b = __builtin_convertvector(t, vb16);
-        memcpy(out, &b, 16);
+        for (int h = 0; h < NV; h++) {
+            vb b = __builtin_convertvector(t[h], vb);
+            memcpy(out + VL * h, &b, VL);
+        }
     } else {
+        uint32_t v[LANES];
+        memcpy(v, t, sizeof v);
         uint64_t lo = 0, hi = 0;  /* 16 k <= 112 bits */
         for (int l = 0; l < LANES; l++) {
             int bit = l * k;
-            uint64_t v = t[l];
             if (bit < 64) {
-                lo |= v << bit;
-                if (bit + k > 64) hi |= v >> (64 - bit);
+                lo |= (uint64_t)v[l] << bit;
+                if (bit + k > 64) hi |= (uint64_t)v[l] >> (64 - bit);
             } else {
-                hi |= v << (bit - 64);
+                hi |= (uint64_t)v[l] << (bit - 64);
             }
         }
         memcpy(out, &lo, k * 2 < 8 ? (size_t)(k * 2) : 8);
@@ -148,35 +178,39 @@ INLINE void pack16(vu t, int k, uint8_t *out) {
 }
 
 /* the 16 level indices stored in 2k bytes (the inverse of pack16) */
-INLINE vu unpack16(const uint8_t *in, int k) {
-    if (k == 1) {
-        uint16_t w;
-        memcpy(&w, in, 2);
-        return (splatu(w) >> LANE) & 1U;
-    }
-    if (k == 2) {
-        uint32_t w;
-        memcpy(&w, in, 4);
-        return (splatu(w) >> (LANE + LANE)) & 3U;
-    }
-    if (k == 4) {
+INLINE void unpack16(const uint8_t *in, int k, vu *t) {
+    if (k == 1 || k == 2) {
+        uint32_t w = 0;
+        memcpy(&w, in, (size_t)(2 * k));
+        for (int h = 0; h < NV; h++)
+            t[h] = (splatu(w) >> (GLANE(h) * (uint32_t)k)) & ((1U << k) - 1U);
+    } else if (k == 4) {
         uint32_t w[2];
         memcpy(w, in, 8);
-        return (selu(HIGH8, splatu(w[1]), splatu(w[0])) >> SHIFT4) & 15U;
+        for (int h = 0; h < NV; h++) {
+#if VL == 16
+            vu words = selu((vi)(LANE >= 8U), splatu(w[1]), splatu(w[0]));
+#else
+            vu words = splatu(w[(VL * h) / 8]);
+#endif
+            t[h] = (words >> ((GLANE(h) & 7U) * 4U)) & 15U;
+        }
+    } else if (k == 8) {
+        for (int h = 0; h < NV; h++) {
+            vb b;
+            memcpy(&b, in + VL * h, VL);
+            t[h] = __builtin_convertvector(b, vu);
+        }
+    } else {
+        uint32_t v[LANES];
+        uint32_t mask = (1U << k) - 1U;
+        for (int l = 0; l < LANES; l++) {
+            int bit = l * k;
+            uint32_t w = in[bit >> 3] | (uint32_t)in[(bit >> 3) + 1] << 8;
+            v[l] = (w >> (bit & 7)) & mask;
+        }
+        memcpy(t, v, sizeof v);
     }
-    if (k == 8) {
-        vb16 b;
-        memcpy(&b, in, 16);
-        return __builtin_convertvector(b, vu);
-    }
-    vu t;
-    uint32_t mask = (1U << k) - 1U;
-    for (int l = 0; l < LANES; l++) {
-        int bit = l * k;
-        uint32_t w = in[bit >> 3] | (uint32_t)in[(bit >> 3) + 1] << 8;
-        t[l] = (w >> (bit & 7)) & mask;
-    }
-    return t;
 }
 
 /* per-bucket multiplier: 1 / a, 0 for a constant bucket; slow = 1 when 1 / a overflows (a
@@ -197,12 +231,37 @@ static inline uint32_t quantize_one(float xi, float aj, float bj, float mul, int
     return (q + r) >> DRAW_BITS;
 }
 
-/* 16 level indices of a group inside one bucket: y 2^24 = (x - b) (2^24 / a) (the power of
-   two folded into the multiplier: exact, the caller checks it is finite), clamped to L 2^24,
-   truncated, plus the 24-bit draws, shifted down. x >= b, so y >= 0 needs no clamp; with
-   k = 1 the top clamp cannot change t. k = 8: y 2^24 reaches 2^32, past the signed
+/* the level indices of the len <= 16 coordinates from g (bucket j ends at next), one at a
+   time (0 past len); kept out of line so that the vector loops hold their vectors in registers */
+static __attribute__((noinline)) void quantize_lanes(
+        const float *x, int64_t d, const float *a, const float *b, uint32_t s, uint32_t m,
+        float levels, int64_t g, int64_t len, int64_t j, int64_t next, uint32_t *t) {
+    for (int l = 0; l < LANES; l++) {
+        if (l >= len) { t[l] = 0; continue; }
+        if (g + l >= next) { j++; next += d; }
+        int slow;
+        float mul = bucket_mul(a[j], &slow);
+        t[l] = quantize_one(x[g + l], a[j], b[j], mul, slow, levels, (uint32_t)(g + l) * m + s);
+    }
+}
+
+/* the headers of the len <= 16 coordinates from g, one at a time (as quantize_lanes) */
+static __attribute__((noinline)) void header_lanes(
+        int64_t d, const float *a, const float *b, int64_t g, int64_t len, int64_t j,
+        int64_t next, float *ga, float *gb) {
+    for (int l = 0; l < LANES; l++) {
+        if (g + l >= next) { j++; next += d; }
+        ga[l] = l < len ? a[j] : 0.0f;
+        gb[l] = l < len && b ? b[j] : 0.0f;
+    }
+}
+
+/* the level indices of one native vector inside one bucket: y 2^24 = (x - b) (2^24 / a) (the
+   power of two folded into the multiplier: exact, the caller checks it is finite), clamped to
+   L 2^24, truncated, plus the 24-bit draws, shifted down. x >= b, so y >= 0 needs no clamp;
+   with k = 1 the top clamp cannot change t. k = 8: y 2^24 reaches 2^32, past the signed
    conversion, so the top half converts shifted down by 2^31 (exact in float). */
-INLINE vu quantize16(vf x, float bj, float mul24, float top24, vu ctr, int k) {
+INLINE vu quantize_vec(vf x, float bj, float mul24, float top24, vu ctr, int k) {
     vf y = (x - bj) * mul24;
     if (k > 1) y = self(y > top24, splatf(top24), y);
     vu q;
@@ -225,38 +284,34 @@ INLINE void quantize_range_k(const float *x, int64_t d, const int k, const float
     const float top24 = levels * 16777216.0f;
     const vu step = splatu(16U * m);
     int64_t j = c0 / d, next = (j + 1) * d;
-    float aj = a[j], bj = b[j], mul24 = 0.0f;
-    int slow = 0;
-    float mul = bucket_mul(aj, &slow);
+    float bj = b[j];
+    int slow;
+    float mul = bucket_mul(a[j], &slow);
     int fast = !slow && isfinite(mul * 16777216.0f);
-    mul24 = mul * 16777216.0f;
-    vu ctr = splatu((uint32_t)c0 * m + s) + LANE * m;
-    for (int64_t g = c0; g < c1; g += LANES, ctr += step) {
+    float mul24 = mul * 16777216.0f;
+    vu ctr[NV];
+    for (int h = 0; h < NV; h++) ctr[h] = splatu((uint32_t)c0 * m + s) + GLANE(h) * m;
+    for (int64_t g = c0; g < c1; g += LANES) {
         int64_t len = c1 - g < LANES ? c1 - g : LANES;
         if (pf) __builtin_prefetch(x + g + pf, 0, 2);
         while (g >= next) {
             j++;
             next += d;
-            aj = a[j];
             bj = b[j];
-            mul = bucket_mul(aj, &slow);
+            mul = bucket_mul(a[j], &slow);
             fast = !slow && isfinite(mul * 16777216.0f);
             mul24 = mul * 16777216.0f;
         }
-        vu t;
+        vu t[NV];
         if (fast && len == LANES && g + LANES <= next) {
-            t = quantize16(loadf(x + g), bj, mul24, top24, ctr, k);
+            for (int h = 0; h < NV; h++)
+                t[h] = quantize_vec(loadf(x + g + VL * h), bj, mul24, top24, ctr[h], k);
         } else {  /* a group across buckets, a slow bucket or the tail: lane by lane */
-            int64_t jj = j, nx = next;
-            for (int l = 0; l < LANES; l++) {
-                if (l >= len) { t[l] = 0; continue; }
-                if (g + l >= nx) { jj++; nx += d; }
-                int sl;
-                float ml = bucket_mul(a[jj], &sl);
-                t[l] = quantize_one(x[g + l], a[jj], b[jj], ml, sl, levels,
-                                    (uint32_t)(g + l) * m + s);
-            }
+            uint32_t lanes[LANES];
+            quantize_lanes(x, d, a, b, s, m, levels, g, len, j, next, lanes);
+            memcpy(t, lanes, sizeof t);
         }
+        for (int h = 0; h < NV; h++) ctr[h] += step;
         uint8_t *dst = bits + (g * k) / 8;
         if (len == LANES) {
             pack16(t, k, dst);
@@ -298,26 +353,37 @@ INLINE void decode_range_k(const uint8_t *bits, int64_t d, const int k, const fl
         uint8_t raw[2 * 8 + 1] = {0};
         /* the tail, or a k whose scalar unpack reads one byte past the group: a copy */
         if (len < LANES || (k != 1 && k != 2 && k != 4 && k != 8)) {
-            int64_t have = (len * k + 7) / 8;
-            memcpy(raw, src, (size_t)have);
+            memcpy(raw, src, (size_t)((len * k + 7) / 8));
             src = raw;
         }
-        vf tf = __builtin_convertvector(unpack16(src, k), vf);
-        vf ga = va, gb = vb;
-        if (g + LANES > next) {  /* a group across buckets: per-lane headers */
-            int64_t jj = j, nx = next;
-            for (int l = 0; l < LANES; l++) {
-                if (g + l >= nx) { jj++; nx += d; }
-                if (l < len) { ga[l] = a[jj]; gb[l] = b ? b[jj] : 0.0f; }
+        vu t[NV];
+        unpack16(src, k, t);
+        vf vals[NV];
+        if (g + LANES <= next) {
+            for (int h = 0; h < NV; h++) {
+                vf tf = __builtin_convertvector(t[h], vf);
+                vals[h] = b ? tf * va + vb : va * (tf * 2.0f - 1.0f);
+            }
+        } else {  /* a group across buckets (or the tail): per-lane headers */
+            float la[LANES], lb[LANES];
+            header_lanes(d, a, b, g, len, j, next, la, lb);
+            for (int h = 0; h < NV; h++) {
+                vf tf = __builtin_convertvector(t[h], vf);
+                vf ga = loadf(la + VL * h), gb = loadf(lb + VL * h);
+                vals[h] = b ? tf * ga + gb : ga * (tf * 2.0f - 1.0f);
             }
         }
-        vf vals = b ? tf * ga + gb : ga * (tf * 2.0f - 1.0f);
         float *o = dst + (g - g0);
         if (len == LANES) {
-            if (acc) vals += loadf(o);
-            storef(o, vals);
+            for (int h = 0; h < NV; h++) {
+                vf v = vals[h];
+                if (acc) v += loadf(o + VL * h);
+                storef(o + VL * h, v);
+            }
         } else {
-            for (int l = 0; l < len; l++) o[l] = acc ? o[l] + vals[l] : vals[l];
+            float v[LANES];
+            memcpy(v, vals, sizeof v);
+            for (int l = 0; l < len; l++) o[l] = acc ? o[l] + v[l] : v[l];
         }
     }
 }
@@ -342,23 +408,35 @@ static int64_t count_nonfinite(const float *x, int64_t c0, int64_t c1) {
 
 static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, float *hi_out,
                       int64_t pf) {
-    vf lo = splatf(INFINITY), hi = splatf(-INFINITY);
-    vu expo = {0};  /* largest exponent field seen: all ones iff a NaN or +-Inf */
+    vf lo[NV], hi[NV];
+    vu expo[NV];  /* largest exponent field seen: all ones iff a NaN or +-Inf */
+    for (int h = 0; h < NV; h++) {
+        lo[h] = splatf(INFINITY);
+        hi[h] = splatf(-INFINITY);
+        expo[h] = splatu(0);
+    }
     int64_t i = c0;
     for (; i + LANES <= c1; i += LANES) {
         if (pf) __builtin_prefetch(x + i + pf, 0, 3);
-        vf v = loadf(x + i);
-        lo = self(v < lo, v, lo);
-        hi = self(v > hi, v, hi);
-        vu e = (vu)v & 0x7f800000U;
-        expo = selu((vi)(e > expo), e, expo);
+        for (int h = 0; h < NV; h++) {
+            vf v = loadf(x + i + VL * h);
+            lo[h] = self(v < lo[h], v, lo[h]);
+            hi[h] = self(v > hi[h], v, hi[h]);
+            vu e = (vu)v & 0x7f800000U;
+            expo[h] = selu((vi)(e > expo[h]), e, expo[h]);
+        }
     }
+    float lv[LANES], hv[LANES];
+    uint32_t ev[LANES];
+    memcpy(lv, lo, sizeof lv);
+    memcpy(hv, hi, sizeof hv);
+    memcpy(ev, expo, sizeof ev);
     float l = INFINITY, h = -INFINITY;
     uint32_t ex = 0;
     for (int q = 0; q < LANES; q++) {
-        l = lo[q] < l ? lo[q] : l;
-        h = hi[q] > h ? hi[q] : h;
-        ex = expo[q] > ex ? expo[q] : ex;
+        l = lv[q] < l ? lv[q] : l;
+        h = hv[q] > h ? hv[q] : h;
+        ex = ev[q] > ex ? ev[q] : ex;
     }
     for (; i < c1; i++) {
         float v = x[i];
@@ -446,6 +524,86 @@ int64_t dq_encode_fused(const float *x, int64_t n, int64_t d, int k, int hdt, ui
     }
     return bad ? bad : (overflow ? -1 : 0);
 }
+/* ---- sign compressor ----------------------------------------------------------------- */
+#define TREE_BLOCK 1024
+
+/* sum of |x_i| over [0, len) in float64 along the complete binary tree of 2^P >= len leaves
+   (zeros past len), adjacent pairs first: a fixed order, so the pure-torch path (pairwise
+   halving) gets the same bits. Blocks of up to TREE_BLOCK leaves, combined as a binary counter
+   (the same tree); what is left on the stack at the end folds from the top (zero siblings). */
+static double tree_sum(const float *x, int64_t len) {
+    double buf[TREE_BLOCK], half[TREE_BLOCK / 2];
+    double stack[64];
+    int64_t sizes[64];
+    int top = 0;
+    int64_t p2 = 1;
+    while (p2 < len) p2 <<= 1;
+    int64_t blk = p2 < TREE_BLOCK ? p2 : TREE_BLOCK;
+    for (int64_t i0 = 0; i0 < len; i0 += blk) {
+        int64_t m = len - i0 < blk ? len - i0 : blk;
+        for (int64_t i = 0; i < m; i++) buf[i] = fabs((double)x[i0 + i]);
+        for (int64_t i = m; i < blk; i++) buf[i] = 0.0;
+        for (int64_t w = blk; w > 1; w >>= 1) {
+            for (int64_t i = 0; i < w / 2; i++) half[i] = buf[2 * i] + buf[2 * i + 1];
+            memcpy(buf, half, sizeof(double) * (size_t)(w / 2));
+        }
+        double v = buf[0];
+        int64_t size = 1;
+        while (top && sizes[top - 1] == size) { v = stack[top - 1] + v; size *= 2; top--; }
+        stack[top] = v;
+        sizes[top] = size;
+        top++;
+    }
+    double acc = stack[top - 1];
+    for (int q = top - 2; q >= 0; q--) acc = stack[q] + acc;
+    return acc;
+}
+
+/* a float64 value in the header type, rounded to nearest as torch converts it: to float32
+   first, then to fp16 / bf16 (ties to even) */
+static uint32_t hround_nearest(int hdt, double v) {
+    float f = (float)v;
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if (hdt == 0) return u;
+    if (hdt == 1) { _Float16 h = (_Float16)f; uint16_t w; memcpy(&w, &h, 2); return w; }
+    if ((u & 0x7fffffffU) > 0x7f800000U) return (u >> 16) | 0x40U;  /* NaN stays NaN */
+    return (u + 0x7fffU + ((u >> 16) & 1U)) >> 16;
+}
+
+/* Public: sign encoder for buckets [c0, c1) (c0 on a bucket boundary and a multiple of 8):
+   s_j = (sum_i |x_i|) / size_j rounded to nearest in the header type, bits 1 for x_i >= 0.
+   Returns the number of non-finite inputs, or -1 if a scale does not fit its type. */
+int64_t dq_sign_encode(const float *x, int64_t n, int64_t d, int hdt, uint8_t *s_out,
+                       uint8_t *bits, int64_t c0, int64_t c1) {
+    int64_t bad = 0, overflow = 0;
+    for (int64_t j = c0 / d; j * d < c1; j++) {
+        int64_t e = (j + 1) * d < n ? (j + 1) * d : n;
+        double sum = tree_sum(x + j * d, e - j * d);
+        if (!isfinite(sum)) { bad += count_nonfinite(x, j * d, e); sum = 0.0; }
+        uint32_t su = hround_nearest(hdt, sum / (double)(e - j * d));
+        overflow |= !isfinite(hval(hdt, su));
+        hstore(hdt, s_out, j, su);
+    }
+    if (bad || overflow) return bad ? bad : -1;
+    for (int64_t g = c0; g < c1; g += LANES) {
+        int64_t len = c1 - g < LANES ? c1 - g : LANES;
+        vu t[NV];
+        if (len == LANES) {
+            for (int h = 0; h < NV; h++) t[h] = (vu)(loadf(x + g + VL * h) >= 0.0f) & 1U;
+            pack16(t, 1, bits + g / 8);
+        } else {
+            uint32_t v[LANES] = {0};
+            for (int l = 0; l < len; l++) v[l] = x[g + l] >= 0.0f;
+            memcpy(t, v, sizeof v);
+            uint8_t tmp[2];
+            pack16(t, 1, tmp);
+            memcpy(bits + g / 8, tmp, (size_t)((len + 7) / 8));
+        }
+    }
+    return 0;
+}
+
 /* Public: header values of `rows` payloads (row_stride bytes apart) as fp32, and the number
    of invalid ones (non-finite or negative scale a, non-finite offset b). */
 int64_t dq_headers(const uint8_t *a_raw, const uint8_t *b_raw, int64_t row_stride,
@@ -465,14 +623,15 @@ int64_t dq_headers(const uint8_t *a_raw, const uint8_t *b_raw, int64_t row_strid
     return bad;
 }
 
-/* Public: decode [c0, c1) (c0 a multiple of 8) into out: a t + b with fp32 header values.
+/* Public: decode [c0, c1) (c0 a multiple of 8) into out: a t + b with fp32 header values, or
+   a (2 t - 1) for the sign compressor (b = NULL).
    nt = 1: non-temporal stores (outputs much larger than the caches). */
 void dq_decode(const uint8_t *bits, int64_t d, int k, const float *a, const float *b,
                float *out, int64_t c0, int64_t c1, int nt) {
     float tmp[BLOCK];
     for (int64_t blk = c0; blk < c1; blk += BLOCK) {
         int64_t end = blk + BLOCK < c1 ? blk + BLOCK : c1;
-        if (nt) {
+        if (nt) {  /* through a block in L1, copied with streaming stores */
             decode_range(bits, d, k, a, b, tmp, blk, end, 0);
             flush(out + blk, tmp, end - blk, 1);
         } else {
