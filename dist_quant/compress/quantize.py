@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from dist_quant.compress import draws, fast, wire
+from dist_quant.compress import draws, fast, gpu, wire
 from dist_quant.compress.base import Compressor, _result
 from dist_quant.compress.rounding import round_down, round_up
 from dist_quant.errors import NonFiniteGradientError, PayloadError
@@ -133,6 +133,8 @@ class KBitCompressor(Compressor):
         n = x.numel()
         if n == 0:
             return
+        if fast.triton_selected(x):
+            return gpu.kbit_encode(x, body, self, generator)
         if fast.usable(x):
             count = fast.kbit_encode(x, body, self, generator)
             if count:
@@ -196,6 +198,8 @@ class KBitCompressor(Compressor):
     def _decode_body(self, body, n, out=None):
         if n == 0:
             return torch.empty(0, dtype=torch.float32, device=body.device)
+        if fast.triton_selected(body):
+            return gpu.kbit_decode(body, n, self, _result(out, n, body.device))
         if fast.usable(body):
             # streaming stores only into a caller's (reused, already mapped) buffer
             target = fast.new_output(n) if out is None else _result(out, n, body.device)
@@ -218,6 +222,8 @@ class KBitCompressor(Compressor):
         out = _result(out, n, batch.device)
         if n == 0:
             return out
+        if fast.triton_selected(batch):
+            return gpu.kbit_decode_mean(batch, n, self, out)
         if compiled:
             return fast.kbit_decode_mean(batch, n, self, out, streaming=streaming)
         return self._mean_of_rows(batch, n, out)
