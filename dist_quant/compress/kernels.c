@@ -98,7 +98,6 @@ typedef float vf __attribute__((vector_size(VBYTES)));
 typedef int32_t vi __attribute__((vector_size(VBYTES)));
 typedef uint32_t vu __attribute__((vector_size(VBYTES)));
 typedef uint32_t vu4 __attribute__((vector_size(16)));
-typedef uint8_t vb __attribute__((vector_size(VL)));
 #define INLINE static inline __attribute__((always_inline))
 
 #if VL == 16
@@ -141,24 +140,17 @@ INLINE void pack16(const vu *t, int k, uint8_t *out) {
         for (int h = 1; h < NV; h++) acc |= t[h] << (GLANE(h) * (uint32_t)k);
         uint32_t w = or_lanes(acc);
         memcpy(out, &w, (size_t)(2 * k));
-    } else if (k == 4) {  /* lanes 0..7 fill word 0, lanes 8..15 word 1 */
-        uint32_t w[2] = {0, 0};
+    } else if (k == 4 || k == 8) {  /* 32 / k lanes per 32-bit word: 2 or 4 words */
+        const int per = 32 / k;
+        uint32_t w[4] = {0, 0, 0, 0};
         for (int h = 0; h < NV; h++) {
-            vu s = t[h] << ((GLANE(h) & 7U) * 4U);
-#if VL == 16
-            vi high = (vi)(LANE >= 8U);
-            w[0] |= or_lanes(selu(high, splatu(0), s));
-            w[1] |= or_lanes(selu(high, s, splatu(0)));
-#else
-            w[(VL * h) / 8] |= or_lanes(s);
-#endif
+            vu s = t[h] << ((GLANE(h) & (uint32_t)(per - 1)) * (uint32_t)k);
+            vu4 q[VL / 4];
+            memcpy(q, &s, sizeof q);
+            for (int i = 0; i < VL / 4; i++)  /* a quarter lies inside one word */
+                w[(VL * h + 4 * i) / per] |= q[i][0] | q[i][1] | q[i][2] | q[i][3];
         }
-        memcpy(out, w, 8);
-    } else if (k == 8) {
-        for (int h = 0; h < NV; h++) {
-            vb b = __builtin_convertvector(t[h], vb);
-            memcpy(out + VL * h, &b, VL);
-        }
+        memcpy(out, w, (size_t)(2 * k));
     } else {
         uint32_t v[LANES];
         memcpy(v, t, sizeof v);
@@ -184,22 +176,15 @@ INLINE void unpack16(const uint8_t *in, int k, vu *t) {
         memcpy(&w, in, (size_t)(2 * k));
         for (int h = 0; h < NV; h++)
             t[h] = (splatu(w) >> (GLANE(h) * (uint32_t)k)) & ((1U << k) - 1U);
-    } else if (k == 4) {
-        uint32_t w[2];
-        memcpy(w, in, 8);
+    } else if (k == 4 || k == 8) {  /* each lane picks its 32-bit word, then shifts */
+        const int per = 32 / k;
+        uint32_t w[4];
+        memcpy(w, in, (size_t)(2 * k));
         for (int h = 0; h < NV; h++) {
-#if VL == 16
-            vu words = selu((vi)(LANE >= 8U), splatu(w[1]), splatu(w[0]));
-#else
-            vu words = splatu(w[(VL * h) / 8]);
-#endif
-            t[h] = (words >> ((GLANE(h) & 7U) * 4U)) & 15U;
-        }
-    } else if (k == 8) {
-        for (int h = 0; h < NV; h++) {
-            vb b;
-            memcpy(&b, in + VL * h, VL);
-            t[h] = __builtin_convertvector(b, vu);
+            vu words = splatu(w[(VL * h) / per]);
+            for (int q = (VL * h) / per + 1; q <= (VL * h + VL - 1) / per; q++)
+                words = selu((vi)(GLANE(h) / (uint32_t)per == (uint32_t)q), splatu(w[q]), words);
+            t[h] = (words >> ((GLANE(h) & (uint32_t)(per - 1)) * (uint32_t)k)) & ((1U << k) - 1U);
         }
     } else {
         uint32_t v[LANES];
