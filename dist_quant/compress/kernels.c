@@ -1,8 +1,8 @@
 /* Fused CPU kernels of dist_quant's k-bit and sign compressors (see kernels_c.py for how they
    are built and fast.py for how they are called). One source for every CPU: the hot loops work
-   on 16-lane GCC/Clang vectors, which the compiler maps onto one AVX-512 register, two AVX2
-   registers or four SSE2/NEON registers, so the same code runs at full width wherever it is
-   compiled; plain C elsewhere (headers, tails, groups across buckets). */
+   on groups of 16 coordinates held in GCC/Clang vectors of the target's native width (one
+   AVX-512 vector, two AVX2 vectors, four SSE2 or NEON vectors), so the same code runs at full
+   width wherever it is compiled; plain C elsewhere (headers, tails, groups across buckets). */
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
