@@ -135,6 +135,24 @@ INLINE uint32_t or_lanes(vu v) {
 /* pack the 16 level indices of a group (k in 1, 2, 4, 8; any k through the scalar loop) into
    2k bytes: index L takes stream bits [L k, (L + 1) k) */
 INLINE void pack16(const vu *t, int k, uint8_t *out) {
+#if defined(__SSE2__)
+    if (k == 1) {  /* x86: the lanes' low bits moved to the sign and collected by movemask
+                      (measured: the portable reduction below costs 15% of the encode) */
+        uint32_t w = 0;
+        for (int h = 0; h < NV; h++) {
+#if VBYTES == 64
+            w |= (uint32_t)_mm512_test_epi32_mask((__m512i)t[h], (__m512i)t[h]) << (VL * h);
+#elif VBYTES == 32
+            w |= (uint32_t)_mm256_movemask_ps((__m256)(t[h] << 31)) << (VL * h);
+#else
+            w |= (uint32_t)_mm_movemask_ps((__m128)(t[h] << 31)) << (VL * h);
+#endif
+        }
+        uint16_t w16 = (uint16_t)w;
+        memcpy(out, &w16, 2);
+        return;
+    }
+#endif
     if (k == 1 || k == 2) {
         vu acc = t[0] << (GLANE(0) * (uint32_t)k);
         for (int h = 1; h < NV; h++) acc |= t[h] << (GLANE(h) * (uint32_t)k);
@@ -171,7 +189,12 @@ INLINE void pack16(const vu *t, int k, uint8_t *out) {
 
 /* the 16 level indices stored in 2k bytes (the inverse of pack16) */
 INLINE void unpack16(const uint8_t *in, int k, vu *t) {
-    if (k == 1 || k == 2) {
+    if (k == 1) {  /* a test of each lane's bit: no per-lane shifts (SSE2 has none) */
+        uint16_t w;
+        memcpy(&w, in, 2);
+        for (int h = 0; h < NV; h++)
+            t[h] = (vu)((splatu(w) & (1U << GLANE(h))) != 0U) & 1U;
+    } else if (k == 2) {
         uint32_t w = 0;
         memcpy(&w, in, (size_t)(2 * k));
         for (int h = 0; h < NV; h++)
