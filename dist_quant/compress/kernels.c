@@ -364,19 +364,20 @@ INLINE void decode_range_k(const uint8_t *bits, int64_t d, const int k, const fl
             memcpy(raw, src, (size_t)((len * k + 7) / 8));
             src = raw;
         }
-        vu t[NV];
+        vu t[NV];  /* level indices below 256: converted as signed (SSE2 and AVX2 have no
+                      unsigned conversion) */
         unpack16(src, k, t);
         vf vals[NV];
         if (g + LANES <= next) {
             for (int h = 0; h < NV; h++) {
-                vf tf = __builtin_convertvector(t[h], vf);
+                vf tf = __builtin_convertvector((vi)t[h], vf);
                 vals[h] = b ? tf * va + vb : va * (tf * 2.0f - 1.0f);
             }
         } else {  /* a group across buckets (or the tail): per-lane headers */
             float la[LANES], lb[LANES];
             header_lanes(d, a, b, g, len, j, next, la, lb);
             for (int h = 0; h < NV; h++) {
-                vf tf = __builtin_convertvector(t[h], vf);
+                vf tf = __builtin_convertvector((vi)t[h], vf);
                 vf ga = loadf(la + VL * h), gb = loadf(lb + VL * h);
                 vals[h] = b ? tf * ga + gb : ga * (tf * 2.0f - 1.0f);
             }
