@@ -90,8 +90,9 @@ def kbit_encode(x: torch.Tensor, body: torch.Tensor, comp,
     xf = x if x.is_contiguous() else x.contiguous()
     lo, hi = _bucket_minmax(xf.float(), d, nb)
     bad = (~torch.isfinite(xf)).sum()
-    b = _round(lo.double(), comp.hdtype, up=False)
-    a = _round((hi.double() - b.double()) / comp.levels, comp.hdtype, up=True)
+    lo, hi = lo.double() + 0.0, hi.double() + 0.0  # a zero extreme as +0 (quantize)
+    b = _round(lo, comp.hdtype, up=False)
+    a = _round((hi - b.double()) / comp.levels, comp.hdtype, up=True)
     short = b.double() + comp.levels * a.double() < hi.double()
     a = torch.where(short, torch.nextafter(a, torch.full_like(a, float("inf"))), a)
     payload = body.as_strided((body.numel() + wire.FIXED_NBYTES,), (1,),

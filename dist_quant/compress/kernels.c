@@ -415,50 +415,24 @@ static int64_t count_nonfinite(const float *x, int64_t c0, int64_t c1) {
     return count;
 }
 
-static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, float *hi_out,
-                      int64_t pf) {
-    vf lo[NV], hi[NV];
-    vu expo[NV];  /* largest exponent field seen: all ones iff a NaN or +-Inf */
-    for (int h = 0; h < NV; h++) {
-        lo[h] = splatf(INFINITY);
-        hi[h] = splatf(-INFINITY);
-        expo[h] = splatu(0);
-    }
-    int64_t i = c0;
-    for (; i + LANES <= c1; i += LANES) {
-        if (pf) __builtin_prefetch(x + i + pf, 0, 3);
-        for (int h = 0; h < NV; h++) {
-            vf v = loadf(x + i + VL * h);
-            lo[h] = self(v < lo[h], v, lo[h]);
-            hi[h] = self(v > hi[h], v, hi[h]);
-            vu e = (vu)v & 0x7f800000U;
-            expo[h] = selu((vi)(e > expo[h]), e, expo[h]);
-        }
-    }
-    float lv[LANES], hv[LANES];
-    uint32_t ev[LANES];
-    memcpy(lv, lo, sizeof lv);
-    memcpy(hv, hi, sizeof hv);
-    memcpy(ev, expo, sizeof ev);
-    float l = INFINITY, h = -INFINITY;
-    uint32_t ex = 0;
-    for (int q = 0; q < LANES; q++) {
-        l = lv[q] < l ? lv[q] : l;
-        h = hv[q] > h ? hv[q] : h;
-        ex = ev[q] > ex ? ev[q] : ex;
-    }
-    for (; i < c1; i++) {
+static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, float *hi_out) {
+    /* a reduction loop the compiler vectorises to min/max instructions (x < lo ? x : lo is
+       exactly their semantics), which the vector-extension selects do not become */
+    float lo = INFINITY, hi = -INFINITY;
+    uint32_t expo = 0;  /* largest exponent field seen: all ones iff a NaN or +-Inf */
+    #pragma omp simd reduction(min:lo) reduction(max:hi) reduction(max:expo)
+    for (int64_t i = c0; i < c1; i++) {
         float v = x[i];
         uint32_t u;
         memcpy(&u, &v, 4);
-        l = v < l ? v : l;
-        h = v > h ? v : h;
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
         u &= 0x7f800000U;
-        ex = u > ex ? u : ex;
+        expo = u > expo ? u : expo;
     }
-    *lo_out = l;
-    *hi_out = h;
-    return ex == 0x7f800000U ? count_nonfinite(x, c0, c1) : 0;
+    *lo_out = lo;
+    *hi_out = hi;
+    return expo == 0x7f800000U ? count_nonfinite(x, c0, c1) : 0;
 }
 
 /* outward-rounded headers of one bucket with range [lo, hi]: b = lo rounded down, a =
@@ -468,6 +442,8 @@ static int bucket_headers(int hdt, float lo, float hi, double levels, uint32_t *
                           uint32_t *bu_out, float *a32, float *b32) {
     uint32_t au, bu;
     double bv, av;
+    lo += 0.0f;  /* -0 -> +0: the sign of a zero minimum must not depend on the order in */
+    hi += 0.0f;  /* which a vectorised reduction met -0 and +0 (the torch path does the same) */
     if (hdt == 0) {  /* fp32: b = lo exactly, a one rounding and at most two steps up */
         bv = (double)lo;
         memcpy(&bu, &lo, 4);
@@ -493,7 +469,7 @@ static int bucket_headers(int hdt, float lo, float hi, double levels, uint32_t *
 
 /* Public: min/max/non-finite count of a range (whole-tensor or large buckets: pass 1). */
 int64_t dq_minmax(const float *x, int64_t c0, int64_t c1, float *lohi) {
-    return minmax(x, c0, c1, lohi, lohi + 1, PREFETCH);
+    return minmax(x, c0, c1, lohi, lohi + 1);
 }
 
 /* Public: pass 2 with fp32 header values already known (whole-tensor or large buckets). */
@@ -519,7 +495,7 @@ int64_t dq_encode_fused(const float *x, int64_t n, int64_t d, int k, int hdt, ui
         for (int64_t j = j0; j < j1; j++) {
             int64_t e = (j + 1) * d < n ? (j + 1) * d : n;
             float lo, hi;
-            int64_t nb = minmax(x, j * d, e, &lo, &hi, 0);
+            int64_t nb = minmax(x, j * d, e, &lo, &hi);
             if (nb) { bad += nb; lo = hi = 0.0f; }
             uint32_t au, bu;
             overflow |= bucket_headers(hdt, lo, hi, levels, &au, &bu, a32 + (j - j0),
@@ -528,8 +504,9 @@ int64_t dq_encode_fused(const float *x, int64_t n, int64_t d, int k, int hdt, ui
             hstore(hdt, b_out, j, bu);
         }
         if (bad || overflow) continue;
+        /* no software prefetch of the next chunk: measured slower than the hardware's */
         quantize_range(x + j0 * d, d, k, a32, b32, s + (uint32_t)(j0 * d) * m, m,
-                       bits + (j0 * d * k) / 8, 0, ce - cs, ce < c1 ? chunk : 0);
+                       bits + (j0 * d * k) / 8, 0, ce - cs, 0);
     }
     return bad ? bad : (overflow ? -1 : 0);
 }

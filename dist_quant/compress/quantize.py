@@ -68,9 +68,11 @@ def bucket_minmax(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def header_values(lo: torch.Tensor, hi: torch.Tensor, levels: int,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)`` in the header type from per-bucket min/max: ``b`` rounded down, ``a`` up."""
-    b = round_down(lo.double(), dtype)
-    a = round_up((hi.double() - b.double()) / levels, dtype)
+    """``(a, b)`` in the header type from per-bucket min/max: ``b`` rounded down, ``a`` up.
+    A zero min or max counts as +0 (``+ 0.0``), whichever zero the reduction returned."""
+    lo, hi = lo.double() + 0.0, hi.double() + 0.0
+    b = round_down(lo, dtype)
+    a = round_up((hi - b.double()) / levels, dtype)
     # (hi - b) / L can round down in float64 when b is far larger than hi - b; step a up
     # until the top level covers the maximum (one step suffices: a grows by one ulp)
     short = b.double() + levels * a.double() < hi.double()
