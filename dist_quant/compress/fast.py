@@ -17,9 +17,10 @@ compiled path serves CPU tensors of fp32/fp16/bf16 below 2^31 coordinates; fp64 
 the pure-torch path. Every path produces the same payload bytes (same draws, same arithmetic).
 
 What makes it fast: one pass per chunk of whole buckets (min/max, headers, draws, packing while
-the chunk sits in L2); groups of 16 coordinates in native-width vectors at every level; no full-size float intermediates; decoded outputs written with streaming stores
-into reused buffers, and fresh outputs advised onto transparent huge pages (mapping fresh
-memory otherwise costs more than decoding into it).
+the chunk sits in L2); groups of 16 coordinates in native-width vectors at every level; no
+full-size float intermediates; fresh decode outputs advised onto transparent huge pages
+(mapping fresh memory otherwise costs more than decoding into it); streaming stores into reused
+buffers where ``NONTEMPORAL_BYTES`` enables them.
 
 Threads: ``torch.get_num_threads()`` (the training processes set 1).
 """
