@@ -40,6 +40,7 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -311,8 +312,8 @@ def main(argv=None) -> int:
     skipped = [lvl for lvl in levels if not kernels_c.cpu_runs(lvl)]
     levels = [lvl for lvl in levels if lvl not in skipped]
     date = datetime.date.today().isoformat()
-    command = "python benchmarks/bench_compress.py " + " ".join(sys.argv[1:] if argv is None
-                                                                 else argv)
+    command = "python benchmarks/bench_compress.py " + shlex.join(sys.argv[1:] if argv is None
+                                                                  else argv)
     lines = [f"# Compressor throughput, {date}", "", f"Command: `{command.strip()}`", "",
              *describe(), *([f"- {args.note}"] if args.note else []),
              *([f"- levels this CPU cannot run, left out: {', '.join(skipped)}"] if skipped
