@@ -1,5 +1,5 @@
-"""The compiled CPU path against the pure-torch path: same headers and decodes, the same law
-of the draws, the documented 2^-24 rule exactly, determinism, and the statistics of the stream."""
+"""The compiled CPU path against the pure-torch path: same headers, draws and decodes, the
+documented 2^-24 rule exactly, determinism, and the statistics of the stream."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from compress_stats import (
     two_point_moments,
 )
 
-from dist_quant.compress import fast, get_compressor, wire
+from dist_quant.compress import draws, fast, get_compressor, kernels_c, wire
 from dist_quant.compress.quantize import scaled_offsets
 
 pytestmark = pytest.mark.skipif(os.environ.get("DIST_QUANT_KERNELS") == "torch",
@@ -113,7 +113,8 @@ def test_pure_path_follows_the_same_rule():
     x = grad(n, seed=4)
     with fast.use("torch"):
         data = comp.encode(x, generator=torch.Generator().manual_seed(2)).to_tensor()
-    r = torch.randint(0, 1 << 24, (n,), generator=torch.Generator().manual_seed(2))
+    r = draws.counter_draws(draws.keys(torch.Generator().manual_seed(2)), n,
+                            torch.device("cpu"))
     t = wire.unpack_bits(data[32 + 2 * comp.num_buckets(n) * 4:], n, 3)
     assert torch.equal(t.long(), expected_levels(comp, x, data, r))
 
@@ -221,23 +222,22 @@ def test_fresh_outputs_on_huge_pages_decode_the_same(monkeypatch):
         assert torch.equal(comp.decode_mean(rows), expected_mean)
 
 
-def test_portable_c_without_avx512_matches(monkeypatch):
-    """The scalar/auto-vectorised C (CPUs without AVX-512) gives the same payloads and decodes
-    as the AVX-512 code, hence the same as the torch path's arithmetic."""
-    if "avx512bw" not in fast._cpu_id():
-        pytest.skip("this CPU runs the portable C already")
-    portable = fast._bind(fast.build(extra_flags=("-mno-avx512f",)))
+def test_every_isa_level_matches(monkeypatch):
+    """Each ISA level this CPU runs (DIST_QUANT_ISA: native, avx512, avx2, generic) gives the
+    same payloads and decodes as the default build, hence the same as the torch path."""
     x = grad(20_011, seed=8)
+    levels = [lvl for lvl in kernels_c.LEVELS if kernels_c.cpu_runs(lvl)]
+    assert "native" in levels and "generic" in levels
     for options in CASES:
         comp = get_compressor("kbit", **options)
         with fast.use("c"):
             data = comp.encode(x, generator=torch.Generator().manual_seed(4)).to_tensor()
             expected = comp.decode(data)
-            monkeypatch.setitem(fast._loaded, "lib", portable)
-            again = comp.encode(x, generator=torch.Generator().manual_seed(4)).to_tensor()
-            assert torch.equal(comp.decode(data), expected)
-            monkeypatch.undo()
-        assert torch.equal(again, data)
+        for level in levels:
+            with fast.use("c", level):
+                again = comp.encode(x, generator=torch.Generator().manual_seed(4)).to_tensor()
+                assert torch.equal(comp.decode(data), expected)
+            assert torch.equal(again, data), level
 
 
 def test_failed_build_falls_back_to_torch_with_a_warning(monkeypatch, tmp_path):

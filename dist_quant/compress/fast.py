@@ -1,23 +1,26 @@
-"""Compiled CPU path of the k-bit compressor: build, load, dispatch.
+"""Compiled CPU path of the k-bit and sign compressors: build, load, dispatch.
 
-The kernels (:mod:`dist_quant.compress.kernels_c`) are compiled on first use with the system C
-compiler (``$CC``, else ``cc``; no Python or torch headers, about one second) into
-``$DIST_QUANT_CACHE`` (default ``$XDG_CACHE_HOME/dist_quant`` or ``~/.cache/dist_quant``), one
-shared library per source, flags and CPU model (``-march=native``), written atomically so that
+The kernels (``kernels.c``, see :mod:`dist_quant.compress.kernels_c`) are compiled on first use
+with the system C compiler (``$CC``, else ``cc``; no Python or torch headers, about one second)
+into ``$DIST_QUANT_CACHE`` (default ``$XDG_CACHE_HOME/dist_quant`` or ``~/.cache/dist_quant``),
+one shared library per source, flags and (for ``native``) CPU model, written atomically so that
 processes starting together may all build. Later processes load the cached library. Calls go
 through ctypes, which releases the GIL, so threads split a tensor.
 
 ``DIST_QUANT_KERNELS`` selects the path: ``auto`` (default: compiled if it builds, else pure
 torch, with one RuntimeWarning), ``torch`` (always the pure-torch path), ``c`` (compiled or
-raise). The compiled path serves CPU tensors of fp32/fp16/bf16 below 2^31 coordinates; fp64 and
-CUDA tensors take the pure-torch path. Both paths produce the same headers and the same decodes;
-the random draws come from different streams of the same law (see kernels_c).
+raise), ``triton`` (the Triton kernels of :mod:`dist_quant.compress.gpu` for every tensor: CUDA
+tensors take them under ``auto`` too; CPU tensors only under ``TRITON_INTERPRET=1``, for tests).
+``DIST_QUANT_ISA`` (``native`` default, ``avx512``, ``avx2``, ``generic``) selects the level the
+kernels are compiled for, so that every level can be tested and measured on one machine. The
+compiled path serves CPU tensors of fp32/fp16/bf16 below 2^31 coordinates; fp64 tensors take
+the pure-torch path. Every path produces the same payload bytes (same draws, same arithmetic).
 
 What makes it fast: one pass per chunk of whole buckets (min/max, headers, draws, packing while
-the chunk sits in L2, the next chunk prefetched meanwhile); 16 coordinates per AVX-512
-instruction where the CPU has it (portable C otherwise); no full-size float intermediates;
-decoded outputs written with streaming stores into reused buffers, and fresh outputs advised
-onto transparent huge pages (mapping fresh memory otherwise costs more than decoding into it).
+the chunk sits in L2); groups of 16 coordinates in native-width vectors at every level; no
+full-size float intermediates; fresh decode outputs advised onto transparent huge pages
+(mapping fresh memory otherwise costs more than decoding into it); streaming stores into reused
+buffers where ``NONTEMPORAL_BYTES`` enables them.
 
 Threads: ``torch.get_num_threads()`` (the training processes set 1).
 """
@@ -38,31 +41,44 @@ from pathlib import Path
 
 import torch
 
-from dist_quant.compress import wire
+from dist_quant.compress import kernels_c, wire
+from dist_quant.compress.draws import keys as draw_keys
 from dist_quant.compress.kernels_c import SOURCE
 
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
+CFLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi",
           "-shared", "-fPIC", "-std=gnu11"]
 FUSED_TARGET = 32768  # coordinates per fused chunk (128 KiB of fp32: stays in L2)
 MAX_BUCKETS_PER_CHUNK = 8192  # size of the kernel's stack arrays
 MIN_PER_THREAD = 1 << 16
 MAX_N = 1 << 31
-# Decoded outputs this large bypass the caches (streaming stores), but only into buffers the
-# caller reuses: streaming into freshly allocated, not yet mapped pages is several times slower.
-NONTEMPORAL_BYTES = 8 << 20
+# Decoded outputs this large bypass the caches (streaming stores through a block in L1), and
+# only into buffers the caller reuses (streaming into fresh, not yet mapped pages is several
+# times slower). Off by default: with the vectorised decode the extra copy costs more than it
+# saves (measured on AMD EPYC, AVX2 and AVX-512: benchmarks/compress-2026-12-01.md); a CPU
+# where it pays can lower it.
+NONTEMPORAL_BYTES = int(os.environ.get("DIST_QUANT_STREAMING_BYTES", 1 << 62))
 # New outputs this large are advised onto transparent huge pages before the first write: the
 # operating system then maps 2 MiB at a time, which halves the cost of a fresh 64 MiB decode.
 HUGE_PAGE_BYTES = 4 << 20
+MODES = ("auto", "torch", "c", "triton")
 
-_state: dict = {}  # path selected with use()
-_loaded: dict = {}  # the library and the thread pool, once per process
+_state: dict = {}  # path and level selected with use()
+_loaded: dict = {}  # the libraries (per level) and the thread pool, once per process
 
 
 def mode() -> str:
     value = _state.get("mode") or os.environ.get("DIST_QUANT_KERNELS", "auto")
     value = value.strip().lower() or "auto"
-    if value not in ("auto", "torch", "c"):
-        raise ValueError(f"DIST_QUANT_KERNELS must be auto, torch or c; got {value!r}")
+    if value not in MODES:
+        raise ValueError(f"DIST_QUANT_KERNELS must be one of {', '.join(MODES)}; got {value!r}")
+    return value
+
+
+def isa() -> str:
+    """The ISA level the kernels are compiled for (``DIST_QUANT_ISA``, default native)."""
+    value = _state.get("isa") or os.environ.get("DIST_QUANT_ISA", "native")
+    value = value.strip().lower() or "native"
+    kernels_c.level_flags(value)  # validates
     return value
 
 
@@ -83,13 +99,16 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "dist_quant"
 
 
-def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compile the kernels (or find them in the cache); returns the shared library's path.
-    ``extra_flags`` (e.g. ``-mno-avx512f``, to test the portable C) go after CFLAGS."""
+def build(force: bool = False, level: str | None = None,
+          extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the kernels for ``level`` (default :func:`isa`) or find them in the cache;
+    returns the shared library's path. ``extra_flags`` go after the level's flags."""
+    level = level or isa()
     cc = os.environ.get("CC", "cc")
-    flags = [*CFLAGS, *extra_flags]
-    key = hashlib.sha256("\0".join([SOURCE, cc, *flags, _cpu_id()]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"kernels-{key}.so"
+    flags = [*CFLAGS, *kernels_c.level_flags(level), *extra_flags]
+    machine = _cpu_id() if level == "native" else platform.machine()
+    key = hashlib.sha256("\0".join([SOURCE, cc, *flags, machine]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"kernels-{level}-{key}.so"
     if target.exists() and not force:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +116,11 @@ def build(force: bool = False, extra_flags: tuple[str, ...] = ()) -> Path:
         src = Path(tmp) / "kernels.c"
         src.write_text(SOURCE)
         out = Path(tmp) / "kernels.so"
-        proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True,
-                              text=True)
+        try:
+            proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True,
+                                  text=True)
+        except OSError as err:
+            raise RuntimeError(f"no C compiler {cc!r} to build the kernels ({err})") from None
         if proc.returncode != 0:
             raise RuntimeError(f"compiling the k-bit kernels with {cc} failed:\n{proc.stderr}")
         os.replace(out, target)
@@ -123,36 +145,51 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.dq_headers.restype = i64
     lib.dq_advise_huge.argtypes = [ptr, i64]
     lib.dq_advise_huge.restype = i32
+    lib.dq_sign_encode.argtypes = [ptr, i64, i64, i32, ptr, ptr, i64, i64]
+    lib.dq_sign_encode.restype = i64
     lib.dq_draws.argtypes = [u32, u32, i64, i64, ptr]
     lib.dq_draws.restype = None
     return lib
 
 
+def load(level: str) -> ctypes.CDLL:
+    """The kernels compiled for ``level``, built if needed (raises if the CPU cannot run them
+    or the build fails)."""
+    libs = _loaded.setdefault("libs", {})
+    if level not in libs:
+        if not kernels_c.cpu_runs(level):
+            raise RuntimeError(f"this CPU cannot run DIST_QUANT_ISA={level}")
+        libs[level] = _bind(build(level=level))
+    return libs[level]
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None when the pure-torch path is selected or the build failed."""
     selected = mode()
-    if selected == "torch":
+    if selected in ("torch", "triton"):
         return None
-    lib = _loaded.get("lib")
+    level = isa()
+    key = ("lib", level)
+    lib = _loaded.get(key)
     if lib is not None:
         return lib
-    if "lib" not in _loaded:
+    if key not in _loaded:
         try:
-            _loaded["lib"] = _bind(build())
+            _loaded[key] = load(level)
         except Exception as err:  # no compiler, read-only cache, ...: fall back, loudly
-            _loaded["lib"] = None
+            _loaded[key] = None
             _loaded["error"] = err
             if selected != "c":
                 warnings.warn(f"dist_quant: compiled k-bit kernels unavailable, using the "
                               f"pure-torch path ({err})", RuntimeWarning, stacklevel=2)
-    if _loaded["lib"] is None and selected == "c":
+    if _loaded[key] is None and selected == "c":
         raise RuntimeError(f"DIST_QUANT_KERNELS=c but the kernels did not build: "
                            f"{_loaded.get('error')}")
-    return _loaded["lib"]
+    return _loaded[key]
 
 
 def reset() -> None:
-    """Forget the loaded library, the thread pool and any path selected with :func:`use`."""
+    """Forget the loaded libraries, the thread pool and any path selected with :func:`use`."""
     _state.clear()
     pool = _loaded.pop("pool", None)
     if pool is not None:
@@ -161,19 +198,34 @@ def reset() -> None:
 
 
 @contextlib.contextmanager
-def use(path: str):
-    """Within the block, select a path as DIST_QUANT_KERNELS would (``torch``, ``c``, ``auto``);
-    for tests and benchmarks that compare the two."""
-    saved = _state.get("mode")
+def use(path: str, level: str | None = None):
+    """Within the block, select a path as DIST_QUANT_KERNELS would (``torch``, ``c``, ``auto``,
+    ``triton``) and optionally an ISA level as DIST_QUANT_ISA would; for tests and benchmarks
+    that compare them."""
+    saved = dict(_state)
     _state["mode"] = path
+    if level is not None:
+        _state["isa"] = level
     try:
         mode()  # validate
+        isa()
         yield
     finally:
-        if saved is None:
-            _state.pop("mode", None)
-        else:
-            _state["mode"] = saved
+        _state.clear()
+        _state.update(saved)
+
+
+def triton_selected(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve this tensor: CUDA tensors unless the torch path is
+    forced (and Triton is installed), any tensor under ``DIST_QUANT_KERNELS=triton``."""
+    selected = mode()
+    if selected == "triton":
+        return True
+    if tensor.device.type != "cuda" or selected == "torch":
+        return False
+    from dist_quant.compress import gpu
+
+    return gpu.available()
 
 
 def usable(tensor: torch.Tensor) -> bool:
@@ -213,8 +265,8 @@ def _run(fn, tasks):
 
 
 def _keys(generator: torch.Generator | None) -> tuple[int, int]:
-    s, m = torch.randint(0, 1 << 32, (2,), generator=generator, dtype=torch.int64).tolist()
-    return s, m | 1
+    s, m = draw_keys(generator).tolist()
+    return s, m
 
 
 def fused_chunk(d: int) -> int | None:
@@ -360,6 +412,69 @@ def kbit_decode_mean(batch: torch.Tensor, n: int, comp, out: torch.Tensor,
 def draws(s: int, m: int, c0: int, c1: int) -> torch.Tensor:
     """The compiled path's draws r_i for coordinates [c0, c1) under keys (s, m) (for tests)."""
     lib = library()
+    if lib is None:
+        raise RuntimeError("the compiled kernels are not loaded")
     out = torch.empty(c1 - c0, dtype=torch.int32)
     lib.dq_draws(s, m, c0, c1, _ptr(out))
     return out.long() & 0xFFFFFFFF
+
+
+# ---- sign ----------------------------------------------------------------------------------
+def sign_encode(x: torch.Tensor, body: torch.Tensor, comp) -> int:
+    """Write the sign body of x into ``body``; returns the non-finite count (0 = written).
+    Raises WireRangeError when a scale does not fit its type."""
+    lib = library()
+    if x.dtype != torch.float32:
+        x = x.float()
+    elif not x.is_contiguous():
+        x = x.contiguous()
+    if not body.is_contiguous():
+        raise ValueError("sign_encode writes into a contiguous body")
+    n = x.numel()
+    d = comp.bucket_size or n
+    step = d * 8 // math.gcd(d, 8)
+    s_ptr = body.data_ptr()
+    bits_ptr = s_ptr + comp.num_buckets(n) * comp.hbytes
+    hcode = wire.HEADER_DTYPE_CODES[comp.header_dtype]
+    counts = _run(lambda c0, c1: lib.dq_sign_encode(_ptr(x), n, d, hcode, s_ptr, bits_ptr, c0,
+                                                    c1), _ranges(n, step))
+    if any(c > 0 for c in counts):
+        return sum(c for c in counts if c > 0)
+    if any(c < 0 for c in counts):
+        raise wire.WireRangeError(f"mean |g| of a bucket exceeds header_dtype "
+                                  f"{comp.header_dtype}")
+    return 0
+
+
+def sign_decode(body: torch.Tensor, n: int, comp, out: torch.Tensor,
+                streaming: bool = False) -> torch.Tensor:
+    """Decode one (validated) sign body into ``out``: s (2 t - 1)."""
+    lib = library()
+    s, bits = comp._split(body, n)
+    s32 = s.float().contiguous()
+    bits = bits.contiguous()
+    d = comp.bucket_size or n
+    nt = int(streaming and n * 4 >= NONTEMPORAL_BYTES)
+    out_ptr, bits_ptr = out.data_ptr(), bits.data_ptr()
+    _run(lambda c0, c1: lib.dq_decode(bits_ptr, d, 1, _ptr(s32), None, out_ptr, c0, c1, nt),
+         _ranges(n, 8))
+    return out
+
+
+def sign_decode_mean(batch: torch.Tensor, n: int, comp, out: torch.Tensor,
+                     streaming: bool = False, start: int = wire.FIXED_NBYTES) -> torch.Tensor:
+    """The mean of the W sign decodes of the (validated) rows of ``batch`` into ``out``."""
+    lib = library()
+    if batch.stride(1) != 1:
+        batch = batch.contiguous()
+    nb = comp.num_buckets(n)
+    s32 = batch[:, start:start + nb * comp.hbytes].contiguous().view(comp.hdtype).float()
+    s32 = s32.contiguous()
+    bits_ptr = batch.data_ptr() + start + nb * comp.hbytes
+    d = comp.bucket_size or n
+    nt = int(streaming and n * 4 >= NONTEMPORAL_BYTES)
+    out_ptr = out.data_ptr()
+    _run(lambda c0, c1: lib.dq_decode_mean(bits_ptr, batch.stride(0), batch.shape[0], nb, d, 1,
+                                           _ptr(s32), None, out_ptr, c0, c1, nt),
+         _ranges(n, 8))
+    return out

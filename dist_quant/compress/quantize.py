@@ -32,17 +32,17 @@ The random draw, exactly: ``y_i = (g_i - b) * fl(1 / a)`` in float32 (a true div
 ``2^-24``. Bias bound per coordinate: ``|E[decode_i] - g_i| < a 2^-24`` from the draw, plus the
 float32 rounding of ``y_i`` (subtraction, reciprocal, product: below ``2^-22 |g_i - b|``) and of
 the decoded level ``a t + b`` itself (half an ulp of the output, as any float32 result has).
-The pure-torch path takes ``r_i`` from ``torch.randint`` on the given generator; the compiled
-CPU path (:mod:`dist_quant.compress.fast`) from a counter-based hash keyed by two draws of the
-same generator. Same law and the same arithmetic (identical headers, identical decodes of a
-given payload), different streams: payloads are deterministic given the generator and the path.
+Every path (pure torch, the compiled CPU kernels of :mod:`dist_quant.compress.fast` at every
+ISA level, the Triton kernels) takes ``r_i`` from the same counter-based hash keyed by two draws
+of the given generator (:mod:`dist_quant.compress.draws`) and does the same float32 arithmetic:
+payloads are byte-identical whichever path encodes them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dist_quant.compress import fast, wire
+from dist_quant.compress import draws, fast, gpu, wire
 from dist_quant.compress.base import Compressor, _result
 from dist_quant.compress.rounding import round_down, round_up
 from dist_quant.errors import NonFiniteGradientError, PayloadError
@@ -68,9 +68,11 @@ def bucket_minmax(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def header_values(lo: torch.Tensor, hi: torch.Tensor, levels: int,
                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)`` in the header type from per-bucket min/max: ``b`` rounded down, ``a`` up."""
-    b = round_down(lo.double(), dtype)
-    a = round_up((hi.double() - b.double()) / levels, dtype)
+    """``(a, b)`` in the header type from per-bucket min/max: ``b`` rounded down, ``a`` up.
+    A zero min or max counts as +0 (``+ 0.0``), whichever zero the reduction returned."""
+    lo, hi = lo.double() + 0.0, hi.double() + 0.0
+    b = round_down(lo, dtype)
+    a = round_up((hi - b.double()) / levels, dtype)
     # (hi - b) / L can round down in float64 when b is far larger than hi - b; step a up
     # until the top level covers the maximum (one step suffices: a grows by one ulp)
     short = b.double() + levels * a.double() < hi.double()
@@ -133,6 +135,8 @@ class KBitCompressor(Compressor):
         n = x.numel()
         if n == 0:
             return
+        if fast.triton_selected(x):
+            return gpu.kbit_encode(x, body, self, generator)
         if fast.usable(x):
             count = fast.kbit_encode(x, body, self, generator)
             if count:
@@ -160,8 +164,7 @@ class KBitCompressor(Compressor):
         xb = _bucketed(x.float(), d, nb)
         y = scaled_offsets(xb, a32, b32).clamp_(0, self.levels)
         q = (y.reshape(-1)[:n] * float(1 << DRAW_BITS)).to(torch.int64)
-        r = torch.randint(0, 1 << DRAW_BITS, (n,), generator=generator, device=x.device,
-                          dtype=torch.int64)
+        r = draws.counter_draws(draws.keys(generator), n, x.device)
         t = (q + r) >> DRAW_BITS
         bits_out.copy_(wire.pack_bits(t, self.bits))
 
@@ -197,6 +200,8 @@ class KBitCompressor(Compressor):
     def _decode_body(self, body, n, out=None):
         if n == 0:
             return torch.empty(0, dtype=torch.float32, device=body.device)
+        if fast.triton_selected(body):
+            return gpu.kbit_decode(body, n, self, _result(out, n, body.device))
         if fast.usable(body):
             # streaming stores only into a caller's (reused, already mapped) buffer
             target = fast.new_output(n) if out is None else _result(out, n, body.device)
@@ -219,6 +224,8 @@ class KBitCompressor(Compressor):
         out = _result(out, n, batch.device)
         if n == 0:
             return out
+        if fast.triton_selected(batch):
+            return gpu.kbit_decode_mean(batch, n, self, out)
         if compiled:
             return fast.kbit_decode_mean(batch, n, self, out, streaming=streaming)
         return self._mean_of_rows(batch, n, out)
