@@ -32,11 +32,18 @@ down. Telemetry, control and checkpoint traffic are bookkeeping, not training pa
 are left out (a few dozen bytes per step; a link-level measurement sees them).
 
 A peer that dies or stops answering makes the waiting side raise :class:`PeerLostError`
-naming the peer and the message, after at most the process-group timeout.
+naming the peer and the message, after at most the process-group timeout ``T``. Who is
+blamed must be the peer that stopped: a worker waits for the server ``T + SERVER_GRACE``
+seconds (the server's own wait on a hung worker starts after the healthy workers' waits and
+ends at ``T``), and a server that loses worker ``j`` tells the others with the control code
+``LOST + j's rank`` (:meth:`Transport.notify_lost`) before it ends, so every rank reports
+the same lost peer; the workers still waiting for the server raise :class:`PeerLostError`
+naming that rank.
 """
 
 from __future__ import annotations
 
+import datetime
 import io
 import re
 from typing import Any
@@ -49,12 +56,20 @@ TAG_PAYLOAD, TAG_TELEMETRY, TAG_STATS, TAG_CONTROL, TAG_DOWN, TAG_SIZE, TAG_BLOB
 
 # control codes sent to every worker after each step
 CONTINUE, LAST, ABORT = 0, 1, 2
+LOST = 1 << 20  # LOST + r: the server lost rank r and ends the run
+SERVER_GRACE = 3.0  # seconds a worker waits for the server beyond the timeout
+NOTIFY_S = 2.0  # seconds the server spends telling the other workers which rank was lost
 
 TELEMETRY = ("loss", "decode", "compute", "encode")  # worker -> server, per step
 
 
 class PeerLostError(RuntimeError):
-    """A peer died or did not answer within the process-group timeout."""
+    """A peer died or did not answer within the process-group timeout; ``rank`` is its global
+    rank (None when unknown)."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
 
 
 def _cause(err: BaseException) -> str:
@@ -84,8 +99,11 @@ class Transport:
     """
 
     def __init__(self, server_rank: int, worker_ranks: list[int], device: torch.device,
-                 group: Any = None):
+                 group: Any = None, timeout: float | None = None):
         self.group = group
+        # waits on the server get SERVER_GRACE more than the group's timeout (module docstring)
+        self.server_wait = (None if timeout is None
+                            else datetime.timedelta(seconds=timeout + SERVER_GRACE))
         self.server_rank = int(server_rank)
         self.worker_ranks = [int(r) for r in worker_ranks]
         self.device = torch.device(device)
@@ -101,10 +119,34 @@ class Transport:
     def _wait(self, works: list[Any], what: str, peers: list[int]) -> None:
         for work, peer in zip(works, peers, strict=True):
             try:
-                work.wait()
+                if peer == self.server_rank and self.server_wait is not None:
+                    work.wait(timeout=self.server_wait)
+                else:
+                    work.wait()
             except RuntimeError as err:  # DistBackendError and gloo/nccl errors derive from it
                 raise PeerLostError(f"lost contact with {self.describe(peer)} while exchanging "
-                                    f"the {what} ({_cause(err)})") from err
+                                    f"the {what} ({_cause(err)})", peer) from err
+
+    def notify_lost(self, lost: int | None) -> None:
+        """Server: tell every other worker that rank ``lost`` stopped answering (best effort,
+        at most ``NOTIFY_S`` seconds; a worker that is gone or busy elsewhere is skipped)."""
+        if lost is None:
+            return
+        code = torch.tensor([LOST + int(lost)], dtype=torch.int64, device=self.device)
+        for r in self.worker_ranks:
+            if r == lost:
+                continue
+            try:
+                self._isend(code, r, TAG_CONTROL).wait(
+                    timeout=datetime.timedelta(seconds=NOTIFY_S))
+            except RuntimeError:
+                continue
+
+    def lost_error(self, code: int) -> PeerLostError:
+        """Worker: the error for the control code ``LOST + r`` the server sent."""
+        rank = code - LOST
+        return PeerLostError(f"{self.describe(rank)} stopped answering (reported by "
+                             f"{self.describe(self.server_rank)})", rank)
 
     def describe(self, rank: int) -> str:
         if rank == self.server_rank:

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset
+from dist_quant.divergence import DivergenceMonitor
 from dist_quant.errors import NonFiniteGradientError, PayloadError
 from dist_quant.metrics import RunRecorder, read_metrics
 from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
@@ -98,6 +99,7 @@ class Server:
         self.delta = torch.empty_like(self.replica)
         self.n_stats = common.bn_stats(self.model).numel()
         self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
+        self.num_classes = data.num_classes
         self.step = 0
 
     def aggregate(self, payloads: torch.Tensor) -> tuple[torch.Tensor | None, list[str]]:
@@ -246,6 +248,7 @@ def run_server(cfg: TrainConfig, server: Server, workers: Workers, run_dir: str)
     evals = sum(1 for r in read_metrics(run_dir) if r["kind"] == "eval")  # kept when resuming
     step = start
     skipped_steps = stuck = 0
+    monitor = DivergenceMonitor(cfg)
     try:
         for step in range(start + 1, cfg.steps + 1):
             with_stats = is_eval_step(cfg, step)
@@ -263,6 +266,9 @@ def run_server(cfg: TrainConfig, server: Server, workers: Workers, run_dir: str)
                 workers.downlink(ABORT, None)
                 raise RunAborted(f"no valid payload for {stuck} consecutive steps (up to step "
                                  f"{step}): training diverged; lower --lr")
+            if (diverged := monitor.observe(step, float(telemetry[:, 0].mean()))) is not None:
+                workers.downlink(ABORT, None)
+                raise RunAborted(diverged)
             server.update(g)
             t3 = time.perf_counter()
             down = server.downlink()
@@ -292,11 +298,14 @@ def run_server(cfg: TrainConfig, server: Server, workers: Workers, run_dir: str)
                 _check_replicas(server, states)
                 save_checkpoint(run_dir, step, {"format": 1, "step": step,
                                                 "config": cfg.to_dict(),
-                                                "server": server.state_dict(), "workers": states})
+                                                "server": server.state_dict(), "workers": states},
+                                keep=cfg.keep_checkpoints)
             if last:
                 break
     finally:
         progress.close()
+    if (diverged := monitor.final(test_loss, test_acc, server.num_classes)) is not None:
+        raise RunAborted(diverged)
     fp32_up, fp32_down = fp32_bytes(cfg, server.n, server.n_stats, step, evals)
     summary = recorder.summary(
         test_accuracy=test_acc, test_loss=test_loss, fp32_bytes_up=fp32_up,

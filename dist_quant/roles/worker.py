@@ -37,6 +37,7 @@ from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.transport import (
     ABORT,
     LAST,
+    LOST,
     TAG_CONTROL,
     TAG_DOWN,
     TAG_PAYLOAD,
@@ -180,6 +181,8 @@ def run_worker(cfg: TrainConfig, worker: Worker, transport: Transport) -> None:
             transport.send_to_server(worker.bn_stats(), TAG_STATS, "BatchNorm statistics",
                                      counted=True)
         control = int(transport.recv_from_server(1, torch.int64, TAG_CONTROL, "control")[0])
+        if control >= LOST:
+            raise transport.lost_error(control)
         if control == ABORT:
             raise RunAborted(f"the server aborted the run at step {step} (see its message)")
         worker.receive_downlink(transport.recv_from_server(n_down, torch.uint8, TAG_DOWN,
