@@ -112,7 +112,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (any unreadable file is the same user error)
-        raise ConfigError("--resume", f"cannot read checkpoint {path}: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError("--resume", f"cannot read checkpoint {path}: {first}") from err
     if not isinstance(state, dict) or state.get("format") != 1:
         raise ConfigError("--resume", f"{path} is not a dist_quant checkpoint (format 1)")
     for key in ("step", "config", "server", "workers"):
