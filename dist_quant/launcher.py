@@ -43,7 +43,8 @@ SHUTDOWN_TIMEOUT = 2  # torchrun's own grace between SIGTERM and SIGKILL for its
 PROGRESS_LINE = re.compile(r"^\[[#.]+\] ")
 SHOWN = re.compile(r"^(dist_quant\b|step \d+: left out )")
 RANK_PREFIX = re.compile(r"^dist_quant rank \d+: ")
-RESTART = re.compile(r"(\d+)/(\d+) attempts left; will restart worker group")
+CAUSE = re.compile(r"\(.*\)")
+KILLED = re.compile(r"failed \(exitcode: (-\d+)\) local_rank: (\d+)")
 FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^)]*\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 
 
@@ -114,18 +115,17 @@ class StderrFilter:
         if PROGRESS_LINE.match(body):
             self._write(seg)
         elif SHOWN.match(body):
-            key = RANK_PREFIX.sub("", body)
+            key = CAUSE.sub("()", RANK_PREFIX.sub("", body))
             if key not in self.shown:
                 self.shown.add(key)
                 if body.startswith("dist_quant"):
                     self.errors.append(body)
                 self._write(body + "\n")
-        elif m := RESTART.search(body):
-            left, total = int(m.group(1)), int(m.group(2))
-            self.restarts += 1
-            self.shown.clear()
-            self._write(f"dist_quant: a process failed; restart {total - left + 1} of {total}, "
-                        "continuing from the latest checkpoint\n")
+        elif m := KILLED.search(body):   # torchrun's line for a rank ended by a signal
+            line = killed_line(int(m.group(2)), int(m.group(1)), self.method)
+            self.errors.append(line)
+            self.shown.clear()   # the next attempt's messages are new
+            self._write(line + "\n")
 
     def _write(self, text: str) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -133,22 +133,30 @@ class StderrFilter:
             self.out.flush()
 
 
+def killed_line(rank: int, code: int, method: str) -> str:
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    return f"dist_quant: {describe_rank(rank, method)} was killed by {name}"
+
+
 def failure_report(log_text: str, method: str, explained: list[str]) -> list[str]:
-    """Lines for the ranks torchrun reports failed by a signal that no message named."""
+    """Lines for the failed ranks of torchrun's report that no line shown so far explains:
+    killed by a signal, or (when nothing was shown) ended with a traceback."""
     lines, seen = [], set()
     for m in FAILURE.finditer(log_text):
         rank, code = int(m.group(1)), int(m.group(2))
-        if code >= 0 or rank in seen:
+        if rank in seen:
             continue
         seen.add(rank)
-        who = describe_rank(rank, method)
-        if any(f"dist_quant rank {rank}:" in e for e in explained):
-            continue
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        lines.append(f"dist_quant: {who} was killed by {name}")
+        if code < 0:
+            line = killed_line(rank, code, method)
+            if line not in explained:
+                lines.append(line)
+        elif not explained:
+            lines.append(f"dist_quant: {describe_rank(rank, method)} failed with exit status "
+                         f"{code} (its traceback is in the log)")
     return lines
 
 

@@ -56,11 +56,13 @@ from typing import Any
 
 import click
 
-from dist_quant.config import TrainConfig, click_options
+from dist_quant.config import MAX_TIMEOUT, TrainConfig, click_options
 from dist_quant.errors import ConfigError
 
 ROLE_ENV = "DIST_QUANT_ROLE"
 STARTUP_TIMEOUT = 300.0  # seconds allowed for rendezvous and start-up (imports, data)
+NOTICE_GRACE = 2.0  # seconds a worker that lost the server waits for the server's notice
+NOTICE_WAIT = 10.0  # seconds a worker waits, after its last step, for the server's last notice
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -283,7 +285,10 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
     cfg = continue_after_restart(cfg, rank == server_rank, server_rank, device)
     # the training traffic gets its own group with the short --timeout
     group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))
-    transport = Transport(server_rank, worker_ranks, device, group, timeout=cfg.timeout)
+    # the lost-peer notices (dist_quant.transport): gloo on the CPU, alive after a timeout
+    notices = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=MAX_TIMEOUT))
+    transport = Transport(server_rank, worker_ranks, device, group, timeout=cfg.timeout,
+                          notice_group=notices)
     data = load_dataset(cfg)
     if rank == server_rank:
         if not cfg.run_dir:
@@ -297,10 +302,22 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
         except PeerLostError as err:
             transport.notify_lost(err.rank)  # the other workers name the same rank
             raise
+        transport.notify_done()
     else:
         worker = Worker(cfg, data, worker_ranks.index(rank), device)
         dist.barrier()
-        run_worker(cfg, worker, transport)
+        watcher = transport.watch_notices(
+            lambda err: _fail(f"rank {rank}", _lost_message(err, cfg), 1))
+        try:
+            run_worker(cfg, worker, transport)
+        except PeerLostError:
+            # the server's timeout closes the training group at once; its notice naming the
+            # rank it lost follows: that is the message to give, when it comes
+            if watcher is not None:
+                watcher.join(timeout=NOTICE_GRACE)
+            raise
+        if watcher is not None:
+            watcher.join(timeout=cfg.timeout + NOTICE_WAIT)
     dist.destroy_process_group()
     return 0
 
@@ -324,6 +341,11 @@ def run_in_process(cfg: TrainConfig) -> int:
         print(f"Error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
+
+
+def _lost_message(err: Exception, cfg: TrainConfig) -> str:
+    return (f"{err}: a peer died or did not answer within --timeout {cfg.timeout:g} s; "
+            "ending the run")
 
 
 def _fail(who: str, message: str, code: int) -> None:
@@ -360,8 +382,7 @@ def main(ctx: click.Context, **params: Any) -> None:
     try:
         code = run_distributed(cfg, "workers" in explicit)
     except PeerLostError as err:
-        _fail(who, f"{err}: a peer died or did not answer within --timeout {cfg.timeout:g} s; "
-              "ending the run", 1)
+        _fail(who, _lost_message(err, cfg), 1)
     except RunAborted as err:
         _fail(who, f"run aborted: {err}", 1)
     except ConfigError as err:

@@ -38,7 +38,11 @@ seconds (the server's own wait on a hung worker starts after the healthy workers
 ends at ``T``), and a server that loses worker ``j`` tells the others with the control code
 ``LOST + j's rank`` (:meth:`Transport.notify_lost`) before it ends, so every rank reports
 the same lost peer; the workers still waiting for the server raise :class:`PeerLostError`
-naming that rank.
+naming that rank. For that message to reach a worker whose own sends the server has stopped
+receiving (gloo completes a send only once the peer receives it), a worker's sends are
+completed lazily: :meth:`Transport.send_to_server` posts the send, and the next
+:meth:`Transport.recv_from_server` waits for its message first and for the posted sends after
+(:meth:`Transport.flush` at the end of the run). The tensors stay referenced until then.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ from __future__ import annotations
 import datetime
 import io
 import re
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,7 +62,8 @@ TAG_PAYLOAD, TAG_TELEMETRY, TAG_STATS, TAG_CONTROL, TAG_DOWN, TAG_SIZE, TAG_BLOB
 
 # control codes sent to every worker after each step
 CONTINUE, LAST, ABORT = 0, 1, 2
-LOST = 1 << 20  # LOST + r: the server lost rank r and ends the run
+DONE, LOST = 0, 1 << 20  # notices: the run ended; LOST + r: the server lost rank r
+TAG_NOTICE = 8
 SERVER_GRACE = 3.0  # seconds a worker waits for the server beyond the timeout
 NOTIFY_S = 2.0  # seconds the server spends telling the other workers which rank was lost
 
@@ -75,7 +82,8 @@ class PeerLostError(RuntimeError):
 def _cause(err: BaseException) -> str:
     """The first line of a backend error, without the C++ source location."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return re.sub(r"^\[[^\]]*\]\s*", "", text)
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". This is typically")[0]  # gloo's advice to read the logs
 
 
 def blob_from(obj: Any) -> torch.Tensor:
@@ -99,8 +107,9 @@ class Transport:
     """
 
     def __init__(self, server_rank: int, worker_ranks: list[int], device: torch.device,
-                 group: Any = None, timeout: float | None = None):
+                 group: Any = None, timeout: float | None = None, notice_group: Any = None):
         self.group = group
+        self.notice_group = notice_group
         # waits on the server get SERVER_GRACE more than the group's timeout (module docstring)
         self.server_wait = (None if timeout is None
                             else datetime.timedelta(seconds=timeout + SERVER_GRACE))
@@ -127,23 +136,52 @@ class Transport:
                 raise PeerLostError(f"lost contact with {self.describe(peer)} while exchanging "
                                     f"the {what} ({_cause(err)})", peer) from err
 
-    def notify_lost(self, lost: int | None) -> None:
-        """Server: tell every other worker that rank ``lost`` stopped answering (best effort,
-        at most ``NOTIFY_S`` seconds; a worker that is gone or busy elsewhere is skipped)."""
-        if lost is None:
+    def _notify(self, code: int, skip: int | None = None) -> None:
+        """Server: send the notice ``code`` to every worker but ``skip`` (best effort, at most
+        ``NOTIFY_S`` seconds each; a worker that is gone is skipped)."""
+        if self.notice_group is None:
             return
-        code = torch.tensor([LOST + int(lost)], dtype=torch.int64, device=self.device)
+        tensor = torch.tensor([code], dtype=torch.int64)
         for r in self.worker_ranks:
-            if r == lost:
+            if r == skip:
                 continue
             try:
-                self._isend(code, r, TAG_CONTROL).wait(
+                dist.isend(tensor, dst=r, group=self.notice_group, tag=TAG_NOTICE).wait(
                     timeout=datetime.timedelta(seconds=NOTIFY_S))
             except RuntimeError:
                 continue
 
+    def notify_lost(self, lost: int | None) -> None:
+        """Server: tell the other workers that rank ``lost`` stopped answering."""
+        if lost is not None:
+            self._notify(LOST + int(lost), skip=lost)
+
+    def notify_done(self) -> None:
+        """Server: the run ended normally; the workers' notice threads end."""
+        self._notify(DONE)
+
+    def watch_notices(self, on_lost: Callable[[PeerLostError], None]) -> threading.Thread | None:
+        """Worker: a thread waiting for the server's notice; ``on_lost(error)`` runs in it when
+        the server reports a lost rank (it should end the process). Join it after the run."""
+        if self.notice_group is None:
+            return None
+        buf = torch.zeros(1, dtype=torch.int64)
+
+        def wait() -> None:
+            try:
+                dist.irecv(buf, src=self.server_rank, group=self.notice_group,
+                           tag=TAG_NOTICE).wait()
+            except RuntimeError:   # the server is gone: the main thread reports it
+                return
+            if int(buf[0]) >= LOST:
+                on_lost(self.lost_error(int(buf[0])))
+
+        thread = threading.Thread(target=wait, name="dist_quant-notices", daemon=True)
+        thread.start()
+        return thread
+
     def lost_error(self, code: int) -> PeerLostError:
-        """Worker: the error for the control code ``LOST + r`` the server sent."""
+        """Worker: the error for the notice ``LOST + r`` the server sent."""
         rank = code - LOST
         return PeerLostError(f"{self.describe(rank)} stopped answering (reported by "
                              f"{self.describe(self.server_rank)})", rank)
