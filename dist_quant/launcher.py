@@ -16,7 +16,11 @@ pipe, and
 - **summarises a failure** torchrun reports but no rank explained (a rank killed by a signal
   prints nothing): one line per such rank from torchrun's failure report, e.g. ``rank 0 (the
   server) was killed by SIGKILL``, then where the full log is; and a line for each elastic
-  restart torchrun starts.
+  restart torchrun starts;
+- **bounds the shutdown after a failure**: a rank torchrun sends SIGTERM to (its peers failed)
+  and that is still alive ``SHUTDOWN_TIMEOUT`` seconds later gets SIGKILL from the launcher
+  (:func:`_enforce_shutdown`), so a hung rank does not hold the run, or its restart, for
+  torchrun's 30 s.
 
 Progress on a terminal: the ranks' stderr is a pipe, so the launcher passes
 ``DIST_QUANT_TTY=1`` when its own stderr is a terminal and :class:`dist_quant.progress.Progress`
@@ -39,11 +43,12 @@ from pathlib import Path
 from typing import TextIO
 
 STOP_GRACE = 5.0    # seconds between the forwarded SIGTERM and SIGKILL
-SHUTDOWN_TIMEOUT = 2  # torchrun's own grace between SIGTERM and SIGKILL for its ranks
+SHUTDOWN_TIMEOUT = 1  # seconds a rank torchrun told to stop may take before SIGKILL
 PROGRESS_LINE = re.compile(r"^\[[#.]+\] ")
-SHOWN = re.compile(r"^(dist_quant\b|step \d+: left out )")
+SHOWN = re.compile(r"^(dist_quant( rank \d+)?: |step \d+: left out )")
 RANK_PREFIX = re.compile(r"^dist_quant rank \d+: ")
 CAUSE = re.compile(r"\(.*\)")
+CLOSING = re.compile(r"Sending process (\d+) closing signal SIG")
 KILLED = re.compile(r"failed \(exitcode: (-\d+)\) local_rank: (\d+)")
 FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^)]*\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
 
@@ -91,7 +96,7 @@ class StderrFilter:
         self.rest = ""
         self.shown: set[str] = set()
         self.errors: list[str] = []     # distinct dist_quant messages shown, all attempts
-        self.restarts = 0
+        self.closing: list[tuple[int, float]] = []   # (pid, when) torchrun sent SIGTERM
 
     def feed(self, data: bytes) -> None:
         text = self.rest + self.decoder.decode(data)
@@ -121,6 +126,8 @@ class StderrFilter:
                 if body.startswith("dist_quant"):
                     self.errors.append(body)
                 self._write(body + "\n")
+        elif m := CLOSING.search(body):
+            self.closing.append((int(m.group(1)), time.monotonic()))
         elif m := KILLED.search(body):   # torchrun's line for a rank ended by a signal
             line = killed_line(int(m.group(2)), int(m.group(1)), self.method)
             self.errors.append(line)
@@ -158,6 +165,22 @@ def failure_report(log_text: str, method: str, explained: list[str]) -> list[str
             lines.append(f"dist_quant: {describe_rank(rank, method)} failed with exit status "
                          f"{code} (its traceback is in the log)")
     return lines
+
+
+def _enforce_shutdown(filt: StderrFilter, torchrun: int) -> None:
+    """SIGKILL a rank torchrun told to stop ``SHUTDOWN_TIMEOUT`` seconds ago and that is still
+    there (a hung or stopped process ignores SIGTERM; torchrun itself would wait 30 s: it
+    passes its ``--shutdown-timeout`` to a stop on a signal only, not after a failed rank)."""
+    now = time.monotonic()
+    due = [pid for pid, when in filt.closing if now - when >= SHUTDOWN_TIMEOUT]
+    if not due:
+        return
+    filt.closing = [(pid, when) for pid, when in filt.closing if pid not in due]
+    mine = set(descendants(torchrun))
+    for pid in due:
+        if pid in mine:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str = "ps",
@@ -205,6 +228,7 @@ def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str
                     for pid in [proc.pid, *descendants(proc.pid)]:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
+                _enforce_shutdown(filt, proc.pid)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=0.1)
             for pid in descendants(proc.pid):   # anything torchrun left behind
