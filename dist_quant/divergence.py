@@ -1,9 +1,9 @@
 """Detecting a diverged run, so that it ends with exit 1 and a hint instead of a summary.
 
 The server feeds :class:`DivergenceMonitor` the mean training loss of every step (known as soon
-as the uplink has arrived, before the parameters go down). With ``L0`` the mean of the first
-``WARMUP`` finite losses of this process's run (the loss of an untrained classifier, about
-``ln K`` for ``K`` classes), the run has diverged when
+as the uplink has arrived, before the parameters go down). With ``L0`` the first finite loss
+of this process's run (before any update: about ``ln K`` for ``K`` classes for a fresh model;
+a later mean could already hold the explosion), the run has diverged when
 
 - the loss is not finite, or above ``FACTOR * L0``, at ``PATIENCE`` consecutive steps; or
 - at the end, the test accuracy is at chance (at most ``1.5 / K``) while the test loss is
@@ -22,7 +22,6 @@ import math
 
 from dist_quant.config import TrainConfig
 
-WARMUP = 5
 FACTOR = 10.0
 PATIENCE = 20
 LARGE_BUCKET = 1024
@@ -42,17 +41,13 @@ def advice(cfg: TrainConfig) -> str:
 class DivergenceMonitor:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.start: list[float] = []
+        self.reference: float | None = None
         self.bad = 0
-
-    @property
-    def reference(self) -> float | None:
-        return sum(self.start) / len(self.start) if len(self.start) >= WARMUP else None
 
     def observe(self, step: int, loss: float) -> str | None:
         """The divergence message once the loss has been too high for PATIENCE steps."""
-        if len(self.start) < WARMUP and math.isfinite(loss):
-            self.start.append(loss)
+        if self.reference is None and math.isfinite(loss):
+            self.reference = loss
             return None
         ref = self.reference
         too_high = not math.isfinite(loss) or (ref is not None and loss > FACTOR * ref)
