@@ -32,6 +32,7 @@ from dist_quant.cluster.netns import Cluster, ClusterError, cleanup_stale, list_
 from dist_quant.cluster.run import run_cluster, run_hosts
 from dist_quant.config import TrainConfig
 from dist_quant.linkmodel import Link, wire_bytes
+from dist_quant.progress import summary_line
 
 FRAME_FACTOR = 1514 / 1448
 
@@ -179,6 +180,27 @@ def test_training_run_records_wire_bytes(tmp_path):
     stats = st["payload_bytes_up"] - worker_steps * summary["payload_nbytes_up"]  # eval steps
     assert framed <= data_up <= framed + stats + 1024 * worker_steps + 1024 * 2 * st["seconds"]
     assert 0 < st["ack_bytes_up"] < st["wire_bytes_up"]
+
+
+@needs_netns
+def test_the_command_shows_progress_and_ends_with_the_summary_and_wire_lines(tmp_path):
+    from click.testing import CliRunner
+
+    from dist_quant.cluster.command import cluster as cluster_command
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cluster_command, [
+        "--workers", "2", "--rate", "100", "--steps", "20", "--eval-every", "10",
+        "--hidden", "7,5", "--train-size", "120", "--test-size", "30", "--batch-size", "4",
+        "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    bars = [line for line in lines if line.startswith("[")]
+    assert [b.split()[1] for b in bars] == ["10/20", "20/20"] and "acc" in bars[-1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert lines[-2] == summary_line(summary)
+    wire = json.loads((run / "wire.json").read_text())
+    assert lines[-1].startswith(f"wire: up {wire['wire_bytes_up'] / 1e6:.2f} MB")
 
 
 @needs_netns
