@@ -122,13 +122,20 @@ def torchrun_command(cfg: TrainConfig) -> list[str]:
 
 
 def launch(cfg: TrainConfig, extra_env: dict[str, str] | None = None,
-           explicit: set[str] | None = None) -> int:
-    """Check ``cfg`` (:func:`dist_quant.preflight.preflight`, raises ConfigError), then run the
-    job as a torchrun subprocess on this machine; return its exit status."""
+           checked: bool = False) -> int:
+    """Check ``cfg`` (:func:`dist_quant.preflight.preflight`, unless ``checked``: a problem
+    writes one line to file descriptor 2 and returns 2, nothing started), then run the job as
+    a torchrun subprocess on this machine; return its exit status."""
     from dist_quant.launcher import run_torchrun
     from dist_quant.preflight import preflight
 
-    cfg = preflight(cfg, explicit)
+    if not checked:
+        try:
+            cfg = preflight(cfg)
+        except ConfigError as err:
+            sys.stderr.flush()
+            os.write(2, f"Error: {err}\n".encode())
+            return 2
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     print(f"dist-quant train: run directory {cfg.run_dir}", file=sys.stderr, flush=True)
     return run_torchrun(torchrun_command(cfg), env, Path(cfg.run_dir), cfg.method)
@@ -160,12 +167,12 @@ def train_command(ctx: click.Context, **params: Any) -> None:
 
     try:
         cfg, explicit = config_from_options(ctx, params)
+        cfg = preflight(cfg, explicit)
         if cfg.simulate:
-            cfg = preflight(cfg, explicit)
             click.echo(f"dist-quant train: run directory {cfg.run_dir}", err=True)
             code = run_in_process(cfg)
         else:
-            code = launch(cfg, explicit=explicit)
+            code = launch(cfg, checked=True)
     except ConfigError as err:
         config_error(err)
     ctx.exit(code)
