@@ -163,7 +163,9 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_bit_for_bit(tmp_path, refer
         finish(launcher, pids)
     assert launcher.returncode == 0, err
     who = "rank 0 (the server)" if rank == 0 else "rank 2 (worker 1)"
-    assert f"{who} was killed by SIGKILL" in err
+    # named by torchrun's report of the signal, or by the ranks that lost it (whichever
+    # torchrun saw end first)
+    assert f"{who} was killed by SIGKILL" in err or f"lost contact with {who}" in err, err
     assert "restart 1: continuing from the latest checkpoint" in err
     final, summary = reference
     state = load_checkpoint(latest_checkpoint(cfg.run_dir))
