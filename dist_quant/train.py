@@ -357,8 +357,10 @@ def _lost_message(err: Exception, cfg: TrainConfig) -> str:
 
 def _fail(who: str, message: str, code: int) -> None:
     """Print one clear line and leave at once (a broken process group may block teardown)."""
-    print(f"dist_quant {who}: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    sys.stderr.flush()
+    # one write: the ranks share torchrun's stderr, and print() may split text and newline
+    os.write(2, f"dist_quant {who}: {message}\n".encode())
     os._exit(code)
 
 
