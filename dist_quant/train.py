@@ -154,8 +154,9 @@ def train_command(ctx: click.Context, **params: Any) -> None:
     """Train with W workers and a parameter server (starts torchrun; see --simulate).
 
     Defaults: 4 workers, 1-bit uplink in buckets of 128, fp32 downlink, MNIST-1D generated on
-    the spot. Leaves a run directory (config.json, metrics.jsonl, summary.json, checkpoints/).
-    Exit status: 0 done, 1 the run failed, 2 bad option.
+    the spot. Leaves a run directory (config.json, metrics.jsonl, summary.json, checkpoints/,
+    launch.log). Exit status: 0 done, 1 the run failed, 2 bad option (nothing started),
+    130/143 stopped by Ctrl-C/SIGTERM.
 
     \b
     The same job under torchrun, and on two machines (run the second line on each, NODE=0, 1):
