@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ LR_SCHEDULES = ("constant", "step", "cosine")
 # unbiased stochastic compressors: their rounding error cannot be carried on the downlink
 NOT_CONTRACTIVE = ("onebit", "qsgd", "terngrad", "randk")
 BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
+MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a finite bound, so a hung peer always ends the run
+MAX_RESTARTS = 100
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -116,6 +119,11 @@ class TrainConfig:
     eval_every: int = _opt(100, "Evaluate on the test split every N steps (and at the end).")
     checkpoint_every: int = _opt(0, "Write a checkpoint every N steps (0 = only at the end).")
     resume: str = _opt("", "Run directory whose latest checkpoint the run continues from.")
+    keep_checkpoints: int = _opt(3, "Keep the K newest checkpoints of the run, delete older "
+                                 "ones (0 = keep all).")
+    max_restarts: int = _opt(0, "Restart the job up to N times after a process fails "
+                             "(torchrun's elastic restarts); each restart continues from the "
+                             "latest checkpoint (--checkpoint-every defaults to --eval-every).")
     # --- processes and faults --------------------------------------------------------------
     backend: str = _opt("auto", "torch.distributed backend; auto = nccl on CUDA, else gloo.",
                         choices=BACKENDS)
@@ -141,8 +149,13 @@ class TrainConfig:
 
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                bad(f.name, f"must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                bad(f.name, f"must be one of {', '.join(choices)}; got {value!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, f"must be a finite number; got {value}")
+        if self.seed < 0:
+            bad("seed", f"must be >= 0; got {self.seed}")
         if not 1 <= self.workers <= 256:
             bad("workers", f"must be in 1..256; got {self.workers}")
         if not 1 <= self.servers <= 64:
@@ -196,14 +209,21 @@ class TrainConfig:
             bad("checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
         if self.powersgd_rank < 1:
             bad("powersgd_rank", f"must be >= 1; got {self.powersgd_rank}")
-        if not self.timeout > 0:
-            bad("timeout", f"must be > 0 seconds; got {self.timeout}")
+        if not 0 < self.timeout <= MAX_TIMEOUT:
+            bad("timeout", f"must be in (0, {MAX_TIMEOUT:g}] seconds; got {self.timeout}")
+        if self.keep_checkpoints < 0:
+            bad("keep_checkpoints", f"must be >= 0 (0 = keep all); got {self.keep_checkpoints}")
+        if not 0 <= self.max_restarts <= MAX_RESTARTS:
+            bad("max_restarts", f"must be in 0..{MAX_RESTARTS}; got {self.max_restarts}")
         if self.dataset not in BUILTIN_DATASETS and not self.dataset.endswith(".npz"):
             bad("dataset", f"must be one of {', '.join(BUILTIN_DATASETS)} or a path to an .npz; "
                 f"got {self.dataset!r}")
         if self.dataset.endswith(".npz") and not Path(self.dataset).is_file():
             bad("dataset", f"file not found: {self.dataset}")
-        if self.dataset == "mnist" and not Path(self.data_dir or ".").is_dir():
+        if self.dataset == "mnist" and not self.data_dir:
+            bad("data_dir", "--dataset mnist needs --data-dir, the directory of the four MNIST "
+                "IDX files")
+        if self.dataset == "mnist" and not Path(self.data_dir).is_dir():
             bad("data_dir", f"directory not found: {self.data_dir!r}")
         if self.resume and not Path(self.resume).is_dir():
             bad("resume", f"run directory not found: {self.resume}")
@@ -219,11 +239,10 @@ class TrainConfig:
                     f"got {self.inject_nonfinite!r}")
         if self.simulate and self.method != "ps":
             bad("simulate", "runs the parameter-server job only (--method ps)")
-        if self.dataset in ("mnist1d", "teacher") and self.train_size // self.workers < \
-                self.batch_size:
-            bad("batch_size", f"{self.batch_size} exceeds a worker's shard "
-                f"({self.train_size} // {self.workers} = {self.train_size // self.workers} "
-                "examples); lower --batch-size or raise --train-size")
+        if self.dataset in ("mnist1d", "teacher"):
+            from dist_quant.data.dataset import check_batch_fits
+
+            check_batch_fits(self.train_size, self.workers, self.batch_size)
         self._validate_compressors()
         return self
 

@@ -30,15 +30,27 @@ up to ``STARTUP_TIMEOUT``; the training traffic then runs in a process group who
 peer, instead of a hang. For
 ``--method ddp`` the world is W ranks, all workers, and :func:`dist_quant.ddp.run_ddp` runs.
 
-Exit status: 0 done, 1 the run failed (lost peer, aborted, diverged), 2 bad option.
+Launcher. ``dist-quant train`` checks everything before it starts a process
+(:mod:`dist_quant.preflight`: options, conflicts, device, data, run directory, checkpoint),
+prints the run directory, and runs torchrun through :mod:`dist_quant.launcher` (its own
+session, stop signals forwarded, one line per error, the raw output in ``launch.log``).
+
+Restarts. ``--max-restarts N`` is torchrun's ``--max-restarts``. torchrun's agent keeps one
+TCP store for all attempts, and ``env://`` start-up reads the keys of the previous attempt
+(the dead ranks' gloo addresses: connectFullMesh refused, then a hang in
+``init_process_group``), so every process group here is built on that store under the prefix
+``dist_quant/attempt-<TORCHELASTIC_RESTART_COUNT>``. On a restart the server looks for a
+checkpoint in its run directory and tells the workers (one broadcast): if there is one, every
+rank continues from it exactly as ``--resume`` would; otherwise the run starts over.
+
+Exit status: 0 done, 1 the run failed (lost peer, aborted, diverged), 2 bad option,
+128 + signal when stopped (130 Ctrl-C, 143 SIGTERM).
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -49,7 +61,6 @@ import click
 from dist_quant.config import TrainConfig, click_options
 from dist_quant.errors import ConfigError
 
-ROLE_ENV = "DIST_QUANT_ROLE"
 STARTUP_TIMEOUT = 300.0  # seconds allowed for rendezvous and start-up (imports, data)
 
 
@@ -62,15 +73,16 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]) -> tuple[Tra
     """
     from click.core import ParameterSource
 
+    from dist_quant.preflight import read_saved_config
+
     explicit = {name for name in params
                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
     values = dict(params)
     if params["resume"]:
-        saved = Path(params["resume"]) / "config.json"
-        if not saved.is_file():
-            raise ConfigError("--resume", f"{saved} not found: not a run directory")
-        base = json.loads(saved.read_text())["config"]
-        values = {**base, **{k: params[k] for k in explicit}, "resume": params["resume"]}
+        base = read_saved_config(params["resume"])
+        known = set(params)
+        values = {**{k: v for k, v in base.items() if k in known},
+                  **{k: params[k] for k in explicit}, "resume": params["resume"]}
         if "run_dir" not in explicit:
             values["run_dir"] = params["resume"]
     cfg = TrainConfig.from_dict(values).validate()
@@ -97,20 +109,41 @@ def full_argv(cfg: TrainConfig) -> list[str]:
 # ---- launcher --------------------------------------------------------------------------------
 def torchrun_command(cfg: TrainConfig) -> list[str]:
     """``python -m torch.distributed.run --standalone ...`` for this config on this machine."""
+    from dist_quant.launcher import SHUTDOWN_TIMEOUT
+
     if cfg.simulate:
         return [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
     nproc = cfg.world_size
     return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", str(nproc), "-m", "dist_quant.train", *full_argv(cfg)]
+            "--nproc-per-node", str(nproc), "--max-restarts", str(cfg.max_restarts),
+            "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
+            "-m", "dist_quant.train", *full_argv(cfg)]
 
 
-def launch(cfg: TrainConfig, extra_env: dict[str, str] | None = None) -> int:
-    """Run the job as a torchrun subprocess on this machine; return its exit status."""
-    cfg = cfg.validate()
-    if not cfg.run_dir:
-        cfg = cfg.replace(run_dir=default_run_dir(cfg))
+def launch(cfg: TrainConfig, extra_env: dict[str, str] | None = None,
+           checked: bool = False) -> int:
+    """Check ``cfg`` (:func:`dist_quant.preflight.preflight`, unless ``checked``: a problem
+    writes one line to file descriptor 2 and returns 2, nothing started), then run the job as
+    a torchrun subprocess on this machine; return its exit status."""
+    from dist_quant.launcher import run_torchrun
+    from dist_quant.preflight import preflight
+
+    if not checked:
+        try:
+            cfg = preflight(cfg)
+        except ConfigError as err:
+            sys.stderr.flush()
+            os.write(2, f"Error: {err}\n".encode())
+            return 2
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
-    return subprocess.run(torchrun_command(cfg), env=env).returncode
+    print(f"dist-quant train: run directory {cfg.run_dir}", file=sys.stderr, flush=True)
+    return run_torchrun(torchrun_command(cfg), env, Path(cfg.run_dir), cfg.method)
+
+
+def config_error(err: ConfigError) -> None:
+    """One line on stderr naming the option, then exit 2 (click's usage block left out)."""
+    click.echo(f"Error: {err}", err=True)
+    sys.exit(2)
 
 
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,8 +153,9 @@ def train_command(ctx: click.Context, **params: Any) -> None:
     """Train with W workers and a parameter server (starts torchrun; see --simulate).
 
     Defaults: 4 workers, 1-bit uplink in buckets of 128, fp32 downlink, MNIST-1D generated on
-    the spot. Leaves a run directory (config.json, metrics.jsonl, summary.json, checkpoints/).
-    Exit status: 0 done, 1 the run failed, 2 bad option.
+    the spot. Leaves a run directory (config.json, metrics.jsonl, summary.json, checkpoints/,
+    launch.log). Exit status: 0 done, 1 the run failed, 2 bad option (nothing started),
+    130/143 stopped by Ctrl-C/SIGTERM.
 
     \b
     The same job under torchrun, and on two machines (run the second line on each, NODE=0, 1):
@@ -129,13 +163,19 @@ def train_command(ctx: click.Context, **params: Any) -> None:
       torchrun --nnodes 2 --node-rank NODE --nproc-per-node 3 --rdzv-backend c10d \\
           --rdzv-endpoint HOST0:29400 --rdzv-id job1 -m dist_quant.train --workers 5
     """
+    from dist_quant.preflight import preflight
+
     try:
-        cfg, _ = config_from_options(ctx, params)
+        cfg, explicit = config_from_options(ctx, params)
+        cfg = preflight(cfg, explicit)
+        if cfg.simulate:
+            click.echo(f"dist-quant train: run directory {cfg.run_dir}", err=True)
+            code = run_in_process(cfg)
+        else:
+            code = launch(cfg, checked=True)
     except ConfigError as err:
-        raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
-    if cfg.simulate:
-        ctx.exit(run_in_process(cfg))
-    ctx.exit(launch(cfg))
+        config_error(err)
+    ctx.exit(code)
 
 
 # ---- inside a torchrun process ---------------------------------------------------------------
@@ -152,14 +192,53 @@ def pick_device(cfg: TrainConfig):
     return torch.device("cuda", index)
 
 
+def attempt() -> int:
+    """torchrun's restart count (0 on the first attempt and outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def init_process_group(backend: str, timeout: float) -> None:
+    """``init_process_group`` on the env:// store, its keys prefixed by the attempt (see the
+    module docstring: the agent's store outlives a failed attempt)."""
+    import torch.distributed as dist
+    from torch.distributed.rendezvous import rendezvous
+
+    delta = datetime.timedelta(seconds=timeout)
+    store, rank, world = next(rendezvous("env://", timeout=delta))
+    store = dist.PrefixStore(f"dist_quant/attempt-{attempt()}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=delta)
+
+
+def continue_after_restart(cfg: TrainConfig, is_server: bool, server_rank: int,
+                           device) -> TrainConfig:
+    """On a torchrun restart: the server's run directory decides (one broadcast) whether every
+    rank continues from its latest checkpoint (``resume = run_dir``) or starts over."""
+    import torch
+    import torch.distributed as dist
+
+    from dist_quant.checkpoint import checkpoint_dir
+
+    if attempt() == 0:
+        return cfg
+    found = int(is_server and bool(cfg.run_dir)
+                and (checkpoint_dir(cfg.run_dir) / "latest").is_file())
+    flag = torch.tensor([found], dtype=torch.int64, device=device)
+    dist.broadcast(flag, src=server_rank)
+    if not int(flag[0]):
+        return cfg
+    if is_server:
+        print(f"dist_quant: restart {attempt()}: continuing from the latest checkpoint of "
+              f"{cfg.run_dir}", file=sys.stderr, flush=True)
+    return cfg.replace(resume=cfg.run_dir)
+
+
 def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
     import torch.distributed as dist
 
     device = pick_device(cfg)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda"
                                                          else "gloo")
-    dist.init_process_group(backend, timeout=datetime.timedelta(
-        seconds=max(cfg.timeout, STARTUP_TIMEOUT)))
+    init_process_group(backend, max(cfg.timeout, STARTUP_TIMEOUT))
     world = dist.get_world_size()
     expected = cfg.world_size
     if workers_explicit and world != expected:
@@ -178,7 +257,9 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
 
     from dist_quant.roles.exchange import run_distributed_rank
 
-    run_distributed_rank(cfg, device, backend)
+    rank = dist.get_rank()
+    run_distributed_rank(cfg, device, backend,
+                         on_lost=lambda err: _fail(f"rank {rank}", _lost_message(err, cfg), 1))
     dist.destroy_process_group()
     return 0
 
@@ -198,16 +279,23 @@ def run_in_process(cfg: TrainConfig) -> int:
     except RunAborted as err:
         print(f"dist_quant: run aborted: {err}", file=sys.stderr, flush=True)
         return 1
-    except ConfigError as err:  # found once the model exists (e.g. more shards than buckets)
-        print(f"dist_quant: {err}", file=sys.stderr, flush=True)
+    except ConfigError as err:
+        print(f"Error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
 
 
+def _lost_message(err: Exception, cfg: TrainConfig) -> str:
+    return (f"{err}: a peer died or did not answer within --timeout {cfg.timeout:g} s; "
+            "ending the run")
+
+
 def _fail(who: str, message: str, code: int) -> None:
     """Print one clear line and leave at once (a broken process group may block teardown)."""
-    print(f"dist_quant {who}: {message}", file=sys.stderr, flush=True)
     sys.stdout.flush()
+    sys.stderr.flush()
+    # one write: the ranks share torchrun's stderr, and print() may split text and newline
+    os.write(2, f"dist_quant {who}: {message}\n".encode())
     os._exit(code)
 
 
@@ -218,11 +306,14 @@ def main(ctx: click.Context, **params: Any) -> None:
     """Entry point of each torchrun process (see the module docstring)."""
     import torch
 
+    from dist_quant.launcher import die_with_parent
+
+    die_with_parent()
     torch.set_num_threads(1)
     try:
         cfg, explicit = config_from_options(ctx, params)
     except ConfigError as err:
-        raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
+        config_error(err)
     if cfg.simulate:
         ctx.exit(run_in_process(cfg))
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -235,8 +326,7 @@ def main(ctx: click.Context, **params: Any) -> None:
     try:
         code = run_distributed(cfg, "workers" in explicit)
     except PeerLostError as err:
-        _fail(who, f"{err}: a peer died or did not answer within --timeout {cfg.timeout:g} s; "
-              "ending the run", 1)
+        _fail(who, _lost_message(err, cfg), 1)
     except RunAborted as err:
         _fail(who, f"run aborted: {err}", 1)
     except ConfigError as err:

@@ -32,13 +32,26 @@ down. Telemetry, control and checkpoint traffic are bookkeeping, not training pa
 are left out (a few dozen bytes per step; a link-level measurement sees them).
 
 A peer that dies or stops answering makes the waiting side raise :class:`PeerLostError`
-naming the peer and the message, after at most the process-group timeout.
+naming the peer and the message, after at most the process-group timeout ``T``. Who is
+blamed must be the peer that stopped: a worker waits for the server ``T + SERVER_GRACE``
+seconds (the server's own wait on a hung worker starts after the healthy workers' waits and
+ends at ``T``), and a server that loses worker ``j`` tells the others with the control code
+``LOST + j's rank`` (:meth:`Transport.notify_lost`) before it ends, so every rank reports
+the same lost peer; the workers still waiting for the server raise :class:`PeerLostError`
+naming that rank. For that message to reach a worker whose own sends the server has stopped
+receiving (gloo completes a send only once the peer receives it), a worker's sends are
+completed lazily: :meth:`Transport.send_to_server` posts the send, and the next
+:meth:`Transport.recv_from_server` waits for its message first and for the posted sends after
+(:meth:`Transport.flush` at the end of the run). The tensors stay referenced until then.
 """
 
 from __future__ import annotations
 
+import datetime
 import io
 import re
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,18 +62,28 @@ TAG_PAYLOAD, TAG_TELEMETRY, TAG_STATS, TAG_CONTROL, TAG_DOWN, TAG_SIZE, TAG_BLOB
 
 # control codes sent to every worker after each step
 CONTINUE, LAST, ABORT = 0, 1, 2
+DONE, LOST = 0, 1 << 20  # notices: the run ended; LOST + r: the server lost rank r
+TAG_NOTICE = 8
+SERVER_GRACE = 3.0  # seconds a worker waits for the server beyond the timeout
+NOTIFY_S = 2.0  # seconds the server spends telling the other workers which rank was lost
 
 TELEMETRY = ("loss", "decode", "compute", "encode")  # worker -> server, per step
 
 
 class PeerLostError(RuntimeError):
-    """A peer died or did not answer within the process-group timeout."""
+    """A peer died or did not answer within the process-group timeout; ``rank`` is its global
+    rank (None when unknown)."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
 
 
 def _cause(err: BaseException) -> str:
     """The first line of a backend error, without the C++ source location."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return re.sub(r"^\[[^\]]*\]\s*", "", text)
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    return text.split(". This is typically")[0]  # gloo's advice to read the logs
 
 
 def blob_from(obj: Any) -> torch.Tensor:
@@ -84,8 +107,12 @@ class Transport:
     """
 
     def __init__(self, server_rank: int, worker_ranks: list[int], device: torch.device,
-                 group: Any = None):
+                 group: Any = None, timeout: float | None = None, notice_group: Any = None):
         self.group = group
+        self.notice_group = notice_group
+        # waits on the server get SERVER_GRACE more than the group's timeout (module docstring)
+        self.server_wait = (None if timeout is None
+                            else datetime.timedelta(seconds=timeout + SERVER_GRACE))
         self.server_rank = int(server_rank)
         self.worker_ranks = [int(r) for r in worker_ranks]
         self.device = torch.device(device)
@@ -101,10 +128,63 @@ class Transport:
     def _wait(self, works: list[Any], what: str, peers: list[int]) -> None:
         for work, peer in zip(works, peers, strict=True):
             try:
-                work.wait()
+                if peer == self.server_rank and self.server_wait is not None:
+                    work.wait(timeout=self.server_wait)
+                else:
+                    work.wait()
             except RuntimeError as err:  # DistBackendError and gloo/nccl errors derive from it
                 raise PeerLostError(f"lost contact with {self.describe(peer)} while exchanging "
-                                    f"the {what} ({_cause(err)})") from err
+                                    f"the {what} ({_cause(err)})", peer) from err
+
+    def _notify(self, code: int, skip: int | None = None) -> None:
+        """Server: send the notice ``code`` to every worker but ``skip`` (best effort, at most
+        ``NOTIFY_S`` seconds each; a worker that is gone is skipped)."""
+        if self.notice_group is None:
+            return
+        tensor = torch.tensor([code], dtype=torch.int64)
+        for r in self.worker_ranks:
+            if r == skip:
+                continue
+            try:
+                dist.isend(tensor, dst=r, group=self.notice_group, tag=TAG_NOTICE).wait(
+                    timeout=datetime.timedelta(seconds=NOTIFY_S))
+            except RuntimeError:
+                continue
+
+    def notify_lost(self, lost: int | None) -> None:
+        """Server: tell the other workers that rank ``lost`` stopped answering."""
+        if lost is not None:
+            self._notify(LOST + int(lost), skip=lost)
+
+    def notify_done(self) -> None:
+        """Server: the run ended normally; the workers' notice threads end."""
+        self._notify(DONE)
+
+    def watch_notices(self, on_lost: Callable[[PeerLostError], None]) -> threading.Thread | None:
+        """Worker: a thread waiting for the server's notice; ``on_lost(error)`` runs in it when
+        the server reports a lost rank (it should end the process). Join it after the run."""
+        if self.notice_group is None:
+            return None
+        buf = torch.zeros(1, dtype=torch.int64)
+
+        def wait() -> None:
+            try:
+                dist.irecv(buf, src=self.server_rank, group=self.notice_group,
+                           tag=TAG_NOTICE).wait()
+            except RuntimeError:   # the server is gone: the main thread reports it
+                return
+            if int(buf[0]) >= LOST:
+                on_lost(self.lost_error(int(buf[0])))
+
+        thread = threading.Thread(target=wait, name="dist_quant-notices", daemon=True)
+        thread.start()
+        return thread
+
+    def lost_error(self, code: int) -> PeerLostError:
+        """Worker: the error for the notice ``LOST + r`` the server sent."""
+        rank = code - LOST
+        return PeerLostError(f"{self.describe(rank)} stopped answering (reported by "
+                             f"{self.describe(self.server_rank)})", rank)
 
     def describe(self, rank: int) -> str:
         if rank == self.server_rank:

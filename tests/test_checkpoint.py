@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,10 +36,66 @@ def test_save_is_atomic_and_latest_follows(tmp_path):
     assert loaded["step"] == 6 and torch.equal(loaded["server"]["replica"], torch.full((3,), 6.0))
 
 
-def test_a_torn_write_leaves_the_previous_checkpoint_current(tmp_path):
-    save_checkpoint(tmp_path, 3, state(3))
-    (tmp_path / "checkpoints" / "step_6.pt.tmp").write_bytes(b"half a file")
+def _save_then_stall(run_dir: str, flag: str, where: str) -> None:
+    """Save step 3, then save step 6 and stop for good at ``where``: in the fsync of the
+    checkpoint's bytes (written, not yet renamed) or in the rename that moves ``latest``."""
+    import dist_quant.checkpoint as ckpt
+
+    save_checkpoint(run_dir, 3, state(3))
+    real_replace = os.replace
+
+    def stall(*args, **kwargs):
+        Path(flag).touch()
+        time.sleep(600)
+
+    def replace(src, dst):
+        if Path(dst).name == "latest":
+            stall()
+        real_replace(src, dst)
+
+    if where == "write":
+        ckpt.os.fsync = stall
+    else:
+        ckpt.os.replace = replace
+    big = state(6)
+    big["server"]["replica"] = torch.arange(1 << 18, dtype=torch.float32)
+    save_checkpoint(run_dir, 6, big)
+
+
+@pytest.mark.parametrize("where", ["write", "latest"])
+def test_a_torn_write_leaves_the_previous_checkpoint_current(tmp_path, where):
+    """A real process SIGKILLed in the middle of saving step 6 (its bytes written but not
+    renamed; or renamed, with ``latest`` not yet moved): step 3 is still the checkpoint that
+    loads, and nothing half-done is taken for a checkpoint."""
+    flag = tmp_path / "stalled"
+    child = multiprocessing.get_context("fork").Process(
+        target=_save_then_stall, args=(str(tmp_path), str(flag), where))
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not flag.exists():
+            assert child.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.join()
+    directory = tmp_path / "checkpoints"
+    if where == "write":
+        assert (directory / "step_6.pt.tmp").stat().st_size > 4 * (1 << 18)
+        assert not (directory / "step_6.pt").exists()
+    else:
+        assert (directory / "step_6.pt").exists() and (directory / "latest.tmp").exists()
     assert load_checkpoint(latest_checkpoint(tmp_path))["step"] == 3
+
+
+def test_retention_keeps_the_newest_and_the_latest(tmp_path):
+    for step in (1, 2, 3, 10, 11):
+        save_checkpoint(tmp_path, step, state(step), keep=3)
+    files = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert files == ["latest", "step_10.pt", "step_11.pt", "step_3.pt"]
+    assert latest_checkpoint(tmp_path).name == "step_11.pt"
+    save_checkpoint(tmp_path, 12, state(12), keep=0)   # 0 keeps all
+    assert len(list((tmp_path / "checkpoints").glob("step_*.pt"))) == 4
 
 
 def test_missing_or_foreign_checkpoints_name_resume(tmp_path):

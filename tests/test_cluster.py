@@ -32,6 +32,7 @@ from dist_quant.cluster.netns import Cluster, ClusterError, cleanup_stale, list_
 from dist_quant.cluster.run import run_cluster, run_hosts
 from dist_quant.config import TrainConfig
 from dist_quant.linkmodel import Link, wire_bytes
+from dist_quant.progress import summary_line
 
 FRAME_FACTOR = 1514 / 1448
 
@@ -142,7 +143,9 @@ def test_capped_transfer_between_namespaces(xfer, tmp_path, monkeypatch):
     # and not much more: rendezvous, gloo handshakes and the go/barrier messages
     assert w["tx_bytes"] <= wire_bytes(n) + 256 * 1024
     # the ACKs coming back are counted apart, one 66-byte frame each
-    assert s["ack_rx_packets"] == 0 or s["ack_rx_bytes"] == 66 * s["ack_rx_packets"]
+    # the server only receives: its ACKs go out, and the few coming back (handshakes and the
+    # go/barrier messages) are 66-byte frames too
+    assert s["ack_rx_packets"] > 0 and s["ack_rx_bytes"] == 66 * s["ack_rx_packets"]
     assert w["ack_rx_bytes"] == 66 * w["ack_rx_packets"] > 0
     assert s["egress_drops"] == s["ingress_drops"] == w["egress_drops"] == 0
 
@@ -198,6 +201,26 @@ def test_sharded_and_colocated_servers_run_on_the_cluster(tmp_path, topology):
     payload = summary["bytes_up"] + summary["bytes_down"]
     assert wire["payload_bytes_up"] + wire["payload_bytes_down"] == payload > 0
     assert wire["wire_bytes_up"] + wire["wire_bytes_down"] >= FRAME_FACTOR * payload
+
+
+def test_the_command_shows_progress_and_ends_with_the_summary_and_wire_lines(tmp_path):
+    from click.testing import CliRunner
+
+    from dist_quant.cluster.command import cluster as cluster_command
+
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cluster_command, [
+        "--workers", "2", "--rate", "100", "--steps", "20", "--eval-every", "10",
+        "--hidden", "7,5", "--train-size", "120", "--test-size", "30", "--batch-size", "4",
+        "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    bars = [line for line in lines if line.startswith("[")]
+    assert [b.split()[1] for b in bars] == ["10/20", "20/20"] and "acc" in bars[-1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert lines[-2] == summary_line(summary)
+    wire = json.loads((run / "wire.json").read_text())
+    assert lines[-1].startswith(f"wire: up {wire['wire_bytes_up'] / 1e6:.2f} MB")
 
 
 @needs_netns

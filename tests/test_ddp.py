@@ -73,6 +73,8 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict], out: str) -> Non
             torch.save({"params": flat_params(result.model), "bn": bn_stats(result.model),
                         "wire": int(wire) if int(wire) >= 0 else None},
                        f"{out}/{job['name']}/final.pt")
+        torch.save({"params": flat_params(result.model), "bn": bn_stats(result.model)},
+                   f"{out}/{job['name']}/final_rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -92,6 +94,8 @@ def two_ranks(tmp_path_factory) -> Path:
         {"name": "powersgd", "cfg": {"ddp_hook": "powersgd", "steps": 6, "eval_every": 4}},
         {"name": "stop", "cfg": {"ddp_hook": "none", "steps": 40, "eval_every": 5,
                                  "stop_accuracy": 0.01}},
+        {"name": "nostop", "cfg": {"ddp_hook": "none", "steps": 6, "eval_every": 3,
+                                   "stop_accuracy": 0.99}},
     ], tmp_path_factory.mktemp("ddp2"))
 
 
@@ -245,9 +249,14 @@ def test_powersgd_hook_counts_its_p_q_and_uncompressed_allreduces(two_ranks):
 
 
 def test_ranks_share_parameters_and_rank0_keeps_its_own_bn_statistics(two_ranks):
-    final = torch.load(two_ranks / "fp16" / "final.pt", weights_only=True)
-    assert final["bn"].numel() == _bn_numel(_cfg(two_ranks / "fp16"))
-    assert torch.isfinite(final["params"]).all()
+    ranks = [torch.load(two_ranks / "fp16" / f"final_rank{r}.pt", weights_only=True)
+             for r in range(2)]
+    assert ranks[0]["bn"].numel() == _bn_numel(_cfg(two_ranks / "fp16"))
+    assert torch.isfinite(ranks[0]["params"]).all()
+    # the replicas are bitwise equal; the BatchNorm running statistics are each rank's own
+    # (rank 0 evaluates with the average, then restores its own)
+    assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+    assert not torch.equal(ranks[0]["bn"], ranks[1]["bn"])
 
 
 def test_stop_accuracy_ends_at_the_first_evaluation_reaching_it(two_ranks):
@@ -255,6 +264,9 @@ def test_stop_accuracy_ends_at_the_first_evaluation_reaching_it(two_ranks):
     summary = read_summary(run)
     assert summary["steps"] == 5 and summary["stopped_early"] is True
     assert read_metrics(run)[-1] == {**read_metrics(run)[-1], "kind": "eval", "step": 5}
+    # a target no evaluation reaches: the run goes on to --steps
+    summary = read_summary(two_ranks / "nostop")
+    assert summary["steps"] == 6 and summary["stopped_early"] is False
 
 
 def test_bad_settings_name_the_option():

@@ -62,9 +62,11 @@ def test_module_outside_torchrun_says_how_to_run():
 def test_torchrun_command_sizes_the_world():
     ps = torchrun_command(TrainConfig(workers=3))
     assert ps[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
-    assert ps[5] == "4" and ps[6:8] == ["-m", "dist_quant.train"]
+    assert ps[5] == "4" and ps[6:8] == ["--max-restarts", "0"]
+    assert ps[10:12] == ["-m", "dist_quant.train"]
     assert torchrun_command(TrainConfig(workers=3, method="ddp"))[5] == "3"
-    argv = ps[8:]
+    assert torchrun_command(TrainConfig(max_restarts=2))[6:8] == ["--max-restarts", "2"]
+    argv = ps[12:]
     assert argv[argv.index("--workers") + 1] == "3" and "--batchnorm" in argv
 
 
@@ -80,7 +82,19 @@ def test_simulate_through_the_cli_and_stop_accuracy(tmp_path):
     first = next(r for r in evals if r["test_accuracy"] >= 0.01)
     summary = read_summary(run)
     assert summary["steps"] == first["step"] < 20 and summary["stopped_early"]
+    assert f"stopped early at step {first['step']}" in result.output
     assert (run / "checkpoints" / f"step_{first['step']}.pt").is_file()
+    # a target above every evaluation: the run goes on to --steps and says nothing of a stop
+    best = max(r["test_accuracy"] for r in evals)
+    assert best < 0.99
+    result = CliRunner().invoke(train_command, [*TINY, "--simulate", "--workers", "2",
+                                                "--steps", "20", "--eval-every", "4",
+                                                "--stop-accuracy", "0.99",
+                                                "--run-dir", str(tmp_path / "all")])
+    assert result.exit_code == 0, result.output
+    summary = read_summary(tmp_path / "all")
+    assert summary["steps"] == 20 and not summary["stopped_early"]
+    assert "stopped early" not in result.output
 
 
 def test_resume_refuses_a_changed_trajectory(tmp_path):

@@ -8,13 +8,17 @@ Examples::
     dist-quant cluster --cleanup                                   # remove leftovers
 
 Needs root (network namespaces, veth, tc). The training options are those of
-``dist-quant train``, one to one.
+``dist-quant train``, one to one, checked the same way before anything is built
+(:mod:`dist_quant.preflight`). While the job runs it shows the training progress (steps,
+loss, accuracy, MB up and down); it ends with the summary line of ``dist-quant train`` and one
+line of wire figures (bytes on the wire per direction and their ratio to the payload).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -44,7 +48,9 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
     from dist_quant.cluster.netns import ClusterError, cleanup_stale, require_root
     from dist_quant.cluster.run import run_cluster
     from dist_quant.errors import ConfigError
-    from dist_quant.train import config_from_options
+    from dist_quant.preflight import preflight
+    from dist_quant.progress import summary_line
+    from dist_quant.train import config_error, config_from_options
 
     try:
         require_root()
@@ -52,18 +58,33 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
             removed = cleanup_stale()
             click.echo("\n".join(removed) if removed else "nothing to remove")
             return
-        cfg, _ = config_from_options(ctx, params)
+        cfg, explicit = config_from_options(ctx, params)
+        if cfg.simulate:
+            raise ConfigError("--simulate", "the cluster runs the distributed job; drop "
+                              "--simulate")
+        cfg = preflight(cfg, explicit)
+        click.echo(f"dist-quant cluster: run directory {cfg.run_dir}", err=True)
         out = run_cluster(cfg, rate or None, latency, loss, mtu=mtu)
     except ConfigError as err:
-        raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
+        config_error(err)
     except ClusterError as err:
         click.echo(f"dist-quant cluster: {err}", err=True)
         sys.exit(1)
-    wire = out["wire"]
-    keys = ("wire_bytes_up", "wire_bytes_down", "payload_bytes_up", "payload_bytes_down",
-            "ratio_up", "ratio_down", "data_ratio_up", "data_ratio_down")
-    shown = {k: wire[k] for k in keys}
-    if wire["steady"]:
-        shown["steady"] = {k: wire["steady"][k] for k in ("from_step", "to_step", *keys)}
-    click.echo(f"run directory: {out['run_dir']} (link.json, wire.json)")
-    click.echo(json.dumps(shown, indent=2))
+    summary = json.loads((Path(out["run_dir"]) / "summary.json").read_text())
+    click.echo(summary_line(summary))
+    click.echo(wire_line(out["wire"]))
+
+
+def wire_line(wire: dict) -> str:
+    """Bytes on the wire per direction, and their ratio to the payload bytes."""
+    def part(direction: str) -> str:
+        ratio = wire[f"ratio_{direction}"]
+        return (f"{direction} {wire[f'wire_bytes_{direction}'] / 1e6:.2f} MB"
+                + (f" ({ratio:.3f}x payload)" if ratio else ""))
+
+    steady = wire.get("steady")
+    extra = ""
+    if steady and steady.get("data_ratio_up"):
+        extra = (f" | steps {steady['from_step']}-{steady['to_step']}: data "
+                 f"{steady['data_ratio_up']:.3f}x payload up")
+    return f"wire: {part('up')}, {part('down')}{extra} | wire.json, link.json"

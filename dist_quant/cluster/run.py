@@ -61,6 +61,7 @@ from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.linkmodel import Link
 from dist_quant.metrics import write_json_atomic
+from dist_quant.roles.schedule import is_eval_step
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_SCRIPT = REPO / "launch" / "node.sh"
@@ -156,9 +157,56 @@ class StepWindow:
         return self.marks[len(self.marks) // 4], self.marks[-2]
 
 
+class MetricsTail:
+    """Follows ``metrics.jsonl`` while the hosts run and draws the training progress (steps,
+    loss, accuracy, MB up and down) with :class:`dist_quant.progress.Progress` on stderr: the
+    server's own bar goes to its host log."""
+
+    def __init__(self, metrics: Path, cfg: TrainConfig):
+        from dist_quant.progress import Progress
+
+        self.metrics, self.cfg, self.offset, self.partial = metrics, cfg, 0, ""
+        self.progress = Progress(cfg.steps, cfg.progress)
+        self.acc = float("nan")
+        self.last: dict | None = None
+
+    def poll(self) -> None:
+        try:
+            with open(self.metrics) as fh:
+                if os.fstat(fh.fileno()).st_size < self.offset:   # rewritten (a resume)
+                    self.offset, self.partial = 0, ""
+                fh.seek(self.offset)
+                chunk = fh.read()
+                self.offset = fh.tell()
+        except OSError:
+            return
+        lines = (self.partial + chunk).split("\n")
+        self.partial = lines.pop()
+        for line in filter(None, lines):
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("kind") == "eval":
+                self.acc = rec["test_accuracy"]
+            if rec.get("kind") == "step":
+                self.last = rec
+            # an evaluation step is drawn at its eval line, which follows the step's line
+            drawn = rec.get("kind") == "eval" or (rec.get("kind") == "step"
+                                                  and not is_eval_step(self.cfg, rec["step"]))
+            if drawn and self.last is not None:
+                self.progress.update(self.last["step"], self.last["loss"], self.acc,
+                                     rec["cum_bytes_up"], rec["cum_bytes_down"])
+
+    def close(self) -> None:
+        self.poll()
+        self.progress.close()
+
+
 def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], log_dir: Path,
               *, module: str, run_id: str, metrics: Path | None = None,
-              deadline_s: float | None = None) -> dict[str, Any]:
+              deadline_s: float | None = None,
+              tail: MetricsTail | None = None) -> dict[str, Any]:
     """Shape every host, run one torchrun agent per host, return counters and tc commands.
 
     Raises :class:`ClusterError` naming the host(s) found failed (with their logs' tails) at
@@ -190,6 +238,8 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
         time.sleep(POLL_S)
         if window is not None:
             window.poll()
+        if tail is not None:
+            tail.poll()
         failed = []
         for host in list(pending):
             code = host.procs[-1].poll()
@@ -338,13 +388,15 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     labels, roles = cluster_roles(cfg)
     cluster = Cluster(labels, mtu=mtu)
     run_dir.mkdir(parents=True, exist_ok=True)
+    tail = MetricsTail(run_dir / "metrics.jsonl", cfg)
     try:
         with _interrupts_raise():
             cluster.build()
             job = run_hosts(cluster, link, roles, cfg.to_argv(), run_dir / "hosts",
                             module=module, run_id=cluster.prefix,
-                            metrics=run_dir / "metrics.jsonl")
+                            metrics=run_dir / "metrics.jsonl", tail=tail)
     finally:
+        tail.close()
         with _no_interrupts():
             cluster.close()
     summary = json.loads((run_dir / "summary.json").read_text())

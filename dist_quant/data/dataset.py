@@ -63,6 +63,21 @@ class Dataset:
                        self.y_train[idx], self.x_test, self.y_test, self.num_classes)
 
 
+def check_batch_fits(n_train: int, workers: int, batch_size: int) -> None:
+    """ConfigError(--batch-size) unless every worker's shard holds ``batch_size`` examples.
+
+    The smallest shard of ``n_train`` examples over ``workers`` holds ``n_train // workers``;
+    the message gives that figure, the largest batch size that fits.
+    """
+    smallest = n_train // workers
+    if batch_size > smallest:
+        hint = (f"use --batch-size {smallest} or less" if smallest >= 1
+                else "use fewer --workers")
+        raise ConfigError("--batch-size", f"{batch_size} exceeds the {smallest} examples of the "
+                          f"smallest worker shard ({n_train} training examples over {workers} "
+                          f"workers); {hint}")
+
+
 def standardise(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0)

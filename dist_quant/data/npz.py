@@ -1,8 +1,11 @@
 """Bring-your-own data: an ``.npz`` file holding ``x``, ``y``, ``x_test``, ``y_test``.
 
 ``x`` and ``x_test`` are ``[N, ...]`` numeric arrays (flattened to ``[N, D]``), ``y`` and
-``y_test`` integer labels in ``0..K-1`` with ``K = max label + 1``. Every problem is reported
-with the file and the key it concerns.
+``y_test`` integer labels in ``0..K-1`` with ``K = max label + 1 <= MAX_CLASSES`` (a label far
+above the others is a broken file, not a 100001-class problem). Every problem is reported
+with the file and the key it concerns, as a :class:`ConfigError` of ``--dataset``: an empty
+file, another format under the .npz name (a plain .npy, a text file), pickled object arrays,
+missing keys, wrong shapes or dtypes, non-finite inputs, labels out of range.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 from dist_quant.errors import ConfigError
 
 KEYS = ("x", "y", "x_test", "y_test")
+MAX_CLASSES = 1000
 
 
 def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -22,16 +26,30 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
     def bad(msg: str) -> ConfigError:
         return ConfigError("--dataset", f"{path}: {msg}")
 
+    if not path.is_file():
+        raise bad("file not found")
+    if path.stat().st_size == 0:
+        raise bad("the file is empty (0 bytes)")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise bad(f"cannot read as .npz ({e})") from e
+    except Exception as e:  # noqa: BLE001 (any unreadable file is the same user error)
+        raise bad(f"cannot read as .npz ({type(e).__name__}: {e})") from e
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        kind = f"a single array {archive.shape}" if isinstance(archive, np.ndarray) else "data"
+        raise bad(f"holds {kind} (an .npy file?), not an .npz archive of {', '.join(KEYS)}")
     with archive:
         missing = [k for k in KEYS if k not in archive.files]
         if missing:
             raise bad(f"missing key {missing[0]!r} (an .npz dataset needs {', '.join(KEYS)}; "
                       f"found {', '.join(archive.files) or 'nothing'})")
-        arrays = {k: archive[k] for k in KEYS}
+        arrays = {}
+        for k in KEYS:
+            try:
+                arrays[k] = archive[k]
+            except Exception as e:  # noqa: BLE001 (object arrays, truncated members)
+                reason = "holds Python objects (object dtype), which are never unpickled" \
+                    if "allow_pickle" in str(e) else f"cannot be read ({type(e).__name__}: {e})"
+                raise bad(f"{k!r} {reason}") from e
     xs = {}
     for xk, yk in (("x", "y"), ("x_test", "y_test")):
         x, y = arrays[xk], arrays[yk]
@@ -45,6 +63,10 @@ def load_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
             raise bad(f"{yk!r} must hold integer class labels; got dtype {y.dtype}")
         if y.min() < 0:
             raise bad(f"{yk!r} holds a negative label {int(y.min())}")
+        if y.max() >= MAX_CLASSES:
+            raise bad(f"{yk!r} holds label {int(y.max())}, which would make a "
+                      f"{int(y.max()) + 1}-class model (at most {MAX_CLASSES} classes; labels "
+                      "must be 0..K-1)")
         x = x.reshape(len(x), -1).astype(np.float64)
         if not np.isfinite(x).all():
             raise bad(f"{xk!r} holds {int((~np.isfinite(x)).sum())} non-finite value(s)")

@@ -52,6 +52,7 @@ import torch
 
 from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset
+from dist_quant.divergence import DivergenceMonitor
 from dist_quant.metrics import RunRecorder, read_metrics
 from dist_quant.progress import Progress, summary_line
 from dist_quant.roles import common
@@ -105,6 +106,8 @@ class RankRoles:
             self.params = common.ParamViews(self.model, self.theta, alias=True)
             self.x_test, self.y_test = data.x_test.to(self.device), data.y_test.to(self.device)
             self.stuck = [0] * placement.num_shards
+            self.num_classes = data.num_classes
+            self.monitor = DivergenceMonitor(cfg)
 
     # ---- 1. up ---------------------------------------------------------------------------
     def up(self) -> None:
@@ -199,6 +202,9 @@ class RankRoles:
             which = "" if p.num_shards == 1 else f" for shard {s}"
             reason = (f"no valid payload{which} for {self.stuck[s]} consecutive steps "
                       f"(up to step {self.step}): training diverged; lower --lr")
+        elif (diverged := self.monitor.observe(self.step,
+                                               float(self.telemetry[:, 0].mean()))) is not None:
+            reason = diverged
         last = self.step == self.cfg.steps
         if self.with_stats and not reason:
             te = time.perf_counter()
@@ -301,7 +307,8 @@ class RankRoles:
         model = {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         save_checkpoint(self.cfg.run_dir, self.step, {
             "format": 1, "step": self.step, "config": self.cfg.to_dict(),
-            "server": {"model": model, **shards[0]}, "shards": shards[1:], "workers": workers})
+            "server": {"model": model, **shards[0]}, "shards": shards[1:], "workers": workers},
+            keep=self.cfg.keep_checkpoints)
 
     # ---- start and end -------------------------------------------------------------------
     def resume_send(self) -> None:
@@ -351,6 +358,11 @@ class RankRoles:
             return None
         p, cfg = self.p, self.cfg
         from dist_quant.compress import get_compressor
+
+        if (diverged := self.monitor.final(self.test_loss, self.test_acc,
+                                           self.num_classes)) is not None:
+            self.recorder.close()
+            raise RunAborted(diverged)
 
         fp32 = get_compressor("none")
         per_step = sum(p.remote_workers(s) * fp32.payload_nbytes(hi - lo)
@@ -427,26 +439,63 @@ def gather_roles(device: torch.device) -> list[str]:
     return ["" if int(c) == 0 else ROLES[int(c) - 1] if int(c) > 0 else "?" for c in codes]
 
 
-def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str) -> None:
+NOTICE_GRACE = 2.0  # seconds a rank that lost the leader waits for the leader's notice
+NOTICE_WAIT = 10.0  # seconds a rank waits, after its last step, for the leader's last notice
+
+
+def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
+                         on_lost: Any = None) -> None:
     """This torchrun process's part of the parameter-server job (``dist_quant.train``): the
-    training traffic gets its own process group with the short ``--timeout``."""
+    training traffic gets its own process group with the short ``--timeout``.
+
+    Lost peers: the leader that loses rank ``j`` tells every other rank through a separate
+    gloo group (:meth:`~dist_quant.transport.Transport.notify_lost`), and ``on_lost(error)``
+    runs on each of them (it should end the process), so every rank names the same peer; the
+    others wait for the leader ``--timeout`` plus a grace, so the leader names the culprit
+    first. On a torchrun restart the leader's run directory decides whether every rank
+    continues from its latest checkpoint (:func:`dist_quant.train.continue_after_restart`)."""
     import datetime
 
     import torch.distributed as dist
 
+    from dist_quant.config import MAX_TIMEOUT
     from dist_quant.data import load_dataset
     from dist_quant.roles.fabric import RemoteFabric
     from dist_quant.roles.placement import place
-    from dist_quant.train import default_run_dir
+    from dist_quant.train import continue_after_restart, default_run_dir
+    from dist_quant.transport import PeerLostError
 
     roles = gather_roles(device)
-    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))
     data = load_dataset(cfg)
     rank = dist.get_rank()
     n = common.num_params(common.build_model(cfg, data.in_features, data.num_classes, device))
     placement = place(cfg, n, roles)
-    if rank == placement.leader and not cfg.run_dir:
+    leader = rank == placement.leader
+    cfg = continue_after_restart(cfg, leader, placement.leader, device)
+    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))
+    # the lost-peer notices: gloo on the CPU, alive after the training group timed out
+    notices = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=MAX_TIMEOUT))
+    if leader and not cfg.run_dir:
         cfg = cfg.replace(run_dir=default_run_dir(cfg))
-    fabric = RemoteFabric(placement, rank, device, group)
+    fabric = RemoteFabric(placement, rank, device, group, timeout=cfg.timeout,
+                          notice_group=notices)
     dist.barrier()
-    run_rank(cfg, placement, rank, data, device, fabric)
+    if leader:
+        try:
+            run_rank(cfg, placement, rank, data, device, fabric)
+        except PeerLostError as err:
+            fabric.notify_lost(err.rank)  # the other ranks name the same peer
+            raise
+        fabric.notify_done()
+        return
+    watcher = fabric.watch_notices(on_lost) if on_lost is not None else None
+    try:
+        run_rank(cfg, placement, rank, data, device, fabric)
+    except PeerLostError:
+        # the leader's timeout closes the training group at once; its notice naming the rank
+        # it lost follows: that is the message to give, when it comes
+        if watcher is not None:
+            watcher.join(timeout=NOTICE_GRACE)
+        raise
+    if watcher is not None:
+        watcher.join(timeout=cfg.timeout + NOTICE_WAIT)

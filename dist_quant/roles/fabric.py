@@ -84,9 +84,13 @@ class RemoteFabric(LocalFabric, Transport):
     :class:`~dist_quant.transport.Transport` primitives (``group`` gives the timeout; a lost
     peer is named by its place in the placement); messages to itself stay in memory."""
 
-    def __init__(self, placement: Placement, rank: int, device: torch.device, group: Any = None):
+    def __init__(self, placement: Placement, rank: int, device: torch.device, group: Any = None,
+                 timeout: float | None = None, notice_group: Any = None):
         LocalFabric.__init__(self, placement)
-        Transport.__init__(self, placement.leader, list(placement.worker_ranks), device, group)
+        # the leader plays the transport's server: its notices go to every other rank
+        others = [r for r in placement.ranks if r != placement.leader]
+        Transport.__init__(self, placement.leader, others, device, group, timeout=timeout,
+                           notice_group=notice_group)
         self.rank = int(rank)
         self.pending: list[tuple[Any, int, str]] = []
 

@@ -1,0 +1,143 @@
+"""Everything a launcher checks before any process starts.
+
+:func:`preflight` runs once, in the process that would start torchrun (``dist-quant train``,
+``dist-quant cluster``, :func:`dist_quant.train.launch`) or the ``--simulate`` run, after
+:meth:`TrainConfig.validate`. It raises :class:`~dist_quant.errors.ConfigError` naming the
+option or the file, so the command exits 2 with one line and nothing was started:
+
+- conflicting options: ``--method ddp`` with an option of the parameter-server job given on the
+  command line (a compressor other than ``none``, a downlink, buckets, error feedback,
+  checkpoints, restarts ...), and ``--method ps`` with a DDP hook option; restarts under
+  ``--simulate``;
+- the device: ``--device cuda`` (or ``--backend nccl``) without a CUDA device;
+- the data, loaded in full exactly as the ranks will load it (every check of
+  :mod:`dist_quant.data`: files, keys, shapes, dtypes, finite values, labels), then every
+  worker's shard against ``--batch-size`` (the message gives the largest batch size that fits);
+- the run directory: a new run refuses a directory that already holds a run (continue it with
+  ``--resume DIR``, or choose another ``--run-dir``); a resumed run's latest checkpoint is
+  checked key by key and shape by shape against the configured model.
+
+It returns the config the processes run with: the run directory filled in, and with
+``--max-restarts`` a ``--checkpoint-every`` of ``--eval-every`` when none was given (a
+restart continues from the latest checkpoint, so without one it would start over).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dist_quant.config import TrainConfig
+from dist_quant.errors import ConfigError
+
+# options that only the parameter-server job reads, and only the DDP baseline
+PS_ONLY = ("bucket_size", "bits", "header_dtype", "error_feedback", "downlink",
+           "downlink_bucket_size", "on_nonfinite", "inject_nonfinite", "checkpoint_every",
+           "keep_checkpoints", "resume", "max_restarts")
+DDP_ONLY = ("ddp_hook", "powersgd_rank")
+RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_conflicts(cfg: TrainConfig, explicit: set[str]) -> None:
+    """Options given on the command line that the chosen method would silently ignore."""
+    if cfg.method == "ddp":
+        if "compressor" in explicit and cfg.compressor != "none":
+            raise ConfigError("--compressor", f"{cfg.compressor!r} compresses the parameter "
+                              "server's uplink; --method ddp allreduces fp32 or uses "
+                              "--ddp-hook fp16|powersgd")
+        for name in PS_ONLY:
+            if name in explicit:
+                raise ConfigError(_flag(name), "applies to the parameter-server job only "
+                                  "(--method ps); drop it for --method ddp")
+    else:
+        for name in DDP_ONLY:
+            if name in explicit and getattr(cfg, name) != TrainConfig.__dataclass_fields__[
+                    name].default:
+                raise ConfigError(_flag(name), "applies to --method ddp only")
+    if cfg.simulate and cfg.max_restarts:
+        raise ConfigError("--max-restarts", "restarts failed processes; --simulate runs in "
+                          "this one process")
+
+
+def check_device(cfg: TrainConfig) -> None:
+    import torch
+
+    wants_cuda = cfg.device == "cuda" or cfg.backend == "nccl"
+    if wants_cuda and not torch.cuda.is_available():
+        option = "--device" if cfg.device == "cuda" else "--backend"
+        raise ConfigError(option, f"{getattr(cfg, option[2:])} needs a CUDA device and none "
+                          "is available (use --device cpu)")
+
+
+def holds_run(directory: Path) -> bool:
+    return directory.is_dir() and any((directory / name).exists() for name in RUN_FILES)
+
+
+def check_run_dir(cfg: TrainConfig) -> None:
+    if cfg.resume or not cfg.run_dir:
+        return
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("--run-dir", f"{run_dir} exists and is not a directory")
+    if holds_run(run_dir):
+        raise ConfigError("--run-dir", f"{run_dir} already holds a run; continue it with "
+                          f"--resume {run_dir}, or choose another --run-dir")
+
+
+def read_saved_config(run_dir: str | Path) -> dict:
+    """The ``config`` of a run directory's config.json; ConfigError(--resume) when unreadable."""
+    saved = Path(run_dir) / "config.json"
+    if not saved.is_file():
+        raise ConfigError("--resume", f"{saved} not found: not a run directory")
+    try:
+        config = json.loads(saved.read_text())["config"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+        raise ConfigError("--resume", f"{saved} is corrupt ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(config, dict):
+        raise ConfigError("--resume", f"{saved} is corrupt: 'config' is not an object")
+    return config
+
+
+def check_data(cfg: TrainConfig):
+    """Load the dataset as the ranks will; check every shard against the batch size."""
+    from dist_quant.data import load_dataset
+    from dist_quant.data.dataset import check_batch_fits
+
+    data = load_dataset(cfg)
+    check_batch_fits(len(data.y_train), cfg.workers, cfg.batch_size)
+    return data
+
+
+def check_checkpoint(cfg: TrainConfig, data) -> None:
+    import torch
+
+    from dist_quant.checkpoint import latest_checkpoint, load_for_resume, validate_state
+    from dist_quant.roles.common import build_model
+
+    state = load_for_resume(cfg)
+    model = build_model(cfg, data.in_features, data.num_classes, torch.device("cpu"))
+    validate_state(state, cfg, model, latest_checkpoint(cfg.resume))
+
+
+def preflight(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig:
+    """Check ``cfg`` as a whole before launching (module docstring); return the config the
+    processes run with."""
+    from dist_quant.train import default_run_dir
+
+    cfg = cfg.validate()
+    check_conflicts(cfg, explicit or set())
+    check_device(cfg)
+    check_run_dir(cfg)
+    data = check_data(cfg)
+    if cfg.resume:
+        check_checkpoint(cfg, data)
+    if not cfg.run_dir:
+        cfg = cfg.replace(run_dir=default_run_dir(cfg))
+    if cfg.max_restarts and not cfg.checkpoint_every and cfg.method == "ps":
+        cfg = cfg.replace(checkpoint_every=cfg.eval_every)
+    return cfg

@@ -1,0 +1,58 @@
+"""What the launcher shows of torchrun's stderr: progress and one line per distinct error;
+everything else stays in the log. Fed real torchrun output shapes, byte by byte too."""
+
+from __future__ import annotations
+
+import io
+
+from dist_quant.launcher import StderrFilter, failure_report
+
+TORCHRUN = (
+    "W1201 03:14:14.591000 14117 api.py:1028] Sending process 14171 closing signal SIGTERM\n"
+    "Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+    "RuntimeError: boom\n"
+    "dist_quant rank 0: lost contact with rank 2 (worker 1) while exchanging the telemetry "
+    "(Connection reset by peer): a peer died or did not answer within --timeout 5 s; ending\n"
+    "dist_quant rank 1: rank 2 (worker 1) stopped answering (reported by rank 0 (the server)): "
+    "a peer died or did not answer within --timeout 5 s; ending\n"
+    "dist_quant rank 3: rank 2 (worker 1) stopped answering (reported by rank 0 (the server)): "
+    "a peer died or did not answer within --timeout 5 s; ending\n"
+    "E1201 03:14:14.865000 14117 api.py:1002] failed (exitcode: -9) local_rank: 2 (pid: 14172)"
+    " of binary: python\n"
+    "dist_quant.train FAILED\n"
+)
+
+
+def shown(chunks) -> tuple[str, StderrFilter]:
+    out = io.StringIO()
+    filt = StderrFilter(out)
+    for chunk in chunks:
+        filt.feed(chunk)
+    filt.close()
+    return out.getvalue(), filt
+
+
+def test_errors_once_progress_through_the_rest_only_in_the_log():
+    text = "\r[##........] 2/10  loss 2.3\r[####......] 4/10  loss 2.1" + "\n" + TORCHRUN
+    data = text.encode()
+    whole, _ = shown([data])
+    bytewise, filt = shown([data[i:i + 1] for i in range(len(data))])
+    assert whole == bytewise
+    lines = whole.split("\n")
+    assert lines[0] == "\r[##........] 2/10  loss 2.3\r[####......] 4/10  loss 2.1"
+    assert lines[1].startswith("dist_quant rank 0: lost contact with rank 2 (worker 1)")
+    assert lines[2].startswith("dist_quant rank 1: rank 2 (worker 1) stopped answering")
+    assert lines[3] == "dist_quant: rank 2 (worker 1) was killed by SIGKILL"
+    assert lines[4:] == [""]   # rank 3's copy, the traceback and torchrun's lines: log only
+    assert filt.closing and filt.closing[0][0] == 14171
+
+
+def test_failure_report_names_ranks_nobody_explained():
+    report = ("  rank      : 0 (local_rank: 0)\n  exitcode  : -9 (pid: 12)\n"
+              "  rank      : 1 (local_rank: 1)\n  exitcode  : 1 (pid: 13)\n")
+    assert failure_report(report, "ps", []) == ["dist_quant: rank 0 (the server) was killed "
+                                                "by SIGKILL",
+                                                "dist_quant: rank 1 (worker 0) failed with exit "
+                                                "status 1 (its traceback is in the log)"]
+    explained = ["dist_quant: rank 0 (the server) was killed by SIGKILL", "dist_quant rank 1: x"]
+    assert failure_report(report, "ps", explained) == []
