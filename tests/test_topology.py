@@ -294,8 +294,8 @@ def test_a_lost_peer_ends_a_colocated_run_within_the_timeout(tmp_path):
                 p.kill()
             p.wait()
     assert [p.returncode for p in procs[:2]] == [1, 1]
-    assert all("lost contact" in e for e in errors), errors
-    assert any("rank 2 (server 2 and worker 2)" in e for e in errors), errors
+    # each survivor names the killed rank: from its own wait, or from the leader's notice
+    assert all("rank 2 (server 2 and worker 2)" in e for e in errors), errors
 
 
 def test_presets_and_labels_name_the_topology():
