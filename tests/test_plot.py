@@ -307,3 +307,22 @@ def test_plot_writes_the_scaling_figure_and_table_when_several_w_exist(seeded, s
     result = run_plot(sweep, "--out", tmp_path / "b")   # one W only: no scaling figure
     assert result.exit_code == 0 and not (tmp_path / "b" / "scaling.png").exists()
     assert "against W" not in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_a_batch_size_that_follows_w_stays_one_method(tmp_path, clock):
+    """A fixed global batch (1024 per worker at W = 2, 512 at W = 4) keeps one series; two
+    batch sizes at one W are two points, named by their batch size."""
+    from dist_quant.plot.report import points
+    from dist_quant.plot.scaling import scaling
+
+    write_ps_run(tmp_path / "w2", clock, REACH, 0.5, 2, colocate=True, batch_size=1024)
+    write_ps_run(tmp_path / "w4", clock, REACH, 1.5, 4, colocate=True, batch_size=512)
+    rows = scaling(group_by_cap(find_runs([tmp_path])))["10 Mbit/s, 0 ms"]
+    assert [(r.label, r.workers) for r in rows] == [("PS onebit b512 colocated", 2),
+                                                    ("PS onebit b512 colocated", 4)]
+    assert rows[1].growth == pytest.approx(3.0)
+    write_ps_run(tmp_path / "w4b", clock, REACH, 1.5, 4, colocate=True, batch_size=256)
+    names = {p.label for p in points(find_runs([tmp_path]))}
+    assert names == {"PS onebit b512 colocated",
+                     "PS onebit b512 colocated batch_size=512",
+                     "PS onebit b512 colocated batch_size=256"}

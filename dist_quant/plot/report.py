@@ -161,16 +161,23 @@ class Point:
 
 
 def points(members: list[Run]) -> list[Point]:
-    """``members`` grouped by method (label without seed and worker count) and W, in the
-    order of ``members``, then by W."""
+    """``members`` grouped by method (label without seed, worker count and batch size) and W,
+    in the order of ``members``, then by W. The batch size usually follows W (a fixed global
+    batch); where one method has runs of several batch sizes at one W, they are separate
+    points named ``batch_size=B``."""
     from dist_quant.plot.labels import run_labels
 
-    labels = run_labels([r.config for r in members], ignore=frozenset({"seed", "workers"}),
-                        number=False)
-    found: dict[tuple[str, int], Point] = {}
+    labels = run_labels([r.config for r in members],
+                        ignore=frozenset({"seed", "workers", "batch_size"}), number=False)
+    batches: dict[tuple[str, int], set] = {}
     for run, label in zip(members, labels, strict=True):
-        key = (label, int(run.summary["workers"]))
-        found.setdefault(key, Point(label, key[1], [])).runs.append(run)
+        batches.setdefault((label, int(run.summary["workers"])), set()).add(
+            run.config.get("batch_size"))
+    found: dict[tuple[str, int, Any], Point] = {}
+    for run, label in zip(members, labels, strict=True):
+        w, batch = int(run.summary["workers"]), run.config.get("batch_size")
+        name = label if len(batches[(label, w)]) == 1 else f"{label} batch_size={batch}"
+        found.setdefault((name, w, batch), Point(name, w, [])).runs.append(run)
     return sorted(found.values(), key=lambda p: p.workers)
 
 
