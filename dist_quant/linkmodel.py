@@ -310,8 +310,8 @@ def predict_wire(steps: Iterable[dict[str, Any]], method: str, workers: int,
     other direction (``ack_*``); ``wire_* = data_* + ack_*``.
 
     Up = the messages of the up phase (what the workers transmit), down = those of the down
-    phase (what the servers transmit); ddp: the total of all ranks split evenly, as
-    ``wire.json`` records them.
+    phase (what the dedicated servers transmit); where every host sends alike (ddp, the onebit
+    hook, colocated) the total of all hosts split evenly, as ``wire.json`` records them.
     """
     topology = topology or default_topology(method, workers)
     data_up = data_down = ack_up = ack_down = 0
@@ -331,6 +331,12 @@ def predict_wire(steps: Iterable[dict[str, Any]], method: str, workers: int,
             data_down += workers * wire_bytes(d, mtu)
             ack_up += workers * ack_bytes(d, mtu)
             ack_down += workers * ack_bytes(u, mtu)
+        elif topology.kind in ("colocated", "hook"):   # every host sends alike: halves
+            msgs = step_messages(s, topology)
+            data = sum(wire_bytes(m, mtu) for _, _, m, _ in msgs)
+            acks = sum(ack_bytes(m, mtu) for _, _, m, _ in msgs)
+            data_up, data_down = data_up + data // 2, data_down + data - data // 2
+            ack_up, ack_down = ack_up + acks // 2, ack_down + acks - acks // 2
         else:
             for _, _, m, phase in step_messages(s, topology):
                 if phase == "up":

@@ -296,3 +296,17 @@ def test_recorded_steps_of_a_real_run_give_the_formulas_link_bytes(tmp_path, top
                     "out": sum(ups[j] for j in others) + (w - 1) * downs[i]
                     + (stats / (w - 1) if i else 0)}
     assert any(s.get("bytes_stats") for s in steps)   # the evaluation step was checked too
+
+
+def test_predicted_wire_of_colocated_and_sharded_steps():
+    w, ups, downs = 3, [100, 200, 300], [10, 20, 30]
+    step = _shard_step(ups, downs, w - 1)
+    pred = predict_wire([step], "ps", w, topology=Topology("colocated", w, w))
+    data = (w - 1) * sum(wire_bytes(m) for m in ups + downs)   # 12 messages of one frame
+    assert pred["data_bytes_up"] + pred["data_bytes_down"] == data
+    assert pred["data_bytes_up"] == data // 2 and pred["ack_bytes_up"] == 12 * 66 // 2
+    step = _shard_step([3000, 1000], [500, 200], 4)
+    pred = predict_wire([step], "ps", 4, topology=Topology("sharded", 4, 2))
+    assert pred["data_bytes_up"] == 4 * (wire_bytes(3000) + wire_bytes(1000))
+    assert pred["data_bytes_down"] == 4 * (wire_bytes(500) + wire_bytes(200))
+    assert pred["ack_bytes_down"] == 4 * (ack_bytes(3000) + ack_bytes(1000))
