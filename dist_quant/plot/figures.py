@@ -67,6 +67,11 @@ def log_x(ax) -> None:
     ax.xaxis.set_minor_formatter(MinorLogLabels())
 
 
+def legend_room(groups: Groups) -> float:
+    """Inches a legend of the run labels takes beside the panels."""
+    return 0.5 + 0.065 * max(len(r.label) for members in groups.values() for r in members)
+
+
 def method_legend(fig: Figure, colour: dict[str, tuple[float, ...]], extra=()) -> None:
     handles = [Line2D([], [], color=c, marker=".", label=label) for label, c in colour.items()]
     fig.legend(handles=[*handles, *extra], loc="outside right upper", fontsize="small")
@@ -85,7 +90,7 @@ def save(fig: Figure, out: Path, name: str) -> Path:
 
 def accuracy_vs_bytes(groups: Groups, target: float, out: Path) -> Path:
     colour = colours(groups)
-    fig, axes = new_figure(len(groups), 2, 4.6, 3.2)
+    fig, axes = new_figure(len(groups), 2, 4.6 + legend_room(groups) / 2, 3.2)
     for row, (cap, members) in zip(axes, groups.items(), strict=True):
         for ax, total, what in ((row[0], False, "uplink"), (row[1], True, "uplink + downlink")):
             for run in members:
@@ -106,7 +111,7 @@ def accuracy_vs_bytes(groups: Groups, target: float, out: Path) -> Path:
 
 def accuracy_vs_time(groups: Groups, target: float, out: Path) -> Path:
     colour = colours(groups)
-    fig, axes = new_figure(1, len(groups), 4.6, 3.4)
+    fig, axes = new_figure(1, len(groups), 4.6 + legend_room(groups) / len(groups), 3.4)
     for ax, (cap, members) in zip(axes[0], groups.items(), strict=True):
         for run in members:
             pts = [(e["wall"], 100 * e["test_accuracy"]) for e in run.evals if e["wall"] > 0]
@@ -197,7 +202,7 @@ def scaling_figure(data: dict[str, list[ScalingRow]], out: Path) -> Path:
     labels = list(dict.fromkeys(r.label for rows in data.values() for r in rows))
     cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
     colour = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
-    fig, axes = new_figure(1, len(data), 4.6, 3.4)
+    fig, axes = new_figure(1, len(data), 5.2, 3.6 + 0.22 * (len(labels) + 2))
     for ax, (cap, rows) in zip(axes[0], data.items(), strict=True):
         for label in dict.fromkeys(r.label for r in rows):
             mine = [r for r in rows if r.label == label]
@@ -208,13 +213,15 @@ def scaling_figure(data: dict[str, list[ScalingRow]], out: Path) -> Path:
         ax.set_xticks(sorted({r.workers for r in rows}))
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, pos: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(MinorLogLabels())
         ax.set_xlabel("workers W")
         ax.set_ylabel("communication per step (ms)")
         ax.set_title(cap, fontsize="medium")
         ax.grid(True, which="both", alpha=0.3)
     styles = [Line2D([], [], color="black", marker="o", label="measured"),
               Line2D([], [], color="black", marker="x", linestyle="--", label="link model")]
-    method_legend(fig, colour, styles)
+    handles = [Line2D([], [], color=c, marker=".", label=label) for label, c in colour.items()]
+    fig.legend(handles=[*handles, *styles], loc="outside lower center", fontsize="small")
     return save(fig, out, "scaling.png")
 
 
