@@ -291,6 +291,7 @@ def test_scaling_rows_match_the_link_model_by_hand(seeded):
     assert rows[("PS onebit b512 colocated", 4)].runs == 3
     assert rows[("PS onebit b512 colocated", 4)].measured_s == pytest.approx(0.9 * 2.0)
     assert rows[("PS onebit b512 colocated", 4)].growth == pytest.approx(2.0 / 0.5)
+    assert rows[("PS onebit b512 colocated", 4)].step_s == pytest.approx(2.0)   # 1, 2, 3 s
     assert rows[("PS onebit b512", 4)].growth == pytest.approx(2.0)
     assert ("DDP fp32", 4) in rows
 
@@ -303,7 +304,8 @@ def test_plot_writes_the_scaling_figure_and_table_when_several_w_exist(seeded, s
     assert matplotlib.image.imread(tmp_path / "a" / "scaling.png")[..., :3].std() > 0.05
     report = (tmp_path / "a" / "report.md").read_text()
     assert "## Communication per step against W (10 Mbit/s, 0 ms)" in report
-    assert "| PS onebit b512 colocated | 4 | 3 | 1800.00 | 14.53 | 123.84 | 4.00x |" in report
+    assert ("| PS onebit b512 colocated | 4 | 3 | 1800.00 | 14.53 | 123.84 | 4.00x | 2000.00 |"
+            in report)
     result = run_plot(sweep, "--out", tmp_path / "b")   # one W only: no scaling figure
     assert result.exit_code == 0 and not (tmp_path / "b" / "scaling.png").exists()
     assert "against W" not in (tmp_path / "b" / "report.md").read_text()

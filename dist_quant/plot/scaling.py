@@ -10,7 +10,10 @@ point per method and W, its seeds averaged):
 - model: :func:`dist_quant.linkmodel.predict_comm_seconds` over the same step records on the
   run's own link (``link.json``), divided by the steps, with the run's topology
   (:func:`dist_quant.linkmodel.topology_of`: star, sharded, colocated, ring, onebit hook);
-- growth: measured time at W over measured time at the smallest W of that method.
+- growth: measured time at W over measured time at the smallest W of that method;
+- step: the run's wall seconds per step (``summary.json``), for scale: the communicate phase
+  is the rest of the step once the slowest rank's computing is taken out, so it also holds
+  the waits for a straggler and the small control messages the model leaves out.
 """
 
 from __future__ import annotations
@@ -29,10 +32,15 @@ class ScalingRow:
     measured_s: float    # seconds per step, mean over the runs
     predicted_s: float   # the link model's seconds per step, mean over the runs
     growth: float | None  # measured_s over the method's measured_s at its smallest W
+    step_s: float        # wall seconds per step, mean over the runs
 
 
 def measured_comm(run: Run) -> float:
     return sum(s["time"].get("communicate", 0.0) for s in run.steps) / max(len(run.steps), 1)
+
+
+def step_wall(run: Run) -> float:
+    return float(run.summary["wall_seconds"]) / max(int(run.summary["steps"]), 1)
 
 
 def predicted_comm(run: Run) -> float:
@@ -63,7 +71,8 @@ def scaling(groups: dict[str, list[Run]]) -> dict[str, list[ScalingRow]]:
                 first = measured if first is None else first
                 rows.append(ScalingRow(label, p.workers, len(p.runs), measured,
                                        sum(map(predicted_comm, p.runs)) / len(p.runs),
-                                       measured / first if first > 0 else None))
+                                       measured / first if first > 0 else None,
+                                       sum(map(step_wall, p.runs)) / len(p.runs)))
         out[cap] = rows
     return out
 
@@ -75,13 +84,15 @@ def scaling_table(data: dict[str, list[ScalingRow]]) -> list[str]:
         parts += [f"## Communication per step against W ({cap})", "",
                   "Measured: mean communicate phase per step (mean over seeds); model: "
                   "dist_quant.linkmodel on the same step records; growth: measured over the "
-                  "method's measured at its smallest W.", "",
+                  "method's measured at its smallest W; step: wall time per step.", "",
                   "| method | W | runs | measured (ms/step) | model (ms/step) | "
-                  "measured / model | growth |", "|---|---:|---:|---:|---:|---:|---:|"]
+                  "measured / model | growth | step (ms) |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             ratio = f"{r.measured_s / r.predicted_s:.2f}" if r.predicted_s > 0 else "—"
             growth = "—" if r.growth is None else f"{r.growth:.2f}x"
             parts.append(f"| {r.label} | {r.workers} | {r.runs} | {1e3 * r.measured_s:.2f} | "
-                         f"{1e3 * r.predicted_s:.2f} | {ratio} | {growth} |")
+                         f"{1e3 * r.predicted_s:.2f} | {ratio} | {growth} | "
+                         f"{1e3 * r.step_s:.2f} |")
         parts.append("")
     return parts
