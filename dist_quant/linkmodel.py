@@ -17,14 +17,37 @@ bytes of headers (Ethernet 14 + 52)::
 
 so ``wire(m) / m -> MTU+14 / MTU-52`` (1.0456 at MTU 1500, 1.0074 at 9000) for large m.
 
-Parameter server, one synchronous step with per-step recorded bytes ``U`` (uplink, all W
-workers together) and ``D`` (downlink): each worker sends ``u = U / W`` at once, and the
-server's link carries all W payloads, so it is the bottleneck in both phases::
+Exchanges through servers: messages and links. A step of the parameter-server job (and of the
+DDP ``onebit`` hook) is a list of messages ``(sender, receiver, m bytes, phase)`` in two
+phases, ``up`` then ``down``. With ``up(n)`` / ``down(n)`` the payload bytes of ``n``
+coordinates, ``n_s`` the coordinates of shard s and W workers, the payload bytes each link
+carries per step (in = received, out = sent) are::
 
-    t_step = L + W * wire(u) / R   +   L + W * wire(d) / R        (d = D / W)
+    star        server link   in W up(n)                  out W down(n)
+    sharded     server s      in W up(n_s)                out W down(n_s)
+                worker link   in sum_s down(n_s)          out sum_s up(n_s)
+    colocated   rank i        in (W-1) up(n_i) + sum_{j!=i} down(n_j)
+                              out sum_{j!=i} up(n_j) + (W-1) down(n_i)
 
-(one message each way per step: the gradient payload with its telemetry, the parameters with
-the control word; small messages travel in the same flight and add no round trip.)
+(the DDP ``onebit`` hook is the colocated exchange on each gradient bucket, its slices those of
+:meth:`dist_quant.hooks.OneBitState.plan`). The payload sizes come from the run's step records:
+``servers[s].bytes_up / r_s`` with ``r_s`` the workers on another rank than server s (W, or W - 1
+colocated); at evaluation steps every remote worker also sends ``bytes_stats / r_0`` to the
+leader in the up phase.
+
+Time of one step. Assumptions: every link is full duplex (in and out are independent, each at
+``R``); the two phases are serial (the step's control message separates them: the downlink
+cannot start before the servers have stepped), and within a phase every message starts at
+once, so the phase lasts one latency plus the time its busiest link direction needs::
+
+    t_phase = L + max over links k, directions d of  sum_{messages on (k, d)} wire(m) / R
+    t_step  = t_up + t_down                           (a phase without a message takes 0)
+
+For the star this is ``2 L + W wire(u) / R + W wire(d) / R`` (the server's link, in then out);
+sharded, ``W max_s wire(u_s)`` (the largest shard's server) as long as the workers' links
+carry less; colocated, about ``2 (W-1)/W`` payloads each way per link instead of W.
+The overlap of the uplink with backward (``--overlap``) is not modelled: the prediction is the
+communication a step would take with nothing hidden.
 
 Allreduce baselines (DDP, gloo ring): with ``S`` the bytes all ranks sent in a step
 (``U + D`` as ``metrics.jsonl`` records them), each of ``2 (W - 1)`` rounds has every rank send
@@ -39,8 +62,9 @@ own, fast, communication counts as compute), so::
     predicted_wall(link) = wall(baseline) + sum_t t_step(link) - sum_t t_step(baseline link)
 
 Not modelled: TCP slow start after idle periods (matters only when ``L`` is large), queueing
-drops and retransmissions when W workers send into the server's link at once, loss, and the
-overlap of computation with communication (this training loop does not overlap them).
+drops and retransmissions when W workers send into a server's link at once, loss, the small
+telemetry and control messages, and the overlap of computation with communication
+(``--overlap``).
 """
 
 from __future__ import annotations
@@ -107,7 +131,7 @@ def ack_bytes(message: int, mtu: int = 1500) -> int:
 
 
 def ps_step_seconds(bytes_up: int, bytes_down: int, workers: int, link: Link) -> float:
-    """One parameter-server step: both phases through the server's link (module docstring)."""
+    """One step of the star: both phases through the server's link (module docstring)."""
     up, down = bytes_up / workers, bytes_down / workers
     serial = workers * (wire_bytes(up, link.mtu) + wire_bytes(down, link.mtu))
     return 2 * link.latency_s + serial / link.bytes_per_second
@@ -123,31 +147,176 @@ def ring_step_seconds(bytes_total: int, workers: int, link: Link, allreduces: in
                                   + wire_bytes(chunk, link.mtu) / link.bytes_per_second)
 
 
+# ---- exchanges through servers: messages per link ------------------------------------------
+TOPOLOGIES = ("ring", "star", "sharded", "colocated", "hook")
+Message = tuple[str, str, float, str]   # (sender link, receiver link, payload bytes, phase)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Who sends what to whom. ``kind``: ``ring`` (DDP allreduce), ``star``, ``sharded``,
+    ``colocated`` or ``hook`` (DDP ``onebit``); ``hook_up`` / ``hook_down``: the hook's payload
+    bytes per slice of one bucket (from :meth:`~dist_quant.hooks.OneBitState.plan`), empty when
+    unknown (then the step's totals are split evenly over the slices)."""
+
+    kind: str
+    workers: int
+    servers: int = 1
+    hook_up: tuple[int, ...] = ()
+    hook_down: tuple[int, ...] = ()
+
+
+def topology_of(config: dict[str, Any], summary: dict[str, Any] | None = None) -> Topology:
+    """The topology of a run from its ``config.json`` config (and ``summary.json``)."""
+    summary = summary or {}
+    workers = int(summary.get("workers", config["workers"]))
+    if config["method"] == "ddp":
+        if config.get("ddp_hook") != "onebit":
+            return Topology("ring", workers)
+        return Topology("hook", workers, workers, *_hook_plan(config, summary, workers))
+    if config.get("colocate"):
+        return Topology("colocated", workers, workers)
+    servers = int(config.get("servers", 1))
+    return Topology("star" if servers == 1 else "sharded", workers, servers)
+
+
+def _hook_plan(config: dict[str, Any], summary: dict[str, Any],
+               workers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if "params" not in summary:
+        return (), ()
+    from dist_quant.hooks import OneBitState
+
+    state = OneBitState(compressor=config.get("compressor", "onebit"),
+                        bucket_size=config.get("bucket_size", 128),
+                        bits=config.get("bits", 2),
+                        header_dtype=config.get("header_dtype", "fp32"))
+    plan = state.plan(int(summary["params"]), workers)
+    return plan.up_nbytes, plan.down_nbytes
+
+
+def _spread(total: float, parts: int) -> list[float]:
+    return [total / parts] * parts
+
+
+def step_messages(step: dict[str, Any], topology: Topology) -> list[Message]:
+    """The messages of one step record (module docstring); payload bytes, no framing."""
+    w, kind = topology.workers, topology.kind
+    if kind == "ring":
+        raise ValueError("a ring allreduce is modelled by ring_step_seconds, not by messages")
+    if kind == "hook":
+        return _hook_messages(step, topology)
+    shards = step.get("servers")
+    n_shards = topology.servers if kind != "star" else 1
+    colocated = kind == "colocated"
+    remote = w - 1 if colocated else w
+    stats = step.get("bytes_stats", 0)
+    if shards:
+        ups = [s["bytes_up"] / remote for s in shards]
+        downs = [s["bytes_down"] / remote for s in shards]
+    else:  # a record without per-server bytes (older runs): even shards
+        ups = _spread(max(step["bytes_up"] - stats, 0) / remote, n_shards)
+        downs = _spread(step["bytes_down"] / remote, n_shards)
+    server = [f"rank{s}" if colocated else f"server{s}" for s in range(len(ups))]
+    worker = [f"rank{i}" if colocated else f"worker{i}" for i in range(w)]
+    out: list[Message] = []
+    for s, (u, d) in enumerate(zip(ups, downs, strict=True)):
+        for i in range(w):
+            if worker[i] == server[s]:
+                continue
+            if u:
+                out.append((worker[i], server[s], u, "up"))
+            if d:
+                out.append((server[s], worker[i], d, "down"))
+    if stats:  # BN statistics: every remote worker to the leader, in the up phase
+        senders = [x for x in worker if x != server[0]]
+        out += [(x, server[0], stats / len(senders), "up") for x in senders]
+    return out
+
+
+def _hook_messages(step: dict[str, Any], topology: Topology) -> list[Message]:
+    w = topology.workers
+    stats = step.get("bytes_stats", 0)
+    ups, downs = list(topology.hook_up), list(topology.hook_down)
+    per_step_up, per_step_down = (w - 1) * sum(ups), (w - 1) * sum(downs)
+    if not ups or per_step_down != step["bytes_down"]:   # unknown plan: even slices
+        downs = _spread(step["bytes_down"] / (w - 1), w)
+        ups = _spread(step["bytes_up"] / (w - 1), w)
+    else:  # the rest of the uplink bytes: BN statistics of an evaluation step, to rank 0
+        stats = step["bytes_up"] - per_step_up
+    rank = [f"rank{i}" for i in range(w)]
+    out: list[Message] = []
+    for s in range(w):
+        for i in range(w):
+            if i != s and ups[s]:
+                out.append((rank[i], rank[s], ups[s], "up"))
+            if i != s and downs[s]:
+                out.append((rank[s], rank[i], downs[s], "down"))
+    if stats:
+        out += [(rank[i], rank[0], stats / (w - 1), "up") for i in range(1, w)]
+    return out
+
+
+def link_loads(messages: Iterable[Message], mtu: int | None = None
+               ) -> dict[str, dict[str, dict[str, float]]]:
+    """``{phase: {link: {"in": bytes, "out": bytes}}}``: payload bytes (``mtu`` None) or wire
+    bytes (every message framed, ``wire_bytes(m, mtu)``) each link carries in each phase."""
+    loads: dict[str, dict[str, dict[str, float]]] = {}
+    for src, dst, m, phase in messages:
+        b = m if mtu is None else wire_bytes(m, mtu)
+        links = loads.setdefault(phase, {})
+        links.setdefault(src, {"in": 0.0, "out": 0.0})["out"] += b
+        links.setdefault(dst, {"in": 0.0, "out": 0.0})["in"] += b
+    return loads
+
+
+def busiest_link(loads: dict[str, dict[str, dict[str, float]]]) -> dict[str, tuple[str, str]]:
+    """``{phase: (link, direction)}`` of the link direction that bounds each phase."""
+    return {phase: max(((k, d) for k, io in links.items() for d in ("in", "out")),
+                       key=lambda kd: links[kd[0]][kd[1]])
+            for phase, links in loads.items()}
+
+
+def exchange_step_seconds(messages: list[Message], link: Link) -> float:
+    """Serial phases, each one latency plus its busiest link direction's wire bytes / R."""
+    loads = link_loads(messages, link.mtu)
+    return sum(link.latency_s + max(max(io["in"], io["out"]) for io in links.values())
+               / link.bytes_per_second for links in loads.values())
+
+
+def default_topology(method: str, workers: int) -> Topology:
+    return Topology("ring" if method == "ddp" else "star", workers)
+
+
 def step_seconds(step: dict[str, Any], method: str, workers: int, link: Link,
-                 allreduces: int = 1) -> float:
-    if method == "ddp":
+                 allreduces: int = 1, topology: Topology | None = None) -> float:
+    topology = topology or default_topology(method, workers)
+    if topology.kind == "ring":
         return ring_step_seconds(step["bytes_up"] + step["bytes_down"], workers, link,
                                  allreduces)
-    return ps_step_seconds(step["bytes_up"], step["bytes_down"], workers, link)
+    if topology.kind == "star" and not step.get("servers"):
+        return ps_step_seconds(step["bytes_up"], step["bytes_down"], workers, link)
+    return exchange_step_seconds(step_messages(step, topology), link)
 
 
 def predict_comm_seconds(steps: Iterable[dict[str, Any]], method: str, workers: int, link: Link,
-                         allreduces: int = 1) -> float:
+                         allreduces: int = 1, topology: Topology | None = None) -> float:
     """Sum of :func:`step_seconds` over a run's step records."""
-    return sum(step_seconds(s, method, workers, link, allreduces) for s in steps)
+    return sum(step_seconds(s, method, workers, link, allreduces, topology) for s in steps)
 
 
 def predict_wire(steps: Iterable[dict[str, Any]], method: str, workers: int,
-                 mtu: int = 1500) -> dict[str, int]:
+                 mtu: int = 1500, topology: Topology | None = None) -> dict[str, int]:
     """Predicted wire bytes per direction: framed payloads (``data_*``) plus the ACKs of the
     other direction (``ack_*``); ``wire_* = data_* + ack_*``.
 
-    Up = what the workers transmit, down = what the server transmits (ddp: the total of all
-    ranks split evenly), as ``wire.json`` records them.
+    Up = the messages of the up phase (what the workers transmit), down = those of the down
+    phase (what the dedicated servers transmit); where every host sends alike (ddp, the onebit
+    hook, colocated) the total of all hosts split evenly, as ``wire.json`` records them.
     """
+    topology = topology or default_topology(method, workers)
     data_up = data_down = ack_up = ack_down = 0
     for s in steps:
-        if method == "ddp":
+        if topology.kind == "ring":
             total = s["bytes_up"] + s["bytes_down"]
             if workers < 2 or total == 0:
                 continue
@@ -156,12 +325,26 @@ def predict_wire(steps: Iterable[dict[str, Any]], method: str, workers: int,
             data, acks = sends * wire_bytes(chunk, mtu), sends * ack_bytes(chunk, mtu)
             data_up, data_down = data_up + data // 2, data_down + data - data // 2
             ack_up, ack_down = ack_up + acks // 2, ack_down + acks - acks // 2
-        else:
+        elif topology.kind == "star" and not s.get("servers"):
             u, d = s["bytes_up"] / workers, s["bytes_down"] / workers
             data_up += workers * wire_bytes(u, mtu)
             data_down += workers * wire_bytes(d, mtu)
             ack_up += workers * ack_bytes(d, mtu)
             ack_down += workers * ack_bytes(u, mtu)
+        elif topology.kind in ("colocated", "hook"):   # every host sends alike: halves
+            msgs = step_messages(s, topology)
+            data = sum(wire_bytes(m, mtu) for _, _, m, _ in msgs)
+            acks = sum(ack_bytes(m, mtu) for _, _, m, _ in msgs)
+            data_up, data_down = data_up + data // 2, data_down + data - data // 2
+            ack_up, ack_down = ack_up + acks // 2, ack_down + acks - acks // 2
+        else:
+            for _, _, m, phase in step_messages(s, topology):
+                if phase == "up":
+                    data_up += wire_bytes(m, mtu)
+                    ack_down += ack_bytes(m, mtu)
+                else:
+                    data_down += wire_bytes(m, mtu)
+                    ack_up += ack_bytes(m, mtu)
     return {"data_bytes_up": int(data_up), "data_bytes_down": int(data_down),
             "ack_bytes_up": int(ack_up), "ack_bytes_down": int(ack_down),
             "wire_bytes_up": int(data_up + ack_up), "wire_bytes_down": int(data_down + ack_down)}
@@ -169,11 +352,12 @@ def predict_wire(steps: Iterable[dict[str, Any]], method: str, workers: int,
 
 def predict_wall_seconds(baseline_wall: float, steps: list[dict[str, Any]], method: str,
                          workers: int, link: Link, baseline_link: Link | None = None,
-                         allreduces: int = 1) -> float:
+                         allreduces: int = 1, topology: Topology | None = None) -> float:
     """Compute time of the baseline run plus the modelled communication on ``link``."""
     base = baseline_link or Link(None, 0.0, 0.0, link.mtu)
-    return (baseline_wall + predict_comm_seconds(steps, method, workers, link, allreduces)
-            - predict_comm_seconds(steps, method, workers, base, allreduces))
+    return (baseline_wall + predict_comm_seconds(steps, method, workers, link, allreduces,
+                                                 topology)
+            - predict_comm_seconds(steps, method, workers, base, allreduces, topology))
 
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict], dict]:
@@ -208,8 +392,9 @@ def compare(run_dir: str | Path, baseline_dir: str | Path, allreduces: int = 1) 
     _, _, base_summary = read_run(baseline_dir)
     link, base_link = link_of(run_dir), link_of(baseline_dir)
     method, workers = config["method"], summary.get("workers", config["workers"])
+    topology = topology_of(config, summary)
     predicted = predict_wall_seconds(base_summary["wall_seconds"], steps, method, workers, link,
-                                     base_link, allreduces)
+                                     base_link, allreduces, topology)
     measured = summary["wall_seconds"]
     out: dict[str, Any] = {
         "predicted_wall_s": predicted, "measured_wall_s": measured,
@@ -222,7 +407,7 @@ def compare(run_dir: str | Path, baseline_dir: str | Path, allreduces: int = 1) 
     steady = json.loads(wire_path.read_text()).get("steady") if wire_path.exists() else None
     if steady:
         window = [s for s in steps if steady["from_step"] < s["step"] <= steady["to_step"]]
-        pred = predict_wire(window, method, workers, link.mtu)
+        pred = predict_wire(window, method, workers, link.mtu, topology)
         out["steady"] = {
             "steps": len(window),
             **{f"predicted_{k}": v for k, v in pred.items() if not k.startswith("wire")},

@@ -29,6 +29,7 @@ from dist_quant.linkmodel import (
     predict_wall_seconds,
     predict_wire,
     read_run,
+    topology_of,
 )
 
 
@@ -43,9 +44,11 @@ def predict_run(run_dir: str | Path, link: Link, allreduces: int = 1) -> dict[st
     link.validate()
     method, workers = config["method"], summary.get("workers", config["workers"])
     ran_on = link_of(run_dir)
-    comm = predict_comm_seconds(steps, method, workers, link, allreduces)
+    topology = topology_of(config, summary)
+    comm = predict_comm_seconds(steps, method, workers, link, allreduces, topology)
     return {
-        "run_dir": str(run_dir), "method": method, "workers": workers, "steps": len(steps),
+        "run_dir": str(run_dir), "method": method, "topology": topology.kind,
+        "servers": topology.servers, "workers": workers, "steps": len(steps),
         "link": {"rate_mbit": link.rate_mbit, "latency_ms": link.latency_ms, "mtu": link.mtu},
         "ran_on": {"rate_mbit": ran_on.rate_mbit, "latency_ms": ran_on.latency_ms},
         "bytes_up": summary["bytes_up"], "bytes_down": summary["bytes_down"],
@@ -53,8 +56,8 @@ def predict_run(run_dir: str | Path, link: Link, allreduces: int = 1) -> dict[st
         "predicted_comm_per_step_s": comm / max(len(steps), 1),
         "measured_wall_s": summary["wall_seconds"],
         "predicted_wall_s": predict_wall_seconds(summary["wall_seconds"], steps, method,
-                                                 workers, link, ran_on, allreduces),
-        **predict_wire(steps, method, workers, link.mtu),
+                                                 workers, link, ran_on, allreduces, topology),
+        **predict_wire(steps, method, workers, link.mtu, topology),
     }
 
 
@@ -74,8 +77,9 @@ def predict_run(run_dir: str | Path, link: Link, allreduces: int = 1) -> dict[st
 def predict(run_dir: Path, rate: float, latency: float, mtu: int, allreduces: int,
             measured: Path | None, as_json: bool) -> None:
     """Predict communication time, wire bytes and wall time of RUN_DIR on a link of --rate
-    Mbit/s (the model of dist_quant.linkmodel: bytes / rate plus latency per message, the
-    server's link carrying all W payloads)."""
+    Mbit/s (the model of dist_quant.linkmodel: per phase, one latency plus the busiest link's
+    bytes / rate; the star's server link carries all W payloads, sharded servers and colocated
+    ranks their shares)."""
     try:
         out = predict_run(run_dir, Link(rate, latency, 0.0, mtu), allreduces)
         if measured is not None:
@@ -86,7 +90,8 @@ def predict(run_dir: Path, rate: float, latency: float, mtu: int, allreduces: in
     if as_json:
         click.echo(json.dumps(out, indent=2))
         return
-    click.echo(f"{out['run_dir']}: {out['method']}, {out['workers']} workers, {out['steps']} "
+    click.echo(f"{out['run_dir']}: {out['method']} ({out['topology']}), {out['workers']} "
+               f"workers, {out['steps']} "
                f"steps, {out['bytes_up'] / 1e6:.2f} MB up, {out['bytes_down'] / 1e6:.2f} MB "
                f"down")
     click.echo(f"on {rate:g} Mbit/s, {latency:g} ms: communication {out['predicted_comm_s']:.2f}"

@@ -39,8 +39,11 @@ no preset, from the defaults) and sets the fields: ``-m ps-kbit2:compressor=kbit
 Precedence, lowest first: TrainConfig defaults, the preset, ``--set``, the method's own fields.
 
 Axes. ``--set FIELD=V1,V2`` sweeps any TrainConfig field (one value = fixed for all points;
-``hidden``'s values contain commas, so separate them with ``;``). ``--rate`` (Mbit/s; ``none``
-= uncapped), ``--latency`` (ms, one way) and ``--loss`` (percent) are the link axes. A grid file
+``hidden``'s values contain commas, so separate them with ``;``); the same field given twice
+(``--set seed=0 --set seed=1``) sweeps the values of both, in order, without repeats.
+``--seeds 0,1,2`` is ``--set seed=0,1,2`` (repeated runs of every point, one per seed).
+``--rate`` (Mbit/s; ``none`` = uncapped), ``--latency`` (ms, one way) and ``--loss`` (percent)
+are the link axes. A grid file
 (``--grid FILE.json``) holds the same: ``{"methods": [...], "set": {"field": [values]},
 "rate_mbit": [10, null], "latency_ms": [0], "loss_pct": [0]}``; options given on the command
 line replace the file's values for that axis (``--set`` per field).
@@ -427,8 +430,9 @@ def _as_list(value: Any) -> list[Any]:
 
 def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str | None,
                         latency: str | None, loss: str | None, grid: str | None,
-                        cluster: bool) -> list[Point]:
-    """The grid of the command line (and ``--grid`` file), validated."""
+                        cluster: bool, seeds: str | None = None) -> list[Point]:
+    """The grid of the command line (and ``--grid`` file), validated; ``seeds``: the
+    ``--seeds`` list, a ``seed`` axis merged with any ``--set seed=...``."""
     spec = _grid_from_file(grid) if grid else {}
     axes: dict[str, list[Any]] = {}
     for name, values in (spec.get("set") or {}).items():
@@ -437,9 +441,17 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
                       for v in _as_list(values)]
         for v in axes[name]:
             parse_value(name, str(v))  # checks the field name
-    for item in sets:
-        name, values = parse_axis(item)
-        axes[name] = values
+    given: dict[str, list[Any]] = {}
+    parsed = [parse_axis(item) for item in sets]
+    if seeds is not None:
+        try:
+            parsed.append(parse_axis(f"seed={seeds}"))
+        except ConfigError as err:
+            raise ConfigError("--seeds", str(err).split(": ", 1)[-1]) from None
+    for name, values in parsed:
+        merged = given.setdefault(name, [])
+        merged += [v for v in values if v not in merged]
+    axes.update(given)
     rates = parse_link_list("--rate", rate, True) if rate is not None else \
         [None if r in (None, 0) else float(r) for r in _as_list(spec.get("rate_mbit", None))]
     latencies = parse_link_list("--latency", latency, False) if latency is not None else \
@@ -457,6 +469,8 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
 @click.option("--set", "-s", "sets", multiple=True, metavar="FIELD=V1[,V2...]",
               help="A TrainConfig field and its values (repeatable); one value = fixed. "
                    "Separate hidden's values with ';'.")
+@click.option("--seeds", default=None, metavar="S1,S2",
+              help="Seeds: every point once per seed (the same as --set seed=S1,S2).")
 @click.option("--rate", default=None, metavar="R1,R2",
               help="Link rates in Mbit/s; none = uncapped (default: uncapped).")
 @click.option("--latency", default=None, metavar="L1,L2",
@@ -469,9 +483,9 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
 @click.option("--dry-run", is_flag=True, help="List the points and whether they are done.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar over points on stderr.")
-def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], rate: str | None,
-          latency: str | None, loss: str | None, grid: str | None, cluster: bool,
-          dry_run: bool, progress: bool) -> None:
+def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: str | None,
+          rate: str | None, latency: str | None, loss: str | None, grid: str | None,
+          cluster: bool, dry_run: bool, progress: bool) -> None:
     """Run a grid of training jobs into OUT_DIR, one directory per point, skipping points
     already done there (run the same command again to resume).
 
@@ -487,7 +501,7 @@ def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], rate: s
           -m ps-topk-ef -m ps-onebit --rate 10 --set workers=4 --set eval_every=25
     """
     try:
-        points = points_from_options(methods, sets, rate, latency, loss, grid, cluster)
+        points = points_from_options(methods, sets, rate, latency, loss, grid, cluster, seeds)
     except ConfigError as err:
         raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
     if dry_run:

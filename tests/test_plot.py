@@ -202,3 +202,129 @@ def test_run_labels_name_what_differs_and_number_repeats():
                {"method": "ddp"}, {"method": "ddp"}]
     assert run_labels(configs) == ["PS onebit b512 seed=0", "PS onebit b512 seed=1",
                                    "DDP fp32 #1", "DDP fp32 #2"]
+
+
+# ---- several seeds per point, and communication per step against W --------------------------
+RATE10 = {"rate_mbit": 10.0, "latency_ms": 0.0, "loss_pct": 0.0, "hosts": 4}
+PAYLOAD = 8 * 1448   # one worker's payload per direction: 8 full frames
+
+
+def write_ps_run(path: Path, clock, accuracies, seconds_per_step, workers, **config):
+    """A PS run whose step records carry per-server bytes: every worker's payload is PAYLOAD
+    bytes each way, split into W equal shards when colocated."""
+    clock[0] = 0.0
+    cfg = TrainConfig(bucket_size=512).replace(workers=workers, steps=STEPS, **config)
+    colocated = cfg.colocate
+    shards = workers if colocated else 1
+    remote = workers - 1 if colocated else workers
+    per = PAYLOAD // shards
+    servers = [{"bytes_up": remote * per, "bytes_down": remote * per, "skipped": 0}] * shards
+    rec = RunRecorder(path, cfg.to_dict())
+    for t in range(1, STEPS + 1):
+        clock[0] = t * seconds_per_step
+        rec.step(t, 1.0 / t, remote * per * shards, remote * per * shards,
+                 {"compute": 0.1 * seconds_per_step, "communicate": 0.9 * seconds_per_step},
+                 extra={"servers": servers, "bytes_stats": 0})
+        if t % 2 == 0:
+            rec.eval(t, 1.0, accuracies[t // 2 - 1])
+    rec.summary(test_accuracy=accuracies[-1], test_loss=1.0, steps=STEPS, workers=workers,
+                params=PARAMS, fp32_bytes_up=1, fp32_bytes_down=1, compressor="onebit",
+                method="ps")
+    rec.close()
+    (path / "link.json").write_text(json.dumps(RATE10))
+    return path
+
+
+REACH = [0.3, 0.5, 0.7, 0.78, 0.8]   # 70% first at step 6
+MISS = [0.2, 0.3, 0.4, 0.5, 0.6]
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory, clock):
+    root = tmp_path_factory.mktemp("seeded")
+    for seed, sps in zip((0, 1, 2), (10.0, 12.0, 14.0), strict=True):
+        write_run(root / f"ddp-s{seed}", clock, REACH, sps, 16000, link=RATE10, method="ddp",
+                  ddp_hook="none", seed=seed)
+    for seed, sps, acc in ((0, 1.0, REACH), (1, 2.0, REACH), (2, 3.0, MISS)):
+        write_ps_run(root / f"coloc-w4-s{seed}", clock, acc, sps, 4, colocate=True, seed=seed)
+    write_ps_run(root / "coloc-w2", clock, REACH, 0.5, 2, colocate=True)
+    write_ps_run(root / "star-w2", clock, REACH, 1.0, 2)
+    write_ps_run(root / "star-w4", clock, REACH, 2.0, 4)
+    return root
+
+
+def test_several_seeds_give_mean_spread_and_paired_speedup(seeded, tmp_path):
+    rows = section(report_for([seeded], 0.7, tmp_path), "10 Mbit/s, 0 ms")
+    ddp = rows["DDP fp32"]
+    assert ddp["W"] == "4" and ddp["seeds"] == "3" and ddp["reached"] == "3/3"
+    assert ddp["time to target (s)"] == "72.00 [60.00–84.00]"    # steps 6 x 10, 12, 14 s
+    assert ddp["speed-up vs DDP fp32"] == "1.00x [1.00–1.00]"
+    coloc = [line for line in report_for([seeded], 0.7, tmp_path).splitlines()
+             if line.startswith("| PS onebit b512 colocated | 4 |")]
+    cells = [c.strip() for c in coloc[0].strip("|").split("|")]
+    # bits: 3 x 2896 B x 4 shards x 8 / (1000 params x 4 workers); MB at step 6: 6 x 2 x
+    # 34752 B; seeds 0 and 1 reached: (60 + 72) / (6 + 12) = 7.33x, per seed 10x and 6x
+    assert cells[2:] == ["3", "69.504", "73.3% [60.0–80.0]", "2/3", "0.417 [0.417–0.417]",
+                         "9.00 [6.00–12.00]", "7.33x [6.00–10.00]"]
+
+
+def test_a_point_without_ddp_at_its_worker_count_says_so(seeded, tmp_path):
+    report = report_for([seeded], 0.7, tmp_path)
+    line = next(x for x in report.splitlines() if x.startswith("| PS onebit b512 colocated | 2 |"))
+    assert line.rstrip(" |").endswith("no DDP fp32 run")
+
+
+def test_scaling_rows_match_the_link_model_by_hand(seeded):
+    from dist_quant.plot.scaling import scaling
+
+    data = scaling(group_by_cap(find_runs([seeded])))
+    rows = {(r.label, r.workers): r for r in data["10 Mbit/s, 0 ms"]}
+    rate = 10e6 / 8
+    # star: W payloads of 8 frames (1514 B each on the wire) in, then W out, at the server
+    assert rows[("PS onebit b512", 2)].predicted_s == pytest.approx(2 * 2 * 8 * 1514 / rate)
+    assert rows[("PS onebit b512", 4)].predicted_s == pytest.approx(2 * 4 * 8 * 1514 / rate)
+    # colocated: per phase every rank receives W - 1 shards of 8 / W frames
+    assert rows[("PS onebit b512 colocated", 2)].predicted_s == pytest.approx(
+        2 * 1 * 4 * 1514 / rate)
+    assert rows[("PS onebit b512 colocated", 4)].predicted_s == pytest.approx(
+        2 * 3 * 2 * 1514 / rate)
+    assert rows[("PS onebit b512 colocated", 4)].runs == 3
+    assert rows[("PS onebit b512 colocated", 4)].measured_s == pytest.approx(0.9 * 2.0)
+    assert rows[("PS onebit b512 colocated", 4)].growth == pytest.approx(2.0 / 0.5)
+    assert rows[("PS onebit b512 colocated", 4)].step_s == pytest.approx(2.0)   # 1, 2, 3 s
+    assert rows[("PS onebit b512", 4)].growth == pytest.approx(2.0)
+    assert ("DDP fp32", 4) in rows
+
+
+def test_plot_writes_the_scaling_figure_and_table_when_several_w_exist(seeded, sweep, tmp_path):
+    result = run_plot(seeded, "--target", "0.7", "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    raw = (tmp_path / "a" / "scaling.png").read_bytes()
+    assert raw[:8] == PNG_SIGNATURE
+    assert matplotlib.image.imread(tmp_path / "a" / "scaling.png")[..., :3].std() > 0.05
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "## Communication per step against W (10 Mbit/s, 0 ms)" in report
+    assert ("| PS onebit b512 colocated | 4 | 3 | 1800.00 | 14.53 | 123.84 | 4.00x | 2000.00 |"
+            in report)
+    result = run_plot(sweep, "--out", tmp_path / "b")   # one W only: no scaling figure
+    assert result.exit_code == 0 and not (tmp_path / "b" / "scaling.png").exists()
+    assert "against W" not in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_a_batch_size_that_follows_w_stays_one_method(tmp_path, clock):
+    """A fixed global batch (1024 per worker at W = 2, 512 at W = 4) keeps one series; two
+    batch sizes at one W are two points, named by their batch size."""
+    from dist_quant.plot.report import points
+    from dist_quant.plot.scaling import scaling
+
+    write_ps_run(tmp_path / "w2", clock, REACH, 0.5, 2, colocate=True, batch_size=1024)
+    write_ps_run(tmp_path / "w4", clock, REACH, 1.5, 4, colocate=True, batch_size=512)
+    rows = scaling(group_by_cap(find_runs([tmp_path])))["10 Mbit/s, 0 ms"]
+    assert [(r.label, r.workers) for r in rows] == [("PS onebit b512 colocated", 2),
+                                                    ("PS onebit b512 colocated", 4)]
+    assert rows[1].growth == pytest.approx(3.0)
+    write_ps_run(tmp_path / "w4b", clock, REACH, 1.5, 4, colocate=True, batch_size=256)
+    names = {p.label for p in points(find_runs([tmp_path]))}
+    assert names == {"PS onebit b512 colocated",
+                     "PS onebit b512 colocated batch_size=512",
+                     "PS onebit b512 colocated batch_size=256"}

@@ -141,3 +141,26 @@ def test_a_failed_point_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert status["broken"]["returncode"] != 0 and status["broken"]["error"]
     assert status["broken"]["log_tail"]
     assert "FAILED" in result.output and "1 failed" in result.output
+
+
+def test_seeds_and_repeated_set_of_one_field_sweep_every_value_once(tmp_path):
+    def seeds_of(**kw):
+        args = dict(methods=("ddp-fp32",), sets=("workers=2",), rate=None, latency=None,
+                    loss=None, grid=None, cluster=False)
+        return [p.cfg.seed for p in points_from_options(**{**args, **kw})]
+
+    assert seeds_of(seeds="0,1,2") == [0, 1, 2]
+    assert seeds_of(sets=("workers=2", "seed=0", "seed=1,2", "seed=1")) == [0, 1, 2]
+    assert seeds_of(sets=("seed=3",), seeds="0,3") == [3, 0]
+    points = points_from_options(("ddp-fp32", "ps-colocated"), ("workers=2",), "10", None,
+                                 None, None, False, "0,1,2")
+    assert len({p.name for p in points}) == 6 and {p.name.split("_")[-2] for p in points} == \
+        {"s0", "s1", "s2"}
+    with pytest.raises(ConfigError, match="--seeds"):
+        seeds_of(seeds="0,one")
+    result = CliRunner().invoke(sweep, [str(tmp_path / "out"), "-m", "ddp-fp32", "--seeds",
+                                        "0,1", "--set", "workers=2", "--dry-run"])
+    assert result.exit_code == 0 and result.output.count("[local, to run]") == 2
+    result = CliRunner().invoke(sweep, [str(tmp_path / "out"), "-m", "ddp-fp32", "--seeds",
+                                        "x", "--dry-run"])
+    assert result.exit_code == 2 and "--seeds" in result.output

@@ -25,7 +25,9 @@ from dist_quant.errors import ConfigError
                    "accuracy over the runs given, rounded down to 0.1 point).")
 def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> None:
     """Plot accuracy against bytes and wall time, phase times, bytes and time to a target
-    accuracy, and write report.md with one table per link cap.
+    accuracy, and write report.md with one table per link cap (mean and spread over seeds
+    where a point has several); with runs at several worker counts under a capped link, also
+    communication per step against W beside the link model (scaling.png).
 
     Each path is a run directory (holding summary.json) or a sweep directory searched for
     them recursively.
@@ -38,6 +40,7 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
                                    "matplotlib)") from None
     from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
     from dist_quant.plot.runs import find_runs, group_by_cap
+    from dist_quant.plot.scaling import scaling
 
     try:
         runs = find_runs(list(paths))
@@ -52,7 +55,8 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
                 f"{len(runs)} runs, rounded down to 0.1 point; set with --target")
     else:
         note = "given with --target"
-    figures = draw_all(groups, target, out)
-    report = write_report(groups, target, note, figures, out)
+    per_w = scaling(groups)
+    figures = draw_all(groups, target, out, per_w)
+    report = write_report(groups, target, note, figures, out, per_w)
     for path in [*figures, report]:
         click.echo(str(path))

@@ -8,6 +8,9 @@ colour in every figure.
   communicate, decode, update), stacked, one bar per method.
 - ``to_target.png``: MB (up + down) and wall seconds to the target accuracy, one bar per
   method (log x); a method that never reaches it is marked "not reached".
+- ``scaling.png`` (only where a capped link has runs at several worker counts): communication
+  milliseconds per step against W, measured (solid) beside the link model's prediction
+  (dashed), one line pair per method (:mod:`dist_quant.plot.scaling`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from matplotlib.lines import Line2D
 from dist_quant.metrics import PHASES
 from dist_quant.plot.report import first_at_target
 from dist_quant.plot.runs import Run
+from dist_quant.plot.scaling import ScalingRow
 
 Groups = dict[str, list[Run]]
 DPI = 110
@@ -63,6 +67,11 @@ def log_x(ax) -> None:
     ax.xaxis.set_minor_formatter(MinorLogLabels())
 
 
+def legend_room(groups: Groups) -> float:
+    """Inches a legend of the run labels takes beside the panels."""
+    return 0.5 + 0.065 * max(len(r.label) for members in groups.values() for r in members)
+
+
 def method_legend(fig: Figure, colour: dict[str, tuple[float, ...]], extra=()) -> None:
     handles = [Line2D([], [], color=c, marker=".", label=label) for label, c in colour.items()]
     fig.legend(handles=[*handles, *extra], loc="outside right upper", fontsize="small")
@@ -81,7 +90,7 @@ def save(fig: Figure, out: Path, name: str) -> Path:
 
 def accuracy_vs_bytes(groups: Groups, target: float, out: Path) -> Path:
     colour = colours(groups)
-    fig, axes = new_figure(len(groups), 2, 4.6, 3.2)
+    fig, axes = new_figure(len(groups), 2, 4.6 + legend_room(groups) / 2, 3.2)
     for row, (cap, members) in zip(axes, groups.items(), strict=True):
         for ax, total, what in ((row[0], False, "uplink"), (row[1], True, "uplink + downlink")):
             for run in members:
@@ -102,7 +111,7 @@ def accuracy_vs_bytes(groups: Groups, target: float, out: Path) -> Path:
 
 def accuracy_vs_time(groups: Groups, target: float, out: Path) -> Path:
     colour = colours(groups)
-    fig, axes = new_figure(1, len(groups), 4.6, 3.4)
+    fig, axes = new_figure(1, len(groups), 4.6 + legend_room(groups) / len(groups), 3.4)
     for ax, (cap, members) in zip(axes[0], groups.items(), strict=True):
         for run in members:
             pts = [(e["wall"], 100 * e["test_accuracy"]) for e in run.evals if e["wall"] > 0]
@@ -118,6 +127,12 @@ def accuracy_vs_time(groups: Groups, target: float, out: Path) -> Path:
     return save(fig, out, "accuracy_vs_time.png")
 
 
+def bar_width(groups: Groups) -> float:
+    """Inches per panel of a bar chart: room for its longest label (seed=, workers=)."""
+    longest = max(len(r.label) for members in groups.values() for r in members)
+    return max(4.6, 2.6 + 0.075 * longest)
+
+
 def mean_phase_ms(run: Run) -> dict[str, float]:
     n = max(len(run.steps), 1)
     return {p: 1000 * sum(s["time"].get(p, 0.0) for s in run.steps) / n for p in PHASES}
@@ -128,7 +143,7 @@ def time_per_phase(groups: Groups, out: Path) -> Path:
 
     cmap = matplotlib.colormaps["Set2"]
     most = max(len(m) for m in groups.values())
-    fig, axes = new_figure(1, len(groups), 4.6, 1.1 + 0.4 * most)
+    fig, axes = new_figure(1, len(groups), bar_width(groups), 1.1 + 0.4 * most)
     for ax, (cap, members) in zip(axes[0], groups.items(), strict=True):
         labels = [r.label for r in members]
         left = [0.0] * len(members)
@@ -151,7 +166,7 @@ def time_per_phase(groups: Groups, out: Path) -> Path:
 def to_target(groups: Groups, target: float, out: Path) -> Path:
     colour = colours(groups)
     most = max(len(m) for m in groups.values())
-    fig, axes = new_figure(len(groups), 2, 4.6, 1.0 + 0.4 * most)
+    fig, axes = new_figure(len(groups), 2, bar_width(groups), 1.0 + 0.4 * most)
     for row, (cap, members) in zip(axes, groups.items(), strict=True):
         hits = [first_at_target(r, target) for r in members]
         values = {
@@ -181,6 +196,39 @@ def to_target(groups: Groups, target: float, out: Path) -> Path:
     return save(fig, out, "to_target.png")
 
 
-def draw_all(groups: Groups, target: float, out: Path) -> list[Path]:
-    return [accuracy_vs_bytes(groups, target, out), accuracy_vs_time(groups, target, out),
-            time_per_phase(groups, out), to_target(groups, target, out)]
+def scaling_figure(data: dict[str, list[ScalingRow]], out: Path) -> Path:
+    import matplotlib
+
+    labels = list(dict.fromkeys(r.label for rows in data.values() for r in rows))
+    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
+    colour = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    fig, axes = new_figure(1, len(data), 5.2, 3.6 + 0.22 * (len(labels) + 2))
+    for ax, (cap, rows) in zip(axes[0], data.items(), strict=True):
+        for label in dict.fromkeys(r.label for r in rows):
+            mine = [r for r in rows if r.label == label]
+            ws = [r.workers for r in mine]
+            ax.plot(ws, [1e3 * r.measured_s for r in mine], marker="o", color=colour[label])
+            ax.plot(ws, [1e3 * r.predicted_s for r in mine], marker="x", linestyle="--",
+                    color=colour[label])
+        ax.set_xticks(sorted({r.workers for r in rows}))
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, pos: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(MinorLogLabels())
+        ax.set_xlabel("workers W")
+        ax.set_ylabel("communication per step (ms)")
+        ax.set_title(cap, fontsize="medium")
+        ax.grid(True, which="both", alpha=0.3)
+    styles = [Line2D([], [], color="black", marker="o", label="measured"),
+              Line2D([], [], color="black", marker="x", linestyle="--", label="link model")]
+    handles = [Line2D([], [], color=c, marker=".", label=label) for label, c in colour.items()]
+    fig.legend(handles=[*handles, *styles], loc="outside lower center", fontsize="small")
+    return save(fig, out, "scaling.png")
+
+
+def draw_all(groups: Groups, target: float, out: Path,
+             scaling: dict[str, list[ScalingRow]] | None = None) -> list[Path]:
+    figures = [accuracy_vs_bytes(groups, target, out), accuracy_vs_time(groups, target, out),
+               time_per_phase(groups, out), to_target(groups, target, out)]
+    if scaling:
+        figures.append(scaling_figure(scaling, out))
+    return figures

@@ -95,8 +95,10 @@ def topology_label(c: dict[str, Any]) -> str:
     return f" S={c['servers']}" if c.get("servers", 1) > 1 else ""
 
 
-def run_labels(configs: list[dict[str, Any]]) -> list[str]:
-    """``method_label`` of each config, made unique by the fields in which equal names differ."""
+def run_labels(configs: list[dict[str, Any]], ignore: frozenset[str] = frozenset(),
+               number: bool = True) -> list[str]:
+    """``method_label`` of each config, made unique by the fields in which equal names differ
+    (but ``ignore``); identical configs are numbered ``#1, #2`` when ``number``."""
     labels = [method_label(c) for c in configs]
     groups: dict[str, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
@@ -106,11 +108,13 @@ def run_labels(configs: list[dict[str, Any]]) -> list[str]:
         if len(members) < 2:
             continue
         full = [resolved(configs[i]) for i in members]
-        keys = sorted({k for f in full for k in f} - BOOKKEEPING)
+        keys = sorted({k for f in full for k in f} - BOOKKEEPING - ignore)
         keys = [k for k in keys if len({repr(f.get(k)) for f in full}) > 1]
         for i, f in zip(members, full, strict=True):
             extra = " ".join(f"{k}={f.get(k)}" for k in keys)
             out[i] = f"{label} {extra}" if extra else label
+    if not number:
+        return out
     counts = {label: out.count(label) for label in out}
     seen: dict[str, int] = defaultdict(int)
     for i, label in enumerate(list(out)):  # identical configs (a repeated run): number them

@@ -10,8 +10,17 @@ For a run under a given link:
   of the first evaluation line with ``test_accuracy >= target``; "not reached" when none is.
 - speed-up: time to target of DDP fp32 (config ``method=ddp``, ``ddp_hook=none``) under the same
   link, divided by the run's. The baseline is the DDP fp32 run with the same seed and worker
-  count when there is one, else the first DDP fp32 run of that link.
+  count when there is one, else the first with the same worker count ("no DDP fp32 run" when
+  the link has none at that W).
 - wire / payload (uplink), where the cluster recorded ``wire.json``.
+
+Several seeds. When some point (a method at a worker count W under a link) was run with
+several seeds, each table has one row per point: the seeds' mean of each figure with its
+spread ``[min–max]`` over the seeds; time and MB to target over the seeds that reached the
+target (``reached k/n`` says how many). Speed-up of the point: the mean over seeds of DDP
+fp32's time to target over the mean of the method's, both over the seeds where both reached
+it (each seed paired with DDP fp32 of the same seed and W); its spread is the min–max of the
+per-seed ratios.
 
 Default target: 90% of the best final test accuracy over all the runs given, rounded down to
 0.1 percentage point, the same for every link (synchronous training reaches the same accuracy
@@ -59,9 +68,9 @@ def wire_ratio_up(run: Run) -> float | None:
 
 def baseline(run: Run, members: list[Run]) -> Run | None:
     candidates = [r for r in members if r.is_ddp_fp32]
-    same = [r for r in candidates if r.config.get("seed") == run.config.get("seed")
-            and r.summary["workers"] == run.summary["workers"]]
-    return (same or candidates or [None])[0]
+    workers = [r for r in candidates if r.summary["workers"] == run.summary["workers"]]
+    same = [r for r in workers if r.config.get("seed") == run.config.get("seed")]
+    return (same or workers or [None])[0]
 
 
 @dataclass(frozen=True)
@@ -120,8 +129,123 @@ def table(members: list[Run], target: float) -> str:
     return "\n".join(lines)
 
 
+# ---- several seeds per point ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Spread:
+    """Mean and range of one figure over the seeds of a point."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> Spread | None:
+        if not values:
+            return None
+        return cls(sum(values) / len(values), min(values), max(values), len(values))
+
+    def text(self, spec: str, unit: str = "") -> str:
+        if self.n == 1:
+            return f"{self.mean:{spec}}{unit}"
+        return f"{self.mean:{spec}}{unit} [{self.low:{spec}}–{self.high:{spec}}]"
+
+
+@dataclass
+class Point:
+    """The runs of one method at one worker count under one link (one per seed)."""
+
+    label: str
+    workers: int
+    runs: list[Run]
+
+
+def points(members: list[Run]) -> list[Point]:
+    """``members`` grouped by method (label without seed, worker count and batch size) and W,
+    in the order of ``members``, then by W. The batch size usually follows W (a fixed global
+    batch); where one method has runs of several batch sizes at one W, they are separate
+    points named ``batch_size=B``."""
+    from dist_quant.plot.labels import run_labels
+
+    labels = run_labels([r.config for r in members],
+                        ignore=frozenset({"seed", "workers", "batch_size"}), number=False)
+    batches: dict[tuple[str, int], set] = {}
+    for run, label in zip(members, labels, strict=True):
+        batches.setdefault((label, int(run.summary["workers"])), set()).add(
+            run.config.get("batch_size"))
+    found: dict[tuple[str, int, Any], Point] = {}
+    for run, label in zip(members, labels, strict=True):
+        w, batch = int(run.summary["workers"]), run.config.get("batch_size")
+        name = label if len(batches[(label, w)]) == 1 else f"{label} batch_size={batch}"
+        found.setdefault((name, w, batch), Point(name, w, [])).runs.append(run)
+    return sorted(found.values(), key=lambda p: p.workers)
+
+
+def has_several_seeds(groups: dict[str, list[Run]]) -> bool:
+    return any(len(p.runs) > 1 for members in groups.values() for p in points(members))
+
+
+@dataclass(frozen=True)
+class PointRow:
+    label: str
+    workers: int
+    seeds: int
+    reached: int
+    bits: float
+    accuracy: Spread
+    mb_total: Spread | None
+    seconds: Spread | None
+    speedup: float | None         # ratio of mean times over the paired seeds
+    speedup_spread: Spread | None  # the per-seed ratios
+    speedup_note: str
+
+
+def point_rows(members: list[Run], target: float) -> list[PointRow]:
+    out = []
+    for pt in points(members):
+        hits = [(run, first_at_target(run, target)) for run in pt.runs]
+        reached = [(run, h) for run, h in hits if h is not None]
+        pairs = []
+        for run, hit in reached:
+            base = baseline(run, members)
+            base_hit = first_at_target(base, target) if base else None
+            if base_hit is not None:
+                pairs.append((base_hit["wall"], hit["wall"]))
+        speedup = None
+        note = ("no DDP fp32 run" if all(baseline(r, members) is None for r in pt.runs) else
+                NOT_REACHED if not reached else "DDP fp32 " + NOT_REACHED)
+        if pairs:
+            speedup, note = sum(b for b, _ in pairs) / sum(t for _, t in pairs), ""
+        out.append(PointRow(
+            pt.label, pt.workers, len(pt.runs), len(reached),
+            sum(bits_per_coordinate(r) for r in pt.runs) / len(pt.runs),
+            Spread.of([final_accuracy(r) for r in pt.runs]),
+            Spread.of([(h["cum_bytes_up"] + h["cum_bytes_down"]) / 1e6 for _, h in reached]),
+            Spread.of([h["wall"] for _, h in reached]),
+            speedup, Spread.of([b / t for b, t in pairs]), note))
+    return out
+
+
+def seeds_table(members: list[Run], target: float) -> str:
+    head = ["method", "W", "seeds", "bits/coord (up)", "final acc", "reached",
+            "MB total to target", "time to target (s)", "speed-up vs DDP fp32"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in point_rows(members, target):
+        acc = Spread(*(100 * v for v in (r.accuracy.mean, r.accuracy.low, r.accuracy.high)),
+                     r.accuracy.n)
+        speedup = r.speedup_note if r.speedup is None else (
+            f"{r.speedup:.2f}x" + ("" if r.speedup_spread.n == 1 else
+                                   f" [{r.speedup_spread.low:.2f}–{r.speedup_spread.high:.2f}]"))
+        cells = [r.label, str(r.workers), str(r.seeds), f"{r.bits:.3f}", acc.text(".1f", "%"),
+                 f"{r.reached}/{r.seeds}",
+                 NOT_REACHED if r.mb_total is None else r.mb_total.text(".4g"),
+                 NOT_REACHED if r.seconds is None else r.seconds.text(".2f"), speedup]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
-                 figures: list[Path], out: Path) -> Path:
+                 figures: list[Path], out: Path, scaling: dict | None = None) -> Path:
     runs = [r for members in groups.values() for r in members]
     parts = [
         "# Bandwidth versus convergence", "",
@@ -130,8 +254,19 @@ def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
         "bytes x 8 / (params x steps x workers). MB = 10^6 bytes, counted at the first "
         "evaluation at or above the target, as is the time to target (wall seconds). Speed-up: "
         "DDP fp32's time to target under the same link over the method's.", ""]
+    seeds = has_several_seeds(groups)
+    if seeds:
+        parts += ["Several seeds per point: mean [min–max] over the seeds; time and MB to "
+                  "target over the seeds that reached it; speed-up = mean DDP fp32 time over "
+                  "mean time of the method (seeds where both reached the target), "
+                  "[min–max] of the per-seed ratios.", ""]
     for cap, members in groups.items():
-        parts += [f"## {cap}", "", table(members, target), ""]
+        parts += [f"## {cap}", "", seeds_table(members, target) if seeds else
+                  table(members, target), ""]
+    if scaling:
+        from dist_quant.plot.scaling import scaling_table
+
+        parts += scaling_table(scaling)
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
     parts += ["## Runs", ""] + [f"- `{r.path}`: {r.label} ({r.cap})" for r in runs] + [""]
     path = out / "report.md"
