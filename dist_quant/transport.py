@@ -1,48 +1,18 @@
-"""How payloads travel between the parameter server and its W workers.
+"""Point-to-point links between ranks, and how a lost peer is named.
 
-Every message is a flat tensor whose size both ends know from the config before it is sent,
-moved with point-to-point ``isend``/``irecv`` between the server and each worker (one link per
-worker and direction, so the bytes of each link are what that link carried). Nothing on the
-training path is pickled.
-
-Messages of one synchronous step ``t`` (``n`` = parameter count, ``k`` = BatchNorm running
-statistics count, ``up``/``down`` = the compressors' ``payload_nbytes(n)``):
-
-======================  ==========================  ===============================  =========
-message                 direction                   tensor                           counted
-======================  ==========================  ===============================  =========
-gradient payload        worker i -> server          ``uint8[up]``                    up
-telemetry               worker i -> server          ``float64[4]``: loss, decode s,   no
-                                                    compute s, encode s
-BN running statistics   worker i -> server          ``float32[k]`` (evaluation        up
-                                                    steps only)
-control                 server -> worker i          ``int64[1]``: continue / last /   no
-                                                    abort
-parameters payload      server -> worker i          ``uint8[down]``                  down
-worker state            worker i -> server (or      ``int64[1]`` size, then           no
-                        back, on resume)            ``uint8[size]`` (checkpoints
-                                                    only)
-======================  ==========================  ===============================  =========
-
-Byte counting. ``bytes_up`` and ``bytes_down`` add the size of every counted tensor handed to
-this transport: on the server, the uplink tensors it receives and the downlink tensors it
-sends (the sizes are fixed, so this equals what the workers handed to theirs). Per step that
-is exactly ``W * up`` bytes up (plus ``W * 4k`` at evaluation steps) and ``W * down`` bytes
-down. Telemetry, control and checkpoint traffic are bookkeeping, not training payload, and
-are left out (a few dozen bytes per step; a link-level measurement sees them).
+:class:`Transport` holds the primitives the parameter-server job moves its messages with
+(:mod:`dist_quant.roles.fabric` builds every message of a step on them): ``isend``/``irecv``
+of flat tensors whose sizes both ends know from the config, on a process group whose timeout
+``T`` bounds every wait. Nothing on the training path is pickled; states at checkpoints and on
+resume travel as ``weights_only`` blobs (:func:`blob_from`, :func:`blob_to`).
 
 A peer that dies or stops answering makes the waiting side raise :class:`PeerLostError`
-naming the peer and the message, after at most the process-group timeout ``T``. Who is
-blamed must be the peer that stopped: a worker waits for the server ``T + SERVER_GRACE``
-seconds (the server's own wait on a hung worker starts after the healthy workers' waits and
-ends at ``T``), and a server that loses worker ``j`` tells the others with the control code
-``LOST + j's rank`` (:meth:`Transport.notify_lost`) before it ends, so every rank reports
-the same lost peer; the workers still waiting for the server raise :class:`PeerLostError`
-naming that rank. For that message to reach a worker whose own sends the server has stopped
-receiving (gloo completes a send only once the peer receives it), a worker's sends are
-completed lazily: :meth:`Transport.send_to_server` posts the send, and the next
-:meth:`Transport.recv_from_server` waits for its message first and for the posted sends after
-(:meth:`Transport.flush` at the end of the run). The tensors stay referenced until then.
+naming the peer and the message, after at most ``T``. Who is blamed must be the peer that
+stopped: the others wait for the leader (``server_rank`` here) ``T + SERVER_GRACE`` seconds, so
+the leader's own wait on a hung rank ends first, and a leader that loses rank ``j`` tells every
+other rank through a separate gloo group (:meth:`Transport.notify_lost`, the notice
+``LOST + j``; :meth:`Transport.watch_notices` waits for it in a thread), so every rank reports
+the same lost peer. A run that ends normally sends ``DONE``.
 """
 
 from __future__ import annotations
@@ -60,14 +30,12 @@ import torch.distributed as dist
 # message tags (gloo matches on (peer, tag); nccl orders per peer and ignores them)
 TAG_PAYLOAD, TAG_TELEMETRY, TAG_STATS, TAG_CONTROL, TAG_DOWN, TAG_SIZE, TAG_BLOB = range(1, 8)
 
-# control codes sent to every worker after each step
+# control codes the leader sends every rank after each step
 CONTINUE, LAST, ABORT = 0, 1, 2
-DONE, LOST = 0, 1 << 20  # notices: the run ended; LOST + r: the server lost rank r
+DONE, LOST = 0, 1 << 20  # notices: the run ended; LOST + r: the leader lost rank r
 TAG_NOTICE = 8
 SERVER_GRACE = 3.0  # seconds a worker waits for the server beyond the timeout
 NOTIFY_S = 2.0  # seconds the server spends telling the other workers which rank was lost
-
-TELEMETRY = ("loss", "decode", "compute", "encode")  # worker -> server, per step
 
 
 class PeerLostError(RuntimeError):
@@ -99,11 +67,10 @@ def blob_to(tensor: torch.Tensor) -> Any:
 
 
 class Transport:
-    """Point-to-point exchange between the server rank and the worker ranks.
-
-    ``worker_ranks[i]`` is the global rank of worker ``i``. The server uses the ``*_workers``
-    methods, a worker the ``*_server`` ones. ``group`` is the process group whose timeout
-    bounds every wait (None = the default group).
+    """Point-to-point primitives between ``server_rank`` (the rank that names lost peers) and
+    the ``worker_ranks`` (the others). ``group`` is the process group whose timeout bounds every
+    wait (None = the default group); ``timeout`` adds ``SERVER_GRACE`` to the waits on the
+    server; ``notice_group`` carries the lost-peer notices (None: no notices).
     """
 
     def __init__(self, server_rank: int, worker_ranks: list[int], device: torch.device,
@@ -116,8 +83,6 @@ class Transport:
         self.server_rank = int(server_rank)
         self.worker_ranks = [int(r) for r in worker_ranks]
         self.device = torch.device(device)
-        self.bytes_up = 0
-        self.bytes_down = 0
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
         return dist.isend(tensor, dst=peer, group=self.group, tag=tag)
@@ -190,76 +155,3 @@ class Transport:
         if rank == self.server_rank:
             return f"rank {rank} (the server)"
         return f"rank {rank} (worker {self.worker_ranks.index(rank)})"
-
-    @property
-    def num_workers(self) -> int:
-        return len(self.worker_ranks)
-
-    # ---- server side ---------------------------------------------------------------------
-    def recv_from_workers(self, numel: int, dtype: torch.dtype, tag: int, what: str,
-                          counted: bool = False) -> torch.Tensor:
-        """One ``[W, numel]`` tensor: row ``i`` comes from worker ``i``."""
-        out = torch.empty(self.num_workers, numel, dtype=dtype, device=self.device)
-        works = [self._irecv(out[i], r, tag) for i, r in enumerate(self.worker_ranks)]
-        self._wait(works, what, self.worker_ranks)
-        if counted:
-            self.bytes_up += out.numel() * out.element_size()
-        return out
-
-    def send_to_workers(self, tensor: torch.Tensor, tag: int, what: str,
-                        counted: bool = False) -> None:
-        """The same flat tensor to every worker, one point-to-point send per link."""
-        tensor = tensor.to(self.device).contiguous()
-        works = [self._isend(tensor, r, tag) for r in self.worker_ranks]
-        self._wait(works, what, self.worker_ranks)
-        if counted:
-            self.bytes_down += self.num_workers * tensor.numel() * tensor.element_size()
-
-    def recv_blobs(self, what: str) -> list[Any]:
-        sizes = self.recv_from_workers(1, torch.int64, TAG_SIZE, what)
-        out = []
-        for i, r in enumerate(self.worker_ranks):
-            buf = torch.empty(int(sizes[i, 0]), dtype=torch.uint8, device=self.device)
-            self._wait([self._irecv(buf, r, TAG_BLOB)], what, [r])
-            out.append(blob_to(buf))
-        return out
-
-    def send_blobs(self, objs: list[Any], what: str) -> None:
-        for r, obj in zip(self.worker_ranks, objs, strict=True):
-            blob = blob_from(obj).to(self.device)
-            size = torch.tensor([blob.numel()], dtype=torch.int64, device=self.device)
-            works = [self._isend(size, r, TAG_SIZE), self._isend(blob, r, TAG_BLOB)]
-            self._wait(works, what, [r, r])
-
-    # ---- worker side ---------------------------------------------------------------------
-    def send_to_server(self, tensor: torch.Tensor, tag: int, what: str,
-                       counted: bool = False) -> None:
-        tensor = tensor.to(self.device).contiguous()
-        self._wait([self._isend(tensor, self.server_rank, tag)], what, [self.server_rank])
-        if counted:
-            self.bytes_up += tensor.numel() * tensor.element_size()
-
-    def recv_from_server(self, numel: int, dtype: torch.dtype, tag: int, what: str,
-                         counted: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
-        """One flat tensor from the server; into ``out`` (contiguous, ``numel`` values of
-        ``dtype`` on this transport's device) when given, a new tensor otherwise."""
-        if out is None:
-            out = torch.empty(numel, dtype=dtype, device=self.device)
-        elif (out.numel() != numel or out.dtype != dtype or out.device != self.device
-              or not out.is_contiguous()):
-            raise ValueError(f"out must be a contiguous {dtype} tensor of {numel} values on "
-                             f"{self.device}, got {out.dtype} with {out.numel()} on {out.device}")
-        self._wait([self._irecv(out, self.server_rank, tag)], what, [self.server_rank])
-        if counted:
-            self.bytes_down += out.numel() * out.element_size()
-        return out
-
-    def send_blob(self, obj: Any, what: str) -> None:
-        blob = blob_from(obj).to(self.device)
-        size = torch.tensor([blob.numel()], dtype=torch.int64, device=self.device)
-        self.send_to_server(size, TAG_SIZE, what)
-        self.send_to_server(blob, TAG_BLOB, what)
-
-    def recv_blob(self, what: str) -> Any:
-        size = int(self.recv_from_server(1, torch.int64, TAG_SIZE, what)[0])
-        return blob_to(self.recv_from_server(size, torch.uint8, TAG_BLOB, what))
