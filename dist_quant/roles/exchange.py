@@ -51,7 +51,6 @@ from typing import Any
 import torch
 
 from dist_quant.config import TrainConfig
-from dist_quant.data import Dataset
 from dist_quant.metrics import RunRecorder, read_metrics
 from dist_quant.progress import Progress, summary_line
 from dist_quant.roles import common
@@ -69,6 +68,7 @@ from dist_quant.roles.placement import Placement
 from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.roles.server import SKIP_LINES, STUCK_STEPS, evaluate_model
 from dist_quant.roles.shard import ShardServer
+from dist_quant.roles.task import Task
 from dist_quant.roles.worker import TELEMETRY, RunAborted, Worker, replica_of
 from dist_quant.transport import ABORT, CONTINUE, LAST
 
@@ -83,15 +83,16 @@ PHASES = ("up", "serve", "lead", "control", "down_send", "down_recv", "record", 
 class RankRoles:
     """The pieces one rank holds, and its part of each phase of the step."""
 
-    def __init__(self, cfg: TrainConfig, placement: Placement, rank: int, data: Dataset,
+    def __init__(self, cfg: TrainConfig, placement: Placement, rank: int, task: Task,
                  device: torch.device, fabric: Any):
         self.cfg, self.p, self.rank, self.fabric = cfg, placement, int(rank), fabric
-        self.device = torch.device(device)
-        self.model = common.build_model(cfg, data.in_features, data.num_classes, self.device)
+        self.device, self.task = torch.device(device), task
+        self.model = task.model(self.device)
+        data = task.data
         self.n = common.num_params(self.model)
         self.n_stats = common.bn_stats(self.model).numel()
         w, s = placement.worker_of(rank), placement.shard_of(rank)
-        self.worker = None if w is None else Worker(cfg, data, w, self.device,
+        self.worker = None if w is None else Worker(cfg, task, w, self.device,
                                                     list(placement.bounds))
         self.shard = None if s is None else ShardServer(cfg, self.model, *placement.bounds[s],
                                                         s, self.device)
@@ -206,7 +207,8 @@ class RankRoles:
                 f.recv(p.server_ranks[s], self.rank, TAG_THETA, "parameters for evaluation",
                        hi - lo, torch.float32, out=self.theta[lo:hi])
             self.test_loss, self.test_acc = evaluate_model(
-                self.model, self.x_test, self.y_test, None if stats is None else stats.mean(0))
+                self.model, self.x_test, self.y_test, None if stats is None else stats.mean(0),
+                self.task.loss_fn, self.task.metric)
             self.evals += 1
             last = last or 0 < self.cfg.stop_accuracy <= self.test_acc
             self.t_eval = time.perf_counter() - te
@@ -378,20 +380,20 @@ def _phase(ranks: list[RankRoles], name: str) -> None:
         getattr(r, "receive_control" if name == "control" else name)()
 
 
-def run_all(cfg: TrainConfig, placement: Placement, data: Dataset, device: torch.device,
+def run_all(cfg: TrainConfig, placement: Placement, task: Task, device: torch.device,
             fabric: Any = None) -> dict[str, Any]:
     """Every rank of ``placement`` in this process (``--simulate``); returns the summary.
     The leader runs last in each phase, after the ranks whose messages it gathers."""
     fabric = fabric or LocalFabric(placement)
     order = [r for r in placement.ranks if r != placement.leader] + [placement.leader]
-    ranks = [RankRoles(cfg, placement, r, data, device, fabric) for r in order]
+    ranks = [RankRoles(cfg, placement, r, task, device, fabric) for r in order]
     return _drive(cfg, ranks, sequential=True)
 
 
-def run_rank(cfg: TrainConfig, placement: Placement, rank: int, data: Dataset,
+def run_rank(cfg: TrainConfig, placement: Placement, rank: int, task: Task,
              device: torch.device, fabric: Any) -> dict[str, Any] | None:
     """This process's rank of a distributed job; the leader returns the summary."""
-    return _drive(cfg, [RankRoles(cfg, placement, rank, data, device, fabric)],
+    return _drive(cfg, [RankRoles(cfg, placement, rank, task, device, fabric)],
                   sequential=False)
 
 
@@ -427,26 +429,28 @@ def gather_roles(device: torch.device) -> list[str]:
     return ["" if int(c) == 0 else ROLES[int(c) - 1] if int(c) > 0 else "?" for c in codes]
 
 
-def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str) -> None:
-    """This torchrun process's part of the parameter-server job (``dist_quant.train``): the
-    training traffic gets its own process group with the short ``--timeout``."""
+def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
+                         task: Task | None = None) -> dict[str, Any] | None:
+    """This torchrun process's part of the parameter-server job (``dist_quant.train``, or
+    :func:`dist_quant.fit` with its ``task``; None: the MLP on ``cfg.dataset``): the training
+    traffic gets its own process group with the short ``--timeout``. The leader returns the
+    summary, the other ranks None."""
     import datetime
 
     import torch.distributed as dist
 
-    from dist_quant.data import load_dataset
     from dist_quant.roles.fabric import RemoteFabric
     from dist_quant.roles.placement import place
     from dist_quant.train import default_run_dir
 
     roles = gather_roles(device)
     group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))
-    data = load_dataset(cfg)
+    task = task or Task.from_config(cfg)
     rank = dist.get_rank()
-    n = common.num_params(common.build_model(cfg, data.in_features, data.num_classes, device))
+    n = common.num_params(task.model(device))
     placement = place(cfg, n, roles)
     if rank == placement.leader and not cfg.run_dir:
         cfg = cfg.replace(run_dir=default_run_dir(cfg))
     fabric = RemoteFabric(placement, rank, device, group)
     dist.barrier()
-    run_rank(cfg, placement, rank, data, device, fabric)
+    return run_rank(cfg, placement, rank, task, device, fabric)
