@@ -103,7 +103,7 @@ def test_example_cnn_under_torchrun_equals_simulated(tmp_path):
 def test_model_without_batchnorm_colocated_under_torchrun_equals_simulated(tmp_path):
     dist_dir, sim_dir = tmp_path / "dist", tmp_path / "sim"
     torchrun(2, str(ROOT / "tests" / "fit_job.py"), str(dist_dir), "6")
-    summary = job.run(str(sim_dir), 6)
+    summary = job.run(str(sim_dir), 6, simulate=True)
     a, b = final(dist_dir), final(sim_dir)
     assert_equal(a, b)
     assert len(a["shards"]) == 1  # two colocated shards
