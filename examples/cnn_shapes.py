@@ -35,16 +35,16 @@ def make_bars(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.1), nn.Linear(16 * 4 * 4, CLASSES))
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),
+        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Dropout(0.1), nn.Linear(32 * 4 * 4, CLASSES))
 
 
 def main(argv: list[str] | None = None, **options) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--compressor", default="onebit")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--simulate", action="store_true")
     parser.add_argument("--run-dir", default="")
@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None, **options) -> dict | None:
     summary = dist_quant.fit(
         cnn, make_bars(4000, seed=1), make_bars(2000, seed=2),
         workers=args.workers, compressor=args.compressor, bucket_size=128, steps=args.steps,
-        batch_size=64, lr=0.05, eval_every=100, seed=args.seed, simulate=args.simulate,
-        run_dir=args.run_dir, **options)
+        batch_size=64, lr=0.05, lr_schedule="cosine", eval_every=100, seed=args.seed,
+        simulate=args.simulate, run_dir=args.run_dir, **options)
     if summary is not None:  # the leading rank
         print(f"test accuracy {summary['test_accuracy']:.4f}")
     return summary
