@@ -39,7 +39,7 @@ BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The fraction of rows whose largest output is the target class."""
-    return (output.argmax(1) == target).float().mean()
+    return (output.argmax(1) == target).double().mean()
 
 
 @dataclass(frozen=True)
