@@ -211,6 +211,7 @@ def test_bad_inputs_are_refused_clearly(tmp_path):
 def test_readme_example_is_the_example_file():
     """The README's "Your own model" shows examples/cnn_shapes.py as it is (run above under
     torchrun and simulated), so the example a reader copies is the tested one."""
+    assert "fit" in dist_quant.__all__
     text = (ROOT / "README.md").read_text()
     section = text.split("## Your own model", 1)[1]
     block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
