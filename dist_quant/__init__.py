@@ -4,14 +4,16 @@ Workers quantise gradients to one bit per coordinate (unbiased stochastic roundi
 minimum-variance scale and offset), a parameter server reconstructs, averages and applies SGD
 whose momentum acts on the stochastic gradient only. See README.md.
 
-The supported library surface is ``__all__``: the compressors and their registry, the
-optimizer with its coupled equivalent and parameter groups, the learning-rate schedule, the
-training configuration, and the errors. Everything else (roles, transport, cluster) is
+The supported library surface is ``__all__``: the training API :func:`fit` (any
+``torch.nn.Module`` and data through the parameter server), the compressors and their
+registry, the optimizer with its coupled equivalent and parameter groups, the learning-rate
+schedule, the training configuration, and the errors. Everything else (roles, transport, cluster) is
 internal and may change.
 """
 
 __version__ = "0.1.0"
 
+from dist_quant.api import fit  # noqa: E402
 from dist_quant.compress import (  # noqa: E402
     Compressor,
     ErrorFeedback,
@@ -53,6 +55,7 @@ __all__ = [
     "coupled_equivalent",
     "coupled_sgd",
     "decay_param_groups",
+    "fit",
     "get_compressor",
     "onebit_hook",
 ]

@@ -20,19 +20,21 @@ from typing import Any
 import torch
 
 from dist_quant.config import TrainConfig
-from dist_quant.data import load_dataset
 from dist_quant.roles import common
 from dist_quant.roles.exchange import run_all
 from dist_quant.roles.placement import place
+from dist_quant.roles.task import Task
 from dist_quant.roles.worker import RunAborted
 
 
-def run_simulate(cfg: TrainConfig, device: torch.device, run_dir: str) -> dict[str, Any]:
-    """Run the whole job in this process; return its summary."""
+def run_simulate(cfg: TrainConfig, device: torch.device, run_dir: str,
+                 task: Task | None = None) -> dict[str, Any]:
+    """Run the whole job in this process; return its summary. ``task``: what is trained
+    (:mod:`dist_quant.roles.task`; None: the MLP on ``cfg.dataset``, as ``dist-quant train``)."""
     cfg = cfg.replace(run_dir=run_dir)
-    data = load_dataset(cfg)
-    model = common.build_model(cfg, data.in_features, data.num_classes, device)
-    return run_all(cfg, place(cfg, common.num_params(model)), data, device)
+    task = task or Task.from_config(cfg)
+    model = task.model(device)
+    return run_all(cfg, place(cfg, common.num_params(model)), task, device)
 
 
 __all__ = ["RunAborted", "run_simulate"]

@@ -232,19 +232,32 @@ def continue_after_restart(cfg: TrainConfig, is_server: bool, server_rank: int,
     return cfg.replace(resume=cfg.run_dir)
 
 
-def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
+def join_job(cfg: TrainConfig, workers_explicit: bool):
+    """This torchrun process joins the job: (the config with ``workers`` from the world size,
+    device, backend). Starts the process group (:func:`init_process_group`) unless one exists."""
     import torch.distributed as dist
 
     device = pick_device(cfg)
     backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda"
                                                          else "gloo")
-    init_process_group(backend, max(cfg.timeout, STARTUP_TIMEOUT))
+    if not dist.is_initialized():
+        init_process_group(backend, max(cfg.timeout, STARTUP_TIMEOUT))
     world = dist.get_world_size()
-    expected = cfg.world_size
-    if workers_explicit and world != expected:
-        raise ConfigError("--workers", f"{cfg.workers} workers need {expected} processes, "
+    if workers_explicit and world != cfg.world_size:
+        raise ConfigError("--workers", f"{cfg.workers} workers need {cfg.world_size} processes, "
                           f"torchrun started {world}")
-    cfg = cfg.replace(workers=cfg.workers_in(world)).validate()
+    return cfg.replace(workers=cfg.workers_in(world)).validate(), device, backend
+
+
+def run_distributed(cfg: TrainConfig, workers_explicit: bool, task: Any = None) -> Any:
+    """This torchrun process's part of the job; the parameter server's leader returns the
+    summary (``task``: :func:`dist_quant.fit`'s model and data; None: the MLP of ``cfg``). A
+    process group that existed before stays; one started here is destroyed at the end."""
+    import torch.distributed as dist
+
+    owned = not dist.is_initialized()
+    cfg, device, backend = join_job(cfg, workers_explicit)
+    summary = None
     if cfg.method == "ddp":
         from dist_quant.ddp import run_ddp
 
@@ -252,16 +265,16 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool) -> int:
         # every rank's outstanding collectives (the loss gathers started during backward)
         # finish before the group goes: tearing it down under one ended a rank with SIGABRT
         dist.barrier()
+    else:
+        from dist_quant.roles.exchange import run_distributed_rank
+
+        rank = dist.get_rank()
+        summary = run_distributed_rank(
+            cfg, device, backend, task,
+            on_lost=lambda err: _fail(f"rank {rank}", _lost_message(err, cfg), 1))
+    if owned:
         dist.destroy_process_group()
-        return 0
-
-    from dist_quant.roles.exchange import run_distributed_rank
-
-    rank = dist.get_rank()
-    run_distributed_rank(cfg, device, backend,
-                         on_lost=lambda err: _fail(f"rank {rank}", _lost_message(err, cfg), 1))
-    dist.destroy_process_group()
-    return 0
+    return summary
 
 
 def run_in_process(cfg: TrainConfig) -> int:
@@ -324,7 +337,8 @@ def main(ctx: click.Context, **params: Any) -> None:
 
     who = f"rank {os.environ['RANK']}"
     try:
-        code = run_distributed(cfg, "workers" in explicit)
+        run_distributed(cfg, "workers" in explicit)
+        code = 0
     except PeerLostError as err:
         _fail(who, _lost_message(err, cfg), 1)
     except RunAborted as err:

@@ -51,7 +51,6 @@ from typing import Any
 import torch
 
 from dist_quant.config import TrainConfig
-from dist_quant.data import Dataset
 from dist_quant.divergence import DivergenceMonitor
 from dist_quant.metrics import RunRecorder, read_metrics
 from dist_quant.progress import Progress, summary_line
@@ -70,6 +69,7 @@ from dist_quant.roles.placement import Placement
 from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.roles.server import SKIP_LINES, STUCK_STEPS, evaluate_model
 from dist_quant.roles.shard import ShardServer
+from dist_quant.roles.task import Task
 from dist_quant.roles.worker import TELEMETRY, RunAborted, Worker, replica_of
 from dist_quant.transport import ABORT, CONTINUE, LAST
 
@@ -84,15 +84,16 @@ PHASES = ("up", "serve", "lead", "control", "down_send", "down_recv", "record", 
 class RankRoles:
     """The pieces one rank holds, and its part of each phase of the step."""
 
-    def __init__(self, cfg: TrainConfig, placement: Placement, rank: int, data: Dataset,
+    def __init__(self, cfg: TrainConfig, placement: Placement, rank: int, task: Task,
                  device: torch.device, fabric: Any):
         self.cfg, self.p, self.rank, self.fabric = cfg, placement, int(rank), fabric
-        self.device = torch.device(device)
-        self.model = common.build_model(cfg, data.in_features, data.num_classes, self.device)
+        self.device, self.task = torch.device(device), task
+        self.model = task.model(self.device)
+        data = task.data
         self.n = common.num_params(self.model)
         self.n_stats = common.bn_stats(self.model).numel()
         w, s = placement.worker_of(rank), placement.shard_of(rank)
-        self.worker = None if w is None else Worker(cfg, data, w, self.device,
+        self.worker = None if w is None else Worker(cfg, task, w, self.device,
                                                     list(placement.bounds))
         self.shard = None if s is None else ShardServer(cfg, self.model, *placement.bounds[s],
                                                         s, self.device)
@@ -212,7 +213,8 @@ class RankRoles:
                 f.recv(p.server_ranks[s], self.rank, TAG_THETA, "parameters for evaluation",
                        hi - lo, torch.float32, out=self.theta[lo:hi])
             self.test_loss, self.test_acc = evaluate_model(
-                self.model, self.x_test, self.y_test, None if stats is None else stats.mean(0))
+                self.model, self.x_test, self.y_test, None if stats is None else stats.mean(0),
+                self.task.loss_fn, self.task.metric)
             self.evals += 1
             last = last or 0 < self.cfg.stop_accuracy <= self.test_acc
             self.t_eval = time.perf_counter() - te
@@ -390,20 +392,20 @@ def _phase(ranks: list[RankRoles], name: str) -> None:
         getattr(r, "receive_control" if name == "control" else name)()
 
 
-def run_all(cfg: TrainConfig, placement: Placement, data: Dataset, device: torch.device,
+def run_all(cfg: TrainConfig, placement: Placement, task: Task, device: torch.device,
             fabric: Any = None) -> dict[str, Any]:
     """Every rank of ``placement`` in this process (``--simulate``); returns the summary.
     The leader runs last in each phase, after the ranks whose messages it gathers."""
     fabric = fabric or LocalFabric(placement)
     order = [r for r in placement.ranks if r != placement.leader] + [placement.leader]
-    ranks = [RankRoles(cfg, placement, r, data, device, fabric) for r in order]
+    ranks = [RankRoles(cfg, placement, r, task, device, fabric) for r in order]
     return _drive(cfg, ranks, sequential=True)
 
 
-def run_rank(cfg: TrainConfig, placement: Placement, rank: int, data: Dataset,
+def run_rank(cfg: TrainConfig, placement: Placement, rank: int, task: Task,
              device: torch.device, fabric: Any) -> dict[str, Any] | None:
     """This process's rank of a distributed job; the leader returns the summary."""
-    return _drive(cfg, [RankRoles(cfg, placement, rank, data, device, fabric)],
+    return _drive(cfg, [RankRoles(cfg, placement, rank, task, device, fabric)],
                   sequential=False)
 
 
@@ -444,9 +446,12 @@ NOTICE_WAIT = 10.0  # seconds a rank waits, after its last step, for the leader'
 
 
 def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
-                         on_lost: Any = None) -> None:
-    """This torchrun process's part of the parameter-server job (``dist_quant.train``): the
-    training traffic gets its own process group with the short ``--timeout``.
+                         task: Task | None = None,
+                         on_lost: Any = None) -> dict[str, Any] | None:
+    """This torchrun process's part of the parameter-server job (``dist_quant.train``, or
+    :func:`dist_quant.fit` with its ``task``; None: the MLP on ``cfg.dataset``): the training
+    traffic gets its own process group with the short ``--timeout``. The leader returns the
+    summary, the other ranks None.
 
     Lost peers: the leader that loses rank ``j`` tells every other rank through a separate
     gloo group (:meth:`~dist_quant.transport.Transport.notify_lost`), and ``on_lost(error)``
@@ -459,16 +464,15 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     import torch.distributed as dist
 
     from dist_quant.config import MAX_TIMEOUT
-    from dist_quant.data import load_dataset
     from dist_quant.roles.fabric import RemoteFabric
     from dist_quant.roles.placement import place
     from dist_quant.train import continue_after_restart, default_run_dir
     from dist_quant.transport import PeerLostError
 
     roles = gather_roles(device)
-    data = load_dataset(cfg)
+    task = task or Task.from_config(cfg)
     rank = dist.get_rank()
-    n = common.num_params(common.build_model(cfg, data.in_features, data.num_classes, device))
+    n = common.num_params(task.model(device))
     placement = place(cfg, n, roles)
     leader = rank == placement.leader
     cfg = continue_after_restart(cfg, leader, placement.leader, device)
@@ -482,15 +486,15 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     dist.barrier()
     if leader:
         try:
-            run_rank(cfg, placement, rank, data, device, fabric)
+            summary = run_rank(cfg, placement, rank, task, device, fabric)
         except PeerLostError as err:
             fabric.notify_lost(err.rank)  # the other ranks name the same peer
             raise
         fabric.notify_done()
-        return
+        return summary
     watcher = fabric.watch_notices(on_lost) if on_lost is not None else None
     try:
-        run_rank(cfg, placement, rank, data, device, fabric)
+        run_rank(cfg, placement, rank, task, device, fabric)
     except PeerLostError:
         # the leader's timeout closes the training group at once; its notice naming the rank
         # it lost follows: that is the message to give, when it comes
@@ -499,3 +503,4 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
         raise
     if watcher is not None:
         watcher.join(timeout=cfg.timeout + NOTICE_WAIT)
+    return None

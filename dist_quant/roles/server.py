@@ -21,10 +21,13 @@ negligible next to the variance at these shard sizes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from dist_quant.roles import common
+from dist_quant.roles.task import accuracy
 
 EVAL_CHUNK = 4096
 SKIP_LINES = 10    # steps whose left-out payloads are printed; later ones are only counted
@@ -33,17 +36,20 @@ STUCK_STEPS = 10   # consecutive steps without any valid payload end the run
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
-                   mean_stats: torch.Tensor | None) -> tuple[float, float]:
-    """(test loss, test accuracy) of ``model`` in eval mode, after loading the workers'
-    averaged BN statistics ``mean_stats`` (None: keep the ones it has)."""
+                   mean_stats: torch.Tensor | None, loss_fn: Callable = F.cross_entropy,
+                   metric: Callable = accuracy) -> tuple[float, float]:
+    """(test loss, test metric) of ``model`` in eval mode, after loading the workers'
+    averaged BN statistics ``mean_stats`` (None: keep the ones it has). ``loss_fn`` and
+    ``metric`` give batch means; chunks of ``EVAL_CHUNK`` rows are weighted by their size, so
+    both are means over the whole test split (the metric is accuracy unless the task says)."""
     if mean_stats is not None:
         common.load_bn_stats(model, mean_stats)
     model.eval()
-    loss_sum, correct = 0.0, 0
+    loss_sum, metric_sum = 0.0, 0.0
     for i in range(0, len(y_test), EVAL_CHUNK):
         x, y = x_test[i:i + EVAL_CHUNK], y_test[i:i + EVAL_CHUNK]
         out = model(x)
-        loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
-        correct += int((out.argmax(1) == y).sum())
+        loss_sum += float(loss_fn(out, y)) * len(y)
+        metric_sum += float(metric(out, y)) * len(y)
     n = len(y_test)
-    return loss_sum / n, correct / n
+    return loss_sum / n, metric_sum / n

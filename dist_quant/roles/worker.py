@@ -7,7 +7,8 @@ quantiser and dropout generators (seeded from ``(seed, i)``), its batch sampler 
 
 1. draw the next minibatch of its shard; forward in training mode (BatchNorm normalises with
    this minibatch's statistics and updates the worker's own running statistics);
-2. backward the data loss only (mean cross-entropy; the L2 term lives at the server, MATH 5);
+2. backward the data loss only (the task's loss, by default the mean cross-entropy; the L2
+   term lives at the server, MATH 5);
 3. flatten every gradient into one vector ``g`` and encode it once per parameter shard
    (one shard for the star), each shard with its own encoder and generator, seeded from
    ``(seed, i, QUANTISER)`` for shard 0 and ``(seed, i, QUANTISER, s)`` for shard s; a
@@ -31,13 +32,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dist_quant.config import TrainConfig
-from dist_quant.data import Dataset, worker_batches
+from dist_quant.data import worker_batches
 from dist_quant.errors import NonFiniteGradientError
 from dist_quant.roles import common
 from dist_quant.roles.shard import shard_tags
+from dist_quant.roles.task import Task
 
 # worker -> leader, per step (float64)
 TELEMETRY = ("loss", "decode", "compute", "encode", "overlap")
@@ -48,15 +49,15 @@ class RunAborted(RuntimeError):
 
 
 class Worker:
-    def __init__(self, cfg: TrainConfig, data: Dataset, index: int, device: torch.device,
+    def __init__(self, cfg: TrainConfig, task: Task, index: int, device: torch.device,
                  bounds: list[tuple[int, int]] | None = None):
         self.cfg, self.index, self.device = cfg, int(index), torch.device(device)
-        shard = data.shard(index, cfg.workers)
+        self.task = task
+        shard = task.data.shard(index, cfg.workers)
         self.x, self.y = shard.x_train.to(self.device), shard.y_train.to(self.device)
         self.sampler = worker_batches(len(self.y), cfg.batch_size, cfg.seed, index)
         self.dropout_gen = common.generator(self.device, cfg.seed, index, common.DROPOUT)
-        self.model = common.build_model(cfg, data.in_features, data.num_classes, self.device,
-                                        dropout_generator=self.dropout_gen)
+        self.model = task.model(self.device, dropout_generator=self.dropout_gen)
         flat = common.flat_params(self.model)
         self.n = flat.numel()
         self.n_stats = common.bn_stats(self.model).numel()
@@ -101,7 +102,8 @@ class Worker:
         idx = self.sampler.next().to(self.device)
         self.model.train()
         self.model.zero_grad(set_to_none=True)
-        return F.cross_entropy(self.model(self.x[idx]), self.y[idx])
+        with self.task.randomness(self.dropout_gen):
+            return self.task.loss_fn(self.model(self.x[idx]), self.y[idx])
 
     def compute(self) -> tuple[torch.Tensor, float]:
         """Gradient of the data loss on the next minibatch, flattened; and the loss."""

@@ -1,0 +1,218 @@
+"""``dist_quant.fit`` on models that are not the MLP: the example CNN (BatchNorm2d, dropout)
+and a model without BatchNorm (``tests/fit_job.py``, custom loss and metric).
+
+Each is run for real under torchrun (gloo on loopback) and compared bit for bit with the
+single-process run (``simulate=True``); a run resumed from a checkpoint equals the
+uninterrupted one; bad inputs are refused with errors that say what is wrong.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import dist_quant
+from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
+from dist_quant.errors import ConfigError
+from dist_quant.metrics import read_metrics, read_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "cnn_shapes.py"
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = load(EXAMPLE)
+job = load(ROOT / "tests" / "fit_job.py")
+
+
+def final(run_dir: Path | str) -> dict:
+    state = load_checkpoint(latest_checkpoint(run_dir))
+    state.pop("config")
+    return state
+
+
+def assert_equal(x, y, where: str = "") -> None:
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            assert_equal(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, list | tuple):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
+            assert_equal(u, v, f"{where}[{i}]")
+    elif isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), where
+    else:
+        assert x == y, where
+
+
+def steps(run_dir: Path | str) -> list[tuple]:
+    return [(r["step"], r["loss"], r["bytes_up"], r["bytes_down"])
+            for r in read_metrics(run_dir) if r["kind"] == "step"]
+
+
+def torchrun(nproc: int, *argv: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc-per-node", str(nproc), *argv], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.fixture(autouse=True)
+def not_in_torchrun(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ---- distributed == single process -------------------------------------------------------
+@pytest.mark.slow
+def test_example_cnn_under_torchrun_equals_simulated(tmp_path):
+    """The example as written, launched by torchrun (2 workers + the server), against the same
+    script with --simulate: BatchNorm2d statistics, dropout, 1-bit uplink, all bit for bit."""
+    dist_dir, sim_dir = tmp_path / "dist", tmp_path / "sim"
+    torchrun(3, str(EXAMPLE), "--workers", "2", "--steps", "4", "--run-dir", str(dist_dir))
+    summary = example.main(["--simulate", "--workers", "2", "--steps", "4",
+                            "--run-dir", str(sim_dir)], progress=False)
+    assert_equal(final(dist_dir), final(sim_dir))
+    assert steps(dist_dir) == steps(sim_dir)
+    assert read_summary(dist_dir)["test_accuracy"] == summary["test_accuracy"]
+    assert summary["params"] == sum(p.numel() for p in example.cnn().parameters())
+    assert summary["compressor"] == "onebit" and summary["steps"] == 4
+
+
+@pytest.mark.slow
+def test_model_without_batchnorm_colocated_under_torchrun_equals_simulated(tmp_path):
+    dist_dir, sim_dir = tmp_path / "dist", tmp_path / "sim"
+    torchrun(2, str(ROOT / "tests" / "fit_job.py"), str(dist_dir), "6")
+    summary = job.run(str(sim_dir), 6, simulate=True)
+    a, b = final(dist_dir), final(sim_dir)
+    assert_equal(a, b)
+    assert len(a["shards"]) == 1  # two colocated shards
+    assert steps(dist_dir) == steps(sim_dir)
+    assert read_summary(dist_dir)["test_loss"] == summary["test_loss"]
+
+
+# ---- resume --------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["cnn", "plain"])
+def test_resume_equals_uninterrupted(tmp_path, model):
+    """3 steps, then resumed to 6, against 6 in one go: the same final state bit for bit
+    (parameters, BatchNorm statistics, momentum, samplers, dropout and quantiser streams)."""
+    def run(run_dir: str, n: int, **extra):
+        if model == "plain":
+            return job.run(run_dir, n, simulate=True, **extra)
+        train = example.make_bars(200, seed=1)
+        return dist_quant.fit(example.cnn, train, example.make_bars(40, seed=2), workers=2,
+                              steps=n, batch_size=16, lr=0.05, eval_every=3,
+                              checkpoint_every=3, progress=False, simulate=True,
+                              run_dir=run_dir, **extra)
+
+    run(str(tmp_path / "whole"), 6)
+    run(str(tmp_path / "part"), 3)
+    resumed = run("", 6, resume=str(tmp_path / "part"))  # run_dir: the resumed one
+    assert resumed["steps"] == 6
+    assert_equal(final(tmp_path / "whole"), final(tmp_path / "part"))
+    assert steps(tmp_path / "whole") == steps(tmp_path / "part")
+
+
+# ---- loss, metric, data forms --------------------------------------------------------------
+def test_custom_loss_and_metric_are_the_ones_used(tmp_path):
+    calls = []
+
+    def loss(output, target):
+        calls.append(len(target))
+        return job.smoothed(output, target)
+
+    summary = job.run(str(tmp_path / "run"), 4, loss_fn=loss, simulate=True, eval_every=4)
+    assert calls == [16] * 4 * 2 + [50]  # 2 workers x 4 steps, then one evaluation
+    model = job.plain()
+    state = final(tmp_path / "run")
+    model.load_state_dict(state["server"]["model"])
+    model.eval()
+    _, (x_test, y_test) = job.data()
+    with torch.no_grad():
+        out = model(x_test)
+    assert summary["test_loss"] == pytest.approx(float(job.smoothed(out, y_test)), abs=1e-6)
+    assert summary["test_accuracy"] == pytest.approx(float(job.top2(out, y_test)), abs=1e-9)
+    plain_ce = float(F.cross_entropy(out, y_test))
+    assert abs(summary["test_loss"] - plain_ce) > 1e-3  # the smoothed loss, not the default
+
+
+def test_a_map_style_dataset_trains_like_the_tensors(tmp_path):
+    (x, y), test = job.data()
+    a = job.run(str(tmp_path / "pair"), 2, simulate=True)
+    train, test_set = TensorDataset(x, y), TensorDataset(*test)
+    dist_quant.fit(job.plain, train, test_set, loss_fn=job.smoothed, metric=job.top2,
+                   **{**job.OPTIONS, "run_dir": str(tmp_path / "ds"), "steps": 2,
+                      "simulate": True})
+    assert_equal(final(tmp_path / "pair"), final(tmp_path / "ds"))
+    assert read_summary(tmp_path / "ds")["test_accuracy"] == a["test_accuracy"]
+
+
+# ---- bad inputs ----------------------------------------------------------------------------
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(256, 4)
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) * self.scale
+
+
+def test_bad_inputs_are_refused_clearly(tmp_path):
+    train, test = job.data()
+    ok = dict(workers=2, batch_size=8, steps=2, simulate=True, progress=False,
+              run_dir=str(tmp_path / "r"))
+    cases = [
+        (dict(model_fn=3), TypeError, "model_fn must be a zero-argument callable"),
+        (dict(model_fn=lambda: "cnn"), TypeError, "must return a torch.nn.Module; it returned "
+                                                  "str"),
+        (dict(model_fn=Scaled), ValueError, "buffer 'scale' is not supported"),
+        (dict(train=(train[0], train[1][:-1])), ValueError, "train: x has 160 rows but y has "
+                                                            "159"),
+        (dict(test=[1, 2, 3]), ValueError, "test: a dataset must be non-empty and give (x, y)"),
+        (dict(test=None), TypeError, "test must be a pair of tensors (x, y) or a map-style"),
+        (dict(options=dict(workerz=3)), ConfigError, "--workerz: unknown option"),
+        (dict(options=dict(lr=-1.0)), ConfigError, "--lr: must be > 0"),
+        (dict(options=dict(hidden="8")), ConfigError, "--hidden: is given by model_fn"),
+        (dict(options=dict(batch_size=100)), ConfigError, "--batch-size"),
+        (dict(options=dict(method="ddp")), ConfigError, "--"),
+        (dict(options=dict(simulate=False)), ConfigError, "--simulate: fit runs in a torchrun "
+                                                          "job"),
+    ]
+    for case, error, message in cases:
+        args = {"model_fn": job.plain, "train": train, "test": test, **case}
+        options = {**ok, **args.pop("options", {})}
+        with pytest.raises(error, match=re.escape(message)):
+            dist_quant.fit(args["model_fn"], args["train"], args["test"], **options)
+    assert not (tmp_path / "r").exists()  # nothing started
+
+
+# ---- the README's example ------------------------------------------------------------------
+def test_readme_example_is_the_example_file():
+    """The README's "Your own model" shows examples/cnn_shapes.py as it is (run above under
+    torchrun and simulated), so the example a reader copies is the tested one."""
+    assert "fit" in dist_quant.__all__
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Your own model", 1)[1]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert block == EXAMPLE.read_text()
