@@ -3,7 +3,8 @@
 Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster`` read):
 
 - ``config.json``: the resolved :class:`~dist_quant.config.TrainConfig` under ``"config"``,
-  plus ``"versions"`` (python, torch, numpy, dist_quant) and ``"git_commit"`` (or null).
+  ``"model"`` (``"mlp"``, or ``"custom"`` for a :func:`dist_quant.fit` model), ``"versions"``
+  (python, torch, numpy, dist_quant) and ``"git_commit"`` (or null).
 - ``metrics.jsonl``: one JSON object per line.
 
   * step lines: ``{"kind": "step", "step": t, "loss": float, "bytes_up": int,
@@ -89,7 +90,8 @@ class RunRecorder:
     they will be recomputed) and continues the byte counters from there.
     """
 
-    def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None):
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
+                 model: str = "mlp"):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cum_up = 0
@@ -111,7 +113,8 @@ class RunRecorder:
         else:
             metrics.write_text("")
         write_json_atomic(self.dir / "config.json",
-                          {"config": config, "versions": versions(), "git_commit": git_commit()})
+                          {"config": config, "model": model, "versions": versions(),
+                           "git_commit": git_commit()})
         self._fh = open(metrics, "a", buffering=1)  # noqa: SIM115 (closed in close())
         self._lr = None
         if "lr" in config:

@@ -94,12 +94,16 @@ def read_saved_config(run_dir: str | Path) -> dict:
     if not saved.is_file():
         raise ConfigError("--resume", f"{saved} not found: not a run directory")
     try:
-        config = json.loads(saved.read_text())["config"]
+        saved_json = json.loads(saved.read_text())
+        config = saved_json["config"]
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ConfigError("--resume", f"{saved} is corrupt ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(config, dict):
         raise ConfigError("--resume", f"{saved} is corrupt: 'config' is not an object")
+    if saved_json.get("model", "mlp") != "mlp":
+        raise ConfigError("--resume", f"{run_dir} was trained with a model of its own through "
+                          "dist_quant.fit; continue it with dist_quant.fit(..., resume=RUN_DIR)")
     return config
 
 

@@ -131,6 +131,16 @@ def test_resume_equals_uninterrupted(tmp_path, model):
     assert resumed["steps"] == 6
     assert_equal(final(tmp_path / "whole"), final(tmp_path / "part"))
     assert steps(tmp_path / "whole") == steps(tmp_path / "part")
+    # the CLI knows only the MLP: it refuses to continue this run, in one line, before starting
+    from click.testing import CliRunner
+
+    from dist_quant.train import train_command
+
+    result = CliRunner().invoke(train_command, ["--resume", str(tmp_path / "part")])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        f"Error: --resume: {tmp_path / 'part'} was trained with a model of its own through "
+        "dist_quant.fit; continue it with dist_quant.fit(..., resume=RUN_DIR)"]
 
 
 # ---- loss, metric, data forms --------------------------------------------------------------

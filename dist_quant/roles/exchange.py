@@ -350,7 +350,8 @@ class RankRoles:
             return
         start = self.step
         self.recorder = RunRecorder(self.cfg.run_dir, self.cfg.to_dict(),
-                                    resume_step=start if self.cfg.resume else None)
+                                    resume_step=start if self.cfg.resume else None,
+                                    model=self.task.kind)
         self.evals = sum(1 for r in read_metrics(self.cfg.run_dir) if r["kind"] == "eval")
         self.progress = Progress(self.cfg.steps, enabled=self.cfg.progress)
         self.test_loss = self.test_acc = float("nan")

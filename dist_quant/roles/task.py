@@ -47,13 +47,16 @@ class Task:
     """``build(device, dropout_generator)`` returns a fresh model with the run's initial
     weights; ``loss_fn(output, target)`` is the mean training loss; ``metric(output, target)``
     the mean evaluation metric of a batch (recorded as ``test_accuracy``); ``global_rng``:
-    the model draws its randomness from the global generator (see the module docstring)."""
+    the model draws its randomness from the global generator (see the module docstring);
+    ``kind``: ``"mlp"`` (the configured MLP) or ``"custom"`` (a :func:`dist_quant.fit` model),
+    written to ``config.json`` so that ``dist-quant train --resume`` refuses a custom run."""
 
     build: Callable[[torch.device, torch.Generator | None], nn.Module]
     data: Dataset
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
     metric: Callable[[torch.Tensor, torch.Tensor], Any] = accuracy
     global_rng: bool = False
+    kind: str = "mlp"
 
     @classmethod
     def from_config(cls, cfg: Any, data: Dataset | None = None) -> Task:
@@ -83,7 +86,8 @@ class Task:
                 model = model_fn()
             return check_model(model).to(device)
 
-        task = cls(build, data, loss_fn or F.cross_entropy, metric or accuracy, global_rng=True)
+        task = cls(build, data, loss_fn or F.cross_entropy, metric or accuracy, global_rng=True,
+                   kind="custom")
         task.build(torch.device("cpu"))
         return task
 
