@@ -17,6 +17,7 @@ the same lost peer. A run that ends normally sends ``DONE``.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import re
@@ -33,7 +34,7 @@ TAG_PAYLOAD, TAG_TELEMETRY, TAG_STATS, TAG_CONTROL, TAG_DOWN, TAG_SIZE, TAG_BLOB
 # control codes the leader sends every rank after each step
 CONTINUE, LAST, ABORT = 0, 1, 2
 DONE, LOST = 0, 1 << 20  # notices: the run ended; LOST + r: the leader lost rank r
-TAG_NOTICE = 8
+TAG_NOTICE, TAG_REPORT = 8, 9  # on the notice group: server -> others; others -> server
 SERVER_GRACE = 3.0  # seconds a worker waits for the server beyond the timeout
 NOTIFY_S = 2.0  # seconds the server spends telling the other workers which rank was lost
 
@@ -145,11 +146,58 @@ class Transport:
         thread.start()
         return thread
 
-    def lost_error(self, code: int) -> PeerLostError:
-        """Worker: the error for the notice ``LOST + r`` the server sent."""
+    def lost_error(self, code: int, reporter: int | None = None) -> PeerLostError:
+        """The error for the notice ``LOST + r`` that ``reporter`` (default the server) sent."""
         rank = code - LOST
+        by = self.server_rank if reporter is None else reporter
         return PeerLostError(f"{self.describe(rank)} stopped answering (reported by "
-                             f"{self.describe(self.server_rank)})", rank)
+                             f"{self.describe(by)})", rank)
+
+    def _report(self, code: int) -> None:
+        if self.notice_group is None:
+            return
+        with contextlib.suppress(RuntimeError):  # best effort: the server may be gone
+            dist.isend(torch.tensor([code], dtype=torch.int64), dst=self.server_rank,
+                       group=self.notice_group, tag=TAG_REPORT).wait(
+                timeout=datetime.timedelta(seconds=NOTIFY_S))
+
+    def report_lost(self, lost: int | None) -> None:
+        """Worker: tell the server that rank ``lost`` stopped answering (best effort). The
+        server may be waiting on this worker meanwhile, and would otherwise blame it."""
+        if lost is not None and lost != self.server_rank:
+            self._report(LOST + int(lost))
+
+    def report_done(self) -> None:
+        """Worker: this rank finished the run; the server's report thread counts it."""
+        self._report(DONE)
+
+    def watch_reports(self, on_lost: Callable[[PeerLostError], None]) -> threading.Thread | None:
+        """Server: a thread receiving the workers' reports (from any rank). On ``LOST + r`` it
+        tells every other rank (:meth:`notify_lost`) and runs ``on_lost(error)`` (which should
+        end the process); it ends once every worker has reported ``DONE``."""
+        if self.notice_group is None:
+            return None
+
+        def wait() -> None:
+            done = 0
+            while done < len(self.worker_ranks):
+                buf = torch.zeros(1, dtype=torch.int64)
+                try:  # from any rank; returns the sender's global rank
+                    reporter = dist.recv(buf, src=None, group=self.notice_group, tag=TAG_REPORT)
+                except RuntimeError:   # a worker is gone: the main thread reports it
+                    return
+                code = int(buf[0])
+                if code < LOST:
+                    done += 1
+                    continue
+                err = self.lost_error(code, reporter)
+                self.notify_lost(err.rank)
+                on_lost(err)
+                return
+
+        thread = threading.Thread(target=wait, name="dist_quant-reports", daemon=True)
+        thread.start()
+        return thread
 
     def describe(self, rank: int) -> str:
         if rank == self.server_rank:

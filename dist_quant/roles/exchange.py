@@ -458,8 +458,11 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     gloo group (:meth:`~dist_quant.transport.Transport.notify_lost`), and ``on_lost(error)``
     runs on each of them (it should end the process), so every rank names the same peer; the
     others wait for the leader ``--timeout`` plus a grace, so the leader names the culprit
-    first. On a torchrun restart the leader's run directory decides whether every rank
-    continues from its latest checkpoint (:func:`dist_quant.train.continue_after_restart`)."""
+    first, and a rank that loses a peer first reports it to the leader
+    (:meth:`~dist_quant.transport.Transport.report_lost`), which passes it on: the leader may
+    be waiting on that rank meanwhile, and would blame it once it left. On a torchrun restart
+    the leader's run directory decides whether every rank continues from its latest checkpoint
+    (:func:`dist_quant.train.continue_after_restart`)."""
     import datetime
 
     import torch.distributed as dist
@@ -486,22 +489,27 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
                           notice_group=notices)
     dist.barrier()
     if leader:
+        reports = fabric.watch_reports(on_lost) if on_lost is not None else None
         try:
             summary = run_rank(cfg, placement, rank, task, device, fabric)
         except PeerLostError as err:
             fabric.notify_lost(err.rank)  # the other ranks name the same peer
             raise
         fabric.notify_done()
+        if reports is not None:
+            reports.join(timeout=NOTICE_WAIT)
         return summary
     watcher = fabric.watch_notices(on_lost) if on_lost is not None else None
     try:
         run_rank(cfg, placement, rank, task, device, fabric)
-    except PeerLostError:
-        # the leader's timeout closes the training group at once; its notice naming the rank
-        # it lost follows: that is the message to give, when it comes
+    except PeerLostError as err:
+        # the leader may be waiting on this rank: tell it who was lost, or it would blame this
+        # rank once it leaves; its notice naming the rank follows: the message to give
         if watcher is not None:
+            fabric.report_lost(err.rank)
             watcher.join(timeout=NOTICE_GRACE)
         raise
+    fabric.report_done()
     if watcher is not None:
         watcher.join(timeout=cfg.timeout + NOTICE_WAIT)
     return None
