@@ -482,10 +482,63 @@ void dq_quantize(const float *x, int64_t d, int k, const float *a, const float *
    per chunk of whole buckets, min/max -> outward-rounded headers -> draws -> packed bits,
    while the chunk is in cache. Returns the number of non-finite inputs, or -1 if a header
    does not fit its type (0: all written). */
+/* the level indices of len (a multiple of 16) coordinates of one bucket with a finite
+   multiplier, packed: the groups never cross a bucket, so the loop carries no bucket logic */
+INLINE void quantize_bucket_k(const float *x, int64_t len, const int k, float bj, float mul24,
+                              uint32_t s, uint32_t m, int64_t c, uint8_t *bits) {
+    const float top24 = (float)((1 << k) - 1) * 16777216.0f;
+    const vu step = splatu(16U * m);
+    vu ctr[NV];
+    for (int h = 0; h < NV; h++) ctr[h] = splatu((uint32_t)c * m + s) + GLANE(h) * m;
+    for (int64_t g = 0; g < len; g += LANES) {
+        vu t[NV];
+        for (int h = 0; h < NV; h++) {
+            t[h] = quantize_vec(loadf(x + g + VL * h), bj, mul24, top24, ctr[h], k);
+            ctr[h] += step;
+        }
+        pack16(t, k, bits + (g * k) / 8);
+    }
+}
+
+static void quantize_bucket(const float *x, int64_t len, int k, float bj, float mul24,
+                            uint32_t s, uint32_t m, int64_t c, uint8_t *bits) {
+    switch (k) {
+    case 1: quantize_bucket_k(x, len, 1, bj, mul24, s, m, c, bits); break;
+    case 2: quantize_bucket_k(x, len, 2, bj, mul24, s, m, c, bits); break;
+    case 4: quantize_bucket_k(x, len, 4, bj, mul24, s, m, c, bits); break;
+    case 8: quantize_bucket_k(x, len, 8, bj, mul24, s, m, c, bits); break;
+    default: quantize_bucket_k(x, len, k, bj, mul24, s, m, c, bits); break;
+    }
+}
+
 int64_t dq_encode_fused(const float *x, int64_t n, int64_t d, int k, int hdt, uint32_t s,
                         uint32_t m, uint8_t *a_out, uint8_t *b_out, uint8_t *bits,
                         int64_t c0, int64_t c1, int64_t chunk) {
     enum { MAXB = 8192 };
+    if (d % LANES == 0) {  /* bucket by bucket: min/max, headers and bits while it is in L1 */
+        const double lv = (double)((1 << k) - 1);
+        int64_t bad = 0, overflow = 0;
+        for (int64_t j = c0 / d; j * d < c1; j++) {
+            int64_t st = j * d, e = st + d < n ? st + d : n;
+            float lo, hi, a32, b32;
+            int64_t nb = minmax(x, st, e, &lo, &hi);
+            if (nb) { bad += nb; lo = hi = 0.0f; }
+            uint32_t au, bu;
+            overflow |= bucket_headers(hdt, lo, hi, lv, &au, &bu, &a32, &b32);
+            hstore(hdt, a_out, j, au);
+            hstore(hdt, b_out, j, bu);
+            if (bad || overflow) continue;
+            int slow;
+            float mul = bucket_mul(a32, &slow);
+            float mul24 = mul * 16777216.0f;
+            if (!slow && isfinite(mul24) && (e - st) % LANES == 0)
+                quantize_bucket(x + st, e - st, k, b32, mul24, s, m, st, bits + (st * k) / 8);
+            else
+                quantize_range(x + st, d, k, &a32, &b32, s + (uint32_t)st * m, m,
+                               bits + (st * k) / 8, 0, e - st, 0);
+        }
+        return bad ? bad : (overflow ? -1 : 0);
+    }
     float a32[MAXB], b32[MAXB];
     const double levels = (double)((1 << k) - 1);
     int64_t bad = 0, overflow = 0;
