@@ -46,6 +46,7 @@ CASES = [
     ("kbit", dict(bits=8, bucket_size=1)),
     ("sign", dict(bucket_size=0)),
     ("sign", dict(bucket_size=512)),
+    ("sign", dict(bucket_size=2048)),
     ("sign", dict(bucket_size=33, header_dtype="fp16")),
 ]
 

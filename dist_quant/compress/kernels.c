@@ -571,7 +571,8 @@ int64_t dq_encode_fused(const float *x, int64_t n, int64_t d, int k, int hdt, ui
    halving) gets the same bits. Blocks of up to TREE_BLOCK leaves, combined as a binary counter
    (the same tree); what is left on the stack at the end folds from the top (zero siblings). */
 static double tree_sum(const float *x, int64_t len) {
-    double buf[TREE_BLOCK], half[TREE_BLOCK / 2];
+    double pa[TREE_BLOCK / 2], pb[TREE_BLOCK / 4];
+    float pad[TREE_BLOCK];
     double stack[64];
     int64_t sizes[64];
     int top = 0;
@@ -580,13 +581,25 @@ static double tree_sum(const float *x, int64_t len) {
     int64_t blk = p2 < TREE_BLOCK ? p2 : TREE_BLOCK;
     for (int64_t i0 = 0; i0 < len; i0 += blk) {
         int64_t m = len - i0 < blk ? len - i0 : blk;
-        for (int64_t i = 0; i < m; i++) buf[i] = fabs((double)x[i0 + i]);
-        for (int64_t i = m; i < blk; i++) buf[i] = 0.0;
-        for (int64_t w = blk; w > 1; w >>= 1) {
-            for (int64_t i = 0; i < w / 2; i++) half[i] = buf[2 * i] + buf[2 * i + 1];
-            memcpy(buf, half, sizeof(double) * (size_t)(w / 2));
+        const float *xb = x + i0;
+        if (m < blk) {  /* the last block: zeros past len */
+            memcpy(pad, xb, sizeof(float) * (size_t)m);
+            memset(pad + m, 0, sizeof(float) * (size_t)(blk - m));
+            xb = pad;
         }
-        double v = buf[0];
+        double v;
+        if (blk == 1) {
+            v = fabs((double)xb[0]);
+        } else {  /* the first level straight from the input, then level by level */
+            for (int64_t i = 0; i < blk / 2; i++)
+                pa[i] = fabs((double)xb[2 * i]) + fabs((double)xb[2 * i + 1]);
+            double *src = pa, *dst = pb;
+            for (int64_t w = blk / 2; w > 1; w >>= 1) {
+                for (int64_t i = 0; i < w / 2; i++) dst[i] = src[2 * i] + src[2 * i + 1];
+                double *t = src; src = dst; dst = t;
+            }
+            v = src[0];
+        }
         int64_t size = 1;
         while (top && sizes[top - 1] == size) { v = stack[top - 1] + v; size *= 2; top--; }
         stack[top] = v;
@@ -613,20 +626,10 @@ static uint32_t hround_nearest(int hdt, double v) {
 /* Public: sign encoder for buckets [c0, c1) (c0 on a bucket boundary and a multiple of 8):
    s_j = (sum_i |x_i|) / size_j rounded to nearest in the header type, bits 1 for x_i >= 0.
    Returns the number of non-finite inputs, or -1 if a scale does not fit its type. */
-int64_t dq_sign_encode(const float *x, int64_t n, int64_t d, int hdt, uint8_t *s_out,
-                       uint8_t *bits, int64_t c0, int64_t c1) {
-    int64_t bad = 0, overflow = 0;
-    for (int64_t j = c0 / d; j * d < c1; j++) {
-        int64_t e = (j + 1) * d < n ? (j + 1) * d : n;
-        double sum = tree_sum(x + j * d, e - j * d);
-        if (!isfinite(sum)) { bad += count_nonfinite(x, j * d, e); sum = 0.0; }
-        uint32_t su = hround_nearest(hdt, sum / (double)(e - j * d));
-        overflow |= !isfinite(hval(hdt, su));
-        hstore(hdt, s_out, j, su);
-    }
-    if (bad || overflow) return bad ? bad : -1;
-    for (int64_t g = c0; g < c1; g += LANES) {
-        int64_t len = c1 - g < LANES ? c1 - g : LANES;
+/* the sign bits (1 for x_i >= 0) of [g0, g1), g0 a multiple of 8 */
+static void sign_bits(const float *x, uint8_t *bits, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g += LANES) {
+        int64_t len = g1 - g < LANES ? g1 - g : LANES;
         vu t[NV];
         if (len == LANES) {
             for (int h = 0; h < NV; h++) t[h] = (vu)(loadf(x + g + VL * h) >= 0.0f) & 1U;
@@ -640,6 +643,28 @@ int64_t dq_sign_encode(const float *x, int64_t n, int64_t d, int hdt, uint8_t *s
             memcpy(bits + g / 8, tmp, (size_t)((len + 7) / 8));
         }
     }
+}
+
+/* Public: sign encoder for buckets [c0, c1) (c0 on a bucket boundary and a multiple of 8):
+   s_j = (sum_i |x_i|) / size_j rounded to nearest in the header type, bits 1 for x_i >= 0;
+   bucket by bucket (the sum and the bits while the bucket is in L1) when the buckets start
+   on bytes of the bit stream (d a multiple of 8), else the bits in a second pass.
+   Returns the number of non-finite inputs, or -1 if a scale does not fit its type. */
+int64_t dq_sign_encode(const float *x, int64_t n, int64_t d, int hdt, uint8_t *s_out,
+                       uint8_t *bits, int64_t c0, int64_t c1) {
+    int64_t bad = 0, overflow = 0;
+    const int fused = d % 8 == 0;
+    for (int64_t j = c0 / d; j * d < c1; j++) {
+        int64_t e = (j + 1) * d < n ? (j + 1) * d : n;
+        double sum = tree_sum(x + j * d, e - j * d);
+        if (!isfinite(sum)) { bad += count_nonfinite(x, j * d, e); sum = 0.0; }
+        uint32_t su = hround_nearest(hdt, sum / (double)(e - j * d));
+        overflow |= !isfinite(hval(hdt, su));
+        hstore(hdt, s_out, j, su);
+        if (fused && !bad && !overflow) sign_bits(x, bits, j * d, e);
+    }
+    if (bad || overflow) return bad ? bad : -1;
+    if (!fused) sign_bits(x, bits, c0, c1);
     return 0;
 }
 
