@@ -115,7 +115,7 @@ def test_signed_zeros_give_the_same_headers():
 def test_special_buckets_identical():
     """Buckets of a multiple of 16 (the compiled encoder's bucket-by-bucket loop) next to the
     ones it leaves to the general loop: a range so small that 1 / a overflows (divisions), a
-    constant bucket, a zero bucket and a short last bucket."""
+    constant bucket, a zero bucket and a short last bucket; and their decodes."""
     x = grad(32 * 9 + 7)
     x[32:64] = torch.linspace(0, 1, 32) * 1e-44  # denormal scale: 1 / a is infinite
     x[64:96] = 3.0
@@ -123,8 +123,12 @@ def test_special_buckets_identical():
     for bits in (1, 2, 8):
         comp = get_compressor("kbit", bits=bits, bucket_size=32)
         reference = encode("torch", None, comp, x)
+        rows = torch.stack([reference, encode("torch", None, comp, x, seed=1)])
+        expected = decodes("torch", None, comp, reference, rows)
         for p in PATHS:
             assert torch.equal(encode(*p, comp, x), reference), (p, bits)
+            for got, want in zip(decodes(*p, comp, reference, rows), expected, strict=True):
+                assert torch.equal(got, want), (p, bits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

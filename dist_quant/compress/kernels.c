@@ -397,8 +397,52 @@ INLINE void decode_range_k(const uint8_t *bits, int64_t d, const int k, const fl
     }
 }
 
+/* decode [g0, g1) (multiples of 16) inside one bucket with header values aj, bj (sign: b
+   absent) into dst (indexed from g0), k in 1, 2, 4, 8: no bucket or tail logic in the loop */
+INLINE void decode_run_k(const uint8_t *bits, const int k, float aj, float bj, int sign,
+                         float *dst, int64_t g0, int64_t g1, int acc) {
+    const vf va = splatf(aj), vb = splatf(bj);
+    for (int64_t g = g0; g < g1; g += LANES) {
+        vu t[NV];
+        unpack16(bits + (g * k) / 8, k, t);
+        float *o = dst + (g - g0);
+        for (int h = 0; h < NV; h++) {
+            vf tf = __builtin_convertvector((vi)t[h], vf);
+            vf v = sign ? va * (tf * 2.0f - 1.0f) : tf * va + vb;
+            if (acc) v += loadf(o + VL * h);
+            storef(o + VL * h, v);
+        }
+    }
+}
+
+static void decode_range_any(const uint8_t *bits, int64_t d, int k, const float *a,
+                             const float *b, float *dst, int64_t g0, int64_t g1, int acc);
+
 static void decode_range(const uint8_t *bits, int64_t d, int k, const float *a, const float *b,
                          float *dst, int64_t g0, int64_t g1, int acc) {
+    if (d % LANES == 0 && g0 % LANES == 0 && (k == 1 || k == 2 || k == 4 || k == 8)) {
+        /* bucket by bucket: whole groups in the tight loop, the tail of the range apart */
+        for (int64_t g = g0; g < g1;) {
+            int64_t j = g / d, e = (j + 1) * d < g1 ? (j + 1) * d : g1;
+            int64_t full = g + (e - g) / LANES * LANES;
+            float aj = a[j], bj = b ? b[j] : 0.0f;
+            float *o = dst + (g - g0);
+            switch (k) {
+            case 1: decode_run_k(bits, 1, aj, bj, !b, o, g, full, acc); break;
+            case 2: decode_run_k(bits, 2, aj, bj, !b, o, g, full, acc); break;
+            case 4: decode_run_k(bits, 4, aj, bj, !b, o, g, full, acc); break;
+            default: decode_run_k(bits, 8, aj, bj, !b, o, g, full, acc); break;
+            }
+            if (full < e) decode_range_any(bits, d, k, a, b, dst + (full - g0), full, e, acc);
+            g = e;
+        }
+        return;
+    }
+    decode_range_any(bits, d, k, a, b, dst, g0, g1, acc);
+}
+
+static void decode_range_any(const uint8_t *bits, int64_t d, int k, const float *a,
+                             const float *b, float *dst, int64_t g0, int64_t g1, int acc) {
     switch (k) {
     case 1: decode_range_k(bits, d, 1, a, b, dst, g0, g1, acc); break;
     case 2: decode_range_k(bits, d, 2, a, b, dst, g0, g1, acc); break;
