@@ -269,7 +269,7 @@ static __attribute__((noinline)) void header_lanes(
    L 2^24, truncated, plus the 24-bit draws, shifted down. x >= b, so y >= 0 needs no clamp;
    with k = 1 the top clamp cannot change t. k = 8: y 2^24 reaches 2^32, past the signed
    conversion, so the top half converts shifted down by 2^31 (exact in float). */
-INLINE vu quantize_vec(vf x, float bj, float mul24, float top24, vu ctr, int k) {
+INLINE vu quantize_sum(vf x, float bj, float mul24, float top24, vu ctr, int k) {
     vf y = (x - bj) * mul24;
     if (k > 1) y = self(y > top24, splatf(top24), y);
     vu q;
@@ -281,8 +281,55 @@ INLINE vu quantize_vec(vf x, float bj, float mul24, float top24, vu ctr, int k) 
         q = (vu)__builtin_convertvector(lowered, vi) + ((vu)big & 0x80000000U);
     }
     vu r = mix32v(ctr) >> (32 - DRAW_BITS);
-    return (q + r) >> DRAW_BITS;
+    return q + r;
 }
+
+/* the level indices t = (q + r) >> 24 of one native vector inside one bucket */
+INLINE vu quantize_vec(vf x, float bj, float mul24, float top24, vu ctr, int k) {
+    return quantize_sum(x, bj, mul24, top24, ctr, k) >> DRAW_BITS;
+}
+
+#if defined(__SSE2__)
+/* x86: the sign bits of the lanes of one native vector */
+INLINE uint32_t sign_mask(vu v) {
+#if VBYTES == 64
+    return (uint32_t)_mm512_movepi32_mask((__m512i)v);
+#elif VBYTES == 32
+    return (uint32_t)_mm256_movemask_ps((__m256)v);
+#else
+    return (uint32_t)_mm_movemask_ps((__m128)v);
+#endif
+}
+
+/* bit i of x moved to bit 2 i */
+INLINE uint32_t spread16(uint32_t x) {
+#if defined(__BMI2__)
+    return _pdep_u32(x, 0x55555555U);
+#else
+    x = (x | x << 8) & 0x00ff00ffU;
+    x = (x | x << 4) & 0x0f0f0f0fU;
+    x = (x | x << 2) & 0x33333333U;
+    return (x | x << 1) & 0x55555555U;
+#endif
+}
+
+/* pack16 for k = 1, 2 from the sums q + r of a group (t = sum >> 24: its bits are bits 24
+   and 25 of the sum), collected by movemask: no shifts down, no reduction across lanes */
+INLINE void pack16_sums(const vu *sum, int k, uint8_t *out) {
+    uint32_t lo = 0, hi = 0;
+    for (int h = 0; h < NV; h++) {
+        lo |= sign_mask(sum[h] << 7) << (VL * h);
+        if (k == 2) hi |= sign_mask(sum[h] << 6) << (VL * h);
+    }
+    if (k == 1) {
+        uint16_t w16 = (uint16_t)lo;
+        memcpy(out, &w16, 2);
+    } else {
+        uint32_t w = spread16(lo) | spread16(hi) << 1;
+        memcpy(out, &w, 4);
+    }
+}
+#endif
 
 /* ---- quantise [c0, c1) with per-bucket fp32 a, b into packed bits ------------------------- */
 INLINE void quantize_range_k(const float *x, int64_t d, const int k, const float *a,
@@ -534,6 +581,19 @@ INLINE void quantize_bucket_k(const float *x, int64_t len, const int k, float bj
     const vu step = splatu(16U * m);
     vu ctr[NV];
     for (int h = 0; h < NV; h++) ctr[h] = splatu((uint32_t)c * m + s) + GLANE(h) * m;
+#if defined(__SSE2__)
+    if (k <= 2) {
+        for (int64_t g = 0; g < len; g += LANES) {
+            vu sum[NV];
+            for (int h = 0; h < NV; h++) {
+                sum[h] = quantize_sum(loadf(x + g + VL * h), bj, mul24, top24, ctr[h], k);
+                ctr[h] += step;
+            }
+            pack16_sums(sum, k, bits + (g * k) / 8);
+        }
+        return;
+    }
+#endif
     for (int64_t g = 0; g < len; g += LANES) {
         vu t[NV];
         for (int h = 0; h < NV; h++) {
