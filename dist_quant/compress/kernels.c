@@ -510,6 +510,21 @@ static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, flo
     /* a reduction loop the compiler vectorises to min/max instructions (x < lo ? x : lo is
        exactly their semantics), which the vector-extension selects do not become */
     float lo = INFINITY, hi = -INFINITY;
+#if defined(__SSE2__) && !defined(__SSE4_1__)
+    /* SSE2 has no 32-bit integer max: an OR of "exponent all ones" (measured 2x faster
+       there, slower than the max where it exists) */
+    uint32_t inf = 0;
+    #pragma omp simd reduction(min:lo) reduction(max:hi) reduction(|:inf)
+    for (int64_t i = c0; i < c1; i++) {
+        float v = x[i];
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+        inf |= (u & 0x7f800000U) == 0x7f800000U;
+    }
+    const int nonfinite = inf != 0;
+#else
     uint32_t expo = 0;  /* largest exponent field seen: all ones iff a NaN or +-Inf */
     #pragma omp simd reduction(min:lo) reduction(max:hi) reduction(max:expo)
     for (int64_t i = c0; i < c1; i++) {
@@ -521,9 +536,11 @@ static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, flo
         u &= 0x7f800000U;
         expo = u > expo ? u : expo;
     }
+    const int nonfinite = expo == 0x7f800000U;
+#endif
     *lo_out = lo;
     *hi_out = hi;
-    return expo == 0x7f800000U ? count_nonfinite(x, c0, c1) : 0;
+    return nonfinite ? count_nonfinite(x, c0, c1) : 0;
 }
 
 /* outward-rounded headers of one bucket with range [lo, hi]: b = lo rounded down, a =
