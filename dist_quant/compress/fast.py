@@ -48,8 +48,9 @@ from dist_quant.compress import kernels_c, wire
 from dist_quant.compress.draws import keys as draw_keys
 from dist_quant.compress.kernels_c import SOURCE
 
-CFLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi",
-          "-shared", "-fPIC", "-std=gnu11"]
+# -funroll-loops: 2-6% on the encoders (measured), no change to the arithmetic
+CFLAGS = ["-O3", "-funroll-loops", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
+          "-Wno-psabi", "-shared", "-fPIC", "-std=gnu11"]
 FUSED_TARGET = 32768  # coordinates per fused chunk (128 KiB of fp32: stays in L2)
 MAX_BUCKETS_PER_CHUNK = 8192  # size of the kernel's stack arrays
 MIN_PER_THREAD = 1 << 16
