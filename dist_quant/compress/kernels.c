@@ -293,7 +293,7 @@ INLINE vu quantize_vec(vf x, float bj, float mul24, float top24, vu ctr, int k) 
 /* x86: the sign bits of the lanes of one native vector */
 INLINE uint32_t sign_mask(vu v) {
 #if VBYTES == 64
-    return (uint32_t)_mm512_movepi32_mask((__m512i)v);
+    return (uint32_t)_mm512_cmplt_epi32_mask((__m512i)v, _mm512_setzero_si512());  /* AVX512F */
 #elif VBYTES == 32
     return (uint32_t)_mm256_movemask_ps((__m256)v);
 #else
