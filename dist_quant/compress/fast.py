@@ -16,8 +16,11 @@ kernels are compiled for, so that every level can be tested and measured on one 
 compiled path serves CPU tensors of fp32/fp16/bf16 below 2^31 coordinates; fp64 tensors take
 the pure-torch path. Every path produces the same payload bytes (same draws, same arithmetic).
 
-What makes it fast: one pass per chunk of whole buckets (min/max, headers, draws, packing while
-the chunk sits in L2); groups of 16 coordinates in native-width vectors at every level; no
+What makes it fast: one pass per bucket where the bucket size is a multiple of 16 (min/max,
+headers, draws and packing while the bucket sits in L1, in a loop with no bucket or tail logic;
+the same for decoding and for the sign compressor's sum and bits), else per chunk of whole
+buckets (while the chunk sits in L2); groups of 16 coordinates in native-width vectors at every
+level; the bits of k = 1, 2 collected by movemask on x86; no
 full-size float intermediates; fresh decode outputs advised onto transparent huge pages
 (mapping fresh memory otherwise costs more than decoding into it); streaming stores into reused
 buffers where ``NONTEMPORAL_BYTES`` enables them.
@@ -45,8 +48,9 @@ from dist_quant.compress import kernels_c, wire
 from dist_quant.compress.draws import keys as draw_keys
 from dist_quant.compress.kernels_c import SOURCE
 
-CFLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno", "-Wno-psabi",
-          "-shared", "-fPIC", "-std=gnu11"]
+# -funroll-loops: 2-6% on the encoders (measured), no change to the arithmetic
+CFLAGS = ["-O3", "-funroll-loops", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
+          "-Wno-psabi", "-shared", "-fPIC", "-std=gnu11"]
 FUSED_TARGET = 32768  # coordinates per fused chunk (128 KiB of fp32: stays in L2)
 MAX_BUCKETS_PER_CHUNK = 8192  # size of the kernel's stack arrays
 MIN_PER_THREAD = 1 << 16

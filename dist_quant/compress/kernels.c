@@ -269,7 +269,7 @@ static __attribute__((noinline)) void header_lanes(
    L 2^24, truncated, plus the 24-bit draws, shifted down. x >= b, so y >= 0 needs no clamp;
    with k = 1 the top clamp cannot change t. k = 8: y 2^24 reaches 2^32, past the signed
    conversion, so the top half converts shifted down by 2^31 (exact in float). */
-INLINE vu quantize_vec(vf x, float bj, float mul24, float top24, vu ctr, int k) {
+INLINE vu quantize_sum(vf x, float bj, float mul24, float top24, vu ctr, int k) {
     vf y = (x - bj) * mul24;
     if (k > 1) y = self(y > top24, splatf(top24), y);
     vu q;
@@ -281,8 +281,55 @@ INLINE vu quantize_vec(vf x, float bj, float mul24, float top24, vu ctr, int k) 
         q = (vu)__builtin_convertvector(lowered, vi) + ((vu)big & 0x80000000U);
     }
     vu r = mix32v(ctr) >> (32 - DRAW_BITS);
-    return (q + r) >> DRAW_BITS;
+    return q + r;
 }
+
+/* the level indices t = (q + r) >> 24 of one native vector inside one bucket */
+INLINE vu quantize_vec(vf x, float bj, float mul24, float top24, vu ctr, int k) {
+    return quantize_sum(x, bj, mul24, top24, ctr, k) >> DRAW_BITS;
+}
+
+#if defined(__SSE2__)
+/* x86: the sign bits of the lanes of one native vector */
+INLINE uint32_t sign_mask(vu v) {
+#if VBYTES == 64
+    return (uint32_t)_mm512_cmplt_epi32_mask((__m512i)v, _mm512_setzero_si512());  /* AVX512F */
+#elif VBYTES == 32
+    return (uint32_t)_mm256_movemask_ps((__m256)v);
+#else
+    return (uint32_t)_mm_movemask_ps((__m128)v);
+#endif
+}
+
+/* bit i of x moved to bit 2 i */
+INLINE uint32_t spread16(uint32_t x) {
+#if defined(__BMI2__)
+    return _pdep_u32(x, 0x55555555U);
+#else
+    x = (x | x << 8) & 0x00ff00ffU;
+    x = (x | x << 4) & 0x0f0f0f0fU;
+    x = (x | x << 2) & 0x33333333U;
+    return (x | x << 1) & 0x55555555U;
+#endif
+}
+
+/* pack16 for k = 1, 2 from the sums q + r of a group (t = sum >> 24: its bits are bits 24
+   and 25 of the sum), collected by movemask: no shifts down, no reduction across lanes */
+INLINE void pack16_sums(const vu *sum, int k, uint8_t *out) {
+    uint32_t lo = 0, hi = 0;
+    for (int h = 0; h < NV; h++) {
+        lo |= sign_mask(sum[h] << 7) << (VL * h);
+        if (k == 2) hi |= sign_mask(sum[h] << 6) << (VL * h);
+    }
+    if (k == 1) {
+        uint16_t w16 = (uint16_t)lo;
+        memcpy(out, &w16, 2);
+    } else {
+        uint32_t w = spread16(lo) | spread16(hi) << 1;
+        memcpy(out, &w, 4);
+    }
+}
+#endif
 
 /* ---- quantise [c0, c1) with per-bucket fp32 a, b into packed bits ------------------------- */
 INLINE void quantize_range_k(const float *x, int64_t d, const int k, const float *a,
@@ -397,8 +444,52 @@ INLINE void decode_range_k(const uint8_t *bits, int64_t d, const int k, const fl
     }
 }
 
+/* decode [g0, g1) (multiples of 16) inside one bucket with header values aj, bj (sign: b
+   absent) into dst (indexed from g0), k in 1, 2, 4, 8: no bucket or tail logic in the loop */
+INLINE void decode_run_k(const uint8_t *bits, const int k, float aj, float bj, int sign,
+                         float *dst, int64_t g0, int64_t g1, int acc) {
+    const vf va = splatf(aj), vb = splatf(bj);
+    for (int64_t g = g0; g < g1; g += LANES) {
+        vu t[NV];
+        unpack16(bits + (g * k) / 8, k, t);
+        float *o = dst + (g - g0);
+        for (int h = 0; h < NV; h++) {
+            vf tf = __builtin_convertvector((vi)t[h], vf);
+            vf v = sign ? va * (tf * 2.0f - 1.0f) : tf * va + vb;
+            if (acc) v += loadf(o + VL * h);
+            storef(o + VL * h, v);
+        }
+    }
+}
+
+static void decode_range_any(const uint8_t *bits, int64_t d, int k, const float *a,
+                             const float *b, float *dst, int64_t g0, int64_t g1, int acc);
+
 static void decode_range(const uint8_t *bits, int64_t d, int k, const float *a, const float *b,
                          float *dst, int64_t g0, int64_t g1, int acc) {
+    if (d % LANES == 0 && g0 % LANES == 0 && (k == 1 || k == 2 || k == 4 || k == 8)) {
+        /* bucket by bucket: whole groups in the tight loop, the tail of the range apart */
+        for (int64_t g = g0; g < g1;) {
+            int64_t j = g / d, e = (j + 1) * d < g1 ? (j + 1) * d : g1;
+            int64_t full = g + (e - g) / LANES * LANES;
+            float aj = a[j], bj = b ? b[j] : 0.0f;
+            float *o = dst + (g - g0);
+            switch (k) {
+            case 1: decode_run_k(bits, 1, aj, bj, !b, o, g, full, acc); break;
+            case 2: decode_run_k(bits, 2, aj, bj, !b, o, g, full, acc); break;
+            case 4: decode_run_k(bits, 4, aj, bj, !b, o, g, full, acc); break;
+            default: decode_run_k(bits, 8, aj, bj, !b, o, g, full, acc); break;
+            }
+            if (full < e) decode_range_any(bits, d, k, a, b, dst + (full - g0), full, e, acc);
+            g = e;
+        }
+        return;
+    }
+    decode_range_any(bits, d, k, a, b, dst, g0, g1, acc);
+}
+
+static void decode_range_any(const uint8_t *bits, int64_t d, int k, const float *a,
+                             const float *b, float *dst, int64_t g0, int64_t g1, int acc) {
     switch (k) {
     case 1: decode_range_k(bits, d, 1, a, b, dst, g0, g1, acc); break;
     case 2: decode_range_k(bits, d, 2, a, b, dst, g0, g1, acc); break;
@@ -419,6 +510,21 @@ static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, flo
     /* a reduction loop the compiler vectorises to min/max instructions (x < lo ? x : lo is
        exactly their semantics), which the vector-extension selects do not become */
     float lo = INFINITY, hi = -INFINITY;
+#if defined(__SSE2__) && !defined(__SSE4_1__)
+    /* SSE2 has no 32-bit integer max: an OR of "exponent all ones" (measured 2x faster
+       there, slower than the max where it exists) */
+    uint32_t inf = 0;
+    #pragma omp simd reduction(min:lo) reduction(max:hi) reduction(|:inf)
+    for (int64_t i = c0; i < c1; i++) {
+        float v = x[i];
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        lo = v < lo ? v : lo;
+        hi = v > hi ? v : hi;
+        inf |= (u & 0x7f800000U) == 0x7f800000U;
+    }
+    const int nonfinite = inf != 0;
+#else
     uint32_t expo = 0;  /* largest exponent field seen: all ones iff a NaN or +-Inf */
     #pragma omp simd reduction(min:lo) reduction(max:hi) reduction(max:expo)
     for (int64_t i = c0; i < c1; i++) {
@@ -430,9 +536,11 @@ static int64_t minmax(const float *x, int64_t c0, int64_t c1, float *lo_out, flo
         u &= 0x7f800000U;
         expo = u > expo ? u : expo;
     }
+    const int nonfinite = expo == 0x7f800000U;
+#endif
     *lo_out = lo;
     *hi_out = hi;
-    return expo == 0x7f800000U ? count_nonfinite(x, c0, c1) : 0;
+    return nonfinite ? count_nonfinite(x, c0, c1) : 0;
 }
 
 /* outward-rounded headers of one bucket with range [lo, hi]: b = lo rounded down, a =
@@ -482,10 +590,76 @@ void dq_quantize(const float *x, int64_t d, int k, const float *a, const float *
    per chunk of whole buckets, min/max -> outward-rounded headers -> draws -> packed bits,
    while the chunk is in cache. Returns the number of non-finite inputs, or -1 if a header
    does not fit its type (0: all written). */
+/* the level indices of len (a multiple of 16) coordinates of one bucket with a finite
+   multiplier, packed: the groups never cross a bucket, so the loop carries no bucket logic */
+INLINE void quantize_bucket_k(const float *x, int64_t len, const int k, float bj, float mul24,
+                              uint32_t s, uint32_t m, int64_t c, uint8_t *bits) {
+    const float top24 = (float)((1 << k) - 1) * 16777216.0f;
+    const vu step = splatu(16U * m);
+    vu ctr[NV];
+    for (int h = 0; h < NV; h++) ctr[h] = splatu((uint32_t)c * m + s) + GLANE(h) * m;
+#if defined(__SSE2__)
+    if (k <= 2) {
+        for (int64_t g = 0; g < len; g += LANES) {
+            vu sum[NV];
+            for (int h = 0; h < NV; h++) {
+                sum[h] = quantize_sum(loadf(x + g + VL * h), bj, mul24, top24, ctr[h], k);
+                ctr[h] += step;
+            }
+            pack16_sums(sum, k, bits + (g * k) / 8);
+        }
+        return;
+    }
+#endif
+    for (int64_t g = 0; g < len; g += LANES) {
+        vu t[NV];
+        for (int h = 0; h < NV; h++) {
+            t[h] = quantize_vec(loadf(x + g + VL * h), bj, mul24, top24, ctr[h], k);
+            ctr[h] += step;
+        }
+        pack16(t, k, bits + (g * k) / 8);
+    }
+}
+
+static void quantize_bucket(const float *x, int64_t len, int k, float bj, float mul24,
+                            uint32_t s, uint32_t m, int64_t c, uint8_t *bits) {
+    switch (k) {
+    case 1: quantize_bucket_k(x, len, 1, bj, mul24, s, m, c, bits); break;
+    case 2: quantize_bucket_k(x, len, 2, bj, mul24, s, m, c, bits); break;
+    case 4: quantize_bucket_k(x, len, 4, bj, mul24, s, m, c, bits); break;
+    case 8: quantize_bucket_k(x, len, 8, bj, mul24, s, m, c, bits); break;
+    default: quantize_bucket_k(x, len, k, bj, mul24, s, m, c, bits); break;
+    }
+}
+
 int64_t dq_encode_fused(const float *x, int64_t n, int64_t d, int k, int hdt, uint32_t s,
                         uint32_t m, uint8_t *a_out, uint8_t *b_out, uint8_t *bits,
                         int64_t c0, int64_t c1, int64_t chunk) {
     enum { MAXB = 8192 };
+    if (d % LANES == 0) {  /* bucket by bucket: min/max, headers and bits while it is in L1 */
+        const double lv = (double)((1 << k) - 1);
+        int64_t bad = 0, overflow = 0;
+        for (int64_t j = c0 / d; j * d < c1; j++) {
+            int64_t st = j * d, e = st + d < n ? st + d : n;
+            float lo, hi, a32, b32;
+            int64_t nb = minmax(x, st, e, &lo, &hi);
+            if (nb) { bad += nb; lo = hi = 0.0f; }
+            uint32_t au, bu;
+            overflow |= bucket_headers(hdt, lo, hi, lv, &au, &bu, &a32, &b32);
+            hstore(hdt, a_out, j, au);
+            hstore(hdt, b_out, j, bu);
+            if (bad || overflow) continue;
+            int slow;
+            float mul = bucket_mul(a32, &slow);
+            float mul24 = mul * 16777216.0f;
+            if (!slow && isfinite(mul24) && (e - st) % LANES == 0)
+                quantize_bucket(x + st, e - st, k, b32, mul24, s, m, st, bits + (st * k) / 8);
+            else
+                quantize_range(x + st, d, k, &a32, &b32, s + (uint32_t)st * m, m,
+                               bits + (st * k) / 8, 0, e - st, 0);
+        }
+        return bad ? bad : (overflow ? -1 : 0);
+    }
     float a32[MAXB], b32[MAXB];
     const double levels = (double)((1 << k) - 1);
     int64_t bad = 0, overflow = 0;
@@ -518,7 +692,8 @@ int64_t dq_encode_fused(const float *x, int64_t n, int64_t d, int k, int hdt, ui
    halving) gets the same bits. Blocks of up to TREE_BLOCK leaves, combined as a binary counter
    (the same tree); what is left on the stack at the end folds from the top (zero siblings). */
 static double tree_sum(const float *x, int64_t len) {
-    double buf[TREE_BLOCK], half[TREE_BLOCK / 2];
+    double pa[TREE_BLOCK / 2], pb[TREE_BLOCK / 4];
+    float pad[TREE_BLOCK];
     double stack[64];
     int64_t sizes[64];
     int top = 0;
@@ -527,13 +702,25 @@ static double tree_sum(const float *x, int64_t len) {
     int64_t blk = p2 < TREE_BLOCK ? p2 : TREE_BLOCK;
     for (int64_t i0 = 0; i0 < len; i0 += blk) {
         int64_t m = len - i0 < blk ? len - i0 : blk;
-        for (int64_t i = 0; i < m; i++) buf[i] = fabs((double)x[i0 + i]);
-        for (int64_t i = m; i < blk; i++) buf[i] = 0.0;
-        for (int64_t w = blk; w > 1; w >>= 1) {
-            for (int64_t i = 0; i < w / 2; i++) half[i] = buf[2 * i] + buf[2 * i + 1];
-            memcpy(buf, half, sizeof(double) * (size_t)(w / 2));
+        const float *xb = x + i0;
+        if (m < blk) {  /* the last block: zeros past len */
+            memcpy(pad, xb, sizeof(float) * (size_t)m);
+            memset(pad + m, 0, sizeof(float) * (size_t)(blk - m));
+            xb = pad;
         }
-        double v = buf[0];
+        double v;
+        if (blk == 1) {
+            v = fabs((double)xb[0]);
+        } else {  /* the first level straight from the input, then level by level */
+            for (int64_t i = 0; i < blk / 2; i++)
+                pa[i] = fabs((double)xb[2 * i]) + fabs((double)xb[2 * i + 1]);
+            double *src = pa, *dst = pb;
+            for (int64_t w = blk / 2; w > 1; w >>= 1) {
+                for (int64_t i = 0; i < w / 2; i++) dst[i] = src[2 * i] + src[2 * i + 1];
+                double *t = src; src = dst; dst = t;
+            }
+            v = src[0];
+        }
         int64_t size = 1;
         while (top && sizes[top - 1] == size) { v = stack[top - 1] + v; size *= 2; top--; }
         stack[top] = v;
@@ -560,20 +747,10 @@ static uint32_t hround_nearest(int hdt, double v) {
 /* Public: sign encoder for buckets [c0, c1) (c0 on a bucket boundary and a multiple of 8):
    s_j = (sum_i |x_i|) / size_j rounded to nearest in the header type, bits 1 for x_i >= 0.
    Returns the number of non-finite inputs, or -1 if a scale does not fit its type. */
-int64_t dq_sign_encode(const float *x, int64_t n, int64_t d, int hdt, uint8_t *s_out,
-                       uint8_t *bits, int64_t c0, int64_t c1) {
-    int64_t bad = 0, overflow = 0;
-    for (int64_t j = c0 / d; j * d < c1; j++) {
-        int64_t e = (j + 1) * d < n ? (j + 1) * d : n;
-        double sum = tree_sum(x + j * d, e - j * d);
-        if (!isfinite(sum)) { bad += count_nonfinite(x, j * d, e); sum = 0.0; }
-        uint32_t su = hround_nearest(hdt, sum / (double)(e - j * d));
-        overflow |= !isfinite(hval(hdt, su));
-        hstore(hdt, s_out, j, su);
-    }
-    if (bad || overflow) return bad ? bad : -1;
-    for (int64_t g = c0; g < c1; g += LANES) {
-        int64_t len = c1 - g < LANES ? c1 - g : LANES;
+/* the sign bits (1 for x_i >= 0) of [g0, g1), g0 a multiple of 8 */
+static void sign_bits(const float *x, uint8_t *bits, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; g += LANES) {
+        int64_t len = g1 - g < LANES ? g1 - g : LANES;
         vu t[NV];
         if (len == LANES) {
             for (int h = 0; h < NV; h++) t[h] = (vu)(loadf(x + g + VL * h) >= 0.0f) & 1U;
@@ -587,6 +764,28 @@ int64_t dq_sign_encode(const float *x, int64_t n, int64_t d, int hdt, uint8_t *s
             memcpy(bits + g / 8, tmp, (size_t)((len + 7) / 8));
         }
     }
+}
+
+/* Public: sign encoder for buckets [c0, c1) (c0 on a bucket boundary and a multiple of 8):
+   s_j = (sum_i |x_i|) / size_j rounded to nearest in the header type, bits 1 for x_i >= 0;
+   bucket by bucket (the sum and the bits while the bucket is in L1) when the buckets start
+   on bytes of the bit stream (d a multiple of 8), else the bits in a second pass.
+   Returns the number of non-finite inputs, or -1 if a scale does not fit its type. */
+int64_t dq_sign_encode(const float *x, int64_t n, int64_t d, int hdt, uint8_t *s_out,
+                       uint8_t *bits, int64_t c0, int64_t c1) {
+    int64_t bad = 0, overflow = 0;
+    const int fused = d % 8 == 0;
+    for (int64_t j = c0 / d; j * d < c1; j++) {
+        int64_t e = (j + 1) * d < n ? (j + 1) * d : n;
+        double sum = tree_sum(x + j * d, e - j * d);
+        if (!isfinite(sum)) { bad += count_nonfinite(x, j * d, e); sum = 0.0; }
+        uint32_t su = hround_nearest(hdt, sum / (double)(e - j * d));
+        overflow |= !isfinite(hval(hdt, su));
+        hstore(hdt, s_out, j, su);
+        if (fused && !bad && !overflow) sign_bits(x, bits, j * d, e);
+    }
+    if (bad || overflow) return bad ? bad : -1;
+    if (!fused) sign_bits(x, bits, c0, c1);
     return 0;
 }
 
