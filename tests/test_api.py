@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from run_states import assert_equal, final
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import dist_quant
-from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
 from dist_quant.errors import ConfigError
 from dist_quant.metrics import read_metrics, read_summary
 
@@ -39,27 +39,6 @@ def load(path: Path):
 
 example = load(EXAMPLE)
 job = load(ROOT / "tests" / "fit_job.py")
-
-
-def final(run_dir: Path | str) -> dict:
-    state = load_checkpoint(latest_checkpoint(run_dir))
-    state.pop("config")
-    return state
-
-
-def assert_equal(x, y, where: str = "") -> None:
-    if isinstance(x, dict):
-        assert x.keys() == y.keys(), where
-        for k in x:
-            assert_equal(x[k], y[k], f"{where}.{k}")
-    elif isinstance(x, list | tuple):
-        assert len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y, strict=True)):
-            assert_equal(u, v, f"{where}[{i}]")
-    elif isinstance(x, torch.Tensor):
-        assert torch.equal(x, y), where
-    else:
-        assert x == y, where
 
 
 def steps(run_dir: Path | str) -> list[tuple]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_states import assert_equal, final
 
-from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
 from dist_quant.compress import get_compressor
 from dist_quant.config import TrainConfig
 from dist_quant.data import load_dataset
@@ -35,27 +35,6 @@ TINY = dict(hidden="7,5", train_size=120, test_size=30, batch_size=4, eval_every
 
 def tiny(tmp: Path, name: str, **changes) -> TrainConfig:
     return TrainConfig(**{**TINY, "run_dir": str(tmp / name), **changes}).validate()
-
-
-def final(run_dir: Path | str) -> dict:
-    state = load_checkpoint(latest_checkpoint(run_dir))
-    state.pop("config")
-    return state
-
-
-def assert_equal(x, y, where: str = "") -> None:
-    if isinstance(x, dict):
-        assert x.keys() == y.keys(), where
-        for k in x:
-            assert_equal(x[k], y[k], f"{where}.{k}")
-    elif isinstance(x, list | tuple):
-        assert len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y, strict=True)):
-            assert_equal(u, v, f"{where}[{i}]")
-    elif isinstance(x, torch.Tensor):
-        assert torch.equal(x, y), where
-    else:
-        assert x == y, where
 
 
 def simulated(cfg: TrainConfig, name: str) -> Path:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from run_states import assert_equal
 
 from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
 from dist_quant.compress import get_compressor
@@ -55,25 +56,10 @@ def assert_same_state(a: dict, b: dict) -> None:
     """Server parameters, buffers, momentum, replica and every worker state, bit for bit."""
     assert a["step"] == b["step"]
     for key in ("model", "optimizer", "replica", "generator"):
-        _assert_equal(a["server"][key], b["server"][key], f"server.{key}")
+        assert_equal(a["server"][key], b["server"][key], f"server.{key}")
     assert len(a["workers"]) == len(b["workers"])
     for i, (wa, wb) in enumerate(zip(a["workers"], b["workers"], strict=True)):
-        _assert_equal(wa, wb, f"worker {i}")
-
-
-def _assert_equal(x, y, where: str) -> None:
-    if isinstance(x, dict):
-        assert x.keys() == y.keys(), where
-        for k in x:
-            _assert_equal(x[k], y[k], f"{where}.{k}")
-    elif isinstance(x, list | tuple):
-        assert len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y, strict=True)):
-            _assert_equal(u, v, f"{where}[{i}]")
-    elif isinstance(x, torch.Tensor):
-        assert torch.equal(x, y), where
-    else:
-        assert x == y, where
+        assert_equal(wa, wb, f"worker {i}")
 
 
 def model_for(cfg: TrainConfig) -> torch.nn.Module:

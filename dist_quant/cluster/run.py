@@ -92,14 +92,39 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
+class JsonlFollower:
+    """The records appended to a JSON-lines file since the last call (a file rewritten shorter,
+    as a resume does, is read again from its start; a line still being written waits)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.partial = path, 0, ""
+
+    def new_records(self) -> list[dict]:
+        try:
+            with open(self.path) as fh:
+                if os.fstat(fh.fileno()).st_size < self.offset:
+                    self.offset, self.partial = 0, ""
+                fh.seek(self.offset)
+                chunk = fh.read()
+                self.offset = fh.tell()
+        except OSError:
+            return []
+        lines = (self.partial + chunk).split("\n")
+        self.partial = lines.pop()
+        records = []
+        for line in filter(None, lines):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return records
+
+
 class StepWindow:
     """Counter snapshots taken when step lines appear in ``metrics.jsonl`` (see module doc)."""
 
     def __init__(self, metrics: Path, hosts: list[Host]):
         self.metrics = metrics
         self.hosts = hosts
-        self.offset = 0
-        self.partial = ""
+        self.follower = JsonlFollower(metrics)
         self.skip_upto = self._last_step()  # a resumed run's earlier lines are not this run's
         self.marks: list[tuple[dict, dict]] = []   # (step record, counters per host)
         self.last_mark = 0.0
@@ -114,25 +139,8 @@ class StepWindow:
         return last
 
     def poll(self) -> None:
-        try:
-            with open(self.metrics) as fh:
-                if os.fstat(fh.fileno()).st_size < self.offset:   # rewritten (a resume)
-                    self.offset, self.partial = 0, ""
-                fh.seek(self.offset)
-                chunk = fh.read()
-                self.offset = fh.tell()
-        except OSError:
-            return
-        lines = (self.partial + chunk).split("\n")
-        self.partial = lines.pop()
-        steps = []
-        for line in filter(None, lines):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("kind") == "step" and rec["step"] > self.skip_upto:
-                steps.append(rec)
+        steps = [rec for rec in self.follower.new_records()
+                 if rec.get("kind") == "step" and rec["step"] > self.skip_upto]
         if not steps:
             return
         now = time.monotonic()
@@ -165,28 +173,13 @@ class MetricsTail:
     def __init__(self, metrics: Path, cfg: TrainConfig):
         from dist_quant.progress import Progress
 
-        self.metrics, self.cfg, self.offset, self.partial = metrics, cfg, 0, ""
+        self.follower, self.cfg = JsonlFollower(metrics), cfg
         self.progress = Progress(cfg.steps, cfg.progress)
         self.acc = float("nan")
         self.last: dict | None = None
 
     def poll(self) -> None:
-        try:
-            with open(self.metrics) as fh:
-                if os.fstat(fh.fileno()).st_size < self.offset:   # rewritten (a resume)
-                    self.offset, self.partial = 0, ""
-                fh.seek(self.offset)
-                chunk = fh.read()
-                self.offset = fh.tell()
-        except OSError:
-            return
-        lines = (self.partial + chunk).split("\n")
-        self.partial = lines.pop()
-        for line in filter(None, lines):
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
+        for rec in self.follower.new_records():
             if rec.get("kind") == "eval":
                 self.acc = rec["test_accuracy"]
             if rec.get("kind") == "step":
