@@ -251,3 +251,18 @@ def _result(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Ten
         raise ValueError(f"out must be a contiguous float32 tensor of {n} elements, got "
                          f"{out.dtype} with {out.numel()}")
     return out if out.dim() == 1 else out.view(-1)
+
+
+class ScaledBuckets:
+    """Body layout of a compressor with one scale per bucket in ``header_dtype`` followed by
+    ``bits`` packed bits per coordinate (sign, QSGD, TernGrad): sizes and the split into
+    ``(scales, bits)`` views. Mixed into a :class:`Compressor` that sets ``hdtype`` and
+    ``hbytes``."""
+
+    def _body_nbytes(self, n: int) -> int:
+        return self.num_buckets(n) * self.hbytes + wire.packed_nbytes(n, self.bits)
+
+    def _split(self, body: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nb = self.num_buckets(n)
+        return wire.view_as(body, 0, nb, self.hdtype), body[nb * self.hbytes:]
+

@@ -37,7 +37,7 @@ from __future__ import annotations
 import torch
 
 from dist_quant.compress import wire
-from dist_quant.compress.base import Compressor, count_nonfinite
+from dist_quant.compress.base import Compressor, ScaledBuckets, count_nonfinite
 from dist_quant.compress.quantize import _bucketed
 from dist_quant.compress.rounding import round_up
 from dist_quant.errors import NonFiniteGradientError, PayloadError
@@ -50,7 +50,7 @@ def code_bits(levels: int) -> int:
     return 1 + levels.bit_length()
 
 
-class LevelCompressor(Compressor):
+class LevelCompressor(ScaledBuckets, Compressor):
     """Sign and stochastic level of ``|g_i| / sigma`` on ``levels`` steps; subclasses say what
     ``sigma`` is (``_scales``). See the module docstring."""
 
@@ -67,13 +67,6 @@ class LevelCompressor(Compressor):
     def _scales(self, xb: torch.Tensor) -> torch.Tensor:
         """The float64 scale of every bucket of the zero-padded ``[nb, d]`` float64 view."""
         raise NotImplementedError
-
-    def _body_nbytes(self, n: int) -> int:
-        return self.num_buckets(n) * self.hbytes + wire.packed_nbytes(n, self.bits)
-
-    def _split(self, body: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        nb = self.num_buckets(n)
-        return wire.view_as(body, 0, nb, self.hdtype), body[nb * self.hbytes:]
 
     def _encode_body(self, x, body, generator):
         n = x.numel()

@@ -13,12 +13,12 @@ from __future__ import annotations
 import torch
 
 from dist_quant.compress import fast, wire
-from dist_quant.compress.base import Compressor, _result, count_nonfinite
+from dist_quant.compress.base import Compressor, ScaledBuckets, _result, count_nonfinite
 from dist_quant.compress.quantize import _bucketed
 from dist_quant.errors import NonFiniteGradientError, PayloadError
 
 
-class SignCompressor(Compressor):
+class SignCompressor(ScaledBuckets, Compressor):
     name = kind = "sign"
     bits = 1
     uses_header_dtype = True
@@ -31,13 +31,6 @@ class SignCompressor(Compressor):
 
     def __repr__(self) -> str:
         return f"SignCompressor(bucket_size={self.bucket_size}, header_dtype={self.header_dtype!r})"
-
-    def _body_nbytes(self, n: int) -> int:
-        return self.num_buckets(n) * self.hbytes + wire.packed_nbytes(n, 1)
-
-    def _split(self, body, n):
-        nb = self.num_buckets(n)
-        return wire.view_as(body, 0, nb, self.hdtype), body[nb * self.hbytes:]
 
     def _encode_body(self, x, body, generator):
         n = x.numel()
