@@ -53,9 +53,10 @@ class TrainConfig:
                           "of the parameters (compressed all-to-all up, all-gather down). "
                           "Needs --servers 1.")
     overlap: bool = _opt(False, "Send each shard's uplink payload as soon as backward has "
-                         "produced its gradients (last layers first), overlapping the transfer "
-                         "with the rest of backward; same parameters as without it. Needs "
-                         "several shards (--servers > 1 or --colocate) to hide anything.")
+                         "produced its gradients (last layers first), and start the next "
+                         "forward on the first layers as soon as their downlink shard has "
+                         "arrived; same parameters as without it. Needs several shards "
+                         "(--servers > 1 or --colocate) to hide much.")
     # --- uplink compression ----------------------------------------------------------------
     compressor: str = _opt("onebit", "Uplink compressor: none (fp32), fp16, bf16, onebit, kbit, "
                            "sign; baselines qsgd (--qsgd-levels), terngrad, topk (with "

@@ -28,7 +28,9 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     (``dist_quant.roles.exchange``) add ``"servers": [{"bytes_up", "bytes_down", "skipped"}]``
     (per shard: what server s's link carried, rows it left out) and ``"bytes_stats"`` (the
     BN statistics inside ``bytes_up``); a payload that stays on its rank is not counted.
-    ``"time_overlap"``: seconds of uplink that ran beside backward (``--overlap``; else 0).
+    ``"time_overlap"``: seconds of uplink that ran beside backward (``--overlap``; else 0);
+    ``"time_overlap_down"``: seconds of the previous step's downlink that ran beside this step's
+    work (``--overlap``; else 0).
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
     "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``.
 - ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,

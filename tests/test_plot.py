@@ -209,9 +209,11 @@ RATE10 = {"rate_mbit": 10.0, "latency_ms": 0.0, "loss_pct": 0.0, "hosts": 4}
 PAYLOAD = 8 * 1448   # one worker's payload per direction: 8 full frames
 
 
-def write_ps_run(path: Path, clock, accuracies, seconds_per_step, workers, **config):
+def write_ps_run(path: Path, clock, accuracies, seconds_per_step, workers, eval_seconds=0.0,
+                 **config):
     """A PS run whose step records carry per-server bytes: every worker's payload is PAYLOAD
-    bytes each way, split into W equal shards when colocated."""
+    bytes each way, split into W equal shards when colocated; each evaluation takes
+    ``eval_seconds`` of wall time outside the steps."""
     clock[0] = 0.0
     cfg = TrainConfig(bucket_size=512).replace(workers=workers, steps=STEPS, **config)
     colocated = cfg.colocate
@@ -221,11 +223,12 @@ def write_ps_run(path: Path, clock, accuracies, seconds_per_step, workers, **con
     servers = [{"bytes_up": remote * per, "bytes_down": remote * per, "skipped": 0}] * shards
     rec = RunRecorder(path, cfg.to_dict())
     for t in range(1, STEPS + 1):
-        clock[0] = t * seconds_per_step
+        clock[0] = t * seconds_per_step + (t - 1) // 2 * eval_seconds
         rec.step(t, 1.0 / t, remote * per * shards, remote * per * shards,
                  {"compute": 0.1 * seconds_per_step, "communicate": 0.9 * seconds_per_step},
                  extra={"servers": servers, "bytes_stats": 0})
         if t % 2 == 0:
+            clock[0] += eval_seconds
             rec.eval(t, 1.0, accuracies[t // 2 - 1])
     rec.summary(test_accuracy=accuracies[-1], test_loss=1.0, steps=STEPS, workers=workers,
                 params=PARAMS, fp32_bytes_up=1, fp32_bytes_down=1, compressor="onebit",
@@ -265,7 +268,27 @@ def test_several_seeds_give_mean_spread_and_paired_speedup(seeded, tmp_path):
     # bits: 3 x 2896 B x 4 shards x 8 / (1000 params x 4 workers); MB at step 6: 6 x 2 x
     # 34752 B; seeds 0 and 1 reached: (60 + 72) / (6 + 12) = 7.33x, per seed 10x and 6x
     assert cells[2:] == ["3", "69.504", "73.3% [60.0–80.0]", "2/3", "0.417 [0.417–0.417]",
+                         "9.00 [6.00–12.00]", "7.33x [6.00–10.00]",
                          "9.00 [6.00–12.00]", "7.33x [6.00–10.00]"]
+
+
+def test_time_to_target_excluding_evaluation_leaves_out_what_evaluations_took(clock,
+                                                                             tmp_path):
+    """Colocated seeds of 1 and 2 s per step whose three evaluations up to step 6 take 0.5 s
+    each: 7.5 and 13.5 s to target with them, 6 and 12 s without; DDP fp32 60 and 72 s."""
+    root = tmp_path / "runs"
+    for seed, sps in ((0, 10.0), (1, 12.0)):
+        write_run(root / f"ddp-s{seed}", clock, REACH, sps, 16000, link=RATE10, method="ddp",
+                  ddp_hook="none", seed=seed)
+    for seed, sps in ((0, 1.0), (1, 2.0)):
+        write_ps_run(root / f"coloc-s{seed}", clock, REACH, sps, 4, eval_seconds=0.5,
+                     colocate=True, seed=seed)
+    row = section(report_for([root], 0.7, tmp_path), "10 Mbit/s, 0 ms")[
+        "PS onebit b512 colocated"]
+    assert row["time to target (s)"] == "10.50 [7.50–13.50]"
+    assert row["speed-up vs DDP fp32"] == "6.29x [5.33–8.00]"       # 132 / 21
+    assert row["excl. evaluation (s)"] == "9.00 [6.00–12.00]"
+    assert row["speed-up excl. evaluation"] == "7.33x [6.00–10.00]"  # 132 / 18
 
 
 def test_a_point_without_ddp_at_its_worker_count_says_so(seeded, tmp_path):

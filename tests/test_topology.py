@@ -169,7 +169,9 @@ def test_replicas_match_the_servers_tracked_copies(colocated):
 def test_overlap_changes_no_bit_and_records_what_it_hid(colocated, tmp_path):
     """Shipping each shard during backward gives the sequential step's payloads (each shard
     draws from its own generator), with a NaN injected as well; the shards of the last layers
-    leave before backward ends, so some uplink time ran alongside it."""
+    leave before backward ends, so some uplink time ran alongside it. The downlink is decoded
+    shard by shard in the next forward: the same replica, and its transfer ran beside the next
+    step's start (except after a checkpoint, which decodes it at once, and before step 1)."""
     cfg, run_dir, _ = colocated
     states = {}
     for overlap in (False, True):
@@ -180,9 +182,15 @@ def test_overlap_changes_no_bit_and_records_what_it_hid(colocated, tmp_path):
     assert_equal(states[False], states[True])
     hidden = [r["time_overlap"] for r in read_metrics(run_dir) if r["kind"] == "step"]
     assert len(hidden) == cfg.steps and all(h > 0 for h in hidden)
-    sequential = [r["time_overlap"] for r in read_metrics(tmp_path / "False")
-                  if r["kind"] == "step"]
-    assert sequential == [0.0] * 4
+    sequential = [(r["time_overlap"], r["time_overlap_down"])
+                  for r in read_metrics(tmp_path / "False") if r["kind"] == "step"]
+    assert sequential == [(0.0, 0.0)] * 4
+    down = {r["step"]: r["time_overlap_down"] for r in read_metrics(run_dir)
+            if r["kind"] == "step"}
+    after_save = {1} | {t + 1 for t in range(cfg.checkpoint_every, cfg.steps,
+                                             cfg.checkpoint_every)}
+    assert all(d == 0.0 for t, d in down.items() if t in after_save)
+    assert all(d > 0 for t, d in down.items() if t not in after_save)
 
 
 # ---- faults and resume -------------------------------------------------------------------

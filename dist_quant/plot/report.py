@@ -13,6 +13,11 @@ For a run under a given link:
   count when there is one, else the first with the same worker count ("no DDP fp32 run" when
   the link has none at that W).
 - wire / payload (uplink), where the cluster recorded ``wire.json``.
+- time to target excluding evaluation (several seeds): the sum of the phase times
+  (``time``) of the step lines up to the evaluation at target, i.e. the steps' wall time
+  without the evaluations and checkpoints between them. Evaluation is the observer's cost, and
+  not the same for every method: the colocated leader first gathers the parameters over its
+  link. Its speed-up is paired by seed like the other.
 
 Several seeds. When some point (a method at a worker count W under a link) was run with
 several seeds, each table has one row per point: the seeds' mean of each figure with its
@@ -58,6 +63,12 @@ def bits_per_coordinate(run: Run) -> float:
 
 def first_at_target(run: Run, target: float) -> dict[str, Any] | None:
     return next((e for e in run.evals if e["test_accuracy"] >= target), None)
+
+
+def step_seconds(run: Run, step: int) -> float:
+    """Seconds spent in steps 1..``step``: the sum of their phase times (evaluations and
+    checkpoints excluded)."""
+    return sum(sum(line["time"].values()) for line in run.steps if line["step"] <= step)
 
 
 def wire_ratio_up(run: Run) -> float | None:
@@ -198,6 +209,9 @@ class PointRow:
     speedup: float | None         # ratio of mean times over the paired seeds
     speedup_spread: Spread | None  # the per-seed ratios
     speedup_note: str
+    step_seconds: Spread | None   # time to target without evaluations
+    step_speedup: float | None
+    step_speedup_spread: Spread | None
 
 
 def point_rows(members: list[Run], target: float) -> list[PointRow]:
@@ -205,41 +219,53 @@ def point_rows(members: list[Run], target: float) -> list[PointRow]:
     for pt in points(members):
         hits = [(run, first_at_target(run, target)) for run in pt.runs]
         reached = [(run, h) for run, h in hits if h is not None]
-        pairs = []
+        pairs, step_pairs = [], []
         for run, hit in reached:
             base = baseline(run, members)
             base_hit = first_at_target(base, target) if base else None
             if base_hit is not None:
                 pairs.append((base_hit["wall"], hit["wall"]))
-        speedup = None
+                step_pairs.append((step_seconds(base, base_hit["step"]),
+                                   step_seconds(run, hit["step"])))
+        speedup = step_speedup = None
         note = ("no DDP fp32 run" if all(baseline(r, members) is None for r in pt.runs) else
                 NOT_REACHED if not reached else "DDP fp32 " + NOT_REACHED)
         if pairs:
             speedup, note = sum(b for b, _ in pairs) / sum(t for _, t in pairs), ""
+            step_speedup = sum(b for b, _ in step_pairs) / sum(t for _, t in step_pairs)
         out.append(PointRow(
             pt.label, pt.workers, len(pt.runs), len(reached),
             sum(bits_per_coordinate(r) for r in pt.runs) / len(pt.runs),
             Spread.of([final_accuracy(r) for r in pt.runs]),
             Spread.of([(h["cum_bytes_up"] + h["cum_bytes_down"]) / 1e6 for _, h in reached]),
             Spread.of([h["wall"] for _, h in reached]),
-            speedup, Spread.of([b / t for b, t in pairs]), note))
+            speedup, Spread.of([b / t for b, t in pairs]), note,
+            Spread.of([step_seconds(run, h["step"]) for run, h in reached]), step_speedup,
+            Spread.of([b / t for b, t in step_pairs])))
     return out
+
+
+def _speedup_text(value: float | None, spread: Spread | None, note: str) -> str:
+    if value is None:
+        return note
+    return f"{value:.2f}x" + ("" if spread.n == 1 else f" [{spread.low:.2f}–{spread.high:.2f}]")
 
 
 def seeds_table(members: list[Run], target: float) -> str:
     head = ["method", "W", "seeds", "bits/coord (up)", "final acc", "reached",
-            "MB total to target", "time to target (s)", "speed-up vs DDP fp32"]
+            "MB total to target", "time to target (s)", "speed-up vs DDP fp32",
+            "excl. evaluation (s)", "speed-up excl. evaluation"]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in point_rows(members, target):
         acc = Spread(*(100 * v for v in (r.accuracy.mean, r.accuracy.low, r.accuracy.high)),
                      r.accuracy.n)
-        speedup = r.speedup_note if r.speedup is None else (
-            f"{r.speedup:.2f}x" + ("" if r.speedup_spread.n == 1 else
-                                   f" [{r.speedup_spread.low:.2f}–{r.speedup_spread.high:.2f}]"))
         cells = [r.label, str(r.workers), str(r.seeds), f"{r.bits:.3f}", acc.text(".1f", "%"),
                  f"{r.reached}/{r.seeds}",
                  NOT_REACHED if r.mb_total is None else r.mb_total.text(".4g"),
-                 NOT_REACHED if r.seconds is None else r.seconds.text(".2f"), speedup]
+                 NOT_REACHED if r.seconds is None else r.seconds.text(".2f"),
+                 _speedup_text(r.speedup, r.speedup_spread, r.speedup_note),
+                 NOT_REACHED if r.step_seconds is None else r.step_seconds.text(".2f"),
+                 _speedup_text(r.step_speedup, r.step_speedup_spread, r.speedup_note)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -259,7 +285,9 @@ def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
         parts += ["Several seeds per point: mean [min–max] over the seeds; time and MB to "
                   "target over the seeds that reached it; speed-up = mean DDP fp32 time over "
                   "mean time of the method (seeds where both reached the target), "
-                  "[min–max] of the per-seed ratios.", ""]
+                  "[min–max] of the per-seed ratios. Excl. evaluation: the same, counting only "
+                  "the steps' own time (the sum of their phase times), without the "
+                  "evaluations and checkpoints between them.", ""]
     for cap, members in groups.items():
         parts += [f"## {cap}", "", seeds_table(members, target) if seeds else
                   table(members, target), ""]

@@ -21,7 +21,8 @@ rank runs every phase, doing the part of its pieces:
    shard without any valid row for ``STUCK_STEPS`` steps in a row); it tells every rank;
 4. ``control``: the other ranks receive that decision (abort ends them);
 5. ``down_send`` / ``down_recv``: server s sends its shard's downlink to every worker; every
-   worker keeps the S payloads and applies them at the start of its next step;
+   worker keeps the S payloads and applies them at the start of its next step (with
+   ``--overlap``, each as the next forward first needs it);
 6. ``record``: the leader writes the step's metrics (bytes per direction and per server);
 7. ``ckpt_send`` / ``ckpt_save``: at checkpoint steps every rank sends its pieces' states to
    the leader, which writes one file holding every shard's and every worker's state.
@@ -116,12 +117,14 @@ class RankRoles:
         self.t0 = time.perf_counter()
         self.with_stats = is_eval_step(self.cfg, self.step)
         if self.worker is None:
+            self.fabric.flush_held()
             return
         def ship(s: int, payload: torch.Tensor) -> None:
             self.fabric.send(self.rank, self.p.server_ranks[s], TAG_UP, payload,
                              "gradient payload")
 
         _, telemetry = self.worker.step_up(ship)
+        self.fabric.flush_held()  # the previous downlink's sends (--overlap), before serve
         self.fabric.send(self.rank, self.p.leader, TAG_TELEMETRY, telemetry, "telemetry")
         if self.with_stats and self.n_stats:
             self.fabric.send(self.rank, self.p.leader, TAG_STATS, self.worker.bn_stats(),
@@ -243,11 +246,24 @@ class RankRoles:
                 self.fabric.send(self.rank, r, TAG_DOWN, self.down_payload, "parameters payload")
 
     def down_recv(self) -> None:
+        """Receive the downlink; with ``--overlap`` only post the receives, and hold the sends:
+        the next step's forward waits for each shard when it needs it."""
+        later = self.cfg.overlap
         if self.worker is not None:
-            w = self.worker
-            w.receive_downlink([self.fabric.recv(self.p.server_ranks[s], self.rank, TAG_DOWN,
-                                                 "parameters payload", box.numel(), torch.uint8,
-                                                 out=box) for s, box in enumerate(w.inboxes)])
+            w, f = self.worker, self.fabric
+            recv = f.recv_later if later else f.recv
+            w.receive_downlink([recv(self.p.server_ranks[s], self.rank, TAG_DOWN,
+                                     "parameters payload", box.numel(), torch.uint8, out=box)
+                                for s, box in enumerate(w.inboxes)])
+        if later:
+            self.fabric.hold()
+        else:
+            self.fabric.flush()
+
+    def drain(self) -> None:
+        """The end of the run: nothing stays in flight."""
+        if self.worker is not None:
+            self.worker.await_downlink()
         self.fabric.flush()
 
     # ---- 6. record -----------------------------------------------------------------------
@@ -272,7 +288,8 @@ class RankRoles:
                                                         ups, downs, self.status[:, 0].tolist(),
                                                         strict=True)],
                                         "bytes_stats": self.stats_bytes,
-                                        "time_overlap": tel[3]})
+                                        "time_overlap": tel[3],
+                                        "time_overlap_down": tel[4]})
         if self.with_stats:
             self.recorder.eval(self.step, self.test_loss, self.test_acc)
         self.progress.update(self.step, rec["loss"], self.test_acc, self.recorder.cum_up,
@@ -419,6 +436,7 @@ def _drive(cfg: TrainConfig, ranks: list[RankRoles], sequential: bool) -> dict[s
         while ranks[0].step < cfg.steps and ranks[0].control != LAST:
             for name in PHASES:
                 _phase(ranks, name)
+        _phase(ranks, "drain")
     finally:
         for r in ranks:
             if r.is_leader:

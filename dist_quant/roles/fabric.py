@@ -14,13 +14,16 @@ Remote sends are posted (``isend``) and waited for only at :meth:`RemoteFabric.f
 end of the step: every rank posts all its sends of a phase before it blocks in a receive, so
 the all-to-all of the colocated job cannot deadlock on a link whose peer is itself sending. A
 sent tensor must not change until the flush (the roles hand over fresh payloads, or buffers
-they next write after the step). A peer that dies or stops answering raises
+they next write after the step). With ``--overlap`` the downlink's sends are held out of that
+flush (:meth:`RemoteFabric.hold`) and waited for in the next step, and its receives are
+posted without waiting (:meth:`RemoteFabric.recv_later`). A peer that dies or stops answering raises
 :class:`~dist_quant.transport.PeerLostError` naming it, within the process-group timeout.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -75,8 +78,21 @@ class LocalFabric:
     def recv_blob(self, src: int, dst: int, what: str) -> Any:
         return self.recv(src, dst, TAG_BLOB, what)
 
+    def recv_later(self, src: int, dst: int, tag: int, what: str, numel: int = 0,
+                   dtype: torch.dtype = torch.uint8, out: torch.Tensor | None = None,
+                   ) -> Callable[[], Any]:
+        """Post a receive; the returned function waits for the message and returns it."""
+        got = LocalFabric.recv(self, src, dst, tag, what, out=out)
+        return lambda: got
+
     def flush(self) -> None:
         pass
+
+    def hold(self) -> None:
+        """Keep the sends posted so far out of the next :meth:`flush`."""
+
+    def flush_held(self) -> None:
+        """Wait for the sends put aside by :meth:`hold`."""
 
 
 class RemoteFabric(LocalFabric, Transport):
@@ -93,6 +109,7 @@ class RemoteFabric(LocalFabric, Transport):
                            notice_group=notice_group)
         self.rank = int(rank)
         self.pending: list[tuple[Any, int, str]] = []
+        self.held: list[tuple[Any, int, str]] = []
 
     def describe(self, rank: int) -> str:
         return self.placement.describe(rank)
@@ -115,6 +132,22 @@ class RemoteFabric(LocalFabric, Transport):
             out = torch.empty(numel, dtype=dtype, device=self.device)
         self._wait([self._irecv(out, src, tag)], what, [src])
         return out
+
+    def recv_later(self, src: int, dst: int, tag: int, what: str, numel: int = 0,
+                   dtype: torch.dtype = torch.uint8, out: torch.Tensor | None = None,
+                   ) -> Callable[[], Any]:
+        if src == self.rank:
+            return LocalFabric.recv_later(self, src, dst, tag, what, out=out)
+        if out is None:
+            out = torch.empty(numel, dtype=dtype, device=self.device)
+        work, done = self._irecv(out, src, tag), []
+
+        def wait() -> torch.Tensor:
+            if not done:
+                self._wait([work], what, [src])
+                done.append(True)
+            return out
+        return wait
 
     def gather(self, srcs: list[int], dst: int, tag: int, numel: int, dtype: torch.dtype,
                what: str, device: torch.device) -> torch.Tensor:
@@ -142,6 +175,14 @@ class RemoteFabric(LocalFabric, Transport):
         return blob_to(self.recv(src, dst, TAG_BLOB, what, size, torch.uint8))
 
     def flush(self) -> None:
-        """Wait for every posted send (the end of a step)."""
-        pending, self.pending = self.pending, []
+        """Wait for every posted send (the end of a step), held ones included."""
+        pending, self.pending, self.held = self.held + self.pending, [], []
         self._wait_all(pending)
+
+    def hold(self) -> None:
+        self.held += self.pending
+        self.pending = []
+
+    def flush_held(self) -> None:
+        held, self.held = self.held, []
+        self._wait_all(held)

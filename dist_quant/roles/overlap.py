@@ -1,4 +1,7 @@
-"""``--overlap``: each shard's uplink leaves as soon as backward has produced its gradients.
+"""``--overlap``: each shard's uplink leaves as soon as backward has produced its gradients,
+and the next forward starts on the first layers as soon as their downlink has arrived.
+
+Uplink.
 
 Backward runs from the last layer to the first, so the shards that hold the last layers are
 complete first. A hook on every parameter (``register_post_accumulate_grad_hook``) copies its
@@ -17,6 +20,19 @@ What was hidden: the worker reports ``overlap``, the seconds from the first shar
 to the end of backward: uplink transfer time that ran alongside computation (at most that
 much of the uplink was hidden; the leader records the slowest worker's in ``metrics.jsonl``
 as ``time_overlap``). With one shard (the star) nothing leaves before backward ends.
+
+Downlink. The ranks post their downlink receives at the end of a step and go on without
+waiting for them (:meth:`~dist_quant.roles.worker.Worker.receive_downlink`); the sends are
+waited for after the next step's uplink has left. A forward pre-hook on every module that holds
+parameters (:func:`apply_before_use`) waits for, and decodes into the replica, the shards
+those parameters lie in, the first time the module runs: the first layers compute while the
+shards of the last layers are still on the wire. Every shard's decode is the one of the
+sequential step, so the replica, and everything after it, is the same bit for bit. The worker
+reports ``overlap_down``: the seconds from posting its receives to the arrival of its last
+shard, less the seconds the forward waited (at most that much downlink time ran beside other
+work; ``time_overlap_down`` in ``metrics.jsonl``, the slowest worker's). How much this hides
+depends on where the shards lie: a shard's transfer shares each link with the others, so the
+first layers' shard arrives early only when the first layers are a small part of it.
 """
 
 from __future__ import annotations
@@ -90,3 +106,22 @@ class OverlappedBackward:
             self.ship(s, data)
         if self.first is None:
             self.first = time.perf_counter()
+
+
+def apply_before_use(worker: Any) -> None:
+    """Register on every module of ``worker.model`` that holds parameters a forward pre-hook
+    that decodes the pending downlink of the shards those parameters lie in."""
+    where, offset = {}, 0
+    for p in worker.model.parameters():
+        where[id(p)] = (offset, offset + p.numel())
+        offset += p.numel()
+    for module in worker.model.modules():
+        spans = [where[id(p)] for p in module.parameters(recurse=False)]
+        shards = sorted({s for lo, hi in spans for s, (a, b) in enumerate(worker.bounds)
+                         if lo < b and hi > a})
+        if shards:
+            module.register_forward_pre_hook(partial(_before, worker, shards))
+
+
+def _before(worker: Any, shards: list[int], module: Any, args: Any) -> None:
+    worker._apply_pending(shards)

@@ -14,12 +14,13 @@ quantiser and dropout generators (seeded from ``(seed, i)``), its batch sampler 
    ``(seed, i, QUANTISER)`` for shard 0 and ``(seed, i, QUANTISER, s)`` for shard s; a
    non-finite shard is never quantised: the worker sends ``nonfinite_payload`` instead, of the
    same size;
-4. receive the downlink payloads (one per shard) and, at the start of the next step, update
-   the replica: with ``--downlink none`` a payload is the server's parameters in fp32;
-   otherwise it is the compressed change ``C(theta - r)`` and the replica becomes
-   ``r + decode(C(theta - r))``,
-   exactly what the server computes for its copy ``r``, so all replicas stay identical and
-   what compression dropped is sent at the next step.
+4. receive the downlink payloads (one per shard) and, at the start of the next step (with
+   ``--overlap``, shard by shard as the next forward reaches the first module that reads the
+   shard: :meth:`Worker.receive_downlink`), update the replica: with ``--downlink none`` a
+   payload is the server's parameters in fp32; otherwise it is the compressed change
+   ``C(theta - r)`` and the replica becomes ``r + decode(C(theta - r))``, exactly what the
+   server computes for its copy ``r``, so all replicas stay identical and what compression
+   dropped is sent at the next step.
 
 The same :class:`Worker` object serves the distributed run and the single-process simulator
 (:mod:`dist_quant.roles.exchange` places it on a rank and moves its payloads).
@@ -41,7 +42,7 @@ from dist_quant.roles.shard import shard_tags
 from dist_quant.roles.task import Task
 
 # worker -> leader, per step (float64)
-TELEMETRY = ("loss", "decode", "compute", "encode", "overlap")
+TELEMETRY = ("loss", "decode", "compute", "encode", "overlap", "overlap_down")
 
 
 class RunAborted(RuntimeError):
@@ -89,12 +90,17 @@ class Worker:
         self.decoded = torch.empty_like(self.replica)  # reused downlink decode (compressed)
         self.nonfinite_at = cfg.nonfinite_at
         self.step = 0
-        self.pending: list[torch.Tensor] | None = None  # downlink payloads not yet decoded
+        # downlink payloads not yet decoded, one per shard: a function returning the payload
+        # (with --overlap it waits for the payload's arrival); None once decoded
+        self.pending: list[Callable[[], torch.Tensor] | None] | None = None
+        self.wait_s = self.decode_s = 0.0  # this step's downlink waits and decodes
+        self.posted = self.arrived = 0.0   # when the downlink was posted, when all of it was in
         self.overlap = None
         if cfg.overlap:
-            from dist_quant.roles.overlap import OverlappedBackward
+            from dist_quant.roles.overlap import OverlappedBackward, apply_before_use
 
             self.overlap = OverlappedBackward(self)
+            apply_before_use(self)
 
     # ---- one step ---------------------------------------------------------------------------
     def forward_loss(self) -> torch.Tensor:
@@ -103,7 +109,9 @@ class Worker:
         self.model.train()
         self.model.zero_grad(set_to_none=True)
         with self.task.randomness(self.dropout_gen):
-            return self.task.loss_fn(self.model(self.x[idx]), self.y[idx])
+            loss = self.task.loss_fn(self.model(self.x[idx]), self.y[idx])
+        self._apply_pending()  # shards that no module read in this forward
+        return loss
 
     def compute(self) -> tuple[torch.Tensor, float]:
         """Gradient of the data loss on the next minibatch, flattened; and the loss."""
@@ -139,10 +147,16 @@ class Worker:
 
         Returns (one uint8 payload per shard, telemetry float64 ``TELEMETRY``); ``decode`` is
         this worker's decoding of the previous step's downlink, ``overlap`` the seconds from
-        the first shard's hand-over to the end of backward (0 without ``--overlap``).
+        the first shard's hand-over to the end of backward, ``overlap_down`` the seconds the
+        previous step's downlink was in flight while this worker went on (from posting its
+        receives to the arrival of its last shard, less the time the forward waited for it);
+        both 0 without ``--overlap``. Waits for the downlink are not ``compute``.
         """
+        self.wait_s = self.decode_s = 0.0
+        waiting = self.pending is not None and self.overlap is not None
         t0 = time.perf_counter()
-        self._apply_pending()
+        if self.overlap is None:
+            self._apply_pending()
         t1 = time.perf_counter()
         if self.overlap is not None:
             g, loss, payload, encode_s, overlap_s = self.overlap.compute(ship)
@@ -158,20 +172,40 @@ class Worker:
                     ship(s, data)
             overlap_s = 0.0
         self.step += 1
-        telemetry = torch.tensor([loss, t1 - t0, t2 - t1, t3 - t2, overlap_s],
+        decode_s = t1 - t0
+        if waiting:  # the downlink was decoded inside the forward: take it out of compute
+            t2 -= self.wait_s + self.decode_s
+            decode_s = self.decode_s
+        overlap_down = max(0.0, self.arrived - self.posted - self.wait_s) if waiting else 0.0
+        telemetry = torch.tensor([loss, decode_s, t2 - t1, t3 - t2, overlap_s, overlap_down],
                                  dtype=torch.float64, device=self.device)
         return payload, telemetry
 
-    def receive_downlink(self, payloads: list[torch.Tensor]) -> None:
+    def receive_downlink(self, payloads: list[torch.Tensor | Callable[[], torch.Tensor]],
+                         ) -> None:
         """Keep the downlink payloads (one per shard); they are decoded at the start of the
         next step (or before a checkpoint), so their decode time is billed to the worker, not
-        to the link."""
-        self.pending = list(payloads)
+        to the link. A payload may be a function that waits for it to arrive and returns it
+        (``--overlap``): the next forward then decodes each shard just before the first module
+        that reads it (:func:`~dist_quant.roles.overlap.apply_before_use`), so it starts on the
+        first layers while the other shards are still on the wire. Each shard's decode is the
+        same whenever it runs, so the replica is the same bit for bit."""
+        self.pending = [p if callable(p) else _ready(p) for p in payloads]
+        self.posted = time.perf_counter()
 
-    def _apply_pending(self) -> None:
+    def _apply_pending(self, shards: list[int] | None = None) -> None:
+        """Decode the pending downlink of ``shards`` (default: all) into the replica."""
         if self.pending is None:
             return
-        for (lo, hi), payload in zip(self.bounds, self.pending, strict=True):
+        for s in range(len(self.bounds)) if shards is None else shards:
+            get = self.pending[s]
+            if get is None:
+                continue
+            t0 = time.perf_counter()
+            payload = get()
+            t1 = self.arrived = time.perf_counter()
+            self.pending[s] = None
+            lo, hi = self.bounds[s]
             replica = self.replica if len(self.bounds) == 1 else self.replica[lo:hi]
             if self.cfg.downlink == "none" and payload is self.inbox:  # received in place
                 self.down.check(payload)
@@ -179,8 +213,17 @@ class Worker:
                 self.down.decode(payload, out=replica)
             else:
                 replica.add_(self.down.decode(payload, out=self.decoded[lo:hi]))
-        self.pending = None
-        self.params.load()
+            self.wait_s += t1 - t0
+            self.decode_s += time.perf_counter() - t1
+        if all(get is None for get in self.pending):
+            self.pending = None
+            self.params.load()
+
+    def await_downlink(self) -> None:
+        """Wait until every pending downlink payload has arrived, without decoding it (the
+        end of a run: nothing may stay in flight)."""
+        if self.pending is not None:
+            self.pending = [None if get is None else _ready(get()) for get in self.pending]
 
     def bn_stats(self) -> torch.Tensor:
         return common.bn_stats(self.model)
@@ -215,6 +258,11 @@ class Worker:
         for c, st in zip(self.comps, comps, strict=True):
             if hasattr(c, "load_state_dict"):
                 c.load_state_dict(_on(st, self.device))
+
+
+def _ready(payload: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A payload that is already here, as :meth:`Worker.receive_downlink` keeps it."""
+    return lambda: payload
 
 
 def _one_or_list(items: list[Any]) -> Any:
