@@ -34,8 +34,9 @@ map-style dataset (``len`` and ``ds[i] -> (x_i, y_i)``), stacked once into tenso
 used as given (no standardisation); worker i trains on rows ``i, i + W, ...`` of ``train``.
 ``loss_fn(output, y)`` is the mean training loss (default cross-entropy), ``metric(output, y)``
 the mean evaluation metric of a batch (default accuracy), recorded as ``test_accuracy`` (and
-compared with ``stop_accuracy``). The model's randomness, its buffers and their limits: see
-:mod:`dist_quant.roles.task`.
+compared with ``stop_accuracy``); ``config.json`` names it (``"metric"``) and leaves out the
+``FIT_FIXED`` fields other than ``train_size`` and ``test_size``. The model's randomness, its
+buffers and their limits: see :mod:`dist_quant.roles.task`.
 """
 
 from __future__ import annotations
@@ -49,11 +50,10 @@ import torch
 from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset
 from dist_quant.errors import ConfigError
-from dist_quant.roles.task import Task
+from dist_quant.roles.task import MLP_FIELDS, Task
 
 # TrainConfig fields of the built-in MLP and datasets: given by model_fn and the data instead
-FIT_FIXED = ("dataset", "data_dir", "hidden", "keep_prob", "batchnorm", "init", "train_size",
-             "test_size")
+FIT_FIXED = (*MLP_FIELDS, "train_size", "test_size")
 
 
 def fit(model_fn: Callable[[], torch.nn.Module], train: Any, test: Any, *,

@@ -2,9 +2,12 @@
 
 Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster`` read):
 
-- ``config.json``: the resolved :class:`~dist_quant.config.TrainConfig` under ``"config"``,
-  ``"model"`` (``"mlp"``, or ``"custom"`` for a :func:`dist_quant.fit` model), ``"versions"``
-  (python, torch, numpy, dist_quant) and ``"git_commit"`` (or null).
+- ``config.json``: the resolved :class:`~dist_quant.config.TrainConfig` under ``"config"``
+  (for a :func:`dist_quant.fit` model without the fields of the built-in MLP and dataset,
+  which do not apply), ``"model"`` (``"mlp"``, or ``"custom"`` for a fit model), ``"metric"``
+  (the name of the evaluation metric recorded as ``test_accuracy``: ``"accuracy"`` unless fit
+  was given another), ``"versions"`` (python, torch, numpy, dist_quant) and ``"git_commit"``
+  (or null).
 - ``metrics.jsonl``: one JSON object per line.
 
   * step lines: ``{"kind": "step", "step": t, "loss": float, "bytes_up": int,
@@ -93,7 +96,7 @@ class RunRecorder:
     """
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
-                 model: str = "mlp"):
+                 model: str = "mlp", metric: str = "accuracy"):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.cum_up = 0
@@ -115,8 +118,8 @@ class RunRecorder:
         else:
             metrics.write_text("")
         write_json_atomic(self.dir / "config.json",
-                          {"config": config, "model": model, "versions": versions(),
-                           "git_commit": git_commit()})
+                          {"config": config, "model": model, "metric": metric,
+                           "versions": versions(), "git_commit": git_commit()})
         self._fh = open(metrics, "a", buffering=1)  # noqa: SIM115 (closed in close())
         self._lr = None
         if "lr" in config:

@@ -9,6 +9,7 @@ uninterrupted one; bad inputs are refused with errors that say what is wrong.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -143,6 +144,10 @@ def test_custom_loss_and_metric_are_the_ones_used(tmp_path):
     assert summary["test_accuracy"] == pytest.approx(float(job.top2(out, y_test)), abs=1e-9)
     plain_ce = float(F.cross_entropy(out, y_test))
     assert abs(summary["test_loss"] - plain_ce) > 1e-3  # the smoothed loss, not the default
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"] == "custom" and saved["metric"] == "top2"
+    assert not {"dataset", "hidden", "keep_prob", "batchnorm", "init"} & set(saved["config"])
+    assert saved["config"]["train_size"] == len(job.data()[0][1])
 
 
 def test_a_map_style_dataset_trains_like_the_tensors(tmp_path):

@@ -366,9 +366,9 @@ class RankRoles:
         if not self.is_leader:
             return
         start = self.step
-        self.recorder = RunRecorder(self.cfg.run_dir, self.cfg.to_dict(),
+        self.recorder = RunRecorder(self.cfg.run_dir, self.task.recorded_config(self.cfg),
                                     resume_step=start if self.cfg.resume else None,
-                                    model=self.task.kind)
+                                    model=self.task.kind, metric=self.task.metric_name)
         self.evals = sum(1 for r in read_metrics(self.cfg.run_dir) if r["kind"] == "eval")
         self.progress = Progress(self.cfg.steps, enabled=self.cfg.progress)
         self.test_loss = self.test_acc = float("nan")

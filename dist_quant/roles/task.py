@@ -42,6 +42,10 @@ def accuracy(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (output.argmax(1) == target).double().mean()
 
 
+# TrainConfig fields of the built-in MLP and datasets: a custom model's run records none
+MLP_FIELDS = ("dataset", "data_dir", "hidden", "keep_prob", "batchnorm", "init")
+
+
 @dataclass(frozen=True)
 class Task:
     """``build(device, dropout_generator)`` returns a fresh model with the run's initial
@@ -90,6 +94,19 @@ class Task:
                    kind="custom")
         task.build(torch.device("cpu"))
         return task
+
+    def recorded_config(self, cfg: Any) -> dict[str, Any]:
+        """``cfg`` as ``config.json`` records it: a custom model's run leaves out the fields of
+        the built-in MLP and dataset (``MLP_FIELDS``), which did not apply to it."""
+        config = cfg.to_dict()
+        if self.kind == "mlp":
+            return config
+        return {k: v for k, v in config.items() if k not in MLP_FIELDS}
+
+    @property
+    def metric_name(self) -> str:
+        """The metric's name, as ``config.json`` records it (``"accuracy"`` by default)."""
+        return getattr(self.metric, "__name__", type(self.metric).__name__)
 
     def model(self, device: torch.device, dropout_generator: torch.Generator | None = None
               ) -> nn.Module:
