@@ -210,7 +210,7 @@ PAYLOAD = 8 * 1448   # one worker's payload per direction: 8 full frames
 
 
 def write_ps_run(path: Path, clock, accuracies, seconds_per_step, workers, eval_seconds=0.0,
-                 **config):
+                 link=None, **config):
     """A PS run whose step records carry per-server bytes: every worker's payload is PAYLOAD
     bytes each way, split into W equal shards when colocated; each evaluation takes
     ``eval_seconds`` of wall time outside the steps."""
@@ -234,7 +234,7 @@ def write_ps_run(path: Path, clock, accuracies, seconds_per_step, workers, eval_
                 params=PARAMS, fp32_bytes_up=1, fp32_bytes_down=1, compressor="onebit",
                 method="ps")
     rec.close()
-    (path / "link.json").write_text(json.dumps(RATE10))
+    (path / "link.json").write_text(json.dumps(link or RATE10))
     return path
 
 
@@ -317,6 +317,27 @@ def test_scaling_rows_match_the_link_model_by_hand(seeded):
     assert rows[("PS onebit b512 colocated", 4)].step_s == pytest.approx(2.0)   # 1, 2, 3 s
     assert rows[("PS onebit b512", 4)].growth == pytest.approx(2.0)
     assert ("DDP fp32", 4) in rows
+
+
+def test_scaling_takes_the_uncapped_floor_out_where_the_same_points_ran_uncapped(clock,
+                                                                                  tmp_path):
+    """Colocated at W = 2 and 4, communicate 0.45 and 1.8 s per step at 10 Mbit/s and 0.18 and
+    0.9 s uncapped: the cap's share is 0.27 and 0.9 s, a growth of 3.33x (measured 4x)."""
+    free = {**RATE10, "rate_mbit": None}
+    for w, capped, uncapped in ((2, 0.5, 0.2), (4, 2.0, 1.0)):
+        write_ps_run(tmp_path / f"cap-w{w}", clock, REACH, capped, w, colocate=True)
+        write_ps_run(tmp_path / f"free-w{w}", clock, REACH, uncapped, w, colocate=True,
+                     link=free)
+    from dist_quant.plot.scaling import scaling, scaling_table
+
+    data = scaling(group_by_cap(find_runs([tmp_path])))
+    assert list(data) == ["10 Mbit/s, 0 ms"]
+    w2, w4 = data["10 Mbit/s, 0 ms"]
+    assert (w2.uncapped_s, w4.uncapped_s) == (pytest.approx(0.18), pytest.approx(0.9))
+    assert (w2.link_s, w4.link_s) == (pytest.approx(0.27), pytest.approx(0.9))
+    assert w4.growth == pytest.approx(4.0) and w4.link_growth == pytest.approx(0.9 / 0.27)
+    table = "\n".join(scaling_table(data))
+    assert table.splitlines()[-1].endswith("| 900.00 | 900.00 | 3.33x |")
 
 
 def test_plot_writes_the_scaling_figure_and_table_when_several_w_exist(seeded, sweep, tmp_path):
