@@ -347,7 +347,12 @@ def main(ctx: click.Context, **params: Any) -> None:
         _fail(who, str(err), 2)
     except RuntimeError as err:  # e.g. rendezvous or store timeouts while starting up
         _fail(who, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", 1)
-    ctx.exit(code)
+    # A finished rank leaves without the interpreter's teardown: gloo's worker threads may
+    # still hold work objects whose destruction during finalisation aborts the process
+    # (SIGABRT: one rank of a finished 8-rank DDP run), which would fail a finished run.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
