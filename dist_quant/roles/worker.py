@@ -172,12 +172,12 @@ class Worker:
                     ship(s, data)
             overlap_s = 0.0
         self.step += 1
-        decode_s = t1 - t0
+        decode_s, compute_s, encode_s = t1 - t0, t2 - t1, t3 - t2
         if waiting:  # the downlink was decoded inside the forward: take it out of compute
-            t2 -= self.wait_s + self.decode_s
+            compute_s -= self.wait_s + self.decode_s
             decode_s = self.decode_s
         overlap_down = max(0.0, self.arrived - self.posted - self.wait_s) if waiting else 0.0
-        telemetry = torch.tensor([loss, decode_s, t2 - t1, t3 - t2, overlap_s, overlap_down],
+        telemetry = torch.tensor([loss, decode_s, compute_s, encode_s, overlap_s, overlap_down],
                                  dtype=torch.float64, device=self.device)
         return payload, telemetry
 
