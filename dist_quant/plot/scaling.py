@@ -16,7 +16,8 @@ point per method and W, its seeds averaged):
   the waits for a straggler and the small control messages the model leaves out;
 - uncapped: where the same method at the same W also ran on uncapped links, its measured
   communicate phase there: the waits and messages that are not the cap's. The cap's own share
-  is then measured minus uncapped (``link``), with its growth over W (``link growth``): on a
+  is then measured minus uncapped (``link``), with its growth over W (``link growth``, where
+  both shares are positive: a share within the noise of the waits has no growth): on a
   machine with fewer cores than ranks, the uncapped figure holds the wait for the slowest
   rank's CPU, which grows with W whatever the link.
 """
@@ -93,8 +94,8 @@ def scaling(groups: dict[str, list[Run]]) -> dict[str, list[ScalingRow]]:
                                        sum(map(predicted_comm, p.runs)) / len(p.runs),
                                        measured / first if first > 0 else None,
                                        sum(map(step_wall, p.runs)) / len(p.runs), uncapped,
-                                       link / first_link if link is not None and first_link
-                                       and first_link > 0 else None))
+                                       link / first_link if link is not None and link > 0
+                                       and first_link and first_link > 0 else None))
         out[cap] = rows
     return out
 
