@@ -244,33 +244,18 @@ def test_a_lost_peer_ends_a_colocated_run_within_the_timeout(tmp_path):
     message naming it, within --timeout (ranks started by hand: no torchrun agent)."""
     import os
     import signal
-    import socket
-    import subprocess
     import sys
-    import time
+
+    from ranks import start_ranks, wait_for_lines
 
     from dist_quant.train import full_argv
 
     timeout = 5.0
     cfg = tiny(tmp_path, "lost", workers=3, colocate=True, steps=10**6, eval_every=10**6,
                checkpoint_every=0, timeout=timeout)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = str(s.getsockname()[1])
-    argv = [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
-    procs = [subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1",
-                                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                         "RANK": str(r), "LOCAL_RANK": str(r),
-                                         "WORLD_SIZE": "3"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for r in range(3)]
-    metrics = Path(cfg.run_dir) / "metrics.jsonl"
+    procs = start_ranks([sys.executable, "-m", "dist_quant.train", *full_argv(cfg)], 3)
     try:
-        deadline = time.monotonic() + 180
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert all(p.poll() is None for p in procs), "a rank ended before the fault"
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_for_lines(procs, Path(cfg.run_dir) / "metrics.jsonl")
         os.kill(procs[2].pid, signal.SIGKILL)
         for p in procs[:2]:
             p.wait(timeout=timeout + 60)   # hang detector: they end on their own

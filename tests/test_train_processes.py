@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ranks import env, free_port, start_ranks, wait_for_lines
 
 from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
 from dist_quant.config import TrainConfig
@@ -28,16 +28,6 @@ TINY = dict(hidden="7,5", train_size=120, test_size=30, batch_size=4, eval_every
             progress=False, bucket_size=5)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
-
-
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
 def test_dead_or_hung_peer_ends_the_run_within_the_timeout(tmp_path, sig):
     """Worker 1 (rank 2) is killed or stopped mid-run: the server and worker 0 end by
@@ -45,18 +35,9 @@ def test_dead_or_hung_peer_ends_the_run_within_the_timeout(tmp_path, sig):
     cfg = TrainConfig(**{**TINY, "eval_every": 10**6}, workers=2, steps=10**6, timeout=TIMEOUT,
                       run_dir=str(tmp_path / "run"))
     argv = [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
-    port = str(free_port())
-    procs = [subprocess.Popen(argv, env=env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="3"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for r in range(3)]
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    procs = start_ranks(argv, 3)
     try:
-        deadline = time.monotonic() + 180
-        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-            assert all(p.poll() is None for p in procs), "a rank ended before the fault"
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
+        wait_for_lines(procs, tmp_path / "run" / "metrics.jsonl")
         os.kill(procs[2].pid, sig)  # worker 1
         t0 = time.monotonic()
         ended = []

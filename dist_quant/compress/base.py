@@ -266,3 +266,14 @@ class ScaledBuckets:
         nb = self.num_buckets(n)
         return wire.view_as(body, 0, nb, self.hdtype), body[nb * self.hbytes:]
 
+    def _check_scales(self, body: torch.Tensor, n: int) -> torch.Tensor:
+        """The body's scales, refused (``PayloadError``) when one is non-finite or negative;
+        returns the packed bits."""
+        s, bits = self._split(body, n)
+        if not torch.isfinite(s).all():
+            raise PayloadError(f"non-finite scale in {int((~torch.isfinite(s)).sum())} "
+                               f"bucket(s)")
+        if (s < 0).any():
+            raise PayloadError(f"negative scale in {int((s < 0).sum())} bucket(s)")
+        return bits
+

@@ -93,12 +93,7 @@ class LevelCompressor(ScaledBuckets, Compressor):
         bits_out.copy_(wire.pack_bits(codes, self.bits))
 
     def _check_body(self, body, n):
-        s, bits = self._split(body, n)
-        if not torch.isfinite(s).all():
-            raise PayloadError(f"non-finite scale in {int((~torch.isfinite(s)).sum())} "
-                               f"bucket(s)")
-        if (s < 0).any():
-            raise PayloadError(f"negative scale in {int((s < 0).sum())} bucket(s)")
+        bits = self._check_scales(body, n)
         if n and (wire.unpack_bits(bits, n, self.bits).int() >> 1).max() > self.levels:
             raise PayloadError(f"a level exceeds s = {self.levels}")
 

@@ -15,7 +15,7 @@ import torch
 from dist_quant.compress import fast, wire
 from dist_quant.compress.base import Compressor, ScaledBuckets, _result, count_nonfinite
 from dist_quant.compress.quantize import _bucketed
-from dist_quant.errors import NonFiniteGradientError, PayloadError
+from dist_quant.errors import NonFiniteGradientError
 
 
 class SignCompressor(ScaledBuckets, Compressor):
@@ -57,12 +57,7 @@ class SignCompressor(ScaledBuckets, Compressor):
         bits_out.copy_(wire.pack_bits(x >= 0, 1))
 
     def _check_body(self, body, n):
-        s, _ = self._split(body, n)
-        if not torch.isfinite(s).all():
-            raise PayloadError(f"non-finite scale s in {int((~torch.isfinite(s)).sum())} "
-                               f"bucket(s)")
-        if (s < 0).any():
-            raise PayloadError(f"negative scale s in {int((s < 0).sum())} bucket(s)")
+        self._check_scales(body, n)
 
     def _decode_into(self, body, n, out):
         return self._decode_body(body, n, out)
