@@ -54,14 +54,21 @@ FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^)]*\)\s*\n\s*exitcode\s*
 
 
 def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent (torchrun) ends; no-op elsewhere."""
+    """Linux: this process gets SIGKILL when its parent (torchrun) ends; no-op elsewhere.
+
+    The parent may have ended before the signal was armed: then this process was handed to
+    another one (its parent pid changed) and leaves at once. A parent that is pid 1 is no sign
+    of that: in a container torchrun is the entrypoint, pid 1 of its namespace.
+    """
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
+    parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent is already gone
+        if os.getppid() != parent:  # the parent ended before the signal was armed
+            os.write(2, b"dist_quant: the launcher ended before this rank started\n")
             os._exit(1)
 
 
