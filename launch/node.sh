@@ -9,6 +9,15 @@
 #   node.sh launch [ARGS]    exec torchrun -m $DQ_MODULE ARGS for this host
 #   node.sh run [ARGS]       shape, then launch (the container entrypoint)
 #
+# With DQ_LOG_DIR set (the container cluster sets it inside the run directory), `run` keeps
+# this host's whole output (tc commands, torchrun's own lines and tracebacks) in
+# DQ_LOG_DIR/HOSTNAME.log and prints only dist_quant's own lines (a failing rank's reason, the
+# summary), or one line naming the log when torchrun failed without one; it writes the link's
+# counters before the launch and after it (HOSTNAME.before.*, HOSTNAME.after.*: /proc/net/dev,
+# tc's filter and qdisc statistics as JSON), and exits with the ranks' status as
+# `dist-quant train` does: 0 done, 2 a bad option (checked once, before torchrun starts), 1
+# anything else. SIGTERM and SIGINT reach torchrun, which stops its ranks.
+#
 # Environment (defaults in brackets):
 #   DQ_IFACE [eth0]       the host's link
 #   DQ_RATE_MBIT [0]      rate cap in Mbit/s in each direction; 0 = uncapped
@@ -24,6 +33,7 @@
 #   DQ_MODULE [dist_quant.train]  module every torchrun process runs
 #   DQ_TRAIN_ARGS []      more options for the module, split on spaces, after ARGS
 #   DQ_PYTHON [python3]   interpreter
+#   DQ_LOG_DIR []         where `run` keeps this host's log and counters (see above)
 #
 # Shaping (R = rate, L = latency, p = loss, B = burst, Q = queue bytes). Egress of the link:
 #   tc qdisc add dev IFACE root handle 1: netem delay L/2ms limit 100000        (if L > 0)
@@ -111,7 +121,8 @@ shape() {
     shape_egress "$IFB" "$RATE" "$half" "$LOSS"
 }
 
-launch() {
+# the torchrun command line of this host (after its checks) in the array TORCHRUN
+torchrun_argv() {
     local addr rdzv_addr is_host=0 extra=()
     [[ -n ${DQ_NNODES:-} ]] || die "DQ_NNODES (number of hosts) is not set"
     [[ -n ${DQ_RDZV_HOST:-} ]] || die "DQ_RDZV_HOST (rendezvous host) is not set"
@@ -126,16 +137,66 @@ launch() {
     export GLOO_SOCKET_IFNAME=$IFACE OMP_NUM_THREADS=1
     [[ -n ${DQ_ROLE:-} ]] && export DIST_QUANT_ROLE=$DQ_ROLE
     [[ -n ${DQ_TRAIN_ARGS:-} ]] && read -ra extra <<< "$DQ_TRAIN_ARGS"
-    exec "${DQ_PYTHON:-python3}" -m torch.distributed.run \
+    IS_HOST=$is_host EXTRA=("${extra[@]}")
+    TORCHRUN=("${DQ_PYTHON:-python3}" -m torch.distributed.run \
         --nnodes "$DQ_NNODES" --nproc-per-node 1 --max-restarts 0 \
         --rdzv-backend c10d --rdzv-endpoint "$DQ_RDZV_HOST:${DQ_RDZV_PORT:-29400}" \
         --rdzv-id "${DQ_RUN_ID:-dq}" --rdzv-conf "is_host=$is_host" --local-addr "$addr" \
-        -m "${DQ_MODULE:-dist_quant.train}" "$@" "${extra[@]}"
+        -m "${DQ_MODULE:-dist_quant.train}" "$@" "${extra[@]}")
+}
+
+launch() {
+    torchrun_argv "$@"
+    exec "${TORCHRUN[@]}"
+}
+
+# counters WHEN: the link's byte counters and tc statistics into DQ_LOG_DIR/HOST.WHEN.*
+counters() {
+    local base=$DQ_LOG_DIR/$(hostname).$1
+    cat /proc/net/dev > "$base.netdev"
+    tc -s -j filter show dev "$IFACE" parent ffff: > "$base.filter.json" 2>/dev/null || true
+    tc -s -j qdisc show > "$base.qdisc.json" 2>/dev/null || true
+}
+
+# run_logged ARGS: shape and launch with the whole output in the host's log (see the top)
+run_logged() {
+    local log child code cause
+    mkdir -p "$DQ_LOG_DIR"
+    log=$DQ_LOG_DIR/$(hostname).log
+    : > "$log"
+    shape >> "$log" 2>&1 || { code=$?; tail -n 1 "$log" >&2; exit "$code"; }
+    torchrun_argv "$@" 2>> "$log" || { code=$?; tail -n 1 "$log" >&2; exit "$code"; }
+    # bad options: one line, from the rendezvous host only, before any torchrun starts
+    if [[ ${DQ_MODULE:-dist_quant.train} == dist_quant.train ]] &&
+        ! "${DQ_PYTHON:-python3}" -m dist_quant.cluster.check "$@" "${EXTRA[@]}" \
+            2>> "$log"; then
+        [[ $IS_HOST == 1 ]] && tail -n 1 "$log" >&2
+        exit 2
+    fi
+    counters before
+    trap 'kill -TERM "$child" 2>/dev/null' TERM INT
+    "${TORCHRUN[@]}" > >(tee -a "$log" | grep --line-buffered -E '^(test accuracy|dist_quant)') \
+        2> >(tee -a "$log" | grep --line-buffered -E '^dist_quant' >&2) &
+    child=$!
+    while true; do
+        code=0
+        wait "$child" || code=$?
+        kill -0 "$child" 2>/dev/null || break   # else a trapped signal ended the wait
+    done
+    counters after
+    if [[ $code -ne 0 ]]; then
+        # the first failed rank's own status (torchrun itself exits 1 for any failure)
+        cause=$(awk '/Root Cause/ { f = 1 } f && /exitcode *:/ { print $3; exit }' "$log")
+        [[ $cause == 2 ]] && code=2
+        grep -q '^dist_quant' "$log" ||
+            echo "node.sh: $(hostname): torchrun exited with status $code; log $log" >&2
+    fi
+    exit "$code"
 }
 
 case ${1:-} in
     shape) shape ;;
     launch) shift; launch "$@" ;;
-    run) shift; shape; launch "$@" ;;
+    run) shift; if [[ -n ${DQ_LOG_DIR:-} ]]; then run_logged "$@"; else shape; launch "$@"; fi ;;
     *) die "usage: node.sh shape | launch [ARGS...] | run [ARGS...]" ;;
 esac

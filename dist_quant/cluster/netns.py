@@ -45,10 +45,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dist_quant.cluster.counters import IFACE, parse_acks, parse_net_dev, parse_qdiscs
+
 SUBNET = "10.77.0"  # private /24 inside the run's own namespaces; never routed anywhere
 MAX_HOSTS = 250
-IFACE = "eth0"
-IFB = "ifb-dq"  # ingress device created by launch/node.sh
 _NAME = re.compile(r"^dq(\d+)-(\d+)-")
 _seq = itertools.count()
 
@@ -135,30 +135,17 @@ def _read_stats(ns: str) -> dict[str, int]:
 
 def read_proc_net_dev(pid: int, iface: str = IFACE) -> dict[str, int]:
     """The counters of ``iface`` in the namespace of process ``pid`` (``/proc/PID/net/dev``)."""
-    for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]:
-        name, _, rest = line.partition(":")
-        if name.strip() == iface:
-            v = [int(x) for x in rest.split()]
-            return {"rx_bytes": v[0], "rx_packets": v[1], "tx_bytes": v[8], "tx_packets": v[9]}
-    raise ClusterError(f"no {iface} in /proc/{pid}/net/dev")
+    try:
+        return parse_net_dev(Path(f"/proc/{pid}/net/dev").read_text(), iface)
+    except ValueError:
+        raise ClusterError(f"no {iface} in /proc/{pid}/net/dev") from None
 
 
 def read_acks(ns: str) -> dict[str, int]:
-    """Pure ACK frames that arrived on eth0: the statistics of ingress filter prio 1.
-
-    Actions at ingress see the packet without its Ethernet header; 14 bytes per frame are
-    added back so the figure is comparable with the link counters.
-    """
+    """Pure ACK frames that arrived on eth0 (:func:`~dist_quant.cluster.counters.parse_acks`)."""
     res = subprocess.run(["tc", "-n", ns, "-s", "-j", "filter", "show", "dev", IFACE,
                           "parent", "ffff:"], capture_output=True, text=True)
-    frames = nbytes = 0
-    for entry in json.loads(res.stdout or "[]"):
-        if entry.get("pref") != 1:
-            continue
-        for action in entry.get("options", {}).get("actions", []):
-            frames += action["stats"]["packets"]
-            nbytes += action["stats"]["bytes"]
-    return {"ack_rx_bytes": nbytes + 14 * frames, "ack_rx_packets": frames}
+    return parse_acks(res.stdout)
 
 
 @dataclass
@@ -239,12 +226,8 @@ class Cluster:
         for h in self.hosts:
             res = subprocess.run(["tc", "-n", h.ns, "-s", "-j", "qdisc", "show"],
                                  capture_output=True, text=True)
-            drops = {"egress_drops": 0, "ingress_drops": 0}
-            for q in json.loads(res.stdout or "[]"):
-                if q.get("kind") in ("tbf", "netem"):
-                    key = "ingress_drops" if q.get("dev") == IFB else "egress_drops"
-                    drops[key] += int(q.get("drops", 0))
-            out[h.label] = drops
+            stats = parse_qdiscs(res.stdout)
+            out[h.label] = {k: stats[k] for k in ("egress_drops", "ingress_drops")}
         return out
 
     def stop_processes(self, grace: float = 3.0) -> None:
