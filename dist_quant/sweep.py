@@ -51,9 +51,11 @@ line replace the file's values for that axis (``--set`` per field).
 Runs. A point with a rate cap, latency or loss runs on the namespace cluster
 (:func:`dist_quant.cluster.run_cluster`: real TCP over shaped links, needs root); an uncapped
 point runs locally through torchrun (:func:`dist_quant.train.launch`) unless ``--cluster``
-sends it through namespaces too. Each point's directory (``OUT/<name>``) holds the run
-(``config.json``, ``metrics.jsonl``, ``summary.json``, and ``link.json``/``wire.json`` from the
-cluster), ``point.json`` (label, preset, link, runner) and ``log.txt`` (the job's output).
+sends it through namespaces too; with ``--engine compose`` cluster points run as containers
+(:func:`dist_quant.cluster.run_compose`, names marked ``dc``). Each point's directory
+(``OUT/<name>``) holds the run (``config.json``, ``metrics.jsonl``, ``summary.json``, and
+``link.json``/``wire.json`` from the cluster), ``point.json`` (label, preset, link, runner,
+engine) and ``log.txt`` (the job's output).
 The name is stable: method label, workers, link and seed, then 8 hex digits of a hash of
 everything that defines the point (the full config, the link, the runner).
 
@@ -210,6 +212,7 @@ class Point:
     latency_ms: float = 0.0
     loss_pct: float = 0.0
     force_cluster: bool = False
+    engine: str = "netns"   # how a cluster point runs: namespaces or containers (compose)
 
     @property
     def capped(self) -> bool:
@@ -220,9 +223,12 @@ class Point:
         return "cluster" if self.capped or self.force_cluster else "local"
 
     def identity(self) -> dict[str, Any]:
-        return {"config": config_identity(self.cfg.to_dict()), "rate_mbit": self.rate_mbit,
-                "latency_ms": self.latency_ms, "loss_pct": self.loss_pct,
-                "runner": self.runner}
+        ident = {"config": config_identity(self.cfg.to_dict()), "rate_mbit": self.rate_mbit,
+                 "latency_ms": self.latency_ms, "loss_pct": self.loss_pct,
+                 "runner": self.runner}
+        if self.runner == "cluster" and self.engine != "netns":
+            ident["engine"] = self.engine
+        return ident
 
     @property
     def name(self) -> str:
@@ -233,7 +239,9 @@ class Point:
             parts.append(f"{self.latency_ms:g}ms")
         if self.loss_pct:
             parts.append(f"loss{self.loss_pct:g}")
-        if self.runner == "cluster" and not self.capped:
+        if self.runner == "cluster" and self.engine == "compose":
+            parts.append("dc")
+        elif self.runner == "cluster" and not self.capped:
             parts.append("ns")
         parts += [f"s{self.cfg.seed}", digest.hexdigest()[:8]]
         return "_".join(parts)
@@ -246,7 +254,7 @@ def config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
 def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None = None,
                 rates: Sequence[float | None] = (None,), latencies: Sequence[float] = (0.0,),
                 losses: Sequence[float] = (0.0,), force_cluster: bool = False,
-                base: TrainConfig | None = None) -> list[Point]:
+                base: TrainConfig | None = None, engine: str = "netns") -> list[Point]:
     """Every combination of link, ``sets`` values and method, as validated points (in that
     nesting order, methods innermost). Raises ConfigError for a bad combination."""
     if not methods:
@@ -267,7 +275,7 @@ def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None
                     raise ConfigError(err.option, f"{str(err).split(': ', 1)[-1]} (method "
                                       f"{label}, {chosen or 'no --set'})") from None
                 point = Point(label, cfg, rate, float(latency or 0.0), float(loss or 0.0),
-                              force_cluster)
+                              force_cluster, engine)
                 if point.name not in seen:
                     seen.add(point.name)
                     points.append(point)
@@ -316,7 +324,8 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
     write_json_atomic(run_dir / "point.json", {
         "label": point.label, "preset": point.label if point.label in PRESETS else None,
         "rate_mbit": point.rate_mbit, "latency_ms": point.latency_ms,
-        "loss_pct": point.loss_pct, "runner": point.runner})
+        "loss_pct": point.loss_pct, "runner": point.runner,
+        **({"engine": point.engine} if point.runner == "cluster" else {})})
     cfg = point.cfg.replace(run_dir=str(run_dir), progress=False)
     log = run_dir / "log.txt"
     t0 = time.perf_counter()
@@ -324,9 +333,10 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
     try:
         with output_to(log):
             if point.runner == "cluster":
-                from dist_quant.cluster import run_cluster
+                from dist_quant.cluster import run_cluster, run_compose
 
-                run_cluster(cfg, point.rate_mbit, point.latency_ms, point.loss_pct)
+                run = run_compose if point.engine == "compose" else run_cluster
+                run(cfg, point.rate_mbit, point.latency_ms, point.loss_pct)
             else:
                 from dist_quant.train import launch
 
@@ -430,7 +440,8 @@ def _as_list(value: Any) -> list[Any]:
 
 def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str | None,
                         latency: str | None, loss: str | None, grid: str | None,
-                        cluster: bool, seeds: str | None = None) -> list[Point]:
+                        cluster: bool, seeds: str | None = None,
+                        engine: str = "netns") -> list[Point]:
     """The grid of the command line (and ``--grid`` file), validated; ``seeds``: the
     ``--seeds`` list, a ``seed`` axis merged with any ``--set seed=...``."""
     spec = _grid_from_file(grid) if grid else {}
@@ -459,7 +470,8 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
     losses = parse_link_list("--loss", loss, False) if loss is not None else \
         [float(v) for v in _as_list(spec.get("loss_pct", 0.0))]
     return expand_grid(list(methods) or list(spec.get("methods", [])), axes, rates, latencies,
-                       losses, force_cluster=cluster or bool(spec.get("cluster", False)))
+                       losses, force_cluster=cluster or bool(spec.get("cluster", False)),
+                       engine=engine)
 
 
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"]})
@@ -480,12 +492,16 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
               help="JSON grid file (methods, set, rate_mbit, latency_ms, loss_pct).")
 @click.option("--cluster", is_flag=True,
               help="Run uncapped points through the namespace cluster too (needs root).")
+@click.option("--engine", type=click.Choice(["netns", "compose"]), default="netns",
+              show_default=True,
+              help="How cluster points run: network namespaces, or containers of "
+                   "docker-compose.yml (launch/docker-host.sh prepares the machine).")
 @click.option("--dry-run", is_flag=True, help="List the points and whether they are done.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar over points on stderr.")
 def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: str | None,
           rate: str | None, latency: str | None, loss: str | None, grid: str | None,
-          cluster: bool, dry_run: bool, progress: bool) -> None:
+          cluster: bool, engine: str, dry_run: bool, progress: bool) -> None:
     """Run a grid of training jobs into OUT_DIR, one directory per point, skipping points
     already done there (run the same command again to resume).
 
@@ -501,7 +517,8 @@ def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: 
           -m ps-topk-ef -m ps-onebit --rate 10 --set workers=4 --set eval_every=25
     """
     try:
-        points = points_from_options(methods, sets, rate, latency, loss, grid, cluster, seeds)
+        points = points_from_options(methods, sets, rate, latency, loss, grid, cluster, seeds,
+                                     engine)
     except ConfigError as err:
         raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
     if dry_run:

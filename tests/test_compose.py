@@ -1,8 +1,9 @@
 """The docker-compose cluster, checked statically (no Docker engine needed).
 
 Its logic lives in launch/node.sh, which the namespace cluster runs for real
-(tests/test_cluster.py); here: the compose file's structure, that it drives that script with
-variables the script reads, that its training options parse, and the script's own checks.
+(tests/test_cluster.py) and the containers run in tests/test_compose_cluster.py; here: the
+compose file's structure, that it drives that script with variables the script reads, that its
+training options parse and pass the checks for every method, and the script's own checks.
 """
 
 from __future__ import annotations
@@ -77,10 +78,26 @@ def test_roles_and_rendezvous(compose):
     for e in env.values():
         assert e["DQ_RDZV_HOST"] == "server"               # the service name resolves
         assert int(e["DQ_NNODES"]) == int(substitute("${DQ_WORKERS:-4}")) + 1
-    # link and compressor are set through the environment
+    # the link through the environment, options of one method only through DQ_TRAIN_ARGS
     e = services["worker"]["environment"]
-    assert {"DQ_RATE_MBIT", "DQ_LATENCY_MS", "DQ_LOSS_PCT"} <= set(e)
-    assert "${DQ_COMPRESSOR" in " ".join(services["worker"]["command"])
+    assert {"DQ_RATE_MBIT", "DQ_LATENCY_MS", "DQ_LOSS_PCT", "DQ_TRAIN_ARGS"} <= set(e)
+
+
+@pytest.mark.parametrize("env", [{}, {"DQ_METHOD": "ddp", "DQ_DDP_HOOK": "powersgd"},
+                                 {"DQ_TRAIN_ARGS": "--downlink sign --bucket-size 64"}])
+def test_every_method_passes_the_checks_with_the_compose_command(compose, env):
+    """The fixed options of the compose command hold no option of one method, so that a DDP
+    baseline is not refused for a parameter-server option it was given by default."""
+    from dist_quant.preflight import check_conflicts
+    from dist_quant.train import config_from_options, train_command
+
+    args = [substitute(a, env) for a in compose["services"]["server"]["command"]]
+    args += substitute(compose["services"]["server"]["environment"]["DQ_TRAIN_ARGS"],
+                       env).split()
+    ctx = train_command.make_context("train", args)
+    cfg, explicit = config_from_options(ctx, ctx.params)
+    check_conflicts(cfg, explicit)
+    assert cfg.method == env.get("DQ_METHOD", "ps")
 
 
 def test_compose_drives_the_namespace_clusters_script(compose):
@@ -88,12 +105,13 @@ def test_compose_drives_the_namespace_clusters_script(compose):
     entry = dockerfile_entrypoint()
     assert entry[1] == "run"
     assert Path(entry[0]).relative_to("/app") == NODE_SCRIPT.relative_to(REPO)
-    assert re.search(r"^\s*run\) shift; shape; launch \"\$@\" ;;", NODE_SCRIPT.read_text(), re.M)
+    run = re.search(r"^\s*run\) shift; (.*) ;;$", NODE_SCRIPT.read_text(), re.M).group(1)
+    assert "shape; launch \"$@\"" in run and "run_logged \"$@\"" in run
     workdir = [x.split()[1] for x in DOCKERFILE.read_text().splitlines()
                if x.startswith("WORKDIR")]
     assert workdir == ["/app"]
     copied = [x.split()[1] for x in DOCKERFILE.read_text().splitlines() if x.startswith("COPY")]
-    assert {"dist_quant", "launch"} <= set(copied)
+    assert {"dist_quant", "launch/node.sh", "launch/wheelhouse"} <= set(copied)
     # what compose sets, the namespace cluster sets too, and the script reads all of it
     from dist_quant.cluster.netns import Host
     from dist_quant.linkmodel import Link
@@ -103,7 +121,7 @@ def test_compose_drives_the_namespace_clusters_script(compose):
                                    module="dist_quant.train") if k.startswith("DQ_")}
     for svc in compose["services"].values():
         compose_vars = {k for k in svc["environment"] if k.startswith("DQ_")}
-        assert compose_vars - {"DQ_TRAIN_ARGS"} <= ns_vars
+        assert compose_vars - {"DQ_TRAIN_ARGS", "DQ_LOG_DIR"} <= ns_vars
         assert compose_vars <= script_variables()
     assert ns_vars <= script_variables()
 

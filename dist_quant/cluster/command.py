@@ -6,8 +6,11 @@ Examples::
     dist-quant cluster --workers 4 --rate 100 --latency 5 --loss 0.1
     dist-quant cluster --method ddp --workers 4 --rate 10          # allreduce baseline
     dist-quant cluster --cleanup                                   # remove leftovers
+    dist-quant cluster --engine compose --workers 4 --rate 10      # the same, as containers
 
-Needs root (network namespaces, veth, tc). The training options are those of
+Needs root (network namespaces, veth, tc). ``--engine compose`` runs the same hosts as
+containers of ``docker-compose.yml`` (:mod:`dist_quant.cluster.compose`; prepare the machine
+with ``launch/docker-host.sh``); the records are the same. The training options are those of
 ``dist-quant train``, one to one, checked the same way before anything is built
 (:mod:`dist_quant.preflight`). While the job runs it shows the training progress (steps,
 loss, accuracy, MB up and down); it ends with the summary line of ``dist-quant train`` and one
@@ -34,17 +37,22 @@ from dist_quant.config import click_options
 @click.option("--loss", type=float, default=0.0, show_default=True,
               help="Packet loss in percent on each host-to-host path (needs netem).")
 @click.option("--mtu", type=int, default=1500, show_default=True, help="Link MTU in bytes.")
+@click.option("--engine", type=click.Choice(["netns", "compose"]), default="netns",
+              show_default=True,
+              help="netns: one network namespace per host; compose: one container per host "
+                   "(docker-compose.yml; launch/docker-host.sh prepares the machine).")
 @click.option("--cleanup", is_flag=True,
               help="Only remove namespaces left by cluster runs whose process is gone.")
 @click_options()
 @click.pass_context
 def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: int,
-            cleanup: bool, **params: Any) -> None:
+            engine: str, cleanup: bool, **params: Any) -> None:
     """Train on a simulated cluster: one network namespace per host, links shaped with tc.
 
     Writes link.json and wire.json (bytes on the wire beside payload bytes) into the run
     directory, next to the training job's files.
     """
+    from dist_quant.cluster.compose import run_compose
     from dist_quant.cluster.netns import ClusterError, cleanup_stale, require_root
     from dist_quant.cluster.run import run_cluster
     from dist_quant.errors import ConfigError
@@ -53,7 +61,8 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
     from dist_quant.train import config_error, config_from_options
 
     try:
-        require_root()
+        if engine == "netns" or cleanup:
+            require_root()
         if cleanup:
             removed = cleanup_stale()
             click.echo("\n".join(removed) if removed else "nothing to remove")
@@ -64,12 +73,13 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
                               "--simulate")
         cfg = preflight(cfg, explicit)
         click.echo(f"dist-quant cluster: run directory {cfg.run_dir}", err=True)
-        out = run_cluster(cfg, rate or None, latency, loss, mtu=mtu)
+        run = run_compose if engine == "compose" else run_cluster
+        out = run(cfg, rate or None, latency, loss, mtu=mtu)
     except ConfigError as err:
         config_error(err)
     except ClusterError as err:
         click.echo(f"dist-quant cluster: {err}", err=True)
-        sys.exit(1)
+        sys.exit(getattr(err, "exit_code", 1))
     summary = json.loads((Path(out["run_dir"]) / "summary.json").read_text())
     click.echo(summary_line(summary))
     click.echo(wire_line(out["wire"]))
