@@ -158,6 +158,9 @@ counters() {
     tc -s -j qdisc show > "$base.qdisc.json" 2>/dev/null || true
 }
 
+# dist_quant's own lines among torchrun's: a rank's reason, a payload left out
+OWN='dist_quant( rank [0-9]+)?: |step [0-9]+: left out '
+
 # run_logged ARGS: shape and launch with the whole output in the host's log (see the top)
 run_logged() {
     local log child code cause
@@ -175,8 +178,8 @@ run_logged() {
     fi
     counters before
     trap 'kill -TERM "$child" 2>/dev/null' TERM INT
-    "${TORCHRUN[@]}" > >(tee -a "$log" | grep --line-buffered -E '^(test accuracy|dist_quant)') \
-        2> >(tee -a "$log" | grep --line-buffered -E '^dist_quant' >&2) &
+    "${TORCHRUN[@]}" > >(tee -a "$log" | grep --line-buffered -E "^(test accuracy|$OWN)") \
+        2> >(tee -a "$log" | grep --line-buffered -E "^($OWN)" >&2) &
     child=$!
     while true; do
         code=0
@@ -188,7 +191,7 @@ run_logged() {
         # the first failed rank's own status (torchrun itself exits 1 for any failure)
         cause=$(awk '/Root Cause/ { f = 1 } f && /exitcode *:/ { print $3; exit }' "$log")
         [[ $cause == 2 ]] && code=2
-        grep -q '^dist_quant' "$log" ||
+        grep -qE "^($OWN)" "$log" ||
             echo "node.sh: $(hostname): torchrun exited with status $code; log $log" >&2
     fi
     exit "$code"

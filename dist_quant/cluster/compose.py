@@ -62,6 +62,7 @@ STOP_TIMEOUT_S = 5
 BUILTIN_DATA = ("mnist1d", "teacher")
 _seq = itertools.count()
 _LINE = re.compile(r"^\S+\s+\| ?(.*)$")   # compose's "service_1  | text" prefix
+_OWN = re.compile(r"^(dist_quant( rank \d+)?: |node\.sh: |step \d+: left out )")
 
 
 class ComposeError(ClusterError):
@@ -231,7 +232,7 @@ def failure_lines(log: Path) -> list[str]:
     for raw in log.read_text(errors="replace").splitlines():
         m = _LINE.match(raw)
         text = (m.group(1) if m else raw).strip()
-        if text.startswith(("dist_quant", "node.sh", "Error:")) and text not in seen:
+        if _OWN.match(text) and text not in seen:
             seen.append(text)
     return seen
 
