@@ -12,8 +12,11 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +151,27 @@ def test_a_failing_rank_says_why_through_compose(engine, tmp_path):
     assert "ChildFailedError" not in res.stdout + res.stderr
     log = (tmp_path / "compose" / "hosts" / "server.log").read_text()
     assert "ChildFailedError" in log   # torchrun's own report stays in the host's log
+
+
+def test_ctrl_c_removes_containers_and_network(engine, tmp_path):
+    """Ctrl-C while the containers train: every container and the network go."""
+    run = tmp_path / "run"
+    code = textwrap.dedent(f"""
+        from dist_quant.cluster.compose import run_compose
+        from dist_quant.config import TrainConfig
+        run_compose(TrainConfig(workers=2, steps=2000, progress=False, run_dir={str(run)!r}),
+                    rate_mbit=10, latency_ms=0)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    prefix = f"dq{proc.pid}x"
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and (run / "metrics.jsonl").read_text()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.2)
+    assert project_leftovers(prefix) != []
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in err
+    assert project_leftovers(prefix) == []
+    assert not (run / "summary.json").exists()
