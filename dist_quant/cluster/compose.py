@@ -176,21 +176,35 @@ def check_config(cfg: TrainConfig) -> None:
                           "cluster or with dist-quant train")
 
 
-def containers(compose: list[str], project: str, env: dict[str, str]) -> list[dict[str, str]]:
-    """Hostname, service and number of every container of ``project``."""
-    ids = subprocess.run([*compose, "-p", project, "-f", str(COMPOSE_FILE), "ps", "-q"],
-                         capture_output=True, text=True, env=env).stdout.split()
+def containers(project: str) -> list[dict[str, str]]:
+    """Id, hostname, service and number of every container of ``project``."""
+    ids = subprocess.run(["docker", "ps", "-a", "-q", "--filter",
+                          f"label=com.docker.compose.project={project}"],
+                         capture_output=True, text=True).stdout.split()
     if not ids:
         return []
-    fmt = ('{{.Config.Hostname}} {{index .Config.Labels "com.docker.compose.service"}} '
+    fmt = ('{{.Id}} {{.Config.Hostname}} {{index .Config.Labels "com.docker.compose.service"}} '
            '{{index .Config.Labels "com.docker.compose.container-number"}}')
     res = subprocess.run(["docker", "inspect", "-f", fmt, *ids], capture_output=True,
                          text=True)
     out = []
     for line in res.stdout.splitlines():
-        host, service, number = line.split()
-        out.append({"hostname": host, "service": service, "number": number})
+        cid, host, service, number = line.split()
+        out.append({"id": cid, "hostname": host, "service": service, "number": number})
     return out
+
+
+def job_status(found: list[dict[str, str]]) -> int:
+    """The job's exit status from its containers': the rendezvous host's (``server``) when it
+    failed, else 1 if another failed, else 0."""
+    codes = {}
+    for c in found:
+        res = subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", c["id"]],
+                             capture_output=True, text=True)
+        codes[c["service"]] = max(codes.get(c["service"], 0), int(res.stdout.strip() or 1))
+    if not codes:
+        return 1
+    return codes.get("server", 1) or (1 if any(codes.values()) else 0)
 
 
 def host_labels(cfg: TrainConfig, found: list[dict[str, str]]) -> dict[str, str]:
@@ -269,9 +283,11 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     code = None
     try:
         with _interrupts_raise(), open(log, "w") as fh:
+            # no --exit-code-from: it stops every container once the first has left, before
+            # the others wrote their counters; a failed rank ends the others within --timeout
             proc = subprocess.Popen(
                 [*base, "up", "--no-build", "--no-color", "--scale", f"shard={p['shard']}",
-                 "--scale", f"worker={p['worker']}", "--exit-code-from", "server"],
+                 "--scale", f"worker={p['worker']}"],
                 env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
             t0 = time.monotonic()
@@ -279,8 +295,10 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
                 time.sleep(POLL_S)
                 tail.poll()
                 if len(found) < p["nnodes"]:
-                    found = containers(compose, project, env) or found
-                code = proc.poll()
+                    found = containers(project) or found
+                if proc.poll() is not None:
+                    found = containers(project) or found
+                    code = job_status(found)
                 if deadline_s is not None and time.monotonic() - t0 > deadline_s:
                     raise ClusterError(f"the job did not finish within {deadline_s:g} s")
     finally:
