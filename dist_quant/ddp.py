@@ -300,7 +300,7 @@ def _gather_to_rank0(t: torch.Tensor, world: int, async_op: bool = False) -> tup
 
 def train_ddp(cfg: TrainConfig) -> DDPResult:
     """Train on this rank of an initialised process group; see the module docstring."""
-    from dist_quant.train import default_run_dir, pick_device
+    from dist_quant.rank import default_run_dir, pick_device
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()

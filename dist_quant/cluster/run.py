@@ -368,7 +368,7 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     ``rate_mbit`` None or 0 = uncapped. Returns ``{"run_dir", "link", "wire", "seconds"}`` and
     writes ``link.json`` and ``wire.json`` into the run directory (module docstring).
     """
-    from dist_quant.train import default_run_dir
+    from dist_quant.rank import default_run_dir
 
     require_root()
     cleanup_stale()  # namespaces of earlier runs that were killed before they could clean up

@@ -480,15 +480,15 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     (:meth:`~dist_quant.transport.Transport.report_lost`), which passes it on: the leader may
     be waiting on that rank meanwhile, and would blame it once it left. On a torchrun restart
     the leader's run directory decides whether every rank continues from its latest checkpoint
-    (:func:`dist_quant.train.continue_after_restart`)."""
+    (:func:`dist_quant.rank.continue_after_restart`)."""
     import datetime
 
     import torch.distributed as dist
 
     from dist_quant.config import MAX_TIMEOUT
+    from dist_quant.rank import continue_after_restart, default_run_dir
     from dist_quant.roles.fabric import RemoteFabric
     from dist_quant.roles.placement import place
-    from dist_quant.train import continue_after_restart, default_run_dir
     from dist_quant.transport import PeerLostError
 
     roles = gather_roles(device)
