@@ -116,8 +116,8 @@ def as_tensors(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run_here(cfg: TrainConfig, task: Task) -> dict[str, Any]:
+    from dist_quant.rank import default_run_dir, pick_device
     from dist_quant.simulate import run_simulate
-    from dist_quant.train import default_run_dir, pick_device
 
     return run_simulate(cfg, pick_device(cfg), cfg.run_dir or default_run_dir(cfg), task)
 

@@ -29,11 +29,15 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 ON_NONFINITE = ("skip", "abort")
 LR_SCHEDULES = ("constant", "step", "cosine")
+CONSISTENCY = ("sync", "ssp", "async")
 # unbiased stochastic compressors: their rounding error cannot be carried on the downlink
 NOT_CONTRACTIVE = ("onebit", "qsgd", "terngrad", "randk")
 BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a finite bound, so a hung peer always ends the run
 MAX_RESTARTS = 100
+
+
+_DEFAULT_STALENESS = 2
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -57,6 +61,16 @@ class TrainConfig:
                          "forward on the first layers as soon as their downlink shard has "
                          "arrived; same parameters as without it. Needs several shards "
                          "(--servers > 1 or --colocate) to hide much.")
+    consistency: str = _opt("sync", "When the server applies a gradient and a worker may go "
+                            "on: sync (every step waits for the W gradients), ssp (each "
+                            "gradient is applied as soon as a worker reads the parameters; a "
+                            "worker may start step t once every worker has finished step "
+                            "t - K - 1, K = --staleness) or async (no bound). Star and "
+                            "dedicated sharded servers only.", choices=CONSISTENCY)
+    staleness: int = _opt(_DEFAULT_STALENESS, "K of --consistency ssp: how many steps a "
+                          "worker may run ahead of the slowest (0 = sync).")
+    backup_workers: int = _opt(0, "B of --consistency sync: each step uses the first W - B "
+                               "gradients to arrive and drops the others (Chen et al. 2016).")
     # --- uplink compression ----------------------------------------------------------------
     compressor: str = _opt("onebit", "Uplink compressor: none (fp32), fp16, bf16, onebit, kbit, "
                            "sign; baselines qsgd (--qsgd-levels), terngrad, topk (with "
@@ -141,6 +155,13 @@ class TrainConfig:
                                 "fraction (0..1); 0 = run all steps. For time-to-target sweeps.")
     inject_nonfinite: str = _opt("", "Testing aid: WORKER:STEP makes worker WORKER (0-based) "
                                  "hold a NaN gradient at step STEP (1-based); empty = never.")
+    slow_worker: str = _opt("", "I=FACTOR (repeatable, or I=F,J=G): worker I (0-based) computes "
+                            "FACTOR times slower: it waits FACTOR - 1 times its measured "
+                            "compute after each backward. Wall time only; --simulate takes "
+                            "its arrival order from it.", repeatable=True)
+    replay: str = _opt("", "With --simulate: a run directory of --consistency ssp|async or "
+                       "--backup-workers whose recorded arrival order the simulation follows "
+                       "(it then ends with that run's parameters, bit for bit).")
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -240,12 +261,67 @@ class TrainConfig:
                     f"got {self.inject_nonfinite!r}")
         if self.simulate and self.method != "ps":
             bad("simulate", "runs the parameter-server job only (--method ps)")
+        self._validate_consistency(bad)
         if self.dataset in ("mnist1d", "teacher"):
             from dist_quant.data.dataset import check_batch_fits
 
             check_batch_fits(self.train_size, self.workers, self.batch_size)
         self._validate_compressors()
         return self
+
+    def _validate_consistency(self, bad) -> None:
+        """--consistency, --staleness, --backup-workers, --slow-worker and --replay."""
+        if self.consistency != "sync":
+            where = ("--method ddp allreduces in lockstep" if self.method == "ddp" else
+                     "colocated servers stay synchronous" if self.colocate else
+                     "--overlap pipelines the synchronous step" if self.overlap else "")
+            if where:
+                bad("consistency", f"{self.consistency} needs the parameter server's star or "
+                    f"dedicated servers; {where} (use --consistency sync)")
+        if self.staleness < 0:
+            bad("staleness", f"must be >= 0 (0 = sync); got {self.staleness}")
+        if self.staleness != _DEFAULT_STALENESS and self.consistency != "ssp":
+            bad("staleness", f"bounds --consistency ssp only; got --consistency "
+                f"{self.consistency}")
+        if self.backup_workers:
+            if not 0 < self.backup_workers < self.workers:
+                bad("backup_workers", f"must be in 0..W - 1 = {self.workers - 1}; got "
+                    f"{self.backup_workers}")
+            if self.consistency != "sync" or self.method != "ps" or self.colocate \
+                    or self.overlap:
+                bad("backup_workers", "drops the late gradients of a synchronous step: it "
+                    "needs --consistency sync on the star or dedicated servers, without "
+                    "--overlap")
+        try:
+            factors = self.slow_factors
+        except ValueError:
+            bad("slow_worker", f"must be I=FACTOR[,I=FACTOR...]; got {self.slow_worker!r}")
+        for i, f in factors.items():
+            if not 0 <= i < self.workers:
+                bad("slow_worker", f"worker {i} does not exist: workers are 0..{self.workers - 1}")
+            if not (math.isfinite(f) and 1.0 <= f <= 1000.0):
+                bad("slow_worker", f"FACTOR must be in [1, 1000]; got {f:g} for worker {i}")
+        if self.replay and not self.simulate:
+            bad("replay", "replays a recorded arrival order in one process: add --simulate")
+        if self.replay and not Path(self.replay, "metrics.jsonl").is_file():
+            bad("replay", f"{self.replay} holds no metrics.jsonl: not a run directory")
+
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the run follows arrivals (:mod:`dist_quant.roles.events`) rather than the
+        lockstep of :mod:`dist_quant.roles.exchange`: ssp, async, or backup workers."""
+        return self.consistency != "sync" or self.backup_workers > 0
+
+    @property
+    def slow_factors(self) -> dict[int, float]:
+        """``{worker: factor}`` of ``--slow-worker`` (ValueError when malformed)."""
+        out: dict[int, float] = {}
+        for item in filter(None, (t.strip() for t in self.slow_worker.split(","))):
+            worker, sep, factor = item.partition("=")
+            if not sep or int(worker) in out:
+                raise ValueError(item)
+            out[int(worker)] = float(factor)
+        return out
 
     def _validate_compressors(self) -> None:
         from dist_quant.compress import available_compressors
@@ -342,6 +418,10 @@ def click_options(cls: type = TrainConfig):
             if isinstance(f.default, bool):
                 fn = click.option(f"--{dashed}/--no-{dashed}", f.name, **kwargs)(fn)
                 continue
+            if f.metadata.get("repeatable"):  # given several times: joined with commas
+                fn = click.option(f"--{dashed}", f.name, multiple=True, default=(),
+                                  help=kwargs["help"], callback=_joined)(fn)
+                continue
             if f.metadata.get("choices"):
                 kwargs["type"] = click.Choice(f.metadata["choices"])
             else:
@@ -350,3 +430,8 @@ def click_options(cls: type = TrainConfig):
         return fn
 
     return decorate
+
+
+def _joined(ctx: Any, param: Any, values: tuple[str, ...]) -> str:
+    """A repeatable option's values as one comma-separated string (the config's form)."""
+    return ",".join(v for v in values if v)

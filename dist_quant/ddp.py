@@ -65,6 +65,11 @@ hooks on a separate thread, so where a bucket overlaps backward this split is an
 MLP here fits in one bucket, which DDP reduces after the whole backward); ``update`` is the
 optimizer step.
 
+``--slow-worker I=F``: rank ``I`` waits ``F - 1`` times its previous step's compute after the
+forward and before backward, whose hooks communicate (under the namespace cluster a rank is
+not tied to a host, so ``--worker-rate`` may cap another rank's link; the ring waits for
+either alike).
+
 Not supported for DDP: checkpoints and ``--resume`` (a baseline reruns in seconds),
 ``--inject-nonfinite`` and ``--on-nonfinite`` (a non-finite gradient propagates as it does in
 plain DDP). ``--stop-accuracy`` ends the run at the first evaluation reaching it.
@@ -300,7 +305,7 @@ def _gather_to_rank0(t: torch.Tensor, world: int, async_op: bool = False) -> tup
 
 def train_ddp(cfg: TrainConfig) -> DDPResult:
     """Train on this rank of an initialised process group; see the module docstring."""
-    from dist_quant.train import default_run_dir, pick_device
+    from dist_quant.rank import default_run_dir, pick_device
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -333,6 +338,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     test_loss = test_acc = float("nan")
     evals, step = 0, 0
     hooked = hook_bytes(state)
+    slow, last_compute = cfg.slow_factors.get(rank, 1.0), 0.0
     try:
         with meter.installed():
             for step in range(1, cfg.steps + 1):
@@ -341,6 +347,8 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                 meter.reset()
                 t0 = time.perf_counter()
                 loss = nn.functional.cross_entropy(ddp(x), y)
+                if slow > 1.0:  # --slow-worker: before backward, whose hooks communicate
+                    time.sleep((slow - 1.0) * last_compute)
                 # telemetry (not counted): the loss travels to rank 0 while backward runs
                 loss_work, losses = _gather_to_rank0(loss.detach().double().reshape(1), world,
                                                      async_op=True)
@@ -356,7 +364,9 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                 up, down = up + counted[0] - hooked[0], down + counted[1] - hooked[1]
                 hooked = counted
                 ph = meter.phases()
-                times = {"compute": max(0.0, (t1 - t0) - ph["hooks"]), "encode": ph["encode"],
+                compute = max(0.0, (t1 - t0) - ph["hooks"])
+                last_compute = max(0.0, compute - (slow - 1.0) * last_compute)  # without the wait
+                times = {"compute": compute, "encode": ph["encode"],
                          "communicate": ph["communicate"], "decode": ph["decode"],
                          "update": t2 - t1}
                 with_stats = is_eval_step(cfg, step)

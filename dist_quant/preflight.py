@@ -131,7 +131,7 @@ def check_checkpoint(cfg: TrainConfig, data) -> None:
 def preflight(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig:
     """Check ``cfg`` as a whole before launching (module docstring); return the config the
     processes run with."""
-    from dist_quant.train import default_run_dir
+    from dist_quant.rank import default_run_dir
 
     cfg = cfg.validate()
     check_conflicts(cfg, explicit or set())

@@ -22,12 +22,10 @@ shard and seeds the worker's generators. ``--servers S`` (W + S ranks: servers f
 :mod:`dist_quant.roles.placement`. ``--workers`` may be left out under torchrun (it is
 then the world size minus one); given, it must agree with the world size.
 
-Processes. Every process calls ``torch.set_num_threads(1)``; the backend is gloo for CPU
-tensors and nccl when the run is on CUDA (``--backend`` overrides), with every tensor placed
-on ``cuda:LOCAL_RANK`` or the CPU explicitly. Start-up (rendezvous, imports, data) may take
-up to ``STARTUP_TIMEOUT``; the training traffic then runs in a process group whose timeout is
-``--timeout``: a peer that dies or hangs ends the run within it, with a message naming the
-peer, instead of a hang. For
+Processes and restarts. The rank's side (device, process group, restarts, the one-line
+failure) is :mod:`dist_quant.rank`; this module is the command line on top of it and the entry
+of each torchrun process. A process group's timeout is ``--timeout``: a peer that dies or hangs
+ends the run within it, with a message naming the peer, instead of a hang. For
 ``--method ddp`` the world is W ranks, all workers, and :func:`dist_quant.ddp.run_ddp` runs.
 
 Launcher. ``dist-quant train`` checks everything before it starts a process
@@ -35,13 +33,10 @@ Launcher. ``dist-quant train`` checks everything before it starts a process
 prints the run directory, and runs torchrun through :mod:`dist_quant.launcher` (its own
 session, stop signals forwarded, one line per error, the raw output in ``launch.log``).
 
-Restarts. ``--max-restarts N`` is torchrun's ``--max-restarts``. torchrun's agent keeps one
-TCP store for all attempts, and ``env://`` start-up reads the keys of the previous attempt
-(the dead ranks' gloo addresses: connectFullMesh refused, then a hang in
-``init_process_group``), so every process group here is built on that store under the prefix
-``dist_quant/attempt-<TORCHELASTIC_RESTART_COUNT>``. On a restart the server looks for a
-checkpoint in its run directory and tells the workers (one broadcast): if there is one, every
-rank continues from it exactly as ``--resume`` would; otherwise the run starts over.
+Restarts. ``--max-restarts N`` is torchrun's ``--max-restarts``; every attempt builds its
+process group under its own store prefix, and on a restart every rank continues from the run
+directory's latest checkpoint if there is one, exactly as ``--resume`` would
+(:mod:`dist_quant.rank`).
 
 Exit status: 0 done, 1 the run failed (lost peer, aborted, diverged), 2 bad option,
 128 + signal when stopped (130 Ctrl-C, 143 SIGTERM).
@@ -49,10 +44,8 @@ Exit status: 0 done, 1 the run failed (lost peer, aborted, diverged), 2 bad opti
 
 from __future__ import annotations
 
-import datetime
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +53,17 @@ import click
 
 from dist_quant.config import TrainConfig, click_options
 from dist_quant.errors import ConfigError
-
-STARTUP_TIMEOUT = 300.0  # seconds allowed for rendezvous and start-up (imports, data)
+from dist_quant.rank import (  # noqa: F401 (the rank's side, also reachable from here)
+    STARTUP_TIMEOUT,
+    attempt,
+    continue_after_restart,
+    default_run_dir,
+    fail,
+    init_process_group,
+    join_job,
+    lost_message,
+    pick_device,
+)
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -91,14 +93,6 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]) -> tuple[Tra
 
         load_for_resume(cfg)  # refuses an incompatible continuation before anything starts
     return cfg, explicit
-
-
-def default_run_dir(cfg: TrainConfig, root: str = "runs") -> str:
-    stem = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}"
-    path, k = stem, 1
-    while path.exists():
-        path, k = Path(f"{stem}-{k}"), k + 1
-    return str(path)
 
 
 def full_argv(cfg: TrainConfig) -> list[str]:
@@ -179,76 +173,6 @@ def train_command(ctx: click.Context, **params: Any) -> None:
 
 
 # ---- inside a torchrun process ---------------------------------------------------------------
-def pick_device(cfg: TrainConfig):
-    import torch
-
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if not use_cuda:
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("--device", "cuda requested but no CUDA device is available")
-    index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-    torch.cuda.set_device(index)
-    return torch.device("cuda", index)
-
-
-def attempt() -> int:
-    """torchrun's restart count (0 on the first attempt and outside torchrun)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-
-
-def init_process_group(backend: str, timeout: float) -> None:
-    """``init_process_group`` on the env:// store, its keys prefixed by the attempt (see the
-    module docstring: the agent's store outlives a failed attempt)."""
-    import torch.distributed as dist
-    from torch.distributed.rendezvous import rendezvous
-
-    delta = datetime.timedelta(seconds=timeout)
-    store, rank, world = next(rendezvous("env://", timeout=delta))
-    store = dist.PrefixStore(f"dist_quant/attempt-{attempt()}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=delta)
-
-
-def continue_after_restart(cfg: TrainConfig, is_server: bool, server_rank: int,
-                           device) -> TrainConfig:
-    """On a torchrun restart: the server's run directory decides (one broadcast) whether every
-    rank continues from its latest checkpoint (``resume = run_dir``) or starts over."""
-    import torch
-    import torch.distributed as dist
-
-    from dist_quant.checkpoint import checkpoint_dir
-
-    if attempt() == 0:
-        return cfg
-    found = int(is_server and bool(cfg.run_dir)
-                and (checkpoint_dir(cfg.run_dir) / "latest").is_file())
-    flag = torch.tensor([found], dtype=torch.int64, device=device)
-    dist.broadcast(flag, src=server_rank)
-    if not int(flag[0]):
-        return cfg
-    if is_server:
-        print(f"dist_quant: restart {attempt()}: continuing from the latest checkpoint of "
-              f"{cfg.run_dir}", file=sys.stderr, flush=True)
-    return cfg.replace(resume=cfg.run_dir)
-
-
-def join_job(cfg: TrainConfig, workers_explicit: bool):
-    """This torchrun process joins the job: (the config with ``workers`` from the world size,
-    device, backend). Starts the process group (:func:`init_process_group`) unless one exists."""
-    import torch.distributed as dist
-
-    device = pick_device(cfg)
-    backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda"
-                                                         else "gloo")
-    if not dist.is_initialized():
-        init_process_group(backend, max(cfg.timeout, STARTUP_TIMEOUT))
-    world = dist.get_world_size()
-    if workers_explicit and world != cfg.world_size:
-        raise ConfigError("--workers", f"{cfg.workers} workers need {cfg.world_size} processes, "
-                          f"torchrun started {world}")
-    return cfg.replace(workers=cfg.workers_in(world)).validate(), device, backend
-
-
 def run_distributed(cfg: TrainConfig, workers_explicit: bool, task: Any = None) -> Any:
     """This torchrun process's part of the job; the parameter server's leader returns the
     summary (``task``: :func:`dist_quant.fit`'s model and data; None: the MLP of ``cfg``). A
@@ -271,7 +195,7 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool, task: Any = None) 
         rank = dist.get_rank()
         summary = run_distributed_rank(
             cfg, device, backend, task,
-            on_lost=lambda err: _fail(f"rank {rank}", _lost_message(err, cfg), 1))
+            on_lost=lambda err: fail(f"rank {rank}", lost_message(err, cfg), 1))
     if owned:
         dist.destroy_process_group()
     return summary
@@ -296,20 +220,6 @@ def run_in_process(cfg: TrainConfig) -> int:
         print(f"Error: {err}", file=sys.stderr, flush=True)
         return 2
     return 0
-
-
-def _lost_message(err: Exception, cfg: TrainConfig) -> str:
-    return (f"{err}: a peer died or did not answer within --timeout {cfg.timeout:g} s; "
-            "ending the run")
-
-
-def _fail(who: str, message: str, code: int) -> None:
-    """Print one clear line and leave at once (a broken process group may block teardown)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # one write: the ranks share torchrun's stderr, and print() may split text and newline
-    os.write(2, f"dist_quant {who}: {message}\n".encode())
-    os._exit(code)
 
 
 @click.command("dist_quant.train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -340,13 +250,13 @@ def main(ctx: click.Context, **params: Any) -> None:
         run_distributed(cfg, "workers" in explicit)
         code = 0
     except PeerLostError as err:
-        _fail(who, _lost_message(err, cfg), 1)
+        fail(who, lost_message(err, cfg), 1)
     except RunAborted as err:
-        _fail(who, f"run aborted: {err}", 1)
+        fail(who, f"run aborted: {err}", 1)
     except ConfigError as err:
-        _fail(who, str(err), 2)
+        fail(who, str(err), 2)
     except RuntimeError as err:  # e.g. rendezvous or store timeouts while starting up
-        _fail(who, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", 1)
+        fail(who, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", 1)
     # A finished rank leaves without the interpreter's teardown: gloo's worker threads may
     # still hold work objects whose destruction during finalisation aborts the process
     # (SIGABRT: one rank of a finished 8-rank DDP run), which would fail a finished run.

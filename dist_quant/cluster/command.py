@@ -5,6 +5,8 @@ Examples::
     dist-quant cluster --workers 4 --rate 10 --steps 200          # 10 Mbit/s links
     dist-quant cluster --workers 4 --rate 100 --latency 5 --loss 0.1
     dist-quant cluster --method ddp --workers 4 --rate 10          # allreduce baseline
+    dist-quant cluster --workers 4 --rate 10 --worker-rate 1=1     # worker 1 on a 1 Mbit/s link
+    dist-quant cluster --workers 4 --rate 10 --slow-worker 1=4 --consistency async
     dist-quant cluster --cleanup                                   # remove leftovers
     dist-quant cluster --engine compose --workers 4 --rate 10      # the same, as containers
 
@@ -37,6 +39,9 @@ from dist_quant.config import click_options
 @click.option("--loss", type=float, default=0.0, show_default=True,
               help="Packet loss in percent on each host-to-host path (needs netem).")
 @click.option("--mtu", type=int, default=1500, show_default=True, help="Link MTU in bytes.")
+@click.option("--worker-rate", "worker_rate", multiple=True, metavar="I=MBIT",
+              help="Worker I's own link cap in Mbit/s, both directions (repeatable; 0-based, "
+                   "host w{I+1}); the other hosts keep --rate.")
 @click.option("--engine", type=click.Choice(["netns", "compose"]), default="netns",
               show_default=True,
               help="netns: one network namespace per host; compose: one container per host "
@@ -46,7 +51,7 @@ from dist_quant.config import click_options
 @click_options()
 @click.pass_context
 def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: int,
-            engine: str, cleanup: bool, **params: Any) -> None:
+            worker_rate: tuple[str, ...], engine: str, cleanup: bool, **params: Any) -> None:
     """Train on a simulated cluster: one network namespace per host, links shaped with tc.
 
     Writes link.json and wire.json (bytes on the wire beside payload bytes) into the run
@@ -54,7 +59,7 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
     """
     from dist_quant.cluster.compose import run_compose
     from dist_quant.cluster.netns import ClusterError, cleanup_stale, require_root
-    from dist_quant.cluster.run import run_cluster
+    from dist_quant.cluster.run import parse_worker_rates, run_cluster
     from dist_quant.errors import ConfigError
     from dist_quant.preflight import preflight
     from dist_quant.progress import summary_line
@@ -71,10 +76,16 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
         if cfg.simulate:
             raise ConfigError("--simulate", "the cluster runs the distributed job; drop "
                               "--simulate")
+        rates = parse_worker_rates(worker_rate, cfg.workers)
         cfg = preflight(cfg, explicit)
         click.echo(f"dist-quant cluster: run directory {cfg.run_dir}", err=True)
-        run = run_compose if engine == "compose" else run_cluster
-        out = run(cfg, rate or None, latency, loss, mtu=mtu)
+        if engine == "compose":
+            if rates:
+                raise ConfigError("--worker-rate", "not with --engine compose (the workers "
+                                  "are one scaled service); use --engine netns")
+            out = run_compose(cfg, rate or None, latency, loss, mtu=mtu)
+        else:
+            out = run_cluster(cfg, rate or None, latency, loss, mtu=mtu, worker_rates=rates)
     except ConfigError as err:
         config_error(err)
     except ClusterError as err:

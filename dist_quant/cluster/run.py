@@ -12,8 +12,14 @@ ingress) over TCP between distinct addresses.
 Records written into the run directory next to the training job's own files:
 
 - ``link.json``: ``rate_mbit`` (null = uncapped), ``latency_ms`` (one-way, host to host),
-  ``loss_pct``, ``hosts``, ``mtu``, ``queue_frames`` and ``tc_commands`` (what the first host
-  ran; every host runs the same).
+  ``loss_pct``, ``hosts``, ``mtu``, ``queue_frames``, ``worker_rates`` (``{"I": Mbit/s}``:
+  worker I's own cap, ``--worker-rate``; empty when every link has ``rate_mbit``) and
+  ``tc_commands`` (what the first host ran; every host runs the same, at its own rate).
+
+Uneven links. ``--worker-rate I=MBIT`` shapes worker I's host (``w{I+1}``) at its own rate in
+both directions; every other host keeps ``rate_mbit``. The parameter-server hosts carry
+``DIST_QUANT_WORKER=I`` (:mod:`dist_quant.roles.placement`), so the training job's worker I,
+the one ``--slow-worker I=...`` slows, is the one on that link.
 - ``wire.json``: eth0 counters read before the agents start and after they exit.
   ``wire_bytes_up`` = bytes the workers transmitted, ``wire_bytes_down`` = bytes the server
   transmitted (ddp: all ranks transmit; the total is split evenly, as ``metrics.jsonl`` does
@@ -72,10 +78,12 @@ QUEUE_FRAMES = 1000  # rate limiter queue: as deep as a NIC queue (txqueuelen 10
 
 
 def node_env(host: Host, link: Link, *, role: str, nnodes: int, rdzv_host: str, run_id: str,
-             module: str) -> dict[str, str]:
-    """The environment ``launch/node.sh`` reads (the same variables the compose file sets)."""
+             module: str, worker: int | None = None) -> dict[str, str]:
+    """The environment ``launch/node.sh`` reads (the same variables the compose file sets);
+    ``worker``: the worker index this host runs (``DIST_QUANT_WORKER``)."""
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ,
+    extra = {} if worker is None else {"DIST_QUANT_WORKER": str(worker)}
+    return {**os.environ, **extra,
             "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""),
             "DQ_IFACE": "eth0", "DQ_RATE_MBIT": f"{link.rate_mbit or 0:g}",
             "DQ_LATENCY_MS": f"{link.latency_ms:g}", "DQ_LOSS_PCT": f"{link.loss_pct:g}",
@@ -196,11 +204,26 @@ class MetricsTail:
         self.progress.close()
 
 
+def host_links(labels: list[str], link: Link,
+               worker_rates: dict[int, float] | None) -> list[tuple[Link, int | None]]:
+    """Each host's link and worker index: worker I on host ``w{I+1}`` at its own rate when
+    ``worker_rates`` names it, every other host at ``link``."""
+    out = []
+    for label in labels:
+        worker = int(label[1:]) - 1 if label.startswith("w") else None
+        rate = (worker_rates or {}).get(worker) if worker is not None else None
+        out.append((link if rate is None else
+                    Link(rate, link.latency_ms, link.loss_pct, link.mtu).validate(), worker))
+    return out
+
+
 def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], log_dir: Path,
               *, module: str, run_id: str, metrics: Path | None = None,
               deadline_s: float | None = None,
-              tail: MetricsTail | None = None) -> dict[str, Any]:
+              tail: MetricsTail | None = None,
+              worker_rates: dict[int, float] | None = None) -> dict[str, Any]:
     """Shape every host, run one torchrun agent per host, return counters and tc commands.
+    ``worker_rates``: ``{I: Mbit/s}`` for the hosts of the workers whose link differs.
 
     Raises :class:`ClusterError` naming the host(s) found failed (with their logs' tails) at
     the first poll that sees one; the caller's cleanup then stops the others at once instead
@@ -208,9 +231,10 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     rdzv = cluster.hosts[0].addr
-    envs = [node_env(h, link, role=r, nnodes=len(cluster.hosts), rdzv_host=rdzv,
-                     run_id=run_id, module=module) for h, r in zip(cluster.hosts, roles,
-                                                                   strict=True)]
+    links = host_links([h.label for h in cluster.hosts], link, worker_rates)
+    envs = [node_env(h, own, role=r, nnodes=len(cluster.hosts), rdzv_host=rdzv,
+                     run_id=run_id, module=module, worker=None if r == "server" else w)
+            for h, r, (own, w) in zip(cluster.hosts, roles, links, strict=True)]
     tc_commands: list[str] = []
     for host, env in zip(cluster.hosts, envs, strict=True):
         log = log_dir / f"{host.label}.log"
@@ -360,15 +384,39 @@ def traffic(cfg: TrainConfig) -> str:
     return "ddp" if cfg.method == "ddp" or cfg.colocate else "ps"
 
 
+def parse_worker_rates(items: list[str] | tuple[str, ...], workers: int) -> dict[int, float]:
+    """``["I=MBIT", ...]`` (or one ``"I=MBIT,J=MBIT"``) as ``{I: Mbit/s}``; ConfigError naming
+    ``--worker-rate`` for a malformed item, an unknown worker or a rate that is not > 0."""
+    out: dict[int, float] = {}
+    for item in (t.strip() for text in items for t in text.split(",")):
+        if not item:
+            continue
+        worker, sep, rate = item.partition("=")
+        try:
+            i, mbit = int(worker), float(rate)
+        except ValueError:
+            i, mbit = -1, float("nan")
+        if not sep or i in out or not (i >= 0 and mbit > 0):
+            raise ConfigError("--worker-rate", f"expected I=MBIT (worker I, 0-based, at MBIT > 0 "
+                              f"Mbit/s), each worker once; got {item!r}")
+        if i >= workers:
+            raise ConfigError("--worker-rate", f"worker {i} does not exist: workers are "
+                              f"0..{workers - 1}")
+        out[i] = mbit
+    return out
+
+
 def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
                 loss_pct: float = 0.0, *, mtu: int = 1500,
-                module: str = "dist_quant.train") -> dict[str, Any]:
+                module: str = "dist_quant.train",
+                worker_rates: dict[int, float] | None = None) -> dict[str, Any]:
     """Run ``cfg`` with one namespace host per torchrun agent over shaped links.
 
-    ``rate_mbit`` None or 0 = uncapped. Returns ``{"run_dir", "link", "wire", "seconds"}`` and
-    writes ``link.json`` and ``wire.json`` into the run directory (module docstring).
+    ``rate_mbit`` None or 0 = uncapped; ``worker_rates`` ``{I: Mbit/s}`` caps worker I's host
+    at its own rate. Returns ``{"run_dir", "link", "wire", "seconds"}`` and writes
+    ``link.json`` and ``wire.json`` into the run directory (module docstring).
     """
-    from dist_quant.train import default_run_dir
+    from dist_quant.rank import default_run_dir
 
     require_root()
     cleanup_stale()  # namespaces of earlier runs that were killed before they could clean up
@@ -376,6 +424,9 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
         raise ConfigError("--simulate", "the cluster runs the distributed job; drop --simulate")
     cfg = cfg.validate()
     link = Link(rate_mbit or None, latency_ms, loss_pct, mtu).validate()
+    worker_rates = dict(worker_rates or {})
+    if any(not 0 <= i < cfg.workers for i in worker_rates):
+        raise ConfigError("--worker-rate", f"names a worker outside 0..{cfg.workers - 1}")
     run_dir = Path(cfg.run_dir or default_run_dir(cfg)).resolve()
     cfg = cfg.replace(run_dir=str(run_dir))
     labels, roles = cluster_roles(cfg)
@@ -387,7 +438,8 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
             cluster.build()
             job = run_hosts(cluster, link, roles, cfg.to_argv(), run_dir / "hosts",
                             module=module, run_id=cluster.prefix,
-                            metrics=run_dir / "metrics.jsonl", tail=tail)
+                            metrics=run_dir / "metrics.jsonl", tail=tail,
+                            worker_rates=worker_rates)
     finally:
         tail.close()
         with _no_interrupts():
@@ -395,7 +447,8 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     summary = json.loads((run_dir / "summary.json").read_text())
     link_rec = {"rate_mbit": link.rate_mbit, "latency_ms": link.latency_ms,
                 "loss_pct": link.loss_pct, "hosts": len(labels), "mtu": mtu,
-                "queue_frames": QUEUE_FRAMES, "tc_commands": job["tc_commands"]}
+                "queue_frames": QUEUE_FRAMES, "tc_commands": job["tc_commands"],
+                "worker_rates": {str(i): r for i, r in sorted(worker_rates.items())}}
     wire = {**wire_record(traffic(cfg), job["per_host"], int(summary["bytes_up"]),
                           int(summary["bytes_down"])),
             "seconds": job["seconds"], "steady": _steady(traffic(cfg), job["window"]),

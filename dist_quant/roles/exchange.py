@@ -444,8 +444,9 @@ def _drive(cfg: TrainConfig, ranks: list[RankRoles], sequential: bool) -> dict[s
     return next((r.close_records() for r in ranks if r.is_leader), None)
 
 
-def gather_roles(device: torch.device) -> list[str]:
-    """Every rank's ``DIST_QUANT_ROLE`` (one ``all_gather`` of a small code per rank)."""
+def gather_roles(device: torch.device) -> tuple[list[str], list[int | None]]:
+    """Every rank's ``DIST_QUANT_ROLE`` and ``DIST_QUANT_WORKER`` (one ``all_gather`` of two
+    small codes per rank): the role, and the worker index a host was given (None: unset)."""
     import os
 
     import torch.distributed as dist
@@ -454,10 +455,14 @@ def gather_roles(device: torch.device) -> list[str]:
 
     role = os.environ.get("DIST_QUANT_ROLE", "")
     code = ROLES.index(role) + 1 if role in ROLES else (0 if not role else -1)
-    mine = torch.tensor([code], dtype=torch.int64, device=device)
+    index = os.environ.get("DIST_QUANT_WORKER", "")
+    number = int(index) if index.isdigit() else (-1 if not index else -2)
+    mine = torch.tensor([code, number], dtype=torch.int64, device=device)
     codes = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(codes, mine)
-    return ["" if int(c) == 0 else ROLES[int(c) - 1] if int(c) > 0 else "?" for c in codes]
+    roles = ["" if int(c[0]) == 0 else ROLES[int(c[0]) - 1] if int(c[0]) > 0 else "?"
+             for c in codes]
+    return roles, [None if int(c[1]) == -1 else int(c[1]) for c in codes]
 
 
 NOTICE_GRACE = 2.0  # seconds a rank that lost the leader waits for the leader's notice
@@ -480,22 +485,22 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     (:meth:`~dist_quant.transport.Transport.report_lost`), which passes it on: the leader may
     be waiting on that rank meanwhile, and would blame it once it left. On a torchrun restart
     the leader's run directory decides whether every rank continues from its latest checkpoint
-    (:func:`dist_quant.train.continue_after_restart`)."""
+    (:func:`dist_quant.rank.continue_after_restart`)."""
     import datetime
 
     import torch.distributed as dist
 
     from dist_quant.config import MAX_TIMEOUT
+    from dist_quant.rank import continue_after_restart, default_run_dir
     from dist_quant.roles.fabric import RemoteFabric
     from dist_quant.roles.placement import place
-    from dist_quant.train import continue_after_restart, default_run_dir
     from dist_quant.transport import PeerLostError
 
-    roles = gather_roles(device)
+    roles, indices = gather_roles(device)
     task = task or Task.from_config(cfg)
     rank = dist.get_rank()
     n = common.num_params(task.model(device))
-    placement = place(cfg, n, roles)
+    placement = place(cfg, n, roles, indices)
     leader = rank == placement.leader
     cfg = continue_after_restart(cfg, leader, placement.leader, device)
     group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))

@@ -72,6 +72,7 @@ class OverlappedBackward:
         self.payloads: list[torch.Tensor | None] = [None] * len(self.count)
         self.ship, self.encode_s, self.first = ship, 0.0, None
         self.g.zero_()
+        start = time.perf_counter()
         loss = self.w.forward_loss()
         self.active = True
         try:
@@ -79,6 +80,7 @@ class OverlappedBackward:
         finally:
             self.active = False
         end = time.perf_counter()
+        self.w.straggle(end - start - self.encode_s)
         overlap = end - self.first if self.first is not None else 0.0
         for s, payload in enumerate(self.payloads):
             if payload is None:

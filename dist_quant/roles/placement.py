@@ -13,7 +13,10 @@ colocated      W                      rank s (S = W)                  rank i (th
 =============  =====================  ==============================  ========================
 
 With ``DIST_QUANT_ROLE`` on every rank (``server``, ``worker``, or ``colocated`` for the
-colocated job) the servers and the workers are numbered in rank order instead. The leader, the
+colocated job) the servers and the workers are numbered in rank order instead, unless every
+worker rank also has ``DIST_QUANT_WORKER=I`` (0-based, each index once): then rank with
+``I`` is worker ``I`` (the namespace cluster ties worker I to host ``w{I+1}`` this way, so
+that ``--worker-rate I=...`` and ``--slow-worker I=...`` name the same worker). The leader, the
 server of shard 0, evaluates, records the metrics and writes the checkpoints.
 
 Shards. The flat parameter vector (``model.parameters()`` order) is cut into S contiguous
@@ -90,14 +93,16 @@ class Placement:
         return f"rank {rank} ({' and '.join(parts)})"
 
 
-def place(cfg: TrainConfig, n: int, roles: list[str] | None = None) -> Placement:
+def place(cfg: TrainConfig, n: int, roles: list[str] | None = None,
+          indices: list[int | None] | None = None) -> Placement:
     """The placement of ``cfg``'s job for a model of ``n`` parameters; ``roles[r]`` is rank
-    r's ``DIST_QUANT_ROLE`` (None or all empty: from rank order)."""
+    r's ``DIST_QUANT_ROLE`` (None or all empty: from rank order), ``indices[r]`` its
+    ``DIST_QUANT_WORKER`` (None: unset)."""
     bounds = tuple(shard_bounds(n, cfg.bucket_size, cfg.num_shards,
                                 "--workers" if cfg.colocate else "--servers"))
     world, servers = cfg.world_size, cfg.num_shards
     if roles is not None and any(roles):
-        return _from_roles(cfg, bounds, roles)
+        return _by_index(_from_roles(cfg, bounds, roles), indices)
     if cfg.colocate:
         return Placement(bounds, tuple(range(world)), tuple(range(world)))
     return Placement(bounds, tuple(range(servers)), tuple(range(servers, world)))
@@ -121,3 +126,17 @@ def _from_roles(cfg: TrainConfig, bounds: tuple, roles: list[str]) -> Placement:
                           f"{cfg.servers} server ranks and only workers besides; got "
                           f"{len(servers)} servers among roles {roles}")
     return Placement(bounds, servers, workers)
+
+
+def _by_index(p: Placement, indices: list[int | None] | None) -> Placement:
+    """``p`` with its workers ordered by ``DIST_QUANT_WORKER`` when every worker rank has one
+    (colocated: the shards follow them, so worker I still serves shard I)."""
+    if indices is None or any(indices[r] is None for r in p.worker_ranks):
+        return p
+    given = [indices[r] for r in p.worker_ranks]
+    if sorted(given) != list(range(len(given))):
+        raise ConfigError("DIST_QUANT_WORKER", f"the worker ranks must hold 0..{len(given) - 1}, "
+                          f"each once; got {given}")
+    workers = tuple(sorted(p.worker_ranks, key=lambda r: indices[r]))
+    servers = workers if p.server_ranks == p.worker_ranks else p.server_ranks
+    return Placement(p.bounds, servers, workers)

@@ -89,6 +89,8 @@ class Worker:
         self.params = common.ParamViews(self.model, self.replica, alias=True)
         self.decoded = torch.empty_like(self.replica)  # reused downlink decode (compressed)
         self.nonfinite_at = cfg.nonfinite_at
+        # --slow-worker: wall time only (the simulator takes its arrival order from it instead)
+        self.slow = 1.0 if cfg.simulate else cfg.slow_factors.get(self.index, 1.0)
         self.step = 0
         # downlink payloads not yet decoded, one per shard: a function returning the payload
         # (with --overlap it waits for the payload's arrival); None once decoded
@@ -113,10 +115,18 @@ class Worker:
         self._apply_pending()  # shards that no module read in this forward
         return loss
 
+    def straggle(self, seconds: float) -> None:
+        """``--slow-worker I=F``: after a backward that took ``seconds``, wait ``(F - 1)``
+        times as long, so this worker computes F times slower in wall time."""
+        if self.slow > 1.0:
+            time.sleep((self.slow - 1.0) * seconds)
+
     def compute(self) -> tuple[torch.Tensor, float]:
         """Gradient of the data loss on the next minibatch, flattened; and the loss."""
+        t0 = time.perf_counter()
         loss = self.forward_loss()
         loss.backward()
+        self.straggle(time.perf_counter() - t0)
         g = common.flat_grads(self.model)
         self._inject(g)
         return g, float(loss.detach())
