@@ -134,6 +134,7 @@ debian_base() {
     if [[ ! -s $tarball ]]; then
         command -v debootstrap >/dev/null || {
             say "installing debootstrap"
+            apt-get update -q >/dev/null
             DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -q \
                 debootstrap >/dev/null || fail "apt-get install debootstrap failed"
         }
