@@ -49,9 +49,10 @@ compose_cmd() {
 
 daemon_answers() { timeout 10 docker info >/dev/null 2>&1; }
 
-# the hash of everything the image is built from (Dockerfile, packaging, sources, node.sh)
+# the hash of everything the image runs (Dockerfile, packaging, sources, node.sh; the README
+# is copied in only because the package metadata names it)
 source_hash() {
-    (cd "$REPO" && find Dockerfile pyproject.toml README.md launch/node.sh dist_quant \
+    (cd "$REPO" && find Dockerfile pyproject.toml launch/node.sh dist_quant \
         -type f ! -name '*.pyc' ! -path '*/__pycache__/*' -print0 | LC_ALL=C sort -z |
         xargs -0 sha256sum; echo "$TORCH_SPEC") | sha256sum | cut -c1-16
 }
