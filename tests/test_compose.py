@@ -196,3 +196,14 @@ def test_script_launch_needs_its_settings():
     assert out.returncode == 2 and "DQ_ROLE must be server or worker" in out.stderr
     out = _node([])
     assert out.returncode == 2 and "usage" in out.stderr
+
+
+def test_the_network_is_pinned_inside_10_8_with_no_route_out(compose):
+    import ipaddress
+
+    net = compose["networks"]["default"]
+    assert net["internal"] is True
+    subnet = ipaddress.ip_network(substitute(net["ipam"]["config"][0]["subnet"]))
+    assert subnet.subnet_of(ipaddress.ip_network("10.0.0.0/8"))
+    for svc in compose["services"].values():
+        assert "ports" not in svc and svc.get("init") is True   # torchrun is not pid 1
