@@ -207,3 +207,19 @@ def test_the_network_is_pinned_inside_10_8_with_no_route_out(compose):
     assert subnet.subnet_of(ipaddress.ip_network("10.0.0.0/8"))
     for svc in compose["services"].values():
         assert "ports" not in svc and svc.get("init") is True   # torchrun is not pid 1
+
+
+def test_without_an_engine_the_compose_cluster_says_what_to_run(tmp_path):
+    """No docker on PATH: one line naming the script that prepares the machine, exit 1,
+    nothing written."""
+    import sys
+
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}
+    res = subprocess.run([sys.executable, "-m", "dist_quant", "cluster", "--engine", "compose",
+                          "--workers", "2", "--steps", "5", "--run-dir", str(tmp_path / "r")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.returncode == 1, res.stderr
+    assert lines == [("dist-quant cluster: no container engine (docker): run "
+                      "launch/docker-host.sh")]
+    assert "Traceback" not in res.stderr and not (tmp_path / "r" / "config.json").exists()

@@ -57,7 +57,7 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
     Writes link.json and wire.json (bytes on the wire beside payload bytes) into the run
     directory, next to the training job's files.
     """
-    from dist_quant.cluster.compose import run_compose
+    from dist_quant.cluster.compose import check_engine, run_compose
     from dist_quant.cluster.netns import ClusterError, cleanup_stale, require_root
     from dist_quant.cluster.run import parse_worker_rates, run_cluster
     from dist_quant.errors import ConfigError
@@ -77,6 +77,8 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
             raise ConfigError("--simulate", "the cluster runs the distributed job; drop "
                               "--simulate")
         rates = parse_worker_rates(worker_rate, cfg.workers)
+        if engine == "compose":
+            check_engine()   # before anything is announced or checked: what is missing
         cfg = preflight(cfg, explicit)
         click.echo(f"dist-quant cluster: run directory {cfg.run_dir}", err=True)
         if engine == "compose":
