@@ -111,6 +111,8 @@ class RunRecorder:
                 rec = json.loads(line)
                 if rec["step"] <= resume_step:
                     kept.append(line)
+                    if rec["kind"] not in ("step", "eval"):
+                        continue
                     self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
                     self.wall_offset = rec["wall"]
                     self.skipped += rec.get("skipped", 0)
@@ -151,6 +153,12 @@ class RunRecorder:
         rec = {"kind": "eval", "step": int(step), "test_loss": float(test_loss),
                "test_accuracy": float(test_accuracy), "cum_bytes_up": self.cum_up,
                "cum_bytes_down": self.cum_down, "wall": self.wall()}
+        self._fh.write(json.dumps(rec) + "\n")
+        return rec
+
+    def update(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Append an ``update`` line (one gradient of an asynchronous run)."""
+        rec = {"kind": "update", **fields}
         self._fh.write(json.dumps(rec) + "\n")
         return rec
 

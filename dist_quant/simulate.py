@@ -34,7 +34,12 @@ def run_simulate(cfg: TrainConfig, device: torch.device, run_dir: str,
     cfg = cfg.replace(run_dir=run_dir)
     task = task or Task.from_config(cfg)
     model = task.model(device)
-    return run_all(cfg, place(cfg, common.num_params(model)), task, device)
+    placement = place(cfg, common.num_params(model))
+    if cfg.asynchronous:
+        from dist_quant.roles.events import run_events_all
+
+        return run_events_all(cfg, placement, task, device)
+    return run_all(cfg, placement, task, device)
 
 
 __all__ = ["RunAborted", "run_simulate"]

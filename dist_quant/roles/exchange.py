@@ -373,7 +373,8 @@ class RankRoles:
         self.progress = Progress(self.cfg.steps, enabled=self.cfg.progress)
         self.test_loss = self.test_acc = float("nan")
 
-    def close_records(self) -> dict[str, Any] | None:
+    def close_records(self, **extra: Any) -> dict[str, Any] | None:
+        """The summary (``extra`` adds or replaces fields), written and printed by the leader."""
         if not self.is_leader:
             return None
         p, cfg = self.p, self.cfg
@@ -389,7 +390,7 @@ class RankRoles:
                        for s, (lo, hi) in enumerate(p.bounds))
         stats = 4 * self.n_stats * sum(r != self.rank for r in p.worker_ranks)
         sh = self.shard
-        summary = self.recorder.summary(
+        summary = self.recorder.summary(**{**dict(
             test_accuracy=self.test_acc, test_loss=self.test_loss,
             fp32_bytes_up=self.step * per_step + self.evals * stats,
             fp32_bytes_down=self.step * per_step, steps=self.step, workers=cfg.workers,
@@ -399,7 +400,8 @@ class RankRoles:
             payload_nbytes_down=sum(sh.down.payload_nbytes(hi - lo) for lo, hi in p.bounds),
             servers=p.num_shards, colocate=cfg.colocate, shard_sizes=[hi - lo for lo, hi
                                                                       in p.bounds],
-            simulate=cfg.simulate, stopped_early=self.step < cfg.steps)
+            simulate=cfg.simulate, stopped_early=self.step < cfg.steps,
+            consistency=cfg.consistency), **extra})
         self.recorder.close()
         print(summary_line(summary), flush=True)
         return summary
@@ -422,7 +424,13 @@ def run_all(cfg: TrainConfig, placement: Placement, task: Task, device: torch.de
 
 def run_rank(cfg: TrainConfig, placement: Placement, rank: int, task: Task,
              device: torch.device, fabric: Any) -> dict[str, Any] | None:
-    """This process's rank of a distributed job; the leader returns the summary."""
+    """This process's rank of a distributed job; the leader returns the summary. An
+    asynchronous run (``--consistency ssp|async``, ``--backup-workers``) follows arrivals
+    instead: :func:`dist_quant.roles.events.run_event_rank`."""
+    if cfg.asynchronous:
+        from dist_quant.roles.events import run_event_rank
+
+        return run_event_rank(cfg, placement, rank, task, device, fabric)
     return _drive(cfg, [RankRoles(cfg, placement, rank, task, device, fabric)],
                   sequential=False)
 

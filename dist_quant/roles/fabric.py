@@ -44,6 +44,7 @@ from dist_quant.transport import (  # noqa: F401 (the tags are this module's voc
 
 TAG_UP = TAG_PAYLOAD
 TAG_STATUS, TAG_THETA = 8, 9   # server -> leader: its step's status; its shard, to evaluate
+TAG_COMMAND = 10               # leader -> the other servers (asynchronous runs)
 
 
 class LocalFabric:
@@ -71,6 +72,13 @@ class LocalFabric:
                what: str, device: torch.device) -> torch.Tensor:
         """One ``[len(srcs), numel]`` tensor, row ``k`` from ``srcs[k]``."""
         return torch.stack([self.recv(s, dst, tag, what).reshape(-1) for s in srcs])
+
+    def has(self, src: int, dst: int, tag: int) -> bool:
+        """Whether a message from ``src`` to ``dst`` with ``tag`` waits in this process."""
+        return bool(self.queues.get((src, dst, tag)))
+
+    def reap(self) -> None:
+        """Forget the sends that have completed (nothing to do in memory)."""
 
     def send_blob(self, src: int, dst: int, obj: Any, what: str) -> None:
         LocalFabric.send(self, src, dst, TAG_BLOB, obj, what)
@@ -182,6 +190,11 @@ class RemoteFabric(LocalFabric, Transport):
     def hold(self) -> None:
         self.held += self.pending
         self.pending = []
+
+    def reap(self) -> None:
+        """Forget the posted sends that have completed, without waiting for the others (an
+        asynchronous server never waits for a slow link's send)."""
+        self.pending = [p for p in self.pending if not p[0].is_completed()]
 
     def flush_held(self) -> None:
         held, self.held = self.held, []

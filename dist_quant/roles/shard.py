@@ -108,8 +108,13 @@ class ShardServer:
         return (self.up.decode_mean(rows[good], out=self.g) if good else None), bad
 
     @torch.no_grad()
-    def update(self, g: torch.Tensor | None) -> None:
-        """One optimizer step with the mean gradient ``g`` (none: parameters and momentum stay)."""
+    def update(self, g: torch.Tensor | None, at_step: int | None = None) -> None:
+        """One optimizer step with the mean gradient ``g`` (none: parameters and momentum stay).
+        ``at_step``: the step whose learning rate the schedule gives this update (an
+        asynchronous server makes several updates per step); default: the update's number."""
+        if at_step is not None and self.opt.schedule is not None:
+            for group in self.opt.param_groups:
+                group["updates"] = at_step - 1
         if g is not None:
             for leaf, a, b in self.pieces:
                 leaf.grad = g[a:b].view_as(leaf).clone()
@@ -119,14 +124,17 @@ class ShardServer:
         self.step += 1
 
     @torch.no_grad()
-    def downlink(self) -> torch.Tensor:
-        """The shard's downlink payload (flat uint8); advances the tracked replica."""
+    def downlink(self, replica: torch.Tensor | None = None) -> torch.Tensor:
+        """The shard's downlink payload (flat uint8); advances the tracked ``replica`` (default
+        the one replica of a synchronous run; an asynchronous server tracks one per group of
+        workers that read the same versions, :mod:`dist_quant.roles.events`)."""
         if self.down_buf is not None:  # theta is the replica, the body of the payload
             payload = self.down.seal(self.down_buf).to_tensor()
         else:
-            change = torch.sub(self.theta, self.replica, out=self.delta)
+            replica = self.replica if replica is None else replica
+            change = torch.sub(self.theta, replica, out=self.delta)
             payload = self.down.encode(change, generator=self.gen).to_tensor()
-            self.replica.add_(self.down.decode(payload, out=self.delta))
+            replica.add_(self.down.decode(payload, out=self.delta))
         return payload if payload.device == self.device else payload.to(self.device)
 
     def up_nbytes(self) -> int:

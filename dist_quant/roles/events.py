@@ -1,0 +1,861 @@
+"""The asynchronous step: the server follows arrivals instead of a lockstep.
+
+``--consistency ssp|async`` and ``--backup-workers B`` run the same pieces as the synchronous
+step (:class:`~dist_quant.roles.worker.Worker`, :class:`~dist_quant.roles.shard.ShardServer`,
+the leader's evaluation and records, placed by the same
+:class:`~dist_quant.roles.placement.Placement` on the star or on dedicated shard servers) in
+another order: the leader takes one arrival at a time and its policy
+(:mod:`dist_quant.roles.consistency`) decides which gradients form an update and which workers
+go on. Colocated servers and the DDP baseline stay synchronous (refused at validation).
+
+Roles.
+
+- A worker loops: compute and encode its gradient (one payload per shard, sent to each
+  server), send its telemetry (and, when asked, its BatchNorm statistics) to the leader, then
+  wait for the leader's control: ``GO`` (with the downlink of every shard: the newest
+  parameters, fp32 or the compressed change of its own replica), ``STATE`` (send its state
+  for a checkpoint, wait again), ``LAST`` or ``ABORT``. The time from its send to its next
+  ``GO`` is its waiting time.
+- The leader (the server of shard 0) takes the next arrival (its shard-0 payload), asks the
+  policy, and carries the decision out: an update (its own shard, and an ``UPDATE`` command
+  to every other server, which applies the same workers' payloads of its shard in the same
+  order), a dropped gradient (``DROP``: the payload is read and discarded everywhere), releases
+  (``RELEASE`` to every server, each sending its shard's downlink; ``GO`` to the workers).
+  Every shard therefore applies the same updates in the same order, and one record describes
+  them all.
+- An update is one ``DecoupledMomentumSGD`` step of each shard on its decoded rows (left-out
+  bad rows as in the synchronous step, per shard and update): their mean (sync, backup
+  workers) or their sum over W (ssp, async). Its learning rate is the schedule's at the step
+  it counts towards.
+
+Steps. Step ``t`` is complete once ``t W`` gradients have been applied (sync and backup
+workers: once ``t`` updates have been made); then the leader writes the step line, evaluates
+at evaluation steps, checkpoints, and stops at ``--steps`` or ``--stop-accuracy``. A step line
+of an asynchronous run holds the means over the gradients applied in that step (loss,
+compute, encode, decode, wait), the leader's own update and encode time, and the bytes that
+crossed links since the previous line (uplink at arrival, downlink at release).
+
+Records (``metrics.jsonl``, one ``update`` line per gradient that arrived)::
+
+    {"kind": "update", "arrival": a, "worker": i, "worker_step": k, "read": v,
+     "applied": u, "staleness": u - 1 - v, "step": t, "started_after": r, "dropped": null}
+
+``arrival``: its place in the order the leader received gradients (0, 1, ...); ``worker_step``:
+the worker's own count (its k-th gradient); ``read``: the version it was computed on;
+``applied``: the version the update that applied it produced (null if ``dropped``:
+``"late"`` for a backup worker's gradient that came after its step was made, ``"end"`` for one
+still unapplied when the run ended); ``step``: the step it counts towards;
+``started_after``: the arrival whose decision released the worker to compute it (-1: the
+start), from which the bound of ``ssp`` can be checked. ``--simulate --replay RUN_DIR`` feeds
+the ``arrival`` order back (:class:`~dist_quant.roles.consistency.Replay`) and ends with the
+same parameters, bit for bit.
+
+Checkpoints. At a checkpoint step the leader stops releasing, receives every gradient still
+being computed (without processing it) and saves, besides every shard's and worker's state,
+its own: the policy's state, the received but unprocessed arrivals (their payloads in each
+shard's state, their telemetry in the leader's), the workers it decided to release, the
+per-worker counters and the arrival order's state. A resumed run carries on from there: the
+same decisions follow, so ``--resume`` and ``--max-restarts`` end where an uninterrupted run
+with the same ``--checkpoint-every`` ends (the pause is part of both). At the end the leader
+does the same, then records the unprocessed gradients as ``"end"`` and stops everyone.
+
+Replicas. With a compressed downlink a server tracks, per shard, one replica per group of
+workers that have read exactly the same downlinks (one group while every worker is released
+together, as in the synchronous step; a group splits when only part of it is released), and
+sends a group ``C(theta - r)`` once, with the shard's one generator.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from typing import Any
+
+import torch
+
+from dist_quant.config import TrainConfig
+from dist_quant.roles.consistency import Policy, Replay, VirtualClock, policy_of, recorded_order
+from dist_quant.roles.exchange import STATUS, RankRoles
+from dist_quant.roles.fabric import (
+    TAG_COMMAND,
+    TAG_CONTROL,
+    TAG_DOWN,
+    TAG_STATS,
+    TAG_STATUS,
+    TAG_TELEMETRY,
+    TAG_THETA,
+    TAG_UP,
+    LocalFabric,
+)
+from dist_quant.roles.placement import Placement
+from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
+from dist_quant.roles.server import STUCK_STEPS, evaluate_model
+from dist_quant.roles.task import Task
+from dist_quant.roles.worker import TELEMETRY, RunAborted, replica_of
+from dist_quant.transport import ABORT, CONTINUE, LAST
+
+GO, STATE = CONTINUE, 3            # controls besides LAST and ABORT
+CONTROL = 2                        # int64: code, send BatchNorm statistics (0/1)
+UPDATE, DROP, RELEASE, EVAL, SAVE, STOP, HALT = range(7)   # commands to the other servers
+TELEMETRY_ASYNC = (*TELEMETRY, "wait")
+
+
+def wants_stats(cfg: TrainConfig, lockstep: bool, completed: int) -> bool:
+    """Whether a worker released after ``completed`` steps sends its BatchNorm statistics with
+    its next gradient: when that gradient counts towards an evaluation step (lockstep), or may
+    (else: the next two steps), so that an evaluation finds recent statistics of every worker
+    that has sent since."""
+    t = completed + 1
+    return is_eval_step(cfg, t) or (not lockstep and is_eval_step(cfg, t + 1))
+
+
+class EventRank(RankRoles):
+    """The pieces one rank holds, in the asynchronous step (module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, placement: Placement, rank: int, task: Task,
+                 device: torch.device, fabric: Any):
+        super().__init__(cfg, placement, rank, task, device, fabric)
+        self.policy: Policy = policy_of(cfg)
+        self.W = cfg.workers
+        self.pump = lambda: None      # the simulator lets the other ranks act (distributed: no)
+        self.encode_s = 0.0           # this server's downlink encodes since its last report
+        if self.worker is not None:
+            self.t_sent: float | None = None
+        if self.shard is not None:
+            self.inbox: dict[int, torch.Tensor] = {}
+            self.groups = None if cfg.downlink == "none" else [
+                (list(range(self.W)), self.shard.replica)]
+        if self.is_leader:
+            self._init_leader()
+
+    def _init_leader(self) -> None:
+        W = self.W
+        self.arrivals: Any = None     # the arrival order (set by the driver)
+        self.version = self.applied = self.completed = self.received = 0
+        self.read = [0] * W           # the version each worker's current gradient reads
+        self.flags = [False] * W      # whether its next gradient brings BN statistics
+        self.started_after = [-1] * W
+        self.worker_steps = [0] * W
+        self.computing: set[int] = set()
+        self.queue: deque[dict] = deque()   # received, not processed
+        self.held: dict[int, dict] = {}     # processed, not applied (the policy's pending)
+        self.to_release: list[int] = []
+        self.last_stats = torch.zeros(W, self.n_stats, dtype=torch.float32, device=self.device)
+        if self.n_stats:
+            self.last_stats[:] = self.worker_stats_at_start()
+        self.applied_by, self.dropped_by = [0] * W, [0] * W
+        self.wait_by = [0.0] * W
+        self.staleness = Counter()
+        self.stats_bytes = self.released_total = 0
+        self.current = -1             # the arrival whose decision is being carried out
+        self.resumed_order: dict[str, Any] = {}
+        self.finished = False
+        self._new_window()
+
+    def worker_stats_at_start(self) -> torch.Tensor:
+        from dist_quant.roles import common
+
+        return common.bn_stats(self.model).to(self.device)
+
+    def _new_window(self) -> None:
+        self.win_tel: list[torch.Tensor] = []
+        self.win_up = [0] * self.p.num_shards
+        self.win_down = [0] * self.p.num_shards
+        self.win_stats = 0
+        self.win_updates = 0
+        self.win_status: list[torch.Tensor] = []   # the leader's own shard, per update
+        self.win_t0 = time.perf_counter()
+        self.win_eval = 0.0
+
+    def _where(self) -> str:
+        one = self.p.num_shards == 1
+        return f"step {self.step}" + ("" if one else f": shard {self.shard.index}")
+
+    # ---- workers ------------------------------------------------------------------------
+    def go(self, stats: bool, wait: float) -> None:
+        """Compute and send one gradient (every shard's payload), then its telemetry."""
+        def ship(s: int, payload: torch.Tensor) -> None:
+            self.fabric.send(self.rank, self.p.server_ranks[s], TAG_UP, payload,
+                             "gradient payload")
+
+        _, telemetry = self.worker.step_up(ship)
+        tel = torch.cat([telemetry, torch.tensor([wait], dtype=torch.float64,
+                                                 device=self.device)])
+        self.fabric.send(self.rank, self.p.leader, TAG_TELEMETRY, tel, "telemetry")
+        if stats and self.n_stats:
+            self.fabric.send(self.rank, self.p.leader, TAG_STATS, self.worker.bn_stats(),
+                             "BatchNorm statistics")
+        self.t_sent = time.perf_counter()
+
+    def first_go(self) -> None:
+        """A fresh run: every worker starts on the initial parameters (its first wait, which
+        holds the leader's start-up, is not counted)."""
+        self.go(wants_stats(self.cfg, self.policy.lockstep, 0), 0.0)
+        self.t_sent = None
+
+    def on_control(self, control: torch.Tensor) -> bool:
+        """Carry out one control from the leader; False once the run has ended."""
+        code, stats = int(control[0]), bool(int(control[1]))
+        if code == STATE:
+            self.fabric.send_blob(self.rank, self.p.leader, self.own_state(), "rank state")
+            return True
+        if code == LAST:
+            self.fabric.flush()
+            return False
+        if code == ABORT:
+            raise RunAborted("the leader ended the run (see the message of the rank that "
+                             "refused a payload, or the leader's)")
+        w = self.worker
+        w.receive_downlink([self.fabric.recv(self.p.server_ranks[s], self.rank, TAG_DOWN,
+                                             "parameters payload", box.numel(), torch.uint8,
+                                             out=box)
+                            for s, box in enumerate(w.inboxes)])
+        self.fabric.flush()
+        wait = 0.0 if self.t_sent is None else time.perf_counter() - self.t_sent
+        self.go(stats, wait)
+        return True
+
+    def _next_control(self) -> torch.Tensor:
+        return self.fabric.recv(self.p.leader, self.rank, TAG_CONTROL, "control", CONTROL,
+                                torch.int64)
+
+    def work(self) -> None:
+        """A worker rank's whole run (distributed)."""
+        if not self.cfg.resume:
+            self.first_go()
+        while self.on_control(self._next_control()):
+            pass
+
+    def work_queued(self) -> bool:
+        """Simulator: carry out the controls waiting for this worker; whether there were any."""
+        done = False
+        while self.fabric.has(self.p.leader, self.rank, TAG_CONTROL):
+            self.on_control(self._next_control())
+            done = True
+        return done
+
+    # ---- servers --------------------------------------------------------------------------
+    def take(self, worker: int) -> torch.Tensor:
+        """Worker ``worker``'s next payload of this shard (received now unless it is here)."""
+        if worker in self.inbox:
+            return self.inbox.pop(worker)
+        return self.fabric.recv(self.p.worker_ranks[worker], self.rank, TAG_UP,
+                                "gradient payload", self.shard.up_nbytes(), torch.uint8)
+
+    def apply(self, workers: list[int], step: int) -> torch.Tensor:
+        """One update of this shard with the payloads of ``workers``; its status (``STATUS``)."""
+        sh = self.shard
+        self.step = step
+        rows = torch.stack([self.take(i) for i in workers])
+        t1 = time.perf_counter()
+        g, bad = sh.aggregate(rows)
+        if g is not None and not self.policy.mean:   # each gradient counts 1/W
+            good = len(workers) - len(bad)
+            if good != self.W:
+                g.mul_(good / self.W)
+        t2 = time.perf_counter()
+        sh.update(g, at_step=step)
+        t3 = time.perf_counter()
+        abort = bool(bad) and self.cfg.on_nonfinite == "abort"
+        if bad:
+            self._report_bad(bad, abort)
+        self.abort_reason = f"{self._where()}: {'; '.join(bad)} (--on-nonfinite abort)" \
+            if abort else ""
+        status = torch.zeros(len(STATUS), dtype=torch.float64)
+        status[:5] = torch.tensor([float(len(bad)), float(g is None), float(abort), t2 - t1,
+                                   t3 - t2], dtype=torch.float64)
+        return status
+
+    def _split(self, released: list[int]) -> list[tuple[list[int], torch.Tensor]]:
+        """The replica groups to send to (module docstring), splitting those only partly
+        released; in the order of their first worker."""
+        out, groups = [], []
+        for members, replica in self.groups:
+            sel = [i for i in members if i in released]
+            rest = [i for i in members if i not in released]
+            if not sel:
+                groups.append((members, replica))
+                continue
+            if rest:
+                groups.append((rest, replica))
+                replica = replica.clone()
+            groups.append((sel, replica))
+            out.append((sel, replica))
+        self.groups = sorted(groups, key=lambda g: g[0][0])
+        return out
+
+    def release(self, workers: list[int]) -> None:
+        """Send this shard's downlink to ``workers``."""
+        t0 = time.perf_counter()
+        sends = ([(workers, self.shard.downlink().clone())] if self.groups is None else
+                 [(sel, self.shard.downlink(replica)) for sel, replica in self._split(workers)])
+        self.encode_s += time.perf_counter() - t0
+        for sel, payload in sends:
+            for i in sel:
+                self.fabric.send(self.rank, self.p.worker_ranks[i], TAG_DOWN, payload,
+                                 "parameters payload")
+
+    def execute(self, command: torch.Tensor) -> bool:
+        """Carry out one command of the leader (a server other than the leader's); False once
+        the run has ended."""
+        op, step, n = (int(v) for v in command[:3])
+        workers = [int(i) for i in command[3:3 + n]]
+        if op == UPDATE:
+            status = self.apply(workers, step)
+            status[5] = self.encode_s
+            self.encode_s = 0.0
+            self.fabric.send(self.rank, self.p.leader, TAG_STATUS, status, "server status")
+        elif op == DROP:
+            for i in workers:
+                self.take(i)
+        elif op == RELEASE:
+            self.release(workers)
+        elif op == EVAL:
+            self.fabric.send(self.rank, self.p.leader, TAG_THETA, self.shard.theta.clone(),
+                             "parameters for evaluation")
+        elif op == SAVE:
+            for i in workers:
+                self.inbox[i] = self.take(i)
+            self.fabric.send_blob(self.rank, self.p.leader, self.own_state(), "rank state")
+        elif op == HALT:
+            raise RunAborted("the leader ended the run (see its message)")
+        else:
+            self.fabric.flush()
+            return False
+        self.fabric.reap()
+        return True
+
+    def _next_command(self) -> torch.Tensor:
+        return self.fabric.recv(self.p.leader, self.rank, TAG_COMMAND, "command", 3 + self.W,
+                                torch.int64)
+
+    def serve_all(self) -> None:
+        """A server rank's whole run (distributed), but the leader's."""
+        while self.execute(self._next_command()):
+            pass
+
+    def serve_queued(self) -> bool:
+        done = False
+        while self.fabric.has(self.p.leader, self.rank, TAG_COMMAND):
+            self.execute(self._next_command())
+            done = True
+        return done
+
+    # ---- the leader: arrivals -----------------------------------------------------------
+    def command(self, op: int, workers: list[int] = (), step: int = 0) -> None:
+        """Send a command to every other server."""
+        cmd = torch.full((3 + self.W,), -1, dtype=torch.int64)
+        cmd[:3] = torch.tensor([op, step, len(workers)])
+        if workers:
+            cmd[3:3 + len(workers)] = torch.tensor(workers)
+        for r in self.p.server_ranks[1:]:
+            self.fabric.send(self.rank, r, TAG_COMMAND, cmd, "command")
+
+    def send_control(self, worker: int, code: int, stats: bool = False) -> None:
+        self.fabric.send(self.rank, self.p.worker_ranks[worker], TAG_CONTROL,
+                         torch.tensor([code, int(stats)], dtype=torch.int64), "control")
+
+    def receive(self) -> None:
+        """The next arrival (whichever worker it is), queued for processing."""
+        i, payload = self.arrivals.next()
+        r = self.p.worker_ranks[i]
+        if payload is None:
+            payload = self.fabric.recv(r, self.rank, TAG_UP, "gradient payload",
+                                       self.shard.up_nbytes(), torch.uint8)
+        self.inbox[i] = payload
+        tel = self.fabric.recv(r, self.rank, TAG_TELEMETRY, "telemetry",
+                               len(TELEMETRY_ASYNC), torch.float64).cpu()
+        if self.flags[i] and self.n_stats:
+            self.last_stats[i] = self.fabric.recv(r, self.rank, TAG_STATS,
+                                                  "BatchNorm statistics", self.n_stats,
+                                                  torch.float32)
+            self.win_stats += 4 * self.n_stats
+            self.stats_bytes += 4 * self.n_stats
+        self.computing.discard(i)
+        self.worker_steps[i] += 1
+        for s, (lo, hi) in enumerate(self.p.bounds):
+            self.win_up[s] += self.shard.up.payload_nbytes(hi - lo)
+        self.queue.append({"arrival": self.received, "worker": i,
+                           "worker_step": self.worker_steps[i], "read": self.read[i],
+                           "started_after": self.started_after[i], "telemetry": tel})
+        self.received += 1
+
+    def process(self, info: dict) -> None:
+        """One arrival through the policy, and what it decides."""
+        i = info["worker"]
+        self.current = info["arrival"]
+        self.wait_by[i] += float(info["telemetry"][-1])
+        decision = self.policy.arrive(i, info["read"], self.version)
+        if decision.dropped:
+            self.drop(info, "late")
+        else:
+            self.held[i] = info
+        self.to_release = list(decision.release)
+        if decision.update:
+            self.update(decision.update)
+        if not self.finished:
+            self.release_now()
+
+    def drop(self, info: dict, why: str) -> None:
+        i = info["worker"]
+        self.dropped_by[i] += 1
+        if why == "late":
+            self.command(DROP, [i])
+            self.inbox.pop(i)
+        step = self.completed + 1
+        self.recorder.update({**self._line(info, step), "applied": None, "staleness": None,
+                              "dropped": why})
+
+    def _line(self, info: dict, step: int) -> dict:
+        return {k: info[k] for k in ("arrival", "worker", "worker_step", "read",
+                                     "started_after")} | {"step": step}
+
+    def release_now(self) -> None:
+        """Release the workers the last decision let go (every shard sends its downlink)."""
+        workers, self.to_release = self.to_release, []
+        if not workers:
+            return
+        self.command(RELEASE, workers)
+        self.release(workers)
+        stats = wants_stats(self.cfg, self.policy.lockstep, self.completed)
+        for s, (lo, hi) in enumerate(self.p.bounds):
+            self.win_down[s] += len(workers) * self.shard.down.payload_nbytes(hi - lo)
+        self.released_total += len(workers)
+        for i in workers:
+            self.read[i] = self.version
+            self.flags[i] = stats
+            self.started_after[i] = self.current
+            self.computing.add(i)
+            self.send_control(i, GO, stats)
+        self.arrivals.released(workers)
+        self.fabric.reap()
+
+    def update(self, group: list[int]) -> None:
+        """One update made of ``group``'s held gradients, on every shard."""
+        step = self.completed + 1
+        self.command(UPDATE, group, step)
+        status = self.apply(group, step)
+        status[5] = self.encode_s
+        self.encode_s = 0.0
+        self.win_status.append(status)
+        self.win_updates += 1
+        self.version += 1
+        self.applied += len(group)
+        for i in group:
+            info = self.held.pop(i)
+            late = self.version - 1 - info["read"]
+            self.staleness[late] += 1
+            self.applied_by[i] += 1
+            self.win_tel.append(info["telemetry"])
+            self.recorder.update({**self._line(info, step), "applied": self.version,
+                                  "staleness": late, "dropped": None})
+        if self.applied >= (self.completed + 1) * self.W or self.policy.lockstep:
+            self.complete_step()
+
+    # ---- the leader: steps --------------------------------------------------------------
+    def complete_step(self) -> None:
+        """Step ``completed + 1`` is made: record it, evaluate, checkpoint or stop."""
+        self.completed += 1
+        t = self.step = self.completed
+        self.pump()
+        statuses = [torch.stack(self.win_status)]
+        for r in self.p.server_ranks[1:]:
+            statuses.append(torch.stack([
+                self.fabric.recv(r, self.rank, TAG_STATUS, "server status", len(STATUS),
+                                 torch.float64).cpu() for _ in range(self.win_updates)]))
+        reason = self._check(statuses, t)
+        tel = torch.stack(self.win_tel) if self.win_tel else torch.zeros(
+            1, len(TELEMETRY_ASYNC), dtype=torch.float64)
+        loss = float(tel[:, 0].mean())
+        if not reason:
+            reason = self.monitor.observe(t, loss) or ""
+        last = t == self.cfg.steps
+        if is_eval_step(self.cfg, t) and not reason:
+            te = time.perf_counter()
+            self.evaluate()
+            self.evals += 1
+            last = last or 0 < self.cfg.stop_accuracy <= self.test_acc
+            self.win_eval = time.perf_counter() - te
+        if reason:
+            self.abort(reason)
+        self._record(t, loss, tel, statuses)
+        if last:
+            self.finish()
+        elif is_checkpoint_step(self.cfg, t, last=False):
+            self.pause()
+            self.save()
+
+    def _check(self, statuses: list[torch.Tensor], t: int) -> str:
+        for s, st in enumerate(statuses):
+            for row in st:
+                self.stuck[s] = self.stuck[s] + 1 if row[1] else 0
+                if max(self.stuck) >= STUCK_STEPS:
+                    which = "" if self.p.num_shards == 1 else f" for shard {s}"
+                    return (f"no valid payload{which} for {self.stuck[s]} consecutive updates "
+                            f"(up to step {t}): training diverged; lower --lr")
+            if st[:, 2].any():
+                return self.abort_reason or f"step {t}: a payload was refused " \
+                    "(--on-nonfinite abort)"
+        return ""
+
+    def _record(self, t: int, loss: float, tel: torch.Tensor,
+                statuses: list[torch.Tensor]) -> None:
+        mean = tel.mean(0).tolist()    # loss, decode, compute, encode, overlap, down, wait
+        own = statuses[0].sum(0).tolist()
+        times = {"compute": mean[2], "encode": mean[3] + own[5], "decode": mean[1] + own[3],
+                 "update": own[4]}
+        wall = time.perf_counter() - self.win_t0 - self.win_eval
+        times["communicate"] = max(0.0, wall - sum(times.values()))
+        skipped = [int(st[:, 0].sum()) for st in statuses]
+        rec = self.recorder.step(
+            t, loss, sum(self.win_up) + self.win_stats, sum(self.win_down), times,
+            skipped=sum(skipped),
+            extra={"servers": [{"bytes_up": u, "bytes_down": d, "skipped": k} for u, d, k in
+                               zip(self.win_up, self.win_down, skipped, strict=True)],
+                   "bytes_stats": self.win_stats, "time_overlap": 0.0,
+                   "time_overlap_down": 0.0, "time_wait": mean[6],
+                   "updates": self.win_updates, "gradients": len(self.win_tel)})
+        if is_eval_step(self.cfg, t):
+            self.recorder.eval(t, self.test_loss, self.test_acc)
+        self.progress.update(t, rec["loss"], self.test_acc, self.recorder.cum_up,
+                             self.recorder.cum_down)
+        self._new_window()
+
+    def evaluate(self) -> None:
+        self.command(EVAL)
+        self.pump()
+        for s, (lo, hi) in enumerate(self.p.bounds):
+            if s == 0:
+                self.theta[lo:hi].copy_(self.shard.theta)
+            else:
+                self.fabric.recv(self.p.server_ranks[s], self.rank, TAG_THETA,
+                                 "parameters for evaluation", hi - lo, torch.float32,
+                                 out=self.theta[lo:hi])
+        self.test_loss, self.test_acc = evaluate_model(
+            self.model, self.x_test, self.y_test,
+            self.last_stats.mean(0) if self.n_stats else None, self.task.loss_fn,
+            self.task.metric)
+
+    def abort(self, reason: str) -> None:
+        self.command(HALT)
+        for i in range(self.W):
+            self.send_control(i, ABORT)
+        self.fabric.flush()
+        raise RunAborted(reason)
+
+    def pause(self) -> None:
+        """Stop releasing and receive every gradient still being computed (not processed)."""
+        while self.computing:
+            self.receive()
+
+    def finish(self) -> None:
+        """The last step: pause, save, record what was never applied, stop everyone."""
+        self.pause()
+        self.save()
+        step = self.completed + 1
+        for info in [*self.held.values(), *self.queue]:
+            self.dropped_by[info["worker"]] += 1
+            self.recorder.update({**self._line(info, step), "applied": None,
+                                  "staleness": None, "dropped": "end"})
+        self.command(STOP)
+        for i in range(self.W):
+            self.send_control(i, LAST)
+        self.fabric.flush()
+        self.finished = True
+
+    # ---- the leader: the run --------------------------------------------------------------
+    def lead(self) -> dict[str, Any] | None:
+        """The leader's whole run: take arrivals until the last step; return the summary."""
+        if not self.cfg.resume:
+            everyone = list(range(self.W))
+            stats = wants_stats(self.cfg, self.policy.lockstep, 0)
+            self.flags = [stats] * self.W
+            self.computing = set(everyone)
+            self.arrivals.released(everyone)
+        while not self.finished:
+            self.pump()
+            if self.to_release:
+                self.release_now()
+            elif self.queue:
+                self.process(self.queue.popleft())
+            else:
+                self.receive()
+        return self.close_records()
+
+    def close_records(self) -> dict[str, Any] | None:
+        from dist_quant.compress import get_compressor
+
+        fp32 = get_compressor("none")
+        per = sum(fp32.payload_nbytes(hi - lo) for lo, hi in self.p.bounds)
+        seen = sum(self.staleness.values())
+        mean = sum(k * v for k, v in self.staleness.items()) / seen if seen else 0.0
+        return super().close_records(
+            fp32_bytes_up=self.received * per + self.stats_bytes,
+            fp32_bytes_down=self.released_total * per,
+            consistency=self.cfg.consistency, staleness_bound=self.policy_bound(),
+            backup_workers=self.cfg.backup_workers, updates=self.version,
+            gradients=self.received, applied_per_worker=list(self.applied_by),
+            dropped_per_worker=list(self.dropped_by),
+            wait_seconds_per_worker=[round(w, 6) for w in self.wait_by],
+            staleness_mean=mean,
+            staleness_histogram={str(k): v for k, v in sorted(self.staleness.items())})
+
+    def policy_bound(self) -> int | None:
+        return self.cfg.staleness if self.cfg.consistency == "ssp" else (
+            0 if self.cfg.consistency == "sync" else None)
+
+    # ---- checkpoints and resume ---------------------------------------------------------
+    def own_state(self) -> dict[str, Any]:
+        state = super().own_state()
+        if state["shard"] is not None:
+            state["shard"]["inbox"] = {str(i): p.to("cpu", copy=True)
+                                       for i, p in self.inbox.items()}
+            state["shard"]["groups"] = None if self.groups is None else [
+                {"workers": list(m), "replica": r.to("cpu", copy=True)} for m, r in self.groups]
+            if self.groups is not None:  # "replica": worker 0's (a synchronous run's one)
+                state["shard"]["replica"] = state["shard"]["groups"][0]["replica"]
+        return state
+
+    def leader_state(self) -> dict[str, Any]:
+        def info(d: dict) -> dict:
+            return {**d, "telemetry": d["telemetry"].clone()}
+
+        order = self.arrivals.state_dict() if hasattr(self.arrivals, "state_dict") else {}
+        return {"policy": self.policy.state_dict(), "version": self.version,
+                "applied": self.applied, "completed": self.completed,
+                "received": self.received, "read": list(self.read),
+                "flags": [int(f) for f in self.flags], "started_after": list(self.started_after),
+                "worker_steps": list(self.worker_steps),
+                "queue": [info(d) for d in self.queue],
+                "held": {str(i): info(d) for i, d in self.held.items()},
+                "to_release": list(self.to_release),
+                "last_stats": self.last_stats.to("cpu", copy=True),
+                "applied_by": list(self.applied_by), "dropped_by": list(self.dropped_by),
+                "wait_by": list(self.wait_by),
+                "staleness": {str(k): v for k, v in self.staleness.items()},
+                "stuck": list(self.stuck), "order": order, "current": self.current,
+                "stats_bytes": self.stats_bytes, "released": self.released_total,
+                "window": {"up": list(self.win_up), "down": list(self.win_down),
+                           "stats": self.win_stats}}
+
+    def save(self) -> None:
+        """Every rank's state and the leader's into one checkpoint (at a pause: nothing is
+        being computed)."""
+        if not is_checkpoint_step(self.cfg, self.completed, last=True):
+            return
+        from dist_quant.checkpoint import save_checkpoint
+
+        p = self.p
+        unread = sorted({d["worker"] for d in self.queue} | set(self.held))
+        self.command(SAVE, unread)
+        for i in range(self.W):
+            self.send_control(i, STATE)
+        self.pump()
+        states = {r: self.fabric.recv_blob(r, self.rank, "rank state")
+                  for r in p.ranks if r != self.rank}
+        states[self.rank] = self.own_state()
+        shards = [states[p.server_ranks[s]]["shard"] for s in range(p.num_shards)]
+        workers = [states[p.worker_ranks[i]]["worker"] for i in range(self.W)]
+        for i, state in enumerate(workers):
+            mine = replica_of(self.model, state)
+            for s, (lo, hi) in enumerate(p.bounds):
+                groups = shards[s]["groups"]
+                tracked = (shards[s]["theta"] if groups is None else
+                           next(g["replica"] for g in groups if i in g["workers"]))
+                if groups is not None and not torch.equal(mine[lo:hi], tracked):
+                    raise RuntimeError(f"worker {i}'s replica differs from the tracked copy "
+                                       f"of shard {s}")
+        with torch.no_grad():
+            self.theta.copy_(torch.cat([s["theta"] for s in shards]).to(self.device))
+        model = {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        save_checkpoint(self.cfg.run_dir, self.completed, {
+            "format": 1, "step": self.completed, "config": self.cfg.to_dict(),
+            "server": {"model": model, **shards[0]}, "shards": shards[1:], "workers": workers,
+            "consistency": self.leader_state()}, keep=self.cfg.keep_checkpoints)
+
+    def resume_send(self) -> None:
+        super().resume_send()
+        if self.cfg.resume and self.is_leader:
+            from dist_quant.checkpoint import load_for_resume
+
+            state = load_for_resume(self.cfg)
+            if "consistency" not in state:
+                from dist_quant.errors import ConfigError
+
+                raise ConfigError("--resume", "the checkpoint was written by a synchronous run "
+                                  "(no arrival state); resume it with --consistency sync")
+            self.resumed_leader = state["consistency"]
+
+    def resume_recv(self) -> None:
+        if not self.cfg.resume:
+            return
+        mine = self.resumed if self.is_leader else self.fabric.recv_blob(
+            self.p.leader, self.rank, "resume state")
+        if self.worker is not None:
+            self.worker.load_state_dict(mine["worker"])
+        if self.shard is not None:
+            state = mine["shard"]
+            self.shard.load_state_dict(state)
+            self.inbox = {int(i): p.to(self.device) for i, p in state["inbox"].items()}
+            if self.groups is not None:
+                self.groups = [(list(g["workers"]), g["replica"].to(self.device))
+                               for g in state["groups"]]
+        if self.is_leader:
+            self._load_leader(self.resumed_leader)
+
+    def _load_leader(self, st: dict[str, Any]) -> None:
+        self.policy.load_state_dict(st["policy"])
+        for name in ("version", "applied", "completed", "received"):
+            setattr(self, name, int(st[name]))
+        self.step = self.completed
+        self.read = [int(v) for v in st["read"]]
+        self.flags = [bool(f) for f in st["flags"]]
+        self.started_after = [int(v) for v in st["started_after"]]
+        self.worker_steps = [int(v) for v in st["worker_steps"]]
+        self.queue = deque(st["queue"])
+        self.held = {int(i): d for i, d in st["held"].items()}
+        self.to_release = [int(i) for i in st["to_release"]]
+        self.last_stats.copy_(st["last_stats"])
+        self.applied_by = [int(v) for v in st["applied_by"]]
+        self.dropped_by = [int(v) for v in st["dropped_by"]]
+        self.wait_by = [float(v) for v in st["wait_by"]]
+        self.staleness = Counter({int(k): int(v) for k, v in st["staleness"].items()})
+        self.stuck = [int(v) for v in st["stuck"]]
+        self.resumed_order = st["order"]
+        self.current = int(st["current"])
+        self.stats_bytes = int(st["stats_bytes"])
+        self.released_total = int(st["released"])
+        # the bytes of the arrivals received while pausing count towards the next step
+        self.win_up = [int(b) for b in st["window"]["up"]]
+        self.win_down = [int(b) for b in st["window"]["down"]]
+        self.win_stats = int(st["window"]["stats"])
+
+
+# ---- arrival orders of the two drivers --------------------------------------------------
+class SimulatedArrivals:
+    """The simulator's arrivals: the order of a :class:`VirtualClock` or a :class:`Replay`;
+    the payload is then read from the in-memory fabric."""
+
+    def __init__(self, order: VirtualClock | Replay):
+        self.order = order
+
+    def released(self, workers: list[int]) -> None:
+        self.order.released(workers)
+
+    def next(self) -> tuple[int, None]:
+        return self.order.next(), None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": type(self.order).__name__, **self.order.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") == type(self.order).__name__:
+            self.order.load_state_dict(state)
+
+
+class NetworkArrivals:
+    """A distributed leader's arrivals: one receive from any worker of shard 0's payload size
+    is posted while a worker computes; whoever sends first is the next arrival."""
+
+    def __init__(self, roles: EventRank):
+        self.r = roles
+        self.work = self.buf = None
+        self.computing: list[int] = []   # in the order they were released
+
+    def released(self, workers: list[int]) -> None:
+        self.computing += workers
+        self._post()
+
+    def _post(self) -> None:
+        import torch.distributed as dist
+
+        if self.work is None and self.computing:
+            self.buf = torch.empty(self.r.shard.up_nbytes(), dtype=torch.uint8,
+                                   device=self.r.device)
+            self.work = dist.irecv(self.buf, src=None, group=self.r.fabric.group, tag=TAG_UP)
+
+    def next(self) -> tuple[int, torch.Tensor]:
+        import datetime
+
+        import torch.distributed as dist
+
+        from dist_quant.transport import PeerLostError, _cause
+
+        try:
+            self.work.wait(timeout=datetime.timedelta(seconds=self.r.cfg.timeout))
+        except RuntimeError as err:
+            lost = self.r.p.worker_ranks[self.computing[0]]
+            raise PeerLostError(f"lost contact with {self.r.p.describe(lost)} while waiting for "
+                                f"the gradient payloads ({_cause(err)})", lost) from err
+        src = self.work._source_rank()
+        if self.r.fabric.group is not None:
+            src = dist.get_global_rank(self.r.fabric.group, src)
+        worker, payload = self.r.p.worker_of(src), self.buf
+        self.work = self.buf = None
+        self.computing.remove(worker)
+        self._post()
+        return worker, payload
+
+
+# ---- drivers ------------------------------------------------------------------------------
+def run_events_all(cfg: TrainConfig, placement: Placement, task: Task, device: torch.device,
+                   ) -> dict[str, Any]:
+    """Every rank in this process (``--simulate``); the arrival order from ``--replay`` or the
+    virtual clock of ``--slow-worker``; returns the summary."""
+    fabric = LocalFabric(placement)
+    order = [r for r in placement.ranks if r != placement.leader] + [placement.leader]
+    ranks = [EventRank(cfg, placement, r, task, device, fabric) for r in order]
+    leader, others = ranks[-1], ranks[:-1]
+    source = (Replay(recorded_order(cfg), f"the record of {cfg.replay}") if cfg.replay
+              else VirtualClock(cfg.workers, cfg.slow_factors))
+    leader.arrivals = SimulatedArrivals(source)
+    leader.resume_send()
+    for r in ranks:
+        r.resume_recv()
+    for r in ranks:
+        r.open_records(sequential=True)
+    if cfg.resume:
+        leader.arrivals.load_state_dict(leader.resumed_order)
+        if isinstance(source, Replay):
+            source.position = leader.received
+
+    def pump() -> None:
+        busy = True
+        while busy:
+            busy = False
+            for r in others:
+                if r.shard is not None:
+                    busy |= r.serve_queued()
+            for r in others:
+                if r.worker is not None:
+                    busy |= r.work_queued()
+
+    leader.pump = pump
+    if not cfg.resume:
+        for r in others:
+            if r.worker is not None:
+                r.first_go()
+    try:
+        return leader.lead()
+    finally:
+        leader.progress.close()
+
+
+def run_event_rank(cfg: TrainConfig, placement: Placement, rank: int, task: Task,
+                   device: torch.device, fabric: Any) -> dict[str, Any] | None:
+    """This process's rank of a distributed asynchronous job; the leader returns the summary."""
+    r = EventRank(cfg, placement, rank, task, device, fabric)
+    r.resume_send()
+    r.resume_recv()
+    r.open_records(sequential=False)
+    if r.is_leader:
+        r.arrivals = NetworkArrivals(r)
+        try:
+            return r.lead()
+        finally:
+            r.progress.close()
+    if r.shard is not None:
+        r.serve_all()
+    else:
+        r.work()
+    return None

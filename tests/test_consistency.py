@@ -1,0 +1,306 @@
+"""The parameter server's consistency modes: sync with backup workers, ssp and async.
+
+The policies are checked on their own (any arrival order), then whole runs: ``ssp`` with
+``K = 0`` is the synchronous step bit for bit; every gradient is applied once or dropped once;
+``ssp`` keeps every worker within K steps of the slowest, read from the record; backup workers
+drop exactly B per step on workers of equal speed; ``--resume`` ends where the uninterrupted
+run ends; a bad payload is left out of its update only. The distributed runs (torchrun on
+loopback, a tiny model, workers slowed with ``--slow-worker``) end exactly where
+``--simulate --replay`` of their own record ends.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from run_states import assert_equal, final
+
+from dist_quant.config import TrainConfig
+from dist_quant.errors import ConfigError
+from dist_quant.metrics import read_metrics, read_summary
+from dist_quant.roles.consistency import Bounded, Replay, Synchronous, VirtualClock
+from dist_quant.train import launch, run_in_process
+
+# 40 -> 7 -> 5 -> 10 with BatchNorm: 399 parameters, 80 buckets of 5
+TINY = dict(hidden="7,5", train_size=120, test_size=30, batch_size=4, eval_every=3,
+            progress=False, timeout=60.0, bucket_size=5, lr=0.05, workers=3)
+
+
+def tiny(tmp: Path, name: str, **changes) -> TrainConfig:
+    return TrainConfig(**{**TINY, "run_dir": str(tmp / name), **changes}).validate()
+
+
+def simulate(cfg: TrainConfig, name: str | None = None, **changes) -> Path:
+    run_dir = Path(cfg.run_dir) if name is None else Path(cfg.run_dir).parent / name
+    sim = cfg.replace(simulate=True, run_dir=str(run_dir), **changes)
+    assert run_in_process(sim) == 0
+    return run_dir
+
+
+def updates(run_dir: Path) -> list[dict]:
+    return sorted((r for r in read_metrics(run_dir) if r["kind"] == "update"),
+                  key=lambda r: r["arrival"])
+
+
+def server_state(run_dir: Path) -> dict:
+    state = final(run_dir)
+    return {"server": {k: state["server"][k] for k in ("theta", "optimizer", "generator")},
+            "shards": [{k: s[k] for k in ("theta", "optimizer", "generator")}
+                       for s in state["shards"]]}
+
+
+def evals(run_dir: Path) -> list[tuple]:
+    return [(r["step"], r["test_loss"], r["test_accuracy"]) for r in read_metrics(run_dir)
+            if r["kind"] == "eval"]
+
+
+def without_timing(state: dict) -> dict:
+    """A final checkpoint without what measures time (the workers' waits, the telemetry of
+    gradients not applied yet)."""
+    st = state["consistency"]
+    st.pop("wait_by")
+    for info in [*st["queue"], *st["held"].values()]:
+        info.pop("telemetry")
+    return state
+
+
+# ---- the policies alone ----------------------------------------------------------------------
+def drive(policy, workers: int, rounds: int, pick, log: list | None = None) -> list[tuple]:
+    """Run ``policy`` with arrivals chosen by ``pick(computing)``; returns (update group,
+    version) pairs; ``log`` gets (worker, its step, started after how many arrivals)."""
+    version, computing, done, started = 0, set(range(workers)), [0] * workers, [0] * workers
+    read, made, arrivals = [0] * workers, [], 0
+    while min(done) < rounds:
+        i = pick(sorted(computing))
+        computing.discard(i)
+        done[i] += 1
+        arrivals += 1
+        if log is not None:
+            log.append((i, done[i], started[i]))
+        d = policy.arrive(i, read[i], version)
+        if d.update:
+            version += 1
+            made.append((d.update, version))
+        for j in d.release:
+            read[j], started[j] = version, arrivals
+            computing.add(j)
+    return made
+
+
+def test_sync_makes_one_update_of_every_worker_per_step():
+    made = drive(Synchronous(4), 4, 5, lambda c: c[-1])
+    assert made == [([0, 1, 2, 3], v) for v in range(1, 6)]
+
+
+def test_backup_workers_update_with_the_first_w_minus_b_and_drop_the_late():
+    p = Synchronous(4, backup=1)
+    first = [p.arrive(i, 0, 0) for i in (2, 0, 3)]
+    assert first[-1].update == [0, 2, 3] and first[-1].release == [0, 2, 3]
+    late = p.arrive(1, 0, 1)
+    assert late.dropped and late.release == [1] and not late.update
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_ssp_never_lets_a_worker_run_more_than_k_steps_ahead(k):
+    rng = random.Random(k)
+    log: list = []
+    made = drive(Bounded(5, k), 5, 30, lambda c: rng.choice(c), log)
+    arrived = {}   # (worker, step) -> arrival index
+    for n, (i, step, started) in enumerate(log, 1):
+        arrived[(i, step)] = n
+        # worker i started this step after `started` arrivals: every worker had finished
+        # step - K - 1 by then
+        assert all(arrived[(j, step - k - 1)] <= started for j in range(5) if step - k - 1 > 0)
+    if k == 0:
+        assert all(len(group) == 5 for group, _ in made)
+
+
+def test_async_updates_one_gradient_at_a_time_and_never_waits():
+    log: list = []
+    rng = random.Random(0)
+    made = drive(Bounded(3, None), 3, 10, lambda c: rng.choice(c), log)
+    assert all(len(group) == 1 for group, _ in made)
+    assert len(made) == len(log)
+
+
+def test_the_virtual_clock_follows_the_slow_factors():
+    clock = VirtualClock(3, {1: 2.5})
+    clock.released([0, 1, 2])
+    order = []
+    for _ in range(7):
+        i = clock.next()
+        order.append(i)
+        clock.released([i])
+    assert order == [0, 2, 0, 2, 1, 0, 2]   # worker 1 at 2.5; the others every 1.0
+    assert Replay([2, 0]).computing == set()
+    with pytest.raises(ConfigError, match="not computing"):
+        Replay([2]).next()
+
+
+# ---- options ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("changes,option", [
+    (dict(consistency="async", colocate=True), "--consistency"),
+    (dict(consistency="ssp", method="ddp"), "--consistency"),
+    (dict(consistency="async", servers=2, overlap=True), "--consistency"),
+    (dict(staleness=4), "--staleness"),
+    (dict(consistency="ssp", staleness=-1), "--staleness"),
+    (dict(backup_workers=3), "--backup-workers"),
+    (dict(backup_workers=1, consistency="async"), "--backup-workers"),
+    (dict(slow_worker="3=2"), "--slow-worker"),
+    (dict(slow_worker="1=0.5"), "--slow-worker"),
+    (dict(replay="/nonexistent"), "--replay"),
+])
+def test_modes_that_cannot_apply_are_refused_in_one_line(changes, option, tmp_path):
+    with pytest.raises(ConfigError, match=f"^{option}"):
+        tiny(tmp_path, "x", **changes)
+
+
+def test_the_rank_side_imports_nothing_above_it():
+    """train.py is the command line; the modules it starts take the rank's side from
+    dist_quant.rank, so no import reaches back up to train."""
+    root = Path(__file__).resolve().parents[1] / "dist_quant"
+    for path in ["rank.py", "ddp.py", "preflight.py", "simulate.py", "roles/exchange.py",
+                 "roles/events.py"]:
+        tree = ast.parse((root / path).read_text())
+        names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert "dist_quant.train" not in names, path
+
+
+# ---- whole runs in one process --------------------------------------------------------------
+@pytest.mark.parametrize("servers", [1, 2])
+def test_ssp_with_k_0_is_the_synchronous_step_bit_for_bit(servers, tmp_path):
+    cfg = tiny(tmp_path, "sync", servers=servers, steps=7, downlink="sign",
+               downlink_bucket_size=7, slow_worker="1=3")
+    sync = simulate(cfg)
+    k0 = simulate(cfg, "k0", consistency="ssp", staleness=0)
+    assert_equal(server_state(k0), server_state(sync))
+    assert evals(k0) == evals(sync)
+    assert all(r["staleness"] == 0 for r in updates(k0))
+
+
+def test_every_gradient_is_applied_or_dropped_once(tmp_path):
+    cfg = tiny(tmp_path, "async", steps=9, consistency="async", slow_worker="0=2.5")
+    run = simulate(cfg)
+    lines, summary = updates(run), read_summary(run)
+    assert [r["arrival"] for r in lines] == list(range(summary["gradients"]))
+    for i in range(3):
+        mine = [r for r in lines if r["worker"] == i]
+        assert [r["worker_step"] for r in mine] == list(range(1, len(mine) + 1))
+        applied = [r for r in mine if r["applied"] is not None]
+        assert len(applied) == summary["applied_per_worker"][i]
+        assert len(mine) - len(applied) == summary["dropped_per_worker"][i]
+        assert all(r["dropped"] == "end" for r in mine if r["applied"] is None)
+    assert sorted(r["applied"] for r in lines if r["applied"]) == list(range(1, 28))
+    assert all(r["staleness"] == r["applied"] - 1 - r["read"] for r in lines if r["applied"])
+    assert summary["updates"] == 27 and summary["steps"] == 9
+    # the slow worker (0) sends fewer gradients, read on older versions
+    assert summary["applied_per_worker"][0] < summary["applied_per_worker"][1]
+
+
+def test_backup_workers_drop_exactly_b_per_step_on_equal_workers(tmp_path):
+    run = simulate(tiny(tmp_path, "b1", steps=6, backup_workers=1))
+    lines = updates(run)
+    for step in range(1, 7):
+        mine = [r for r in lines if r["step"] == step and r["dropped"] != "end"]
+        assert sum(r["applied"] is not None for r in mine) == 2
+        assert sum(r["dropped"] == "late" for r in mine) == (1 if step > 1 else 0)
+    assert all(r["staleness"] == 0 for r in lines if r["applied"])
+
+
+def test_a_bad_payload_is_left_out_of_its_update_only(tmp_path):
+    run = simulate(tiny(tmp_path, "nan", steps=4, consistency="async", inject_nonfinite="1:2"))
+    steps = [r for r in read_metrics(run) if r["kind"] == "step"]
+    assert sum(r["skipped"] for r in steps) == 1
+    assert read_summary(run)["skipped_payloads"] == 1
+
+
+@pytest.mark.parametrize("mode", [dict(consistency="ssp", staleness=1, slow_worker="2=3"),
+                                  dict(consistency="async", servers=2, downlink="sign",
+                                       downlink_bucket_size=7, slow_worker="0=2")])
+def test_resume_equals_uninterrupted(mode, tmp_path):
+    cfg = tiny(tmp_path, "full", steps=9, checkpoint_every=3, keep_checkpoints=0, **mode)
+    full = simulate(cfg)
+    copy = tmp_path / "resumed"
+    shutil.copytree(full, copy)
+    (copy / "checkpoints" / "latest").write_text("step_6.pt\n")
+    assert run_in_process(cfg.replace(run_dir=str(copy), resume=str(copy), simulate=True)) == 0
+    assert_equal(without_timing(final(copy)), without_timing(final(full)))
+    strip = lambda d: [{k: v for k, v in r.items() if k not in ("wall", "time", "time_wait")}  # noqa: E731
+                       for r in read_metrics(d)]
+    assert strip(copy) == strip(full)
+
+
+def test_a_replay_of_another_config_is_refused(tmp_path, capfd):
+    run = simulate(tiny(tmp_path, "async", steps=3, consistency="async"))
+    other = tiny(tmp_path, "other", steps=3, consistency="async", lr=0.1, replay=str(run),
+                 simulate=True)
+    assert run_in_process(other) == 2
+    assert "--replay" in capfd.readouterr().err
+
+
+# ---- distributed runs against their replay --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("consistency")
+
+
+JOBS = {
+    "async": dict(consistency="async", slow_worker="1=3", steps=8),
+    "ssp": dict(consistency="ssp", staleness=1, servers=2, slow_worker="0=3", downlink="sign",
+                downlink_bucket_size=7, steps=8),
+    "backup": dict(backup_workers=1, slow_worker="2=4", steps=8, downlink="sign",
+                   downlink_bucket_size=7),
+}
+
+
+@pytest.fixture(scope="module", params=list(JOBS))
+def distributed(request, runs):
+    cfg = tiny(runs, request.param, **JOBS[request.param])
+    assert launch(cfg) == 0
+    return request.param, cfg, Path(cfg.run_dir)
+
+
+@pytest.mark.slow
+def test_every_mode_equals_the_replay_of_its_own_record(distributed):
+    name, cfg, run = distributed
+    replay = simulate(cfg, f"{name}_replay", replay=str(run))
+    assert_equal(without_timing(final(replay)), without_timing(final(run)))
+    assert evals(replay) == evals(run)
+    assert [{k: v for k, v in r.items()} for r in updates(replay)] == updates(run)
+
+
+@pytest.mark.slow
+def test_the_record_keeps_ssp_within_its_bound(distributed):
+    name, cfg, run = distributed
+    lines = updates(run)
+    arrived = {(r["worker"], r["worker_step"]): r["arrival"] for r in lines}
+    if name == "ssp":
+        for r in lines:
+            behind = r["worker_step"] - cfg.staleness - 1
+            if behind > 0:
+                assert all(arrived[(j, behind)] <= r["started_after"] for j in range(3))
+    if name == "backup":
+        per_update = {}
+        for r in lines:
+            if r["applied"] is not None:
+                per_update[r["applied"]] = per_update.get(r["applied"], 0) + 1
+        assert set(per_update.values()) == {2}
+    summary = read_summary(run)
+    assert sum(summary["applied_per_worker"]) + sum(summary["dropped_per_worker"]) == \
+        summary["gradients"] == len(lines)
+
+
+@pytest.mark.slow
+def test_a_slow_worker_changes_the_time_of_a_synchronous_run_only(runs):
+    cfg = tiny(runs, "slow", steps=4, slow_worker="1=4")
+    assert launch(cfg) == 0
+    plain = simulate(cfg, "plain", slow_worker="")
+    assert_equal(final(cfg.run_dir), final(plain))
+    assert evals(Path(cfg.run_dir)) == evals(plain)
+    assert torch.equal(final(cfg.run_dir)["server"]["theta"], final(plain)["server"]["theta"])
