@@ -183,13 +183,22 @@ def _enforce_shutdown(filt: StderrFilter, torchrun: int) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def write_stopped(run_dir: Path, stopped_by: str, **extra: object) -> None:
+    """``<run_dir>/stopped.json`` (what stopped the run, when, whether ``summary.json`` was
+    written); nothing when the directory cannot take it (a full or read-only disk)."""
+    with contextlib.suppress(OSError):
+        (run_dir / "stopped.json").write_text(json.dumps(
+            {"stopped_by": stopped_by, "time": time.time(),
+             "summary_written": (run_dir / "summary.json").is_file(), **extra}) + "\n")
+
+
 def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str = "ps",
                  out: TextIO | None = None) -> int:
     """Run ``cmd`` (torchrun) as described in the module docstring; return the exit status."""
     out = out if out is not None else sys.stderr
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "launch.log"
-    env = dict(env)
+    env = {**env, "DIST_QUANT_PARENT": str(os.getpid()), "DIST_QUANT_RUN_DIR": str(run_dir)}
     with contextlib.suppress(AttributeError, ValueError):
         if out.isatty():
             env["DIST_QUANT_TTY"] = "1"
@@ -241,9 +250,7 @@ def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str
     code = proc.returncode
     if stopped:
         name = signal.Signals(stopped[0]).name
-        (run_dir / "stopped.json").write_text(json.dumps(
-            {"stopped_by": name, "time": time.time(),
-             "summary_written": (run_dir / "summary.json").is_file()}) + "\n")
+        write_stopped(run_dir, name)
         filt._write(f"dist_quant: stopped by {name}; the run did not finish "
                     f"(run directory {run_dir})\n")
         return 128 + stopped[0]
