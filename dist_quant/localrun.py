@@ -89,9 +89,10 @@ def torchrun_argv(argv: list[str]) -> list[str]:
     SystemExit (one line, exit 2) when ``argv`` sets the rendezvous or the nodes itself."""
     from torch.distributed.run import get_args_parser
 
-    argv = [a for a in argv if a != "--standalone"]
     parser = get_args_parser()
     given = parser.parse_args(argv)
+    script = len(argv) - len(given.training_script_args) - 1   # torchrun's options before it
+    argv = [a for a in argv[:script] if a != "--standalone"] + argv[script:]
     for action in parser._actions:
         if action.dest in OWN and getattr(given, action.dest) != action.default:
             sys.stderr.write(f"Error: {action.option_strings[0]}: dist_quant.localrun runs "

@@ -93,12 +93,20 @@ class RunRecorder:
 
     ``resume_step=t`` keeps the existing lines up to step ``t`` (later ones are dropped, as
     they will be recomputed) and continues the byte counters from there.
+
+    A write the disk cannot take (full, read-only, permission) raises
+    :class:`~dist_quant.diskfault.DiskFault`; ``metrics.jsonl`` is first cut back to its last
+    whole line (each line is appended unbuffered, so nothing else is pending).
     """
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
                  model: str = "mlp", metric: str = "accuracy"):
+        from dist_quant.diskfault import disk_write
+
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        start = resume_step or 0
+        with disk_write(self.dir, start, self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.cum_up = 0
         self.cum_down = 0
         self.skipped = 0
@@ -114,13 +122,15 @@ class RunRecorder:
                     self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
                     self.wall_offset = rec["wall"]
                     self.skipped += rec.get("skipped", 0)
-            metrics.write_text("".join(k + "\n" for k in kept))
+            self._write_text("metrics.jsonl", "".join(k + "\n" for k in kept), start)
         else:
-            metrics.write_text("")
-        write_json_atomic(self.dir / "config.json",
-                          {"config": config, "model": model, "metric": metric,
-                           "versions": versions(), "git_commit": git_commit()})
-        self._fh = open(metrics, "a", buffering=1)  # noqa: SIM115 (closed in close())
+            with disk_write(metrics, start, self.dir):
+                metrics.write_text("")
+        self._write_json("config.json", {"config": config, "model": model, "metric": metric,
+                                         "versions": versions(), "git_commit": git_commit()},
+                         start)
+        self._fh = open(metrics, "ab", buffering=0)  # noqa: SIM115 (closed in close())
+        self._size = self._fh.seek(0, os.SEEK_END)
         self._lr = None
         if "lr" in config:
             from dist_quant.lr_schedule import schedule_from_config
@@ -144,20 +154,44 @@ class RunRecorder:
                "skipped": int(skipped), **(extra or {})}
         if self._lr is not None:
             rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
-        self._fh.write(json.dumps(rec) + "\n")
+        self._append(rec)
         return rec
 
     def eval(self, step: int, test_loss: float, test_accuracy: float) -> dict[str, Any]:
         rec = {"kind": "eval", "step": int(step), "test_loss": float(test_loss),
                "test_accuracy": float(test_accuracy), "cum_bytes_up": self.cum_up,
                "cum_bytes_down": self.cum_down, "wall": self.wall()}
-        self._fh.write(json.dumps(rec) + "\n")
+        self._append(rec)
         return rec
+
+    def _write_json(self, name: str, obj: dict[str, Any], step: int) -> None:
+        self._write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n", step)
+
+    def _write_text(self, name: str, text: str, step: int) -> None:
+        """``name`` replaced whole (a ``.tmp`` file renamed), or left as it was."""
+        from dist_quant.diskfault import disk_write
+
+        path, tmp = self.dir / name, self.dir / (name + ".tmp")
+        with disk_write(path, step, self.dir, undo=lambda: tmp.unlink(missing_ok=True)):
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+    def _append(self, rec: dict[str, Any]) -> None:
+        """One whole line or none (a failed write is cut back; module docstring of
+        :mod:`dist_quant.diskfault`)."""
+        from dist_quant.diskfault import disk_write, write_all
+
+        data = (json.dumps(rec) + "\n").encode()
+        fd = self._fh.fileno()
+        with disk_write(Path(self._fh.name), rec["step"], self.dir,
+                        undo=lambda: os.ftruncate(fd, self._size)):
+            write_all(fd, data)
+        self._size += len(data)
 
     def summary(self, **fields: Any) -> dict[str, Any]:
         out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
                "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
-        write_json_atomic(self.dir / "summary.json", out)
+        self._write_json("summary.json", out, int(fields.get("steps", 0)))
         return out
 
     def close(self) -> None:

@@ -15,7 +15,12 @@ option or the file, so the command exits 2 with one line and nothing was started
   worker's shard against ``--batch-size`` (the message gives the largest batch size that fits);
 - the run directory: a new run refuses a directory that already holds a run (continue it with
   ``--resume DIR``, or choose another ``--run-dir``); a resumed run's latest checkpoint is
-  checked key by key and shape by shape against the configured model.
+  checked key by key and shape by shape against the configured model;
+- the disk: the run directory (or, before it exists, the directory it would be made in) must
+  take a file (a probe file is created and removed: a read-only file system or a missing
+  permission is refused), and its file system must have the free space the run will fill at
+  its fullest: the checkpoints kept at once, the metrics and the logs
+  (:mod:`dist_quant.footprint`).
 
 It returns the config the processes run with: the run directory filled in, and with
 ``--max-restarts`` a ``--checkpoint-every`` of ``--eval-every`` when none was given (a
@@ -25,6 +30,7 @@ restart continues from the latest checkpoint, so without one it would start over
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dist_quant.config import TrainConfig
@@ -117,6 +123,55 @@ def check_data(cfg: TrainConfig):
     return data
 
 
+def _run_dir_option(cfg: TrainConfig) -> str:
+    return "--resume" if cfg.resume and Path(cfg.resume) == Path(cfg.run_dir) else "--run-dir"
+
+
+def check_writable(cfg: TrainConfig) -> None:
+    """The run directory, or where it would be made, takes a file (probed, then removed)."""
+    import tempfile
+
+    from dist_quant.footprint import nearest_existing
+
+    where = nearest_existing(Path(cfg.run_dir))
+    if not where.is_dir():
+        raise ConfigError(_run_dir_option(cfg), f"{cfg.run_dir}: {where} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".dist_quant-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(_run_dir_option(cfg), f"cannot write in {where} "
+                          f"({err.strerror or err}); choose another --run-dir") from None
+
+
+def check_disk(cfg: TrainConfig, data) -> None:
+    """Free space for the run directory at its fullest (:mod:`dist_quant.footprint`)."""
+    import shutil
+
+    from dist_quant.checkpoint import CHECKPOINT_NAME, checkpoint_dir
+    from dist_quant.footprint import megabytes, model_shape, nearest_existing, run_disk_nbytes
+
+    shape = None if cfg.method == "ddp" else model_shape(cfg, data.in_features,
+                                                         data.num_classes)
+    start = existing = 0
+    if cfg.resume:
+        from dist_quant.checkpoint import latest_checkpoint
+
+        start = int(CHECKPOINT_NAME.fullmatch(latest_checkpoint(cfg.resume).name).group(1))
+        folder = checkpoint_dir(cfg.run_dir)
+        existing = sum(1 for p in folder.glob("step_*.pt")) if folder.is_dir() else 0
+    need, files, size = run_disk_nbytes(cfg, shape, start, existing)
+    where = nearest_existing(Path(cfg.run_dir))
+    free = shutil.disk_usage(where).free
+    if free < need:
+        kept = (f"{files} checkpoint(s) of {megabytes(size)} at once with --keep-checkpoints "
+                f"{cfg.keep_checkpoints}, " if files else "")
+        raise ConfigError(_run_dir_option(cfg), f"{where} has {megabytes(free)} free; the run "
+                          f"needs about {megabytes(need)} there ({kept}metrics and logs): free "
+                          "space, keep fewer checkpoints, or choose another --run-dir")
+
+
 def check_checkpoint(cfg: TrainConfig, data) -> None:
     import torch
 
@@ -144,4 +199,6 @@ def preflight(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig
         cfg = cfg.replace(run_dir=default_run_dir(cfg))
     if cfg.max_restarts and not cfg.checkpoint_every and cfg.method == "ps":
         cfg = cfg.replace(checkpoint_every=cfg.eval_every)
+    check_writable(cfg)
+    check_disk(cfg, data)
     return cfg

@@ -99,6 +99,31 @@ def test_sigterm_to_the_launcher_ends_every_process_and_marks_the_run_stopped(tm
     assert json.loads((tmp_path / "run" / "stopped.json").read_text())["stopped_by"] == "SIGTERM"
 
 
+def test_sigkill_to_the_launcher_ends_every_process_of_the_job(tmp_path):
+    """What an OOM killer or a scheduler does: nothing of the job is left 10 s later (torchrun
+    gets SIGTERM when the launcher dies, the ranks die with torchrun), and torchrun's side
+    writes stopped.json, as the launcher no longer can."""
+    cfg = TrainConfig(**TINY, steps=10**6, eval_every=10**6, run_dir=str(tmp_path / "run"))
+    launcher = start(cfg)
+    pids: list[int] = []
+    try:
+        wait_for_steps(launcher, tmp_path / "run", 3)
+        pids = descendants(launcher.pid)
+        assert len(pids) >= 4  # torchrun and its three ranks
+        os.kill(launcher.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while any(alive(p) for p in pids) and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        gone = time.monotonic() - t0
+    finally:
+        finish(launcher, pids)
+    assert gone <= 10, gone
+    assert not [p for p in pids if alive(p)]
+    stopped = json.loads((tmp_path / "run" / "stopped.json").read_text())
+    assert stopped["stopped_by"] == "launcher died" and stopped["launcher_pid"] == launcher.pid
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 def rank_pids(launcher: subprocess.Popen) -> list[int]:
     return [pid for r in range(3) if (pid := rank_pid(launcher, r)) is not None]
 
