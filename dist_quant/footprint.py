@@ -6,11 +6,12 @@
 parameter tensors, ``W`` workers and ``S`` parameter shards (``S = W`` with ``--colocate``):
 
 - the server's model: ``b`` (``T`` tensors);
-- per shard: its slice of the flat parameters, of the momentum and of the workers' replica
-  (``3 * 4 n`` bytes over all shards; momentum kept per parameter tensor by a single server,
-  ``P`` tensors, else one flat buffer) and its downlink generator (``GENERATOR`` bytes);
-- per worker: its model replica (``b``, ``T`` tensors), two generators (quantiser, dropout),
-  and with ``--error-feedback`` its residual (``4 n``).
+- per shard: its slice of the flat parameters and of the workers' replica, and its downlink
+  generator (``GENERATOR`` bytes); the momentum, per parameter tensor cut at the shards'
+  bounds (at most ``P + S`` tensors); ``3 * 4 n`` bytes over all shards;
+- per worker: its model replica (``b``, ``T`` tensors), its generators (quantiser and dropout;
+  one more with several servers, two more with ``--colocate``), and with
+  ``--error-feedback`` its residual (``4 n``).
 
 ``torch.save`` writes every tensor as its own record of a zip archive; ``PER_TENSOR`` bytes
 per tensor bound that overhead and ``PER_FILE`` the pickled structure and the config, so
@@ -85,9 +86,9 @@ def checkpoint_nbytes(cfg: TrainConfig, shape: tuple[int, int, int, int]) -> int
     n, b, tensors, param_tensors = shape
     workers = cfg.workers
     shards = workers if cfg.colocate else cfg.servers
-    momentum = param_tensors if shards == 1 else 1
-    data = b + 12 * n + shards * GENERATOR + workers * (b + 2 * GENERATOR)
-    count = tensors + shards * (3 + momentum) + workers * (tensors + 2)
+    generators = 4 if cfg.colocate else (3 if shards > 1 else 2)   # per worker
+    data = b + 12 * n + shards * GENERATOR + workers * (b + generators * GENERATOR)
+    count = tensors + 3 * shards + param_tensors + shards + workers * (tensors + generators)
     if cfg.error_feedback:
         data += workers * 4 * n
         count += workers
@@ -138,10 +139,10 @@ def megabytes(nbytes: int) -> str:
 
 
 # ---- memory ----------------------------------------------------------------------------------
-# Resident memory of the job's processes, MiB, measured once (peak RSS, VmHWM, of each process
-# of `dist-quant train` runs on an AMD EPYC machine, torch 2.13.0+cpu, Python 3.11; the README's
-# "Who can join a job" section gives the commands): torch, gloo and this package in a process
-# before it loads any data or model.
+# Resident memory of the job's processes, MiB, measured once: the peak RSS (VmHWM) of every
+# process of `dist-quant train` jobs, read as tests/test_footprint.py's peaks() reads it (the
+# default job with W = 2, 4, 8; --hidden 2048,2048 with W = 2, 4 and --batch-size 512, 64 for
+# the copies and activations), torch 2.13.0+cpu, Python 3.11, Linux x86-64.
 AGENT_MB = 225          # torchrun's agent (dist_quant.localrun)
 START_MB = 232          # a rank before its data: the interpreter, torch, gloo, the package
 WORKER_MB = 247         # a worker while training the default job, less its data and model

@@ -9,8 +9,14 @@ pipe, and
   found through ``/proc``) gets SIGKILL. The ranks also die with their parent
   (:func:`die_with_parent`), so nothing is left training after the launcher has returned.
   The exit status is then ``128 + signal`` and the run directory gets ``stopped.json``;
+- **takes the job with it when it dies**: torchrun gets ``DIST_QUANT_PARENT`` (this process)
+  and, run as :mod:`dist_quant.localrun`, asks the kernel for SIGTERM when its parent dies by
+  any signal, SIGKILL included; it then stops its ranks and writes ``stopped.json`` itself
+  (``DIST_QUANT_RUN_DIR``);
 - **shows errors once**: every byte of torchrun's stderr goes to ``<run_dir>/launch.log``
-  (tracebacks, torchrun's own report); the terminal gets only the ranks' one-line
+  (tracebacks, torchrun's own report; when the disk cannot take it, the log stops there, the
+  terminal still gets what it would, and the last line says the log is incomplete and why);
+  the terminal gets only the ranks' one-line
   ``dist_quant ...`` messages, each distinct message once per attempt (the rank prefix is not
   part of the comparison), the server's progress bar and its ``step t: left out ...`` lines;
 - **summarises a failure** torchrun reports but no rank explained (a rank killed by a signal
