@@ -287,4 +287,7 @@ def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str
         where = (f"full log: {log_path}" if not log_failed else
                  f"{log_path} is incomplete ({log_failed[0].strerror or log_failed[0]})")
         filt._write(f"dist_quant: the run failed (exit status {code}); {where}\n")
+    elif log_failed:
+        filt._write(f"dist_quant: {log_path} is incomplete "
+                    f"({log_failed[0].strerror or log_failed[0]})\n")
     return code
