@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -76,6 +77,42 @@ def disk_write(path: Path, step: int, run_dir: Path,
             with contextlib.suppress(OSError):
                 undo()
         raise DiskFault(path, step, run_dir, err) from err
+
+
+class WholeLines:
+    """An append-only text file (``write``, ``flush``, ``fileno``, ``close``) whose every
+    write lands whole or not at all: the bytes go straight to the file (no buffer left to
+    fail later), and a write the disk cannot take first cuts the file back to its size
+    before that write, then raises :class:`DiskFault` at the step the text names
+    (``"step": t``; else the last one seen, from ``step`` on)."""
+
+    STEP = re.compile(r'"step": (\d+)')
+
+    def __init__(self, path: Path, run_dir: Path, step: int = 0):
+        self.path, self.run_dir, self.step = Path(path), Path(run_dir), int(step)
+        self.name = str(path)
+        with disk_write(self.path, self.step, self.run_dir):
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, text: str) -> int:
+        if found := self.STEP.search(text):
+            self.step = int(found.group(1))
+        size = os.fstat(self._fd).st_size
+        with disk_write(self.path, self.step, self.run_dir,
+                        undo=lambda: os.ftruncate(self._fd, size)):
+            write_all(self._fd, text.encode())
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def write_all(fd: int, data: bytes) -> None:

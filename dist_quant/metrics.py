@@ -96,12 +96,12 @@ class RunRecorder:
 
     A write the disk cannot take (full, read-only, permission) raises
     :class:`~dist_quant.diskfault.DiskFault`; ``metrics.jsonl`` is first cut back to its last
-    whole line (each line is appended unbuffered, so nothing else is pending).
+    whole line (:class:`~dist_quant.diskfault.WholeLines`).
     """
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
                  model: str = "mlp", metric: str = "accuracy"):
-        from dist_quant.diskfault import disk_write
+        from dist_quant.diskfault import WholeLines, disk_write
 
         self.dir = Path(run_dir)
         start = resume_step or 0
@@ -129,8 +129,7 @@ class RunRecorder:
         self._write_json("config.json", {"config": config, "model": model, "metric": metric,
                                          "versions": versions(), "git_commit": git_commit()},
                          start)
-        self._fh = open(metrics, "ab", buffering=0)  # noqa: SIM115 (closed in close())
-        self._size = self._fh.seek(0, os.SEEK_END)
+        self._fh = WholeLines(metrics, self.dir, start)  # closed in close()
         self._lr = None
         if "lr" in config:
             from dist_quant.lr_schedule import schedule_from_config
@@ -154,15 +153,24 @@ class RunRecorder:
                "skipped": int(skipped), **(extra or {})}
         if self._lr is not None:
             rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
-        self._append(rec)
+        self._fh.write(json.dumps(rec) + "\n")
         return rec
 
     def eval(self, step: int, test_loss: float, test_accuracy: float) -> dict[str, Any]:
         rec = {"kind": "eval", "step": int(step), "test_loss": float(test_loss),
                "test_accuracy": float(test_accuracy), "cum_bytes_up": self.cum_up,
                "cum_bytes_down": self.cum_down, "wall": self.wall()}
-        self._append(rec)
+        self._fh.write(json.dumps(rec) + "\n")
         return rec
+
+    def summary(self, **fields: Any) -> dict[str, Any]:
+        out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
+               "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
+        self._write_json("summary.json", out, int(fields.get("steps", 0)))
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
 
     def _write_json(self, name: str, obj: dict[str, Any], step: int) -> None:
         self._write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n", step)
@@ -175,27 +183,6 @@ class RunRecorder:
         with disk_write(path, step, self.dir, undo=lambda: tmp.unlink(missing_ok=True)):
             tmp.write_text(text)
             os.replace(tmp, path)
-
-    def _append(self, rec: dict[str, Any]) -> None:
-        """One whole line or none (a failed write is cut back; module docstring of
-        :mod:`dist_quant.diskfault`)."""
-        from dist_quant.diskfault import disk_write, write_all
-
-        data = (json.dumps(rec) + "\n").encode()
-        fd = self._fh.fileno()
-        with disk_write(Path(self._fh.name), rec["step"], self.dir,
-                        undo=lambda: os.ftruncate(fd, self._size)):
-            write_all(fd, data)
-        self._size += len(data)
-
-    def summary(self, **fields: Any) -> dict[str, Any]:
-        out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
-               "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
-        self._write_json("summary.json", out, int(fields.get("steps", 0)))
-        return out
-
-    def close(self) -> None:
-        self._fh.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
