@@ -22,7 +22,11 @@ bit like the uninterrupted one (same device type, same seed).
 
 Writes are atomic: the file is written as ``step_<t>.pt.tmp`` and renamed, then ``latest``
 (a text file holding the checkpoint's file name) is replaced the same way. A crash leaves
-either the previous or the new checkpoint current, never a torn one.
+either the previous or the new checkpoint current, never a torn one. A disk that cannot take
+the write (full, read-only, permission) leaves no ``.tmp`` behind and raises
+:class:`~dist_quant.diskfault.DiskFault`, which names the newest complete checkpoint.
+
+Size on disk: :func:`checkpoint_nbytes` (what preflight reserves for ``--keep-checkpoints``).
 
 Retention (``--keep-checkpoints K``): once ``latest`` names the new file, all but the ``K``
 newest ``step_<t>.pt`` are unlinked, oldest first (each unlink is atomic, and the one
@@ -36,6 +40,7 @@ workers' models, the replica and the momentum buffers shaped as the configured m
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
@@ -50,6 +55,7 @@ from dist_quant.errors import ConfigError
 RESUMABLE_CHANGES = frozenset({
     "steps", "run_dir", "resume", "progress", "eval_every", "checkpoint_every", "timeout",
     "backend", "device", "stop_accuracy", "simulate", "keep_checkpoints", "max_restarts",
+    "force",
 })
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 SERVER_KEYS = ("step", "model", "optimizer", "replica", "generator")
@@ -64,20 +70,32 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 0) -> Path:
     """Write ``checkpoints/step_<step>.pt`` atomically, point ``latest`` at it, then keep only
     the ``keep`` newest checkpoints (0 = all)."""
+    from dist_quant.diskfault import disk_write, write_all
+
     directory = checkpoint_dir(run_dir)
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step}.pt"
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
     latest_tmp = directory / "latest.tmp"
-    latest_tmp.write_text(path.name + "\n")
-    os.replace(latest_tmp, directory / "latest")
-    if keep > 0:
-        prune_checkpoints(directory, keep, current=path.name)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)   # serialised first: a failed write below is an OSError
+
+    def undo() -> None:
+        tmp.unlink(missing_ok=True)
+        latest_tmp.unlink(missing_ok=True)
+
+    with disk_write(path, step, Path(run_dir), undo=undo):
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            write_all(fd, buffer.getbuffer())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        latest_tmp.write_text(path.name + "\n")
+        os.replace(latest_tmp, directory / "latest")
+        if keep > 0:
+            prune_checkpoints(directory, keep, current=path.name)
     return path
 
 

@@ -148,6 +148,8 @@ class TrainConfig:
     on_nonfinite: str = _opt("skip", "A non-finite or invalid worker payload: skip it (the step "
                              "uses the other workers) or abort the run.", choices=ON_NONFINITE)
     progress: bool = _opt(True, "Show a progress bar on rank 0.")
+    force: bool = _opt(False, "Start the job even when preflight estimates that its processes "
+                       "need more memory than is available.")
     # --- experiments and testing aids ------------------------------------------------------
     simulate: bool = _opt(False, "Run the W workers and the server in one process (the "
                           "single-process reference; same parameters as the distributed run).")

@@ -9,8 +9,14 @@ pipe, and
   found through ``/proc``) gets SIGKILL. The ranks also die with their parent
   (:func:`die_with_parent`), so nothing is left training after the launcher has returned.
   The exit status is then ``128 + signal`` and the run directory gets ``stopped.json``;
+- **takes the job with it when it dies**: torchrun gets ``DIST_QUANT_PARENT`` (this process)
+  and, run as :mod:`dist_quant.localrun`, asks the kernel for SIGTERM when its parent dies by
+  any signal, SIGKILL included; it then stops its ranks and writes ``stopped.json`` itself
+  (``DIST_QUANT_RUN_DIR``);
 - **shows errors once**: every byte of torchrun's stderr goes to ``<run_dir>/launch.log``
-  (tracebacks, torchrun's own report); the terminal gets only the ranks' one-line
+  (tracebacks, torchrun's own report; when the disk cannot take it, the log stops there, the
+  terminal still gets what it would, and the last line says the log is incomplete and why);
+  the terminal gets only the ranks' one-line
   ``dist_quant ...`` messages, each distinct message once per attempt (the rank prefix is not
   part of the comparison), the server's progress bar and its ``step t: left out ...`` lines;
 - **summarises a failure** torchrun reports but no rank explained (a rank killed by a signal
@@ -44,6 +50,7 @@ from typing import TextIO
 
 STOP_GRACE = 5.0    # seconds between the forwarded SIGTERM and SIGKILL
 SHUTDOWN_TIMEOUT = 1  # seconds a rank torchrun told to stop may take before SIGKILL
+TAIL_BYTES = 1 << 18  # torchrun's stderr kept in memory for its failure report
 PROGRESS_LINE = re.compile(r"^\[[#.]+\] ")
 SHOWN = re.compile(r"^(dist_quant( rank \d+)?: |step \d+: left out )")
 RANK_PREFIX = re.compile(r"^dist_quant rank \d+: ")
@@ -190,25 +197,49 @@ def _enforce_shutdown(filt: StderrFilter, torchrun: int) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+def write_stopped(run_dir: Path, stopped_by: str, **extra: object) -> None:
+    """``<run_dir>/stopped.json`` (what stopped the run, when, whether ``summary.json`` was
+    written); nothing when the directory cannot take it (a full or read-only disk)."""
+    with contextlib.suppress(OSError):
+        (run_dir / "stopped.json").write_text(json.dumps(
+            {"stopped_by": stopped_by, "time": time.time(),
+             "summary_written": (run_dir / "summary.json").is_file(), **extra}) + "\n")
+
+
 def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str = "ps",
                  out: TextIO | None = None) -> int:
     """Run ``cmd`` (torchrun) as described in the module docstring; return the exit status."""
+    from dist_quant.diskfault import write_all
+
     out = out if out is not None else sys.stderr
-    run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "launch.log"
-    env = dict(env)
+    env = {**env, "DIST_QUANT_PARENT": str(os.getpid()), "DIST_QUANT_RUN_DIR": str(run_dir)}
     with contextlib.suppress(AttributeError, ValueError):
         if out.isatty():
             env["DIST_QUANT_TTY"] = "1"
     filt = StderrFilter(out, method)
-    with open(log_path, "ab") as log:
-        start = log.tell()
+    log_failed: list[OSError] = []
+    tail = bytearray()   # the end of torchrun's stderr, for the report when the log failed
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = open(log_path, "ab", buffering=0)  # noqa: SIM115 (closed below)
+    except OSError as err:
+        filt._write(f"dist_quant: cannot write {log_path} ({err.strerror or err}); nothing "
+                    "was started\n")
+        return 1
+    with log:
+        start = log.seek(0, os.SEEK_END)
         proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, start_new_session=True)
 
         def pump() -> None:
             while chunk := os.read(proc.stderr.fileno(), 65536):
-                log.write(chunk)
-                log.flush()
+                if not log_failed:
+                    try:
+                        write_all(log.fileno(), chunk)
+                    except OSError as err:   # a full disk: the terminal still gets it all
+                        log_failed.append(err)
+                tail.extend(chunk)
+                del tail[:-TAIL_BYTES]
                 filt.feed(chunk)
             filt.close()
 
@@ -248,17 +279,22 @@ def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str
     code = proc.returncode
     if stopped:
         name = signal.Signals(stopped[0]).name
-        (run_dir / "stopped.json").write_text(json.dumps(
-            {"stopped_by": name, "time": time.time(),
-             "summary_written": (run_dir / "summary.json").is_file()}) + "\n")
+        write_stopped(run_dir, name)
         filt._write(f"dist_quant: stopped by {name}; the run did not finish "
                     f"(run directory {run_dir})\n")
         return 128 + stopped[0]
     if code != 0:
-        with open(log_path, "rb") as fh:
-            fh.seek(start)
-            text = fh.read().decode("utf-8", errors="replace")
+        text = bytes(tail).decode("utf-8", errors="replace")
+        if not log_failed:
+            with open(log_path, "rb") as fh:
+                fh.seek(start)
+                text = fh.read().decode("utf-8", errors="replace")
         for line in failure_report(text, method, filt.errors):
             filt._write(line + "\n")
-        filt._write(f"dist_quant: the run failed (exit status {code}); full log: {log_path}\n")
+        where = (f"full log: {log_path}" if not log_failed else
+                 f"{log_path} is incomplete ({log_failed[0].strerror or log_failed[0]})")
+        filt._write(f"dist_quant: the run failed (exit status {code}); {where}\n")
+    elif log_failed:
+        filt._write(f"dist_quant: {log_path} is incomplete "
+                    f"({log_failed[0].strerror or log_failed[0]})\n")
     return code

@@ -93,12 +93,20 @@ class RunRecorder:
 
     ``resume_step=t`` keeps the existing lines up to step ``t`` (later ones are dropped, as
     they will be recomputed) and continues the byte counters from there.
+
+    A write the disk cannot take (full, read-only, permission) raises
+    :class:`~dist_quant.diskfault.DiskFault`; ``metrics.jsonl`` is first cut back to its last
+    whole line (:class:`~dist_quant.diskfault.WholeLines`).
     """
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
                  model: str = "mlp", metric: str = "accuracy"):
+        from dist_quant.diskfault import WholeLines, disk_write
+
         self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        start = resume_step or 0
+        with disk_write(self.dir, start, self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.cum_up = 0
         self.cum_down = 0
         self.skipped = 0
@@ -116,13 +124,14 @@ class RunRecorder:
                     self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
                     self.wall_offset = rec["wall"]
                     self.skipped += rec.get("skipped", 0)
-            metrics.write_text("".join(k + "\n" for k in kept))
+            self._write_text("metrics.jsonl", "".join(k + "\n" for k in kept), start)
         else:
-            metrics.write_text("")
-        write_json_atomic(self.dir / "config.json",
-                          {"config": config, "model": model, "metric": metric,
-                           "versions": versions(), "git_commit": git_commit()})
-        self._fh = open(metrics, "a", buffering=1)  # noqa: SIM115 (closed in close())
+            with disk_write(metrics, start, self.dir):
+                metrics.write_text("")
+        self._write_json("config.json", {"config": config, "model": model, "metric": metric,
+                                         "versions": versions(), "git_commit": git_commit()},
+                         start)
+        self._fh = WholeLines(metrics, self.dir, start)  # closed in close()
         self._lr = None
         if "lr" in config:
             from dist_quant.lr_schedule import schedule_from_config
@@ -165,11 +174,23 @@ class RunRecorder:
     def summary(self, **fields: Any) -> dict[str, Any]:
         out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
                "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
-        write_json_atomic(self.dir / "summary.json", out)
+        self._write_json("summary.json", out, int(fields.get("steps", 0)))
         return out
 
     def close(self) -> None:
         self._fh.close()
+
+    def _write_json(self, name: str, obj: dict[str, Any], step: int) -> None:
+        self._write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n", step)
+
+    def _write_text(self, name: str, text: str, step: int) -> None:
+        """``name`` replaced whole (a ``.tmp`` file renamed), or left as it was."""
+        from dist_quant.diskfault import disk_write
+
+        path, tmp = self.dir / name, self.dir / (name + ".tmp")
+        with disk_write(path, step, self.dir, undo=lambda: tmp.unlink(missing_ok=True)):
+            tmp.write_text(text)
+            os.replace(tmp, path)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -15,7 +15,17 @@ option or the file, so the command exits 2 with one line and nothing was started
   worker's shard against ``--batch-size`` (the message gives the largest batch size that fits);
 - the run directory: a new run refuses a directory that already holds a run (continue it with
   ``--resume DIR``, or choose another ``--run-dir``); a resumed run's latest checkpoint is
-  checked key by key and shape by shape against the configured model.
+  checked key by key and shape by shape against the configured model;
+- the disk: the run directory (or, before it exists, the directory it would be made in) must
+  take a file (a probe file is created and removed: a read-only file system or a missing
+  permission is refused), and its file system must have the free space the run will fill at
+  its fullest: the checkpoints kept at once, the metrics and the logs
+  (:mod:`dist_quant.footprint`);
+- memory: the job's processes (torchrun's agent and every rank) must fit in the memory
+  available, by the estimate of :mod:`dist_quant.footprint` (from torch's own footprint,
+  measured once, the data's peak as measured while it is loaded here, the model and the
+  batch); the refusal names ``--workers`` and the estimate, and ``--force`` starts the job
+  anyway. Not checked for ``--simulate`` (one process, this one).
 
 It returns the config the processes run with: the run directory filled in, and with
 ``--max-restarts`` a ``--checkpoint-every`` of ``--eval-every`` when none was given (a
@@ -25,6 +35,7 @@ restart continues from the latest checkpoint, so without one it would start over
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dist_quant.config import TrainConfig
@@ -117,6 +128,71 @@ def check_data(cfg: TrainConfig):
     return data
 
 
+def _run_dir_option(cfg: TrainConfig) -> str:
+    return "--resume" if cfg.resume and Path(cfg.resume) == Path(cfg.run_dir) else "--run-dir"
+
+
+def check_writable(cfg: TrainConfig) -> None:
+    """The run directory, or where it would be made, takes a file (probed, then removed)."""
+    import tempfile
+
+    from dist_quant.footprint import nearest_existing
+
+    where = nearest_existing(Path(cfg.run_dir))
+    if not where.is_dir():
+        raise ConfigError(_run_dir_option(cfg), f"{cfg.run_dir}: {where} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".dist_quant-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(_run_dir_option(cfg), f"cannot write in {where} "
+                          f"({err.strerror or err}); choose another --run-dir") from None
+
+
+def check_disk(cfg: TrainConfig, shape: tuple[int, int, int, int]) -> None:
+    """Free space for the run directory at its fullest (:mod:`dist_quant.footprint`)."""
+    import shutil
+
+    from dist_quant.checkpoint import CHECKPOINT_NAME, checkpoint_dir
+    from dist_quant.footprint import megabytes, nearest_existing, run_disk_nbytes
+
+    start = existing = 0
+    if cfg.resume:
+        from dist_quant.checkpoint import latest_checkpoint
+
+        start = int(CHECKPOINT_NAME.fullmatch(latest_checkpoint(cfg.resume).name).group(1))
+        folder = checkpoint_dir(cfg.run_dir)
+        existing = sum(1 for p in folder.glob("step_*.pt")) if folder.is_dir() else 0
+    need, files, size = run_disk_nbytes(cfg, None if cfg.method == "ddp" else shape, start,
+                                        existing)
+    where = nearest_existing(Path(cfg.run_dir))
+    free = shutil.disk_usage(where).free
+    if free < need:
+        kept = (f"{files} checkpoint(s) of {megabytes(size)} at once with --keep-checkpoints "
+                f"{cfg.keep_checkpoints}, " if files else "")
+        raise ConfigError(_run_dir_option(cfg), f"{where} has {megabytes(free)} free; the run "
+                          f"needs about {megabytes(need)} there ({kept}metrics and logs): free "
+                          "space, keep fewer checkpoints, or choose another --run-dir")
+
+
+def check_memory(cfg: TrainConfig, data, n: int, data_peak: float, data_kept: float) -> None:
+    """The job's estimated memory against what is available (:mod:`dist_quant.footprint`)."""
+    from dist_quant.footprint import available_mb, job_memory_mb, rank_memory_mb
+
+    available = available_mb()
+    if cfg.force or available is None:
+        return
+    units = data.in_features + sum(cfg.hidden_sizes) + data.num_classes
+    ranks = rank_memory_mb(cfg, n, units, data_peak, data_kept)
+    need = job_memory_mb(ranks)
+    if need > available:
+        raise ConfigError("--workers", f"{cfg.workers} workers need about {need / 1024:.1f} GiB "
+                          f"({len(ranks)} processes of {min(ranks):.0f} to {max(ranks):.0f} "
+                          f"MiB and torchrun's agent), and {available / 1024:.1f} GiB is "
+                          "available: use fewer --workers, or --force to start anyway")
+
+
 def check_checkpoint(cfg: TrainConfig, data) -> None:
     import torch
 
@@ -137,11 +213,20 @@ def preflight(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig
     check_conflicts(cfg, explicit or set())
     check_device(cfg)
     check_run_dir(cfg)
-    data = check_data(cfg)
+    from dist_quant.footprint import measured_load
+
+    data, data_peak, data_kept = measured_load(lambda: check_data(cfg))
     if cfg.resume:
         check_checkpoint(cfg, data)
     if not cfg.run_dir:
         cfg = cfg.replace(run_dir=default_run_dir(cfg))
     if cfg.max_restarts and not cfg.checkpoint_every and cfg.method == "ps":
         cfg = cfg.replace(checkpoint_every=cfg.eval_every)
+    from dist_quant.footprint import model_shape
+
+    shape = model_shape(cfg, data.in_features, data.num_classes)
+    check_writable(cfg)
+    check_disk(cfg, shape)
+    if not cfg.simulate:
+        check_memory(cfg, data, shape[0], data_peak, data_kept)
     return cfg

@@ -1,5 +1,6 @@
 """Faults through the real launcher (``python -m dist_quant train``, torchrun, gloo on
-loopback): a stop signal, a hung worker, and killed ranks with elastic restarts.
+loopback): a stop signal, a SIGKILLed launcher, a hung worker, killed ranks with elastic
+restarts, and a run directory whose disk fills up.
 
 Every rank is found as a process below the launcher (``/proc``) by the ``RANK`` and
 ``TORCHELASTIC_RESTART_COUNT`` of its environment. Times are measured from the fault to the
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from disks import fill, tmpfs
 
 from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
 from dist_quant.config import TrainConfig
@@ -99,6 +101,31 @@ def test_sigterm_to_the_launcher_ends_every_process_and_marks_the_run_stopped(tm
     assert json.loads((tmp_path / "run" / "stopped.json").read_text())["stopped_by"] == "SIGTERM"
 
 
+def test_sigkill_to_the_launcher_ends_every_process_of_the_job(tmp_path):
+    """What an OOM killer or a scheduler does: nothing of the job is left 10 s later (torchrun
+    gets SIGTERM when the launcher dies, the ranks die with torchrun), and torchrun's side
+    writes stopped.json, as the launcher no longer can."""
+    cfg = TrainConfig(**TINY, steps=10**6, eval_every=10**6, run_dir=str(tmp_path / "run"))
+    launcher = start(cfg)
+    pids: list[int] = []
+    try:
+        wait_for_steps(launcher, tmp_path / "run", 3)
+        pids = descendants(launcher.pid)
+        assert len(pids) >= 4  # torchrun and its three ranks
+        os.kill(launcher.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while any(alive(p) for p in pids) and time.monotonic() - t0 < 30:
+            time.sleep(0.05)
+        gone = time.monotonic() - t0
+    finally:
+        finish(launcher, pids)
+    assert gone <= 10, gone
+    assert not [p for p in pids if alive(p)]
+    stopped = json.loads((tmp_path / "run" / "stopped.json").read_text())
+    assert stopped["stopped_by"] == "launcher died" and stopped["launcher_pid"] == launcher.pid
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
 def rank_pids(launcher: subprocess.Popen) -> list[int]:
     return [pid for r in range(3) if (pid := rank_pid(launcher, r)) is not None]
 
@@ -176,3 +203,50 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_bit_for_bit(tmp_path, refer
     assert "test accuracy" in out
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*.pt"))
     assert kept == ["step_500.pt", "step_550.pt", "step_600.pt"]   # --keep-checkpoints 3
+
+
+def test_a_full_disk_ends_the_run_in_one_line_and_resume_elsewhere_ends_bit_for_bit(
+        tmp_path, reference):
+    """The run directory's file system fills after the first checkpoint: one line names the
+    path, the step and the newest complete checkpoint; no .tmp is left; metrics.jsonl ends on
+    a whole line; --resume from it with a roomier --run-dir ends equal to the uninterrupted
+    run."""
+    with tmpfs(tmp_path / "fs", 1200) as fs:
+        run = fs / "run"
+        cfg = restart_cfg(run).replace(max_restarts=0)
+        launcher = start(cfg)
+        pids: list[int] = []
+        try:
+            while not (run / "checkpoints" / "latest").exists():
+                assert launcher.poll() is None, launcher.communicate()
+                time.sleep(0.05)
+            pids = descendants(launcher.pid)
+            fill(fs)
+            _, err = launcher.communicate(timeout=120)
+        finally:
+            finish(launcher, pids)
+        leftovers = [p.name for p in run.rglob("*.tmp")]
+        newest = latest_checkpoint(run)
+        metrics = (run / "metrics.jsonl").read_text()
+        # continue from the named checkpoint into a roomier directory
+        done = subprocess.run([sys.executable, "-m", "dist_quant", "train", "--resume",
+                               str(run), "--run-dir", str(tmp_path / "roomy")],
+                              capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = err.strip().splitlines()
+    assert launcher.returncode == 1, err
+    assert len(lines) <= 4 and "Traceback" not in err, err
+    fault = [line for line in lines if "cannot write" in line]
+    assert len(fault) == 1 and fault[0].startswith("dist_quant rank 0: run aborted: cannot "
+                                                   f"write {run}/"), err
+    assert f"the newest complete checkpoint is {newest}" in fault[0], err
+    assert " at step " in fault[0] and f"--resume {run}" in fault[0]
+    assert not leftovers
+    assert metrics.endswith("\n") and all(json.loads(line) for line in metrics.splitlines())
+    assert done.returncode == 0, done.stderr
+    final, summary = reference
+    state = load_checkpoint(latest_checkpoint(tmp_path / "roomy"))
+    assert state["step"] == final["step"] == 600
+    for key, value in final["server"]["model"].items():
+        assert torch.equal(state["server"]["model"][key], value), key
+    assert read_summary(tmp_path / "roomy")["test_loss"] == summary["test_loss"]

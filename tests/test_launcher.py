@@ -56,3 +56,42 @@ def test_failure_report_names_ranks_nobody_explained():
                                                 "status 1 (its traceback is in the log)"]
     explained = ["dist_quant: rank 0 (the server) was killed by SIGKILL", "dist_quant rank 1: x"]
     assert failure_report(report, "ps", explained) == []
+
+
+def run_with_full_log(tmp_path, code: int) -> str:
+    """run_torchrun of a command that prints one rank line, its launch.log on /dev/full (every
+    write: ENOSPC)."""
+    import sys
+
+    from dist_quant.launcher import run_torchrun
+
+    (tmp_path / "launch.log").symlink_to("/dev/full")
+    cmd = [sys.executable, "-c", "import sys; sys.stderr.write('Traceback (most recent call "
+           f"last):\\ndist_quant rank 0: boom\\n'); sys.exit({code})"]
+    out = io.StringIO()
+    assert run_torchrun(cmd, {}, tmp_path, out=out) == code
+    return out.getvalue()
+
+
+def test_a_log_the_disk_cannot_take_loses_nothing_shown_and_says_so(tmp_path):
+    lines = run_with_full_log(tmp_path, 1).splitlines()
+    assert lines == ["dist_quant rank 0: boom",
+                     f"dist_quant: the run failed (exit status 1); {tmp_path / 'launch.log'} is "
+                     "incomplete (No space left on device)"]
+
+
+def test_a_finished_run_says_its_log_is_incomplete(tmp_path):
+    lines = run_with_full_log(tmp_path, 0).splitlines()
+    assert lines == ["dist_quant rank 0: boom",
+                     f"dist_quant: {tmp_path / 'launch.log'} is incomplete (No space left on "
+                     "device)"]
+
+
+def test_an_unwritable_run_directory_starts_nothing(tmp_path):
+    from dist_quant.launcher import run_torchrun
+
+    (tmp_path / "file").write_text("")
+    out = io.StringIO()
+    assert run_torchrun(["false"], {}, tmp_path / "file" / "run", out=out) == 1
+    assert out.getvalue().startswith(f"dist_quant: cannot write {tmp_path}/file/run/launch.log")
+    assert out.getvalue().count("\n") == 1
