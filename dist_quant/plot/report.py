@@ -172,14 +172,14 @@ class Point:
 
 
 def points(members: list[Run]) -> list[Point]:
-    """``members`` grouped by method (label without seed, worker count and batch size) and W,
+    """``members`` grouped by method (:func:`dist_quant.plot.series.method_names`) and W,
     in the order of ``members``, then by W. The batch size usually follows W (a fixed global
     batch); where one method has runs of several batch sizes at one W, they are separate
     points named ``batch_size=B``."""
-    from dist_quant.plot.labels import run_labels
+    from dist_quant.plot.series import method_names
 
-    labels = run_labels([r.config for r in members],
-                        ignore=frozenset({"seed", "workers", "batch_size"}), number=False)
+    labels = ([r.method for r in members] if all(r.method for r in members)
+              else method_names(members))
     batches: dict[tuple[str, int], set] = {}
     for run, label in zip(members, labels, strict=True):
         batches.setdefault((label, int(run.summary["workers"])), set()).add(

@@ -1,0 +1,49 @@
+"""One colour and line style per method, the same in every figure of one ``dist-quant plot``.
+
+Colours from Paul Tol's colour-blind-safe schemes (https://personal.sron.nl/~pault/): the DDP
+baselines take the cool family (blues, cyan, teal, grey) and dashed lines, the parameter
+server's methods the warm family (red, orange, gold, wine, magenta, purple, olive) and solid
+lines, so the two families part by line style as well as hue. Within a family the colours
+alternate dark and light. A family with more methods than colours starts again with dotted
+lines. DDP fp32, the reference of every speed-up, is first and darkest of its family.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dist_quant.plot.runs import Run
+
+DDP_COLOURS = ("#004488", "#33BBEE", "#009988", "#555555", "#88CCEE", "#332288")
+PS_COLOURS = ("#CC3311", "#EE7733", "#DDAA33", "#882255", "#EE3377", "#AA4499", "#999933")
+# the phases of a step: greys, so that no phase looks like a method
+PHASE_COLOURS = {"compute": "#333333", "encode": "#777777", "communicate": "#DDDDDD",
+                 "decode": "#AAAAAA", "update": "#000000"}
+PHASE_HATCH = {"communicate": "///"}
+
+
+@dataclass(frozen=True)
+class Style:
+    colour: str
+    linestyle: str
+    marker: str
+    family: str   # "DDP" or "PS"
+
+    def line(self) -> dict:
+        return {"color": self.colour, "linestyle": self.linestyle}
+
+
+def styles(order: list[str], first_run: dict[str, Run]) -> dict[str, Style]:
+    """``{method: Style}`` for the methods in ``order`` (reading order), each method's family
+    read from its first run."""
+    out: dict[str, Style] = {}
+    count = {"DDP": 0, "PS": 0}
+    for name in order:
+        family = "DDP" if first_run[name].config.get("method") == "ddp" else "PS"
+        colours = DDP_COLOURS if family == "DDP" else PS_COLOURS
+        i = count[family]
+        count[family] += 1
+        dashed = "--" if family == "DDP" else "-"
+        out[name] = Style(colours[i % len(colours)], dashed if i < len(colours) else ":",
+                          "s" if family == "DDP" else "o", family)
+    return out
