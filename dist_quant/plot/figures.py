@@ -37,8 +37,15 @@ from dist_quant.metrics import PHASES
 from dist_quant.plot.palette import PHASE_COLOURS, PHASE_HATCH, Style, styles
 from dist_quant.plot.runs import Run
 from dist_quant.plot.scaling import ScalingRow
-from dist_quant.plot.series import (Panel, Series, cap_order, first_runs, method_order,
-                                    panel_series, panels)
+from dist_quant.plot.series import (
+    Panel,
+    Series,
+    cap_order,
+    first_runs,
+    method_order,
+    panel_series,
+    panels,
+)
 
 Groups = dict[str, list[Run]]
 DPI = 110
@@ -145,7 +152,7 @@ def draw_series(ax, s: Series, style: Style) -> None:
         pts = [(x, 100 * y) for x, y in zip(curve.x, curve.y, strict=True) if x > 0]
         if pts:
             ax.plot(*zip(*pts, strict=True), linewidth=0.6, alpha=0.45, zorder=2,
-                    **style.line())
+                    gid=f"seed:{s.method}", **style.line())
     keep = [i for i, x in enumerate(s.x) if x > 0]
     if not keep:
         return
@@ -153,7 +160,7 @@ def draw_series(ax, s: Series, style: Style) -> None:
     ax.fill_between(x, [100 * s.low[i] for i in keep], [100 * s.high[i] for i in keep],
                     color=style.colour, alpha=0.2, linewidth=0, zorder=3)
     ax.plot(x, [100 * s.mean[i] for i in keep], linewidth=2.0, marker=style.marker,
-            markersize=3, zorder=4, **style.line())
+            markersize=3, zorder=4, label=s.method, **style.line())
 
 
 def accuracy_ylim(ax, p: Plan, panel_list: list[list[Series]]) -> None:

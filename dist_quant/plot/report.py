@@ -270,8 +270,41 @@ def seeds_table(members: list[Run], target: float) -> str:
     return "\n".join(lines)
 
 
+def methods_table(runs: list[Run]) -> list[str]:
+    """One row per method: its name in the figures and tables, and what it trains."""
+    from dist_quant.plot.labels import method_label
+    from dist_quant.plot.series import first_runs, method_order
+
+    first = first_runs(runs)
+    lines = ["| method | runs | what it is |", "|---|---:|---|"]
+    for m in method_order(runs):
+        count = sum(r.method == m for r in runs)
+        lines.append(f"| {m} | {count} | {method_label(first[m].config)} |")
+    return lines
+
+
+def provenance(runs: list[Run], command: str | None) -> list[str]:
+    from dist_quant.plot.recipe import commits, machines, sweep_commands, versions
+    from dist_quant.plot.series import method_order
+
+    parts = ["## Machine and commit", ""]
+    parts += [f"- Machine: {m}" for m in machines(runs)]
+    parts += [f"- Commit: {c}" for c in commits(runs)]
+    parts += [f"- Versions: {v}" for v in versions(runs)] + [""]
+    sweeps = sweep_commands(runs, method_order(runs))
+    if command or sweeps:
+        parts += ["## Commands", ""]
+        if sweeps:
+            parts += ["The runs (rebuilt from their point.json and config.json):", "", "```",
+                      *sweeps, "```", ""]
+        if command:
+            parts += ["This report:", "", "```", command, "```", ""]
+    return parts
+
+
 def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
-                 figures: list[Path], out: Path, scaling: dict | None = None) -> Path:
+                 figures: list[Path], out: Path, scaling: dict | None = None,
+                 command: str | None = None) -> Path:
     runs = [r for members in groups.values() for r in members]
     parts = [
         "# Bandwidth versus convergence", "",
@@ -280,6 +313,8 @@ def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
         "bytes x 8 / (params x steps x workers). MB = 10^6 bytes, counted at the first "
         "evaluation at or above the target, as is the time to target (wall seconds). Speed-up: "
         "DDP fp32's time to target under the same link over the method's.", ""]
+    if all(r.method for r in runs):
+        parts += ["## Methods", "", *methods_table(runs), ""]
     seeds = has_several_seeds(groups)
     if seeds:
         parts += ["Several seeds per point: mean [min–max] over the seeds; time and MB to "
@@ -296,6 +331,7 @@ def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
 
         parts += scaling_table(scaling)
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
+    parts += provenance(runs, command)
     parts += ["## Runs", ""] + [f"- `{r.path}`: {r.label} ({r.cap})" for r in runs] + [""]
     path = out / "report.md"
     path.write_text("\n".join(parts))
