@@ -276,10 +276,10 @@ def methods_table(runs: list[Run]) -> list[str]:
     from dist_quant.plot.series import first_runs, method_order
 
     first = first_runs(runs)
-    lines = ["| method | runs | what it is |", "|---|---:|---|"]
+    lines = ["| method | what it is | runs |", "|---|---|---:|"]
     for m in method_order(runs):
         count = sum(r.method == m for r in runs)
-        lines.append(f"| {m} | {count} | {method_label(first[m].config)} |")
+        lines.append(f"| {m} | {method_label(first[m].config)} | {count} |")
     return lines
 
 
