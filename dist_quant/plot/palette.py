@@ -17,9 +17,9 @@ from dist_quant.plot.runs import Run
 DDP_COLOURS = ("#004488", "#33BBEE", "#009988", "#555555", "#88CCEE", "#332288")
 PS_COLOURS = ("#CC3311", "#EE7733", "#DDAA33", "#882255", "#EE3377", "#AA4499", "#999933")
 # the phases of a step: greys, so that no phase looks like a method
-PHASE_COLOURS = {"compute": "#333333", "encode": "#777777", "communicate": "#DDDDDD",
-                 "decode": "#AAAAAA", "update": "#000000"}
-PHASE_HATCH = {"communicate": "///"}
+PHASE_COLOURS = {"compute": "#444444", "encode": "#8C8C8C", "communicate": "#E4E4E4",
+                 "decode": "#BBBBBB", "update": "#111111"}
+PHASE_HATCH = {"encode": "..", "communicate": "///", "decode": "xx"}
 
 
 @dataclass(frozen=True)
