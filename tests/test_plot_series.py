@@ -329,3 +329,59 @@ def test_report_html_renders_in_a_headless_browser_with_every_figure_loaded(plot
     assert found, result.stderr[-2000:]
     assert found[1] == found[2] == "4"
     assert "Bandwidth versus convergence" in result.stdout
+
+
+def test_links_and_worker_counts_go_to_separate_panels_titled_with_what_they_fix(tmp_path):
+    """Two methods at W = 2 and 4 under 10 Mbit/s and uncapped links: a 2 x 2 grid of panels,
+    links down the rows, W across; each method one colour in all of them and in scaling.png."""
+    free = {**LINK, "rate_mbit": None}
+    for link in (LINK, free):
+        for workers in (2, 4):
+            for label, sps in (("ddp-fp32", 4.0), ("ps-onebit", 1.0)):
+                for seed in (0, 1):
+                    name = f"{label}_w{workers}_{link['rate_mbit']}_s{seed}"
+                    write_run(tmp_path / name, label, seed, REACHES, sps, 1000,
+                              workers=workers, link=link)
+    groups = group_by_cap(find_runs([tmp_path]))
+    p = plan(groups, 0.68)
+    fig = accuracy_figure(p, "wall")
+    titles = [ax.get_title() for ax in fig.axes if ax.axison]
+    assert titles == ["10 Mbit/s, 0 ms; W = 2, batch 1024 per worker",
+                      "10 Mbit/s, 0 ms; W = 4, batch 512 per worker",
+                      "uncapped, 0 ms; W = 2, batch 1024 per worker",
+                      "uncapped, 0 ms; W = 4, batch 512 per worker"]
+    assert legend_entries(fig) == ["ddp-fp32", "ps-onebit"]
+    for ax in fig.axes:
+        assert len([c for c in ax.collections if isinstance(c, PolyCollection)]) == 2
+    from dist_quant.plot.figures import scaling_figure
+    from dist_quant.plot.scaling import scaling
+
+    scaled = scaling_figure(scaling(groups), p)
+    colour = {m: to_hex(s.colour) for m, s in p.style.items()}
+    (legend,) = scaled.legends
+    for text, handle in zip(legend.get_texts(), legend.legend_handles, strict=True):
+        if text.get_text() in colour:
+            assert to_hex(handle.get_color()) == colour[text.get_text()]
+    lines = [ln for ln in scaled.axes[0].get_lines() if ln.get_marker() == "o"]
+    assert sorted(to_hex(ln.get_color()) for ln in lines) == sorted(colour.values())
+
+
+def test_one_label_with_two_configs_is_two_methods_named_by_what_differs(tmp_path):
+    """``-m ps-colocated -m ps-colocated:overlap=true``: two methods in one panel, and the
+    rebuilt command gives each its own ``-m``."""
+    from dist_quant.plot.recipe import sweep_commands
+    from dist_quant.plot.series import method_order
+
+    for seed in (0, 1):
+        write_run(tmp_path / "sweep" / f"plain_s{seed}", "ps-colocated", seed, REACHES, 1.0, 600)
+        write_run(tmp_path / "sweep" / f"overlap_s{seed}", "ps-colocated", seed, REACHES, 0.9,
+                  600, overlap=True)
+    groups = group_by_cap(find_runs([tmp_path]))
+    runs = groups["10 Mbit/s, 0 ms"]
+    order = method_order(runs)
+    assert order == ["ps-colocated overlap=False", "ps-colocated overlap=True"]
+    (panel,) = panels(groups)
+    assert len(panel.runs) == 4
+    assert legend_entries(accuracy_figure(plan(groups, 0.68), "wall")) == order
+    (command,) = sweep_commands(runs, order)
+    assert " -m ps-colocated -m ps-colocated:overlap=true " in command
