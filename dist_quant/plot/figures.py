@@ -217,7 +217,7 @@ def to_target_figure(p: Plan) -> Figure:
         high = max(s.high for s in reached) if reached else 10.0
         log = high / low > 8
         left = low / 1.6 if log else 0.0
-        right = high * 6 if log else high * 1.6
+        right = high * 3.5 if log else high * 1.6
         for i, r in enumerate(rows):
             style = p.style.get(r.label)
             colour = style.colour if style else "black"
