@@ -49,7 +49,7 @@ from dist_quant.plot.series import (
 
 Groups = dict[str, list[Run]]
 DPI = 110
-PANEL_W, PANEL_H = 4.8, 3.4
+PANEL_W, PANEL_H = 5.4, 3.8
 
 
 @dataclass

@@ -95,20 +95,28 @@ def _command(sweep_dir, runs: list[Run], workers: int, batch, order: list[str]) 
     return shlex.join(parts)
 
 
+def counted(values: list[str]) -> list[str]:
+    """Each distinct value once, with how many runs hold it where they differ."""
+    counts: dict[str, int] = {}
+    for v in values:
+        counts[v] = counts.get(v, 0) + 1
+    if len(counts) == 1:
+        return list(counts)
+    return [f"{v} ({n} run{'s' if n > 1 else ''})" for v, n in counts.items()]
+
+
 def machines(runs: list[Run]) -> list[str]:
-    """The machines the runs name (config.json ``machine``), each once."""
+    """The machines the runs name (config.json ``machine``)."""
     found = []
     for run in runs:
         m = run.meta.get("machine")
-        text = (f"{m.get('cpu', '?')}, {m.get('logical_cpus', '?')} logical CPUs" if m
-                else "not recorded (runs written before config.json named the CPU)")
-        found.append(text)
-    return list(dict.fromkeys(found))
+        found.append(f"{m.get('cpu', '?')}, {m.get('logical_cpus', '?')} logical CPUs" if m
+                     else "not recorded (written before config.json named the CPU)")
+    return counted(found)
 
 
 def commits(runs: list[Run]) -> list[str]:
-    return list(dict.fromkeys(str(r.meta.get("git_commit") or "not recorded")[:12]
-                              for r in runs))
+    return counted([str(r.meta.get("git_commit") or "not recorded")[:12] for r in runs])
 
 
 def versions(runs: list[Run]) -> list[str]:
@@ -116,4 +124,4 @@ def versions(runs: list[Run]) -> list[str]:
     for run in runs:
         v = run.meta.get("versions") or {}
         out.append(", ".join(f"{k} {v[k]}" for k in sorted(v)) or "not recorded")
-    return list(dict.fromkeys(out))
+    return counted(out)
