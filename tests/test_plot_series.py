@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 from matplotlib.container import ErrorbarContainer
@@ -178,6 +179,12 @@ def test_accuracy_figures_have_one_legend_entry_and_one_band_per_method(seven_pl
     for x in ("wall", "mb"):
         fig = accuracy_figure(seven_plan, x)
         assert legend_entries(fig) == names
+        FigureCanvasAgg(fig).draw()
+        box, page = fig.legends[0].get_window_extent(), fig.bbox
+        assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and \
+            box.y1 <= page.y1    # the legend is not cut
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent())   # and outside the panels
         panels_drawn = [ax for ax in fig.axes if ax.axison]
         assert len(panels_drawn) == (1 if x == "wall" else 2)
         for ax in panels_drawn:
