@@ -134,7 +134,7 @@ def method_legend(fig: Figure, p: Plan, bands: bool = False, title: str | None =
     handles = []
     for m in p.order:
         s = p.style[m]
-        line = Line2D([], [], linewidth=2.2, marker=s.marker, markersize=4, **s.line())
+        line = Line2D([], [], linewidth=2.2, marker=s.marker, markersize=5, **s.line())
         handles.append((Patch(color=s.colour, alpha=0.2, linewidth=0), line) if bands else line)
     fig.legend(handles, p.order, loc="outside right upper", fontsize="small", title=title,
                title_fontsize="small", frameon=False)
@@ -160,7 +160,7 @@ def draw_series(ax, s: Series, style: Style) -> None:
     ax.fill_between(x, [100 * s.low[i] for i in keep], [100 * s.high[i] for i in keep],
                     color=style.colour, alpha=0.2, linewidth=0, zorder=3)
     ax.plot(x, [100 * s.mean[i] for i in keep], linewidth=2.0, marker=style.marker,
-            markersize=3, zorder=4, label=s.method, **style.line())
+            markersize=4, zorder=4, label=s.method, **style.line())
 
 
 def accuracy_ylim(ax, p: Plan, panel_list: list[list[Series]]) -> None:
@@ -189,7 +189,10 @@ def accuracy_figure(p: Plan, x: str) -> Figure:
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(panel.title, fontsize="medium")
             ax.grid(True, which="both", alpha=0.3)
-    method_legend(fig, p, bands=True, title="mean (bold), min-max band,\neach seed (thin)")
+    several = any(len({r.config.get("seed") for r in panel.runs if r.method == m}) > 1
+                  for panel in p.panels for m in p.order)
+    method_legend(fig, p, bands=several, title="mean (bold), min-max band,\neach seed (thin)"
+                  if several else "one seed per method")
     return fig
 
 
@@ -216,6 +219,7 @@ def to_target_figure(p: Plan) -> Figure:
         low = min(s.low for s in reached) if reached else 1.0
         high = max(s.high for s in reached) if reached else 10.0
         log = high / low > 8
+        no_base = all(r.speedup is None and r.speedup_note == "no DDP fp32 run" for r in rows)
         left = low / 1.6 if log else 0.0
         right = high * 3.5 if log else high * 1.6
         for i, r in enumerate(rows):
@@ -230,7 +234,8 @@ def to_target_figure(p: Plan) -> Figure:
                         fmt=style.marker if style else "o", color=colour, markersize=7,
                         capsize=4, elinewidth=1.6, zorder=3)
             note = "" if r.reached == r.seeds else f", {r.reached}/{r.seeds} reached"
-            ax.annotate(f"{short(s.mean)} s  {speedup_text(r)}{note}", (s.high, i),
+            speedup = "" if no_base else "  " + speedup_text(r)
+            ax.annotate(f"{short(s.mean)} s{speedup}{note}", (s.high, i),
                         xytext=(8, 0), textcoords="offset points", va="center",
                         fontsize="small")
         ax.set_yticks(range(len(rows)), [r.label for r in rows])
@@ -241,8 +246,11 @@ def to_target_figure(p: Plan) -> Figure:
         if log:
             log_x(ax)
         ax.set_xlim(left, right)
-        ax.set_xlabel(f"wall time to {100 * p.target:.1f}% (s): mean, min-max over seeds; "
-                      "speed-up vs DDP fp32", fontsize="small")
+        seeds = max(r.seeds for r in rows)
+        ax.set_xlabel(f"wall time to {100 * p.target:.1f}% (s)"
+                      + (": mean, min-max over seeds" if seeds > 1 else ", one seed")
+                      + ("; no DDP fp32 run for a speed-up" if no_base else
+                         "; speed-up vs DDP fp32"), fontsize="small")
         ax.set_title(panel.title, fontsize="medium")
         ax.grid(True, axis="x", which="both", alpha=0.3)
         ax.set_axisbelow(True)
