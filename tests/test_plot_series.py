@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -282,8 +283,8 @@ def test_the_sweep_command_in_the_report_rebuilds_every_method(plotted, seven):
     """Each ``-m`` of the rebuilt command, with its ``--set`` fields, gives the config the runs
     hold (seed, W and batch size aside)."""
     report = (plotted / "report.md").read_text()
-    (command,) = report.split("```\n", 2)[1].strip().splitlines()
-    words = command.split()
+    block = report.split("```\n", 2)[1].strip()
+    words = shlex.split(block.replace(" \\\n", " "))   # continuation lines: one command
     assert words[:4] == ["dist-quant", "sweep", str(seven), "--cluster"]
     specs = [words[i + 1] for i, w in enumerate(words) if w == "-m"]
     sets = dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "--set")

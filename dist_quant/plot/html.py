@@ -25,7 +25,8 @@ td.num { text-align: right; font-variant-numeric: tabular-nums; }
 figure { margin: 1em 0 2em; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.9em; }
-pre { background: #f6f6f6; padding: 0.7em; overflow-x: auto; font-size: 0.85em; }
+pre { background: #f6f6f6; padding: 0.7em; overflow-x: auto; font-size: 0.85em;
+      white-space: pre-wrap; overflow-wrap: anywhere; }
 .swatch { display: inline-block; width: 0.9em; height: 0.9em; margin-right: 0.4em;
           vertical-align: -0.1em; border-radius: 2px; }
 """

@@ -20,6 +20,28 @@ from dist_quant.plot.runs import Run
 NOT_A_SETTING = {"seed", "workers", "batch_size", "run_dir", "progress", "resume"}
 
 
+def wrapped(command: str, width: int = 92) -> str:
+    """A command line broken between its options (`` \\`` continuations) into lines of about
+    ``width`` characters; an option stays with its value."""
+    words = shlex.split(command)
+    pieces, i = [], 0
+    while i < len(words):
+        if words[i].startswith("-") and i + 1 < len(words) and not words[i + 1].startswith("-"):
+            pieces.append(shlex.join(words[i:i + 2]))
+            i += 2
+        else:
+            pieces.append(shlex.quote(words[i]))
+            i += 1
+    lines, line = [], pieces[0]
+    for piece in pieces[1:]:
+        if len(line) + 1 + len(piece) > width:
+            lines.append(line + " \\")
+            line = "    " + piece
+        else:
+            line += " " + piece
+    return "\n".join([*lines, line])
+
+
 def value_text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

@@ -284,7 +284,7 @@ def methods_table(runs: list[Run]) -> list[str]:
 
 
 def provenance(runs: list[Run], command: str | None) -> list[str]:
-    from dist_quant.plot.recipe import commits, machines, sweep_commands, versions
+    from dist_quant.plot.recipe import commits, machines, sweep_commands, versions, wrapped
     from dist_quant.plot.series import method_order
 
     parts = ["## Machine and commit", ""]
@@ -296,9 +296,9 @@ def provenance(runs: list[Run], command: str | None) -> list[str]:
         parts += ["## Commands", ""]
         if sweeps:
             parts += ["The runs (rebuilt from their point.json and config.json):", "", "```",
-                      *sweeps, "```", ""]
+                      *map(wrapped, sweeps), "```", ""]
         if command:
-            parts += ["This report:", "", "```", command, "```", ""]
+            parts += ["This report:", "", "```", wrapped(command), "```", ""]
     return parts
 
 
