@@ -6,8 +6,8 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
   (for a :func:`dist_quant.fit` model without the fields of the built-in MLP and dataset,
   which do not apply), ``"model"`` (``"mlp"``, or ``"custom"`` for a fit model), ``"metric"``
   (the name of the evaluation metric recorded as ``test_accuracy``: ``"accuracy"`` unless fit
-  was given another), ``"versions"`` (python, torch, numpy, dist_quant) and ``"git_commit"``
-  (or null).
+  was given another), ``"versions"`` (python, torch, numpy, dist_quant), ``"git_commit"``
+  (or null) and ``"machine"`` (``cpu``: the CPU model rank 0 ran on, ``logical_cpus``).
 - ``metrics.jsonl``: one JSON object per line.
 
   * step lines: ``{"kind": "step", "step": t, "loss": float, "bytes_up": int,
@@ -81,6 +81,21 @@ def versions() -> dict[str, str]:
             "numpy": numpy.__version__, "dist_quant": __version__}
 
 
+def machine() -> dict[str, Any]:
+    """The CPU model (``model name`` of /proc/cpuinfo, else the platform's processor name)
+    and the logical CPUs: results move with the CPU (torch's kernels sum in its order)."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor() or platform.machine(),
+            "logical_cpus": os.cpu_count()}
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -129,7 +144,8 @@ class RunRecorder:
             with disk_write(metrics, start, self.dir):
                 metrics.write_text("")
         self._write_json("config.json", {"config": config, "model": model, "metric": metric,
-                                         "versions": versions(), "git_commit": git_commit()},
+                                         "versions": versions(), "git_commit": git_commit(),
+                                         "machine": machine()},
                          start)
         self._fh = WholeLines(metrics, self.dir, start)  # closed in close()
         self._lr = None

@@ -1,4 +1,5 @@
-"""``dist-quant plot RUN_OR_SWEEP_DIRS...``: figures and ``report.md`` from recorded runs.
+"""``dist-quant plot RUN_OR_SWEEP_DIRS...``: figures, ``report.md`` and ``report.html`` from
+recorded runs.
 
 Example::
 
@@ -8,6 +9,7 @@ Example::
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -19,25 +21,32 @@ from dist_quant.errors import ConfigError
 @click.argument("paths", nargs=-1, required=True,
                 type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Directory for the PNGs and report.md (default: <first path>/plots).")
+              help="Directory for the PNGs, report.md and report.html (default: <first "
+                   "path>/plots).")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Target test accuracy as a fraction (default: 90% of the best final "
                    "accuracy over the runs given, rounded down to 0.1 point).")
 def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> None:
-    """Plot accuracy against bytes and wall time, phase times, bytes and time to a target
-    accuracy, and write report.md with one table per link cap (mean and spread over seeds
-    where a point has several); with runs at several worker counts under a capped link, also
+    """Plot time to a target accuracy, accuracy against wall time and bytes, and phase times,
+    one series per method (mean and min-max over seeds) in one panel per link and W; write
+    report.md with one table per link cap (mean and spread over seeds where a point has
+    several) and report.html, the same as one page with the figures inline that a browser
+    opens from disk; with runs at several worker counts under a capped link, also
     communication per step against W beside the link model (scaling.png).
 
     Each path is a run directory (holding summary.json) or a sweep directory searched for
     them recursively.
     """
+    given = ["dist-quant", "plot", *map(str, paths)]
+    given += ["--out", str(out)] if out is not None else []
+    given += ["--target", f"{target:g}"] if target is not None else []
     try:
-        from dist_quant.plot.figures import draw_all
+        from dist_quant.plot.figures import draw_all, plan
     except ImportError as err:
         raise click.ClickException(f"dist-quant plot needs matplotlib ({err}); install it with "
                                    "pip install 'dist-quant[plot]' (or pip install "
                                    "matplotlib)") from None
+    from dist_quant.plot.html import write_html
     from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
     from dist_quant.plot.runs import find_runs, group_by_cap
     from dist_quant.plot.scaling import scaling
@@ -57,6 +66,7 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
         note = "given with --target"
     per_w = scaling(groups)
     figures = draw_all(groups, target, out, per_w)
-    report = write_report(groups, target, note, figures, out, per_w)
-    for path in [*figures, report]:
+    report = write_report(groups, target, note, figures, out, per_w, shlex.join(given))
+    page = write_html(report, {m: s.colour for m, s in plan(groups, target).style.items()})
+    for path in [*figures, report, page]:
         click.echo(str(path))

@@ -1,47 +1,88 @@
 """The PNG figures, drawn with matplotlib's object API on the Agg canvas (no display, no pyplot
-state). Each figure has one panel (or one row of panels) per link cap; a method keeps its
-colour in every figure.
+state). A figure has one panel per link, W and batch size (:mod:`dist_quant.plot.series`):
+links down the rows, W across the columns. A method is one series with the same colour and
+line style in every figure of one call (:mod:`dist_quant.plot.palette`); the legend, outside
+the panels, has one entry per method.
 
-- ``accuracy_vs_bytes.png``: test accuracy against cumulative MB, uplink and up + down (log x).
-- ``accuracy_vs_time.png``: test accuracy against wall seconds (log x), target dashed.
+- ``accuracy_vs_time.png``: test accuracy against wall seconds (log x): per method the mean
+  over seeds (bold) on their common evaluation steps, placed at the mean wall time, its
+  min-max band (shaded) and each seed's own curve (thin); the target dashed.
+- ``accuracy_vs_bytes.png``: the same against cumulative MB, uplink and up + down.
+- ``to_target.png`` (the headline): wall seconds to the target, one mark per method at the
+  mean over the seeds that reached it, the bar its min-max, sorted fastest first, with the
+  speed-up over DDP fp32 of the same link and W beside it (:func:`dist_quant.plot.report.
+  point_rows`); log x where the times span more than a factor of 8.
 - ``time_per_phase.png``: mean milliseconds per step in each phase (compute, encode,
-  communicate, decode, update), stacked, one bar per method.
-- ``to_target.png``: MB (up + down) and wall seconds to the target accuracy, one bar per
-  method (log x); a method that never reaches it is marked "not reached".
+  communicate, decode, update; mean over the seeds), one stacked bar per method.
 - ``scaling.png`` (only where a capped link has runs at several worker counts): communication
   milliseconds per step against W, measured (solid) beside the link model's prediction
   (dashed), one line pair per method (:mod:`dist_quant.plot.scaling`).
+
+Each ``*_figure`` function returns the :class:`~matplotlib.figure.Figure`; :func:`draw_all`
+saves them.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from matplotlib import ticker
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from dist_quant.metrics import PHASES
-from dist_quant.plot.report import first_at_target
+from dist_quant.plot.palette import PHASE_COLOURS, PHASE_HATCH, Style, styles
 from dist_quant.plot.runs import Run
 from dist_quant.plot.scaling import ScalingRow
+from dist_quant.plot.series import (
+    Panel,
+    Series,
+    cap_order,
+    first_runs,
+    method_order,
+    panel_series,
+    panels,
+)
 
 Groups = dict[str, list[Run]]
 DPI = 110
+PANEL_W, PANEL_H = 5.4, 3.8
 
 
-def colours(groups: Groups) -> dict[str, tuple[float, ...]]:
-    import matplotlib
+@dataclass
+class Plan:
+    """What every figure of one call shares: the panels, the methods and their styles."""
 
-    labels = sorted({r.label for members in groups.values() for r in members})
-    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+    panels: list[Panel]
+    order: list[str]
+    style: dict[str, Style]
+    target: float
+
+    @property
+    def caps(self) -> list[str]:
+        return cap_order(self.panels)
+
+    @property
+    def settings(self) -> list[tuple[int, int | None]]:
+        found = {(p.workers, p.batch_size) for p in self.panels}
+        return sorted(found, key=lambda k: (k[0], -(k[1] or 0)))
+
+    def cell(self, panel: Panel) -> tuple[int, int]:
+        return (self.caps.index(panel.cap),
+                self.settings.index((panel.workers, panel.batch_size)))
+
+    def legend_width(self) -> float:
+        """Inches the method legend takes beside the panels."""
+        return 1.0 + 0.075 * max(len(m) for m in self.order)
 
 
-def new_figure(rows: int, cols: int, width: float, height: float):
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    return fig, fig.subplots(rows, cols, squeeze=False)
+def plan(groups: Groups, target: float) -> Plan:
+    runs = [r for members in groups.values() for r in members]
+    order = method_order(runs)
+    return Plan(panels(groups), order, styles(order, first_runs(runs)), target)
 
 
 def short(value: float) -> str:
@@ -67,149 +108,210 @@ def log_x(ax) -> None:
     ax.xaxis.set_minor_formatter(MinorLogLabels())
 
 
-def legend_room(groups: Groups) -> float:
-    """Inches a legend of the run labels takes beside the panels."""
-    return 0.5 + 0.065 * max(len(r.label) for members in groups.values() for r in members)
+def grid_figure(p: Plan, cols_per_panel: int = 1, height: float = PANEL_H,
+                width: float = PANEL_W):
+    """A figure with one axes (or ``cols_per_panel``) per panel cell; unused cells hidden.
+    Returns the figure and ``{id(panel): [axes...]}``."""
+    rows, cols = len(p.caps), len(p.settings) * cols_per_panel
+    fig = Figure(figsize=(width * cols + p.legend_width(), height * rows + 0.5),
+                 layout="constrained")
+    grid = fig.subplots(rows, cols, squeeze=False)
+    used, where = set(), {}
+    for panel in p.panels:
+        r, c = p.cell(panel)
+        axes = [grid[r][c * cols_per_panel + k] for k in range(cols_per_panel)]
+        used.update(id(a) for a in axes)
+        where[id(panel)] = axes
+    for row in grid:
+        for ax in row:
+            if id(ax) not in used:
+                ax.set_axis_off()
+    return fig, where
 
 
-def method_legend(fig: Figure, colour: dict[str, tuple[float, ...]], extra=()) -> None:
-    handles = [Line2D([], [], color=c, marker=".", label=label) for label, c in colour.items()]
-    fig.legend(handles=[*handles, *extra], loc="outside right upper", fontsize="small")
+def method_legend(fig: Figure, p: Plan, bands: bool = False, title: str | None = None) -> None:
+    """One entry per method, outside the panels on the right."""
+    handles = []
+    for m in p.order:
+        s = p.style[m]
+        line = Line2D([], [], linewidth=2.2, marker=s.marker, markersize=5, **s.line())
+        handles.append((Patch(color=s.colour, alpha=0.2, linewidth=0), line) if bands else line)
+    fig.legend(handles, p.order, loc="outside right upper", fontsize="small", title=title,
+               title_fontsize="small", frameon=False)
 
 
-def target_line(ax, target: float) -> Line2D:
-    return ax.axhline(100 * target, color="grey", linestyle="--", linewidth=0.8,
-                      label=f"target {100 * target:.1f}%")
+def target_line(ax, target: float) -> None:
+    ax.axhline(100 * target, color="dimgrey", linestyle=(0, (4, 3)), linewidth=0.9, zorder=1)
+    ax.annotate(f"target {100 * target:.1f}%", (0.01, 100 * target), xycoords=("axes fraction",
+                "data"), xytext=(0, 2), textcoords="offset points", fontsize="x-small",
+                color="dimgrey", va="bottom")
 
 
-def save(fig: Figure, out: Path, name: str) -> Path:
-    path = out / name
-    fig.savefig(path, dpi=DPI)
-    return path
+def draw_series(ax, s: Series, style: Style) -> None:
+    for curve in s.seeds:
+        pts = [(x, 100 * y) for x, y in zip(curve.x, curve.y, strict=True) if x > 0]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), linewidth=0.6, alpha=0.45, zorder=2,
+                    gid=f"seed:{s.method}", **style.line())
+    keep = [i for i, x in enumerate(s.x) if x > 0]
+    if not keep:
+        return
+    x = [s.x[i] for i in keep]
+    ax.fill_between(x, [100 * s.low[i] for i in keep], [100 * s.high[i] for i in keep],
+                    color=style.colour, alpha=0.2, linewidth=0, zorder=3)
+    ax.plot(x, [100 * s.mean[i] for i in keep], linewidth=2.0, marker=style.marker,
+            markersize=4, zorder=4, label=s.method, **style.line())
 
 
-def accuracy_vs_bytes(groups: Groups, target: float, out: Path) -> Path:
-    colour = colours(groups)
-    fig, axes = new_figure(len(groups), 2, 4.6 + legend_room(groups) / 2, 3.2)
-    for row, (cap, members) in zip(axes, groups.items(), strict=True):
-        for ax, total, what in ((row[0], False, "uplink"), (row[1], True, "uplink + downlink")):
-            for run in members:
-                pts = [((e["cum_bytes_up"] + total * e["cum_bytes_down"]) / 1e6,
-                        100 * e["test_accuracy"]) for e in run.evals]
-                pts = [(x, y) for x, y in pts if x > 0]
-                if pts:
-                    ax.plot(*zip(*pts, strict=True), marker=".", color=colour[run.label])
-            line = target_line(ax, target)
+def accuracy_ylim(ax, p: Plan, panel_list: list[list[Series]]) -> None:
+    """From a little under the lowest mean at the second evaluation (the first is near
+    chance) to a little over the best accuracy: the approach to the target fills the panel."""
+    highs = [100 * max(max(c.y) for c in s.seeds if c.y) for ss in panel_list for s in ss]
+    lows = [100 * s.mean[min(1, len(s.mean) - 1)] for ss in panel_list for s in ss if s.mean]
+    if highs and lows:
+        ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(max(highs), 100 * p.target) + 2))
+
+
+def accuracy_figure(p: Plan, x: str) -> Figure:
+    """Accuracy against wall time (``x="wall"``) or MB (``"mb"``: uplink and up + down)."""
+    kinds = [("wall", "wall time (s)")] if x == "wall" else [
+        ("mb_up", "cumulative MB sent, uplink"), ("mb_total", "cumulative MB sent, up + down")]
+    fig, where = grid_figure(p, len(kinds))
+    for panel in p.panels:
+        for ax, (kind, xlabel) in zip(where[id(panel)], kinds, strict=True):
+            ss = panel_series(panel, kind, p.order)
+            for s in ss:
+                draw_series(ax, s, p.style[s.method])
+            target_line(ax, p.target)
             log_x(ax)
-            ax.set_xlabel(f"cumulative MB sent, {what}")
+            accuracy_ylim(ax, p, [ss])
+            ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy (%)")
-            ax.set_title(cap, fontsize="medium")
+            ax.set_title(panel.title, fontsize="medium")
             ax.grid(True, which="both", alpha=0.3)
-    method_legend(fig, colour, [line])
-    return save(fig, out, "accuracy_vs_bytes.png")
+    several = any(len({r.config.get("seed") for r in panel.runs if r.method == m}) > 1
+                  for panel in p.panels for m in p.order)
+    method_legend(fig, p, bands=several, title="mean (bold), min-max band,\neach seed (thin)"
+                  if several else "one seed per method")
+    return fig
 
 
-def accuracy_vs_time(groups: Groups, target: float, out: Path) -> Path:
-    colour = colours(groups)
-    fig, axes = new_figure(1, len(groups), 4.6 + legend_room(groups) / len(groups), 3.4)
-    for ax, (cap, members) in zip(axes[0], groups.items(), strict=True):
-        for run in members:
-            pts = [(e["wall"], 100 * e["test_accuracy"]) for e in run.evals if e["wall"] > 0]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker=".", color=colour[run.label])
-        line = target_line(ax, target)
-        log_x(ax)
-        ax.set_xlabel("wall time (s)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(cap, fontsize="medium")
-        ax.grid(True, which="both", alpha=0.3)
-    method_legend(fig, colour, [line])
-    return save(fig, out, "accuracy_vs_time.png")
+# ---- time to target ------------------------------------------------------------------------
+def speedup_text(row) -> str:
+    if row.speedup is None:
+        return row.speedup_note
+    text = f"{row.speedup:.2f}x"
+    if row.speedup_spread is not None and row.speedup_spread.n > 1:
+        text += f" [{row.speedup_spread.low:.2f}-{row.speedup_spread.high:.2f}]"
+    return text
 
 
-def bar_width(groups: Groups) -> float:
-    """Inches per panel of a bar chart: room for its longest label (seed=, workers=)."""
-    longest = max(len(r.label) for members in groups.values() for r in members)
-    return max(4.6, 2.6 + 0.075 * longest)
+def to_target_figure(p: Plan) -> Figure:
+    from dist_quant.plot.report import point_rows
+
+    most = max(len({r.method for r in panel.runs}) for panel in p.panels)
+    fig, where = grid_figure(p, 1, height=1.2 + 0.42 * most, width=PANEL_W + 1.6)
+    for panel in p.panels:
+        ax = where[id(panel)][0]
+        rows = point_rows(panel.runs, p.target)
+        rows.sort(key=lambda r: (r.seconds is None, r.seconds.mean if r.seconds else 0.0))
+        reached = [r.seconds for r in rows if r.seconds is not None]
+        low = min(s.low for s in reached) if reached else 1.0
+        high = max(s.high for s in reached) if reached else 10.0
+        log = high / low > 8
+        no_base = all(r.speedup is None and r.speedup_note == "no DDP fp32 run" for r in rows)
+        left = low / 1.6 if log else 0.0
+        right = high * 3.5 if log else high * 1.6
+        for i, r in enumerate(rows):
+            style = p.style.get(r.label)
+            colour = style.colour if style else "black"
+            if r.seconds is None:
+                ax.text(left if log else 0.0, i, f"  not reached (0/{r.seeds})", va="center",
+                        fontsize="small", color="dimgrey")
+                continue
+            s = r.seconds
+            ax.errorbar([s.mean], [i], xerr=[[s.mean - s.low], [s.high - s.mean]],
+                        fmt=style.marker if style else "o", color=colour, markersize=7,
+                        capsize=4, elinewidth=1.6, zorder=3)
+            note = "" if r.reached == r.seeds else f", {r.reached}/{r.seeds} reached"
+            speedup = "" if no_base else "  " + speedup_text(r)
+            ax.annotate(f"{short(s.mean)} s{speedup}{note}", (s.high, i),
+                        xytext=(8, 0), textcoords="offset points", va="center",
+                        fontsize="small")
+        ax.set_yticks(range(len(rows)), [r.label for r in rows])
+        for tick, r in zip(ax.get_yticklabels(), rows, strict=True):
+            if r.label in p.style:
+                tick.set_color(p.style[r.label].colour)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        if log:
+            log_x(ax)
+        ax.set_xlim(left, right)
+        seeds = max(r.seeds for r in rows)
+        ax.set_xlabel(f"wall time to {100 * p.target:.1f}% (s)"
+                      + (": mean, min-max over seeds" if seeds > 1 else ", one seed")
+                      + ("; no DDP fp32 run for a speed-up" if no_base else
+                         "; speed-up vs DDP fp32"), fontsize="small")
+        ax.set_title(panel.title, fontsize="medium")
+        ax.grid(True, axis="x", which="both", alpha=0.3)
+        ax.set_axisbelow(True)
+    return fig
 
 
+# ---- time per phase ------------------------------------------------------------------------
 def mean_phase_ms(run: Run) -> dict[str, float]:
     n = max(len(run.steps), 1)
     return {p: 1000 * sum(s["time"].get(p, 0.0) for s in run.steps) / n for p in PHASES}
 
 
-def time_per_phase(groups: Groups, out: Path) -> Path:
-    import matplotlib
-
-    cmap = matplotlib.colormaps["Set2"]
-    most = max(len(m) for m in groups.values())
-    fig, axes = new_figure(1, len(groups), bar_width(groups), 1.1 + 0.4 * most)
-    for ax, (cap, members) in zip(axes[0], groups.items(), strict=True):
-        labels = [r.label for r in members]
-        left = [0.0] * len(members)
-        for i, phase in enumerate(PHASES):
-            widths = [mean_phase_ms(r)[phase] for r in members]
-            ax.barh(labels, widths, left=left, color=cmap(i), label=phase)
+def time_per_phase_figure(p: Plan) -> Figure:
+    most = max(len({r.method for r in panel.runs}) for panel in p.panels)
+    fig, where = grid_figure(p, 1, height=1.2 + 0.42 * most, width=PANEL_W + 0.6)
+    for panel in p.panels:
+        ax = where[id(panel)][0]
+        methods = [m for m in p.order if any(r.method == m for r in panel.runs)]
+        ms = []
+        for m in methods:
+            per_run = [mean_phase_ms(r) for r in panel.runs if r.method == m]
+            ms.append({ph: sum(d[ph] for d in per_run) / len(per_run) for ph in PHASES})
+        left = [0.0] * len(methods)
+        for phase in PHASES:
+            widths = [d[phase] for d in ms]
+            ax.barh(range(len(methods)), widths, left=left, color=PHASE_COLOURS[phase],
+                    hatch=PHASE_HATCH.get(phase), edgecolor="white", linewidth=0.5,
+                    label=phase)
             left = [a + b for a, b in zip(left, widths, strict=True)]
         for i, total in enumerate(left):
-            ax.text(total, i, " " + short(total), va="center", fontsize="small")
-        ax.set_xlim(0, 1.25 * max(max(left), 1e-9))
-        ax.invert_yaxis()
-        ax.set_xlabel("mean time per step (ms)")
-        ax.set_title(cap, fontsize="medium")
+            ax.text(total, i, f" {short(total)} ms", va="center", fontsize="small")
+        ax.set_yticks(range(len(methods)), methods)
+        for tick, m in zip(ax.get_yticklabels(), methods, strict=True):
+            tick.set_color(p.style[m].colour)
+        ax.set_ylim(len(methods) - 0.5, -0.5)
+        ax.set_xlim(0, 1.3 * max(max(left), 1e-9))
+        ax.set_xlabel("mean time per step (ms), mean over seeds")
+        ax.set_title(panel.title, fontsize="medium")
         ax.grid(True, axis="x", alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside right upper", fontsize="small")
-    return save(fig, out, "time_per_phase.png")
+        ax.set_axisbelow(True)
+    handles = [Patch(facecolor=PHASE_COLOURS[ph], hatch=PHASE_HATCH.get(ph), edgecolor="white",
+                     label=ph) for ph in PHASES]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False,
+               title="phase", title_fontsize="small")
+    return fig
 
 
-def to_target(groups: Groups, target: float, out: Path) -> Path:
-    colour = colours(groups)
-    most = max(len(m) for m in groups.values())
-    fig, axes = new_figure(len(groups), 2, bar_width(groups), 1.0 + 0.4 * most)
-    for row, (cap, members) in zip(axes, groups.items(), strict=True):
-        hits = [first_at_target(r, target) for r in members]
-        values = {
-            "MB sent (up + down) to target": [
-                None if h is None else (h["cum_bytes_up"] + h["cum_bytes_down"]) / 1e6
-                for h in hits],
-            "wall time to target (s)": [None if h is None else h["wall"] for h in hits],
-        }
-        labels = [r.label for r in members]
-        for ax, (xlabel, vals) in zip(row, values.items(), strict=True):
-            reached = [v for v in vals if v is not None and v > 0]
-            low = min(reached) / 3 if reached else 0.1
-            high = max(reached) * 6 if reached else 10.0
-            ax.barh(labels, [v or 0.0 for v in vals], left=0,
-                    color=[colour[label] for label in labels])
-            for i, v in enumerate(vals):
-                text = " not reached" if v is None else " " + short(v)
-                ax.text(low if v is None else v, i, text, va="center", fontsize="small",
-                        color="dimgrey" if v is None else "black")
-            log_x(ax)
-            ax.set_xlim(low, high)
-            ax.invert_yaxis()
-            ax.set_xlabel(xlabel)
-            ax.set_title(f"{cap}: target {100 * target:.1f}%", fontsize="medium")
-            ax.grid(True, axis="x", which="both", alpha=0.3)
-            ax.set_axisbelow(True)
-    return save(fig, out, "to_target.png")
-
-
-def scaling_figure(data: dict[str, list[ScalingRow]], out: Path) -> Path:
-    import matplotlib
-
+# ---- scaling -------------------------------------------------------------------------------
+def scaling_figure(data: dict[str, list[ScalingRow]], p: Plan) -> Figure:
     labels = list(dict.fromkeys(r.label for rows in data.values() for r in rows))
-    cmap = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"]
-    colour = {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
-    fig, axes = new_figure(1, len(data), 5.2, 3.6 + 0.22 * (len(labels) + 2))
-    for ax, (cap, rows) in zip(axes[0], data.items(), strict=True):
+    fig = Figure(figsize=(5.2 * len(data) + p.legend_width(), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(data), squeeze=False)[0]
+    for ax, (cap, rows) in zip(axes, data.items(), strict=True):
         for label in dict.fromkeys(r.label for r in rows):
             mine = [r for r in rows if r.label == label]
+            colour = p.style[label].colour if label in p.style else "black"
             ws = [r.workers for r in mine]
-            ax.plot(ws, [1e3 * r.measured_s for r in mine], marker="o", color=colour[label])
-            ax.plot(ws, [1e3 * r.predicted_s for r in mine], marker="x", linestyle="--",
-                    color=colour[label])
+            ax.plot(ws, [1e3 * r.measured_s for r in mine], marker="o", color=colour,
+                    linewidth=2)
+            ax.plot(ws, [1e3 * r.predicted_s for r in mine], marker="x", linestyle=":",
+                    color=colour)
         ax.set_xticks(sorted({r.workers for r in rows}))
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, pos: f"{y:g}"))
@@ -218,17 +320,27 @@ def scaling_figure(data: dict[str, list[ScalingRow]], out: Path) -> Path:
         ax.set_ylabel("communication per step (ms)")
         ax.set_title(cap, fontsize="medium")
         ax.grid(True, which="both", alpha=0.3)
-    styles = [Line2D([], [], color="black", marker="o", label="measured"),
-              Line2D([], [], color="black", marker="x", linestyle="--", label="link model")]
-    handles = [Line2D([], [], color=c, marker=".", label=label) for label, c in colour.items()]
-    fig.legend(handles=[*handles, *styles], loc="outside lower center", fontsize="small")
-    return save(fig, out, "scaling.png")
+    handles = [Line2D([], [], color=p.style[m].colour if m in p.style else "black",
+                      linewidth=2, label=m) for m in labels]
+    handles += [Line2D([], [], color="black", marker="o", label="measured"),
+                Line2D([], [], color="black", marker="x", linestyle=":", label="link model")]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small", frameon=False)
+    return fig
+
+
+def save(fig: Figure, out: Path, name: str) -> Path:
+    path = out / name
+    fig.savefig(path, dpi=DPI)
+    return path
 
 
 def draw_all(groups: Groups, target: float, out: Path,
              scaling: dict[str, list[ScalingRow]] | None = None) -> list[Path]:
-    figures = [accuracy_vs_bytes(groups, target, out), accuracy_vs_time(groups, target, out),
-               time_per_phase(groups, out), to_target(groups, target, out)]
+    p = plan(groups, target)
+    figures = [save(to_target_figure(p), out, "to_target.png"),
+               save(accuracy_figure(p, "wall"), out, "accuracy_vs_time.png"),
+               save(accuracy_figure(p, "mb"), out, "accuracy_vs_bytes.png"),
+               save(time_per_phase_figure(p), out, "time_per_phase.png")]
     if scaling:
-        figures.append(scaling_figure(scaling, out))
+        figures.append(save(scaling_figure(scaling, p), out, "scaling.png"))
     return figures

@@ -96,10 +96,11 @@ def topology_label(c: dict[str, Any]) -> str:
 
 
 def run_labels(configs: list[dict[str, Any]], ignore: frozenset[str] = frozenset(),
-               number: bool = True) -> list[str]:
-    """``method_label`` of each config, made unique by the fields in which equal names differ
-    (but ``ignore``); identical configs are numbered ``#1, #2`` when ``number``."""
-    labels = [method_label(c) for c in configs]
+               number: bool = True, names: list[str] | None = None) -> list[str]:
+    """``names`` (default: ``method_label`` of each config), made unique by the fields in
+    which equal names differ (but ``ignore``); identical configs are numbered ``#1, #2`` when
+    ``number``."""
+    labels = list(names) if names is not None else [method_label(c) for c in configs]
     groups: dict[str, list[int]] = defaultdict(list)
     for i, label in enumerate(labels):
         groups[label].append(i)

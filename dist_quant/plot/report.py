@@ -172,14 +172,14 @@ class Point:
 
 
 def points(members: list[Run]) -> list[Point]:
-    """``members`` grouped by method (label without seed, worker count and batch size) and W,
+    """``members`` grouped by method (:func:`dist_quant.plot.series.method_names`) and W,
     in the order of ``members``, then by W. The batch size usually follows W (a fixed global
     batch); where one method has runs of several batch sizes at one W, they are separate
     points named ``batch_size=B``."""
-    from dist_quant.plot.labels import run_labels
+    from dist_quant.plot.series import method_names
 
-    labels = run_labels([r.config for r in members],
-                        ignore=frozenset({"seed", "workers", "batch_size"}), number=False)
+    labels = ([r.method for r in members] if all(r.method for r in members)
+              else method_names(members))
     batches: dict[tuple[str, int], set] = {}
     for run, label in zip(members, labels, strict=True):
         batches.setdefault((label, int(run.summary["workers"])), set()).add(
@@ -270,8 +270,41 @@ def seeds_table(members: list[Run], target: float) -> str:
     return "\n".join(lines)
 
 
+def methods_table(runs: list[Run]) -> list[str]:
+    """One row per method: its name in the figures and tables, and what it trains."""
+    from dist_quant.plot.labels import method_label
+    from dist_quant.plot.series import first_runs, method_order
+
+    first = first_runs(runs)
+    lines = ["| method | what it is | runs |", "|---|---|---:|"]
+    for m in method_order(runs):
+        count = sum(r.method == m for r in runs)
+        lines.append(f"| {m} | {method_label(first[m].config)} | {count} |")
+    return lines
+
+
+def provenance(runs: list[Run], command: str | None) -> list[str]:
+    from dist_quant.plot.recipe import commits, machines, sweep_commands, versions, wrapped
+    from dist_quant.plot.series import method_order
+
+    parts = ["## Machine and commit", ""]
+    parts += [f"- Machine: {m}" for m in machines(runs)]
+    parts += [f"- Commit: {c}" for c in commits(runs)]
+    parts += [f"- Versions: {v}" for v in versions(runs)] + [""]
+    sweeps = sweep_commands(runs, method_order(runs))
+    if command or sweeps:
+        parts += ["## Commands", ""]
+        if sweeps:
+            parts += ["The runs (rebuilt from their point.json and config.json):", "", "```",
+                      *map(wrapped, sweeps), "```", ""]
+        if command:
+            parts += ["This report:", "", "```", wrapped(command), "```", ""]
+    return parts
+
+
 def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
-                 figures: list[Path], out: Path, scaling: dict | None = None) -> Path:
+                 figures: list[Path], out: Path, scaling: dict | None = None,
+                 command: str | None = None) -> Path:
     runs = [r for members in groups.values() for r in members]
     parts = [
         "# Bandwidth versus convergence", "",
@@ -280,6 +313,8 @@ def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
         "bytes x 8 / (params x steps x workers). MB = 10^6 bytes, counted at the first "
         "evaluation at or above the target, as is the time to target (wall seconds). Speed-up: "
         "DDP fp32's time to target under the same link over the method's.", ""]
+    if all(r.method for r in runs):
+        parts += ["## Methods", "", *methods_table(runs), ""]
     seeds = has_several_seeds(groups)
     if seeds:
         parts += ["Several seeds per point: mean [min–max] over the seeds; time and MB to "
@@ -296,6 +331,7 @@ def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
 
         parts += scaling_table(scaling)
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]
+    parts += provenance(runs, command)
     parts += ["## Runs", ""] + [f"- `{r.path}`: {r.label} ({r.cap})" for r in runs] + [""]
     path = out / "report.md"
     path.write_text("\n".join(parts))

@@ -2,7 +2,8 @@
 
 Reads only the run-directory format of :mod:`dist_quant.metrics` (``config.json``,
 ``metrics.jsonl``, ``summary.json``) and, where the cluster wrote them, ``link.json``
-(``rate_mbit``, ``latency_ms``, ``loss_pct``, ``hosts``) and ``wire.json``. A run without
+(``rate_mbit``, ``latency_ms``, ``loss_pct``, ``hosts``) and ``wire.json``, and where a sweep
+wrote it ``point.json`` (the method's label). A run without
 ``link.json`` ran on loopback with no cap. A run directory is any directory holding
 ``summary.json``; a sweep directory is searched recursively.
 """
@@ -48,7 +49,10 @@ class Run:
     evals: list[dict[str, Any]]
     link: Link | None
     wire: dict[str, Any] | None
-    label: str = field(default="")
+    label: str = field(default="")    # unique within its link (seed, W where they differ)
+    method: str = field(default="")   # the same for every seed and W of one method
+    point: dict[str, Any] | None = None   # point.json of a sweep's run
+    meta: dict[str, Any] = field(default_factory=dict)  # config.json less "config"
 
     @property
     def cap(self) -> str:
@@ -81,9 +85,11 @@ def load_run(path: Path) -> Run:
         link = Link(raw["rate_mbit"], float(raw.get("latency_ms", 0.0)),
                     float(raw.get("loss_pct", 0.0)))
     wire = read_json(path / "wire.json") if (path / "wire.json").is_file() else None
+    point = read_json(path / "point.json") if (path / "point.json").is_file() else None
     return Run(path, config["config"], read_summary(path),
                [r for r in lines if r["kind"] == "step"],
-               [r for r in lines if r["kind"] == "eval"], link, wire)
+               [r for r in lines if r["kind"] == "eval"], link, wire, point=point,
+               meta={k: v for k, v in config.items() if k != "config"})
 
 
 def find_runs(paths: list[Path]) -> list[Run]:
@@ -101,18 +107,24 @@ def find_runs(paths: list[Path]) -> list[Run]:
 
 def group_by_cap(runs: list[Run]) -> dict[str, list[Run]]:
     """Runs grouped by link, slowest cap first, loopback last; labels unique within a group;
-    DDP fp32 first, then the other DDP baselines, then the parameter-server runs."""
+    runs in method order (:func:`dist_quant.plot.series.method_order`: DDP fp32 first, then
+    the other DDP baselines, then the parameter server). A run is named by its method
+    (:func:`dist_quant.plot.series.base_name`), with its seed or W where they differ."""
     from dist_quant.plot.labels import run_labels
+    from dist_quant.plot.series import base_name, method_names, method_order
 
     def key(run: Run) -> tuple[int, tuple[float, float, float]]:
         return (1, (0.0, 0.0, 0.0)) if run.link is None else (0, run.link.sort_key())
 
+    for run, method in zip(runs, method_names(runs), strict=True):
+        run.method = method
+    rank = {m: i for i, m in enumerate(method_order(runs))}
     groups: dict[str, list[Run]] = {}
     for run in sorted(runs, key=key):
         groups.setdefault(run.cap, []).append(run)
     for members in groups.values():
-        for run, label in zip(members, run_labels([r.config for r in members]), strict=True):
+        labels = run_labels([r.config for r in members], names=[base_name(r) for r in members])
+        for run, label in zip(members, labels, strict=True):
             run.label = label
-        members.sort(key=lambda r: (not r.is_ddp_fp32, r.config.get("method") != "ddp",
-                                    r.label.lower()))
+        members.sort(key=lambda r: (rank[r.method], r.label.lower()))
     return groups
