@@ -188,6 +188,10 @@ class TrainConfig:
                 "use one")
         if (rate is None or rate > 0) and self.compressor in ("none",):
             bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
+        if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
+            bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
+        if self.worker_momentum and self.method != "ps":
+            bad("worker_momentum", "applies to the parameter-server job only (--method ps)")
         if self.downlink_bucket_size < 0:
             bad("downlink_bucket_size", f"must be >= 0; got {self.downlink_bucket_size}")
         if not 1 <= self.bits <= 8:
