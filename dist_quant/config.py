@@ -147,6 +147,9 @@ class TrainConfig:
                           "single-process reference; same parameters as the distributed run).")
     stop_accuracy: float = _opt(0.0, "Stop once test accuracy at an evaluation reaches this "
                                 "fraction (0..1); 0 = run all steps. For time-to-target sweeps.")
+    tensorboard: bool = _opt(False, "Also write the step and evaluation scalars as TensorBoard "
+                             "event files in the run directory (needs the tensorboard package; "
+                             "DIST_QUANT_TENSORBOARD=1 does the same).")
     inject_nonfinite: str = _opt("", "Testing aid: WORKER:STEP makes worker WORKER (0-based) "
                                  "hold a NaN gradient at step STEP (1-based); empty = never.")
 
@@ -190,6 +193,10 @@ class TrainConfig:
             bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
         if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
             bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
+        from dist_quant import tensorboard as tb
+
+        if tb.requested({"tensorboard": self.tensorboard}) and tb.missing():
+            bad("tensorboard", tb.missing())
         if self.worker_momentum and self.method != "ps":
             bad("worker_momentum", "applies to the parameter-server job only (--method ps)")
         if self.downlink_bucket_size < 0:

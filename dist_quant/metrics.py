@@ -121,6 +121,9 @@ class RunRecorder:
                           {"config": config, "model": model, "metric": metric,
                            "versions": versions(), "git_commit": git_commit()})
         self._fh = open(metrics, "a", buffering=1)  # noqa: SIM115 (closed in close())
+        from dist_quant.tensorboard import open_writer
+
+        self._tb = open_writer(self.dir, config, resume_step)  # --tensorboard, else None
         self._lr = None
         if "lr" in config:
             from dist_quant.lr_schedule import schedule_from_config
@@ -145,6 +148,8 @@ class RunRecorder:
         if self._lr is not None:
             rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
         self._fh.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            self._tb.record(rec)
         return rec
 
     def eval(self, step: int, test_loss: float, test_accuracy: float) -> dict[str, Any]:
@@ -152,6 +157,8 @@ class RunRecorder:
                "test_accuracy": float(test_accuracy), "cum_bytes_up": self.cum_up,
                "cum_bytes_down": self.cum_down, "wall": self.wall()}
         self._fh.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            self._tb.record(rec)
         return rec
 
     def summary(self, **fields: Any) -> dict[str, Any]:
@@ -162,6 +169,8 @@ class RunRecorder:
 
     def close(self) -> None:
         self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
