@@ -22,7 +22,7 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 ``ps-colocated``      the same setting with no dedicated server: every worker serves 1/W
                       of the parameters (``--colocate``)
 ``ps-fast``           colocated, scaled sign in buckets of 32 with fp16 scales and error
-                      feedback on each worker's own momentum (``--worker-momentum``; 1.53
+                      feedback on each worker's own momentum (``--worker-momentum``; 1.51
                       bits per coordinate up), 4-bit downlink in buckets of 512: the steps of
                       fp32 (benchmarks/convergence-2026-12-06)
 ``ps-qsgd``           QSGD, ``--qsgd-levels`` levels, L2 norm per bucket (Alistarh et al. 2017)
