@@ -84,6 +84,14 @@ class TrainConfig:
     error_feedback: bool = _opt(False, "Wrap the uplink compressor in error feedback. It needs a "
                                 "contractive compressor (sign); around stochastic 1-bit "
                                 "rounding the carried error grows and long runs diverge.")
+    worker_momentum: bool = _opt(False, "Each worker keeps the momentum of its own gradient "
+                                 "and compresses that (with --error-feedback: DGC's momentum "
+                                 "correction); the server averages and steps with no momentum "
+                                 "of its own. Same method without compression.")
+    shift_rate: str = _opt("0", "Shifted compression: each worker sends C(g - h) and both sides "
+                           "move the shift h by ALPHA times the decode (DIANA with an unbiased "
+                           "compressor, EF21 with sign/topk and 1); 0 = off, auto = "
+                           "1 / (1 + omega) (1 for sign/topk).")
     qsgd_levels: int = _opt(4, "Levels s of the qsgd compressor (1..32767): 1 + bit_length(s) "
                             "bits per coordinate, plus the bucket's norm.")
     sparsity_ratio: float = _opt(0.01, "Fraction of the coordinates that topk and randk send, "
@@ -155,6 +163,9 @@ class TrainConfig:
                           "single-process reference; same parameters as the distributed run).")
     stop_accuracy: float = _opt(0.0, "Stop once test accuracy at an evaluation reaches this "
                                 "fraction (0..1); 0 = run all steps. For time-to-target sweeps.")
+    tensorboard: bool = _opt(False, "Also write the step and evaluation scalars as TensorBoard "
+                             "event files in the run directory (needs the tensorboard package; "
+                             "DIST_QUANT_TENSORBOARD=1 does the same).")
     inject_nonfinite: str = _opt("", "Testing aid: WORKER:STEP makes worker WORKER (0-based) "
                                  "hold a NaN gradient at step STEP (1-based); empty = never.")
     slow_worker: str = _opt("", "I=FACTOR (repeatable, or I=F,J=G): worker I (0-based) computes "
@@ -192,6 +203,25 @@ class TrainConfig:
                 f"got {self.servers}")
         if self.bucket_size < 0:
             bad("bucket_size", f"must be >= 0 (0 = whole tensor); got {self.bucket_size}")
+        try:
+            from dist_quant.compress.shift import parse_shift_rate
+
+            rate = parse_shift_rate(self.shift_rate)
+        except ValueError as err:
+            bad("shift_rate", str(err))
+        if (rate is None or rate > 0) and self.error_feedback:
+            bad("shift_rate", "and --error-feedback both correct the compression error; "
+                "use one")
+        if (rate is None or rate > 0) and self.compressor in ("none",):
+            bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
+        if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
+            bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
+        from dist_quant import tensorboard as tb
+
+        if tb.requested({"tensorboard": self.tensorboard}) and tb.missing():
+            bad("tensorboard", tb.missing())
+        if self.worker_momentum and self.method != "ps":
+            bad("worker_momentum", "applies to the parameter-server job only (--method ps)")
         if self.downlink_bucket_size < 0:
             bad("downlink_bucket_size", f"must be >= 0; got {self.downlink_bucket_size}")
         if not 1 <= self.bits <= 8:

@@ -241,7 +241,8 @@ def make_hook(cfg: TrainConfig, group: dist.ProcessGroup | None = None) -> tuple
     if cfg.ddp_hook == "onebit":
         state = OneBitState(process_group=group, compressor=cfg.compressor,
                             bucket_size=cfg.bucket_size, error_feedback=cfg.error_feedback,
-                            seed=cfg.seed, bits=cfg.bits, header_dtype=cfg.header_dtype)
+                            seed=cfg.seed, bits=cfg.bits, header_dtype=cfg.header_dtype,
+                            shift_rate=cfg.shift_rate)
         return onebit_hook, state
     raise ConfigError("--ddp-hook", f"must be none, fp16, powersgd or onebit; got "
                       f"{cfg.ddp_hook!r}")

@@ -148,6 +148,9 @@ class RunRecorder:
                                          "machine": machine()},
                          start)
         self._fh = WholeLines(metrics, self.dir, start)  # closed in close()
+        from dist_quant.tensorboard import open_writer
+
+        self._tb = open_writer(self.dir, config, resume_step)  # --tensorboard, else None
         self._lr = None
         if "lr" in config:
             from dist_quant.lr_schedule import schedule_from_config
@@ -172,6 +175,8 @@ class RunRecorder:
         if self._lr is not None:
             rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
         self._fh.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            self._tb.record(rec)
         return rec
 
     def eval(self, step: int, test_loss: float, test_accuracy: float) -> dict[str, Any]:
@@ -179,6 +184,8 @@ class RunRecorder:
                "test_accuracy": float(test_accuracy), "cum_bytes_up": self.cum_up,
                "cum_bytes_down": self.cum_down, "wall": self.wall()}
         self._fh.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            self._tb.record(rec)
         return rec
 
     def update(self, fields: dict[str, Any]) -> dict[str, Any]:
@@ -195,6 +202,8 @@ class RunRecorder:
 
     def close(self) -> None:
         self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
 
     def _write_json(self, name: str, obj: dict[str, Any], step: int) -> None:
         self._write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n", step)

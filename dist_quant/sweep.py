@@ -21,6 +21,10 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
                       servers
 ``ps-colocated``      the same setting with no dedicated server: every worker serves 1/W
                       of the parameters (``--colocate``)
+``ps-fast``           colocated, scaled sign in buckets of 32 with fp16 scales and error
+                      feedback on each worker's own momentum (``--worker-momentum``; 1.51
+                      bits per coordinate up), 4-bit downlink in buckets of 512: the steps of
+                      fp32 (benchmarks/convergence-2026-12-06)
 ``ps-qsgd``           QSGD, ``--qsgd-levels`` levels, L2 norm per bucket (Alistarh et al. 2017)
 ``ps-terngrad``       TernGrad, ternary with max scaling per bucket (Wen et al. 2017)
 ``ps-topk-ef``        top-k (``--sparsity-ratio``) with error feedback
@@ -117,6 +121,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "downlink": "none"},
     "ps-sharded": {**_RECOMMENDED, "servers": 2, "colocate": False},
     "ps-colocated": {**_RECOMMENDED, "servers": 1, "colocate": True},
+    # the fewest steps at <= 2.1 bits up (benchmarks/convergence-2026-12-06, README)
+    "ps-fast": {"method": "ps", "compressor": "sign", "bucket_size": 32, "header_dtype": "fp16",
+                "error_feedback": True, "worker_momentum": True, "shift_rate": "0",
+                "downlink": "kbit", "bits": 4, "downlink_bucket_size": 512, "servers": 1,
+                "colocate": True, "overlap": False},
     "ddp-fp32": {"method": "ddp", "ddp_hook": "none"},
     "ddp-fp16": {"method": "ddp", "ddp_hook": "fp16"},
     "ddp-powersgd": {"method": "ddp", "ddp_hook": "powersgd"},

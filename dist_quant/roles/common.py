@@ -50,10 +50,25 @@ def build_model(cfg: TrainConfig, in_features: int, num_classes: int, device: to
 def uplink_compressor(cfg: TrainConfig, stateful: bool):
     """The uplink compressor; ``stateful`` adds error feedback when configured (workers only:
     the server decodes with the stateless inner compressor, the payloads are the same)."""
-    return get_compressor(cfg.compressor, bucket_size=cfg.bucket_size, bits=cfg.bits,
+    comp = get_compressor(cfg.compressor, bucket_size=cfg.bucket_size, bits=cfg.bits,
                           header_dtype=cfg.header_dtype, levels=cfg.qsgd_levels,
                           ratio=cfg.sparsity_ratio,
                           error_feedback=cfg.error_feedback and stateful)
+    return wrap_uplink(cfg, comp, stateful)
+
+
+def wrap_uplink(cfg: TrainConfig, comp, stateful: bool):
+    """Shifts (``--shift-rate``: the worker's shift, or the server's copies of every worker's)
+    and worker momentum (``--worker-momentum``, workers only) around the uplink compressor."""
+    from dist_quant.compress.momentum import WorkerMomentum
+    from dist_quant.compress.shift import ShiftedServer, ShiftedWorker, parse_shift_rate
+
+    rate = parse_shift_rate(cfg.shift_rate)
+    if rate is None or rate > 0:
+        comp = ShiftedWorker(comp, rate) if stateful else ShiftedServer(comp, rate)
+    if cfg.worker_momentum and stateful:
+        comp = WorkerMomentum(comp, cfg.momentum)
+    return comp
 
 
 def downlink_compressor(cfg: TrainConfig):

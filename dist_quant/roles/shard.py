@@ -63,7 +63,9 @@ class ShardServer:
             self.replica = init.clone()
             self.theta = init.clone()
         self.pieces, groups = self._pieces(model)
-        self.opt = DecoupledMomentumSGD(groups, lr=cfg.lr, momentum=cfg.momentum,
+        # --worker-momentum: the workers' payloads already hold the momentum
+        momentum = 0.0 if cfg.worker_momentum else cfg.momentum
+        self.opt = DecoupledMomentumSGD(groups, lr=cfg.lr, momentum=momentum,
                                         schedule=schedule_from_config(cfg))
         self.g = torch.empty_like(self.replica)
         self.delta = torch.empty_like(self.replica)
@@ -94,6 +96,8 @@ class ShardServer:
     def aggregate(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, list[str]]:
         """Mean of the valid rows' decodes (None if none is valid), and why rows were left out
         (``"worker i: reason"``)."""
+        if hasattr(self.up, "aggregate"):  # shifted compression: the shifts live there
+            return self.up.aggregate(rows, out=self.g)
         try:
             return self.up.decode_mean(rows, out=self.g), []
         except (PayloadError, NonFiniteGradientError):
@@ -147,7 +151,8 @@ class ShardServer:
     def state_dict(self) -> dict[str, Any]:
         return {"index": self.index, "lo": self.lo, "hi": self.hi, "step": self.step,
                 "theta": self.theta.to("cpu", copy=True), "optimizer": self.opt.state_dict(),
-                "replica": self.replica.to("cpu", copy=True), "generator": self.gen.get_state()}
+                "replica": self.replica.to("cpu", copy=True), "generator": self.gen.get_state(),
+                **({"uplink": self.up.state_dict()} if hasattr(self.up, "state_dict") else {})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if (int(state["lo"]), int(state["hi"])) != (self.lo, self.hi):
@@ -158,3 +163,5 @@ class ShardServer:
         self.opt.load_state_dict(state["optimizer"])
         self.replica.copy_(state["replica"])
         self.gen.set_state(state["generator"])
+        if hasattr(self.up, "load_state_dict"):
+            self.up.load_state_dict(state["uplink"])
