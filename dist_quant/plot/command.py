@@ -27,7 +27,9 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
     """Plot accuracy against bytes and wall time, phase times, bytes and time to a target
     accuracy, and write report.md with one table per link cap (mean and spread over seeds
     where a point has several); with runs at several worker counts under a capped link, also
-    communication per step against W beside the link model (scaling.png).
+    communication per step against W beside the link model (scaling.png); with asynchronous
+    runs (--consistency ssp|async, --backup-workers), the staleness of their gradients
+    (staleness.png).
 
     Each path is a run directory (holding summary.json) or a sweep directory searched for
     them recursively.
@@ -57,6 +59,10 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
         note = "given with --target"
     per_w = scaling(groups)
     figures = draw_all(groups, target, out, per_w)
+    from dist_quant.plot.staleness import staleness_figure
+
+    stale = staleness_figure(groups, out)   # asynchronous runs only
+    figures = [*figures, stale] if stale is not None else figures
     report = write_report(groups, target, note, figures, out, per_w)
     for path in [*figures, report]:
         click.echo(str(path))
