@@ -21,6 +21,14 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
                       servers
 ``ps-colocated``      the same setting with no dedicated server: every worker serves 1/W
                       of the parameters (``--colocate``)
+``ps-tolerant``       the same setting on the star, asynchronous (``--consistency async``),
+                      momentum 0.5 and lr 1.0: the mode that hides a straggler best in the
+                      stragglers record (benchmarks/stragglers-2026-12-06). Async keeps every
+                      fast worker busy whatever the slowest does; its staleness acts as extra
+                      momentum (Mitliagkas et al. 2016), so the explicit momentum is lowered
+                      and the lr raised to keep the effective step lr / (1 - momentum) = 2.0 of
+                      the default (sync at 0.2 and 0.9); at the defaults async needs about 2x
+                      the steps of sync to 68%
 ``ps-qsgd``           QSGD, ``--qsgd-levels`` levels, L2 norm per bucket (Alistarh et al. 2017)
 ``ps-terngrad``       TernGrad, ternary with max scaling per bucket (Wen et al. 2017)
 ``ps-topk-ef``        top-k (``--sparsity-ratio``) with error feedback
@@ -118,6 +126,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "downlink": "none"},
     "ps-sharded": {**_RECOMMENDED, "servers": 2, "colocate": False},
     "ps-colocated": {**_RECOMMENDED, "servers": 1, "colocate": True},
+    "ps-tolerant": {**_RECOMMENDED, "servers": 1, "colocate": False, "consistency": "async",
+                    "momentum": 0.5, "lr": 1.0},
     "ddp-fp32": {"method": "ddp", "ddp_hook": "none"},
     "ddp-fp16": {"method": "ddp", "ddp_hook": "fp16"},
     "ddp-powersgd": {"method": "ddp", "ddp_hook": "powersgd"},
