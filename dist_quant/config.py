@@ -69,6 +69,9 @@ class TrainConfig:
                             "dedicated sharded servers only.", choices=CONSISTENCY)
     staleness: int = _opt(_DEFAULT_STALENESS, "K of --consistency ssp: how many steps a "
                           "worker may run ahead of the slowest (0 = sync).")
+    staleness_lr: bool = _opt(False, "ssp and async: divide each gradient by its staleness "
+                              "(at least 1) before it is applied, i.e. lr / staleness "
+                              "(Zhang et al. 2016).")
     backup_workers: int = _opt(0, "B of --consistency sync: each step uses the first W - B "
                                "gradients to arrive and drops the others (Chen et al. 2016).")
     # --- uplink compression ----------------------------------------------------------------
@@ -310,6 +313,9 @@ class TrainConfig:
             if where:
                 bad("consistency", f"{self.consistency} needs the parameter server's star or "
                     f"dedicated servers; {where} (use --consistency sync)")
+        if self.staleness_lr and self.consistency == "sync":
+            bad("staleness_lr", "scales stale gradients of --consistency ssp|async; a "
+                "synchronous step has none")
         if self.staleness < 0:
             bad("staleness", f"must be >= 0 (0 = sync); got {self.staleness}")
         if self.staleness != _DEFAULT_STALENESS and self.consistency != "ssp":

@@ -36,14 +36,24 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     work (``--overlap``; else 0).
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
     "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``.
+  * update lines (``--consistency ssp|async``, ``--backup-workers``; one per gradient that
+    reached the server): ``{"kind": "update", "arrival": a, "worker": i, "worker_step": k,
+    "read": v, "applied": u or null, "staleness": u - 1 - v or null, "step": t,
+    "started_after": r, "dropped": null | "late" | "end"}``; the step lines of such runs add
+    ``"updates"``, ``"gradients"`` (applied in that step) and ``"time_wait"`` (the mean time a
+    worker waited for its release), and their ``time`` holds means per gradient
+    (``dist_quant.roles.events``).
 - ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,
   ``fp32_bytes_up``, ``fp32_bytes_down`` (what fp32 would have sent for the same steps),
   ``steps``, ``workers``, ``params``, ``wall_seconds``, ``compressor``, ``method``,
   ``skipped_payloads``. The parameter-server job adds ``bucket_size``, ``downlink``,
   ``payload_nbytes_up``, ``payload_nbytes_down`` (one payload, bytes), ``simulate`` and
   ``stopped_early`` (``--stop-accuracy`` reached before ``--steps``); ``steps`` is the number
-  of steps run. ``fp32_bytes_*`` price every payload at the ``none`` compressor's size
-  (statistics included, as sent).
+  of steps run; ``consistency``. An asynchronous run adds ``staleness_bound`` (K; null for
+  async), ``backup_workers``, ``updates``, ``gradients`` (received), ``applied_per_worker``,
+  ``dropped_per_worker``, ``wait_seconds_per_worker``, ``staleness_mean`` and
+  ``staleness_histogram`` (``{"s": count}`` of the applied gradients). ``fp32_bytes_*``
+  price every payload at the ``none`` compressor's size (statistics included, as sent).
 - ``checkpoints/``: ``step_<t>.pt`` files written atomically, plus ``latest`` (a text file
   naming the newest); contents in ``dist_quant.checkpoint``.
 """

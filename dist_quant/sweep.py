@@ -25,6 +25,14 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
                       feedback on each worker's own momentum (``--worker-momentum``; 1.51
                       bits per coordinate up), 4-bit downlink in buckets of 512: the steps of
                       fp32 (benchmarks/convergence-2026-12-06)
+``ps-tolerant``       the same setting on the star, asynchronous (``--consistency async``),
+                      momentum 0.5 and lr 1.0: the mode that hides a straggler best in the
+                      stragglers record (benchmarks/stragglers-2026-12-06). Async keeps every
+                      fast worker busy whatever the slowest does; its staleness acts as extra
+                      momentum (Mitliagkas et al. 2016), so the explicit momentum is lowered
+                      and the lr raised to keep the effective step lr / (1 - momentum) = 2.0 of
+                      the default (sync at 0.2 and 0.9); at the defaults async needs about 2x
+                      the steps of sync to 68%
 ``ps-qsgd``           QSGD, ``--qsgd-levels`` levels, L2 norm per bucket (Alistarh et al. 2017)
 ``ps-terngrad``       TernGrad, ternary with max scaling per bucket (Wen et al. 2017)
 ``ps-topk-ef``        top-k (``--sparsity-ratio``) with error feedback
@@ -47,7 +55,10 @@ Axes. ``--set FIELD=V1,V2`` sweeps any TrainConfig field (one value = fixed for 
 (``--set seed=0 --set seed=1``) sweeps the values of both, in order, without repeats.
 ``--seeds 0,1,2`` is ``--set seed=0,1,2`` (repeated runs of every point, one per seed).
 ``--rate`` (Mbit/s; ``none`` = uncapped), ``--latency`` (ms, one way) and ``--loss`` (percent)
-are the link axes. A grid file
+are the link axes. Uneven clusters: ``--worker-rate I=MBIT`` (repeatable) gives worker I its
+own link cap in every point (on the namespace cluster), ``--slow-worker I=FACTOR`` makes it
+compute FACTOR times slower (``--set slow_worker=I=FACTOR`` is the same); both appear in the
+point's name (``w1at1mbit``, ``slow1x4``). A grid file
 (``--grid FILE.json``) holds the same: ``{"methods": [...], "set": {"field": [values]},
 "rate_mbit": [10, null], "latency_ms": [0], "loss_pct": [0]}``; options given on the command
 line replace the file's values for that axis (``--set`` per field).
@@ -126,6 +137,8 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "error_feedback": True, "worker_momentum": True, "shift_rate": "0",
                 "downlink": "kbit", "bits": 4, "downlink_bucket_size": 512, "servers": 1,
                 "colocate": True, "overlap": False},
+    "ps-tolerant": {**_RECOMMENDED, "servers": 1, "colocate": False, "consistency": "async",
+                    "momentum": 0.5, "lr": 1.0},
     "ddp-fp32": {"method": "ddp", "ddp_hook": "none"},
     "ddp-fp16": {"method": "ddp", "ddp_hook": "fp16"},
     "ddp-powersgd": {"method": "ddp", "ddp_hook": "powersgd"},
@@ -222,10 +235,12 @@ class Point:
     loss_pct: float = 0.0
     force_cluster: bool = False
     engine: str = "netns"   # how a cluster point runs: namespaces or containers (compose)
+    worker_rates: tuple[tuple[int, float], ...] = ()   # (worker, Mbit/s): its own link cap
 
     @property
     def capped(self) -> bool:
-        return self.rate_mbit is not None or self.latency_ms > 0 or self.loss_pct > 0
+        return (self.rate_mbit is not None or self.latency_ms > 0 or self.loss_pct > 0
+                or bool(self.worker_rates))
 
     @property
     def runner(self) -> str:
@@ -237,6 +252,8 @@ class Point:
                  "runner": self.runner}
         if self.runner == "cluster" and self.engine != "netns":
             ident["engine"] = self.engine
+        if self.worker_rates:
+            ident["worker_rates"] = [list(w) for w in self.worker_rates]
         return ident
 
     @property
@@ -248,6 +265,8 @@ class Point:
             parts.append(f"{self.latency_ms:g}ms")
         if self.loss_pct:
             parts.append(f"loss{self.loss_pct:g}")
+        parts += [f"w{i}at{r:g}mbit" for i, r in self.worker_rates]
+        parts += [f"slow{i}x{f:g}" for i, f in sorted(self.cfg.slow_factors.items())]
         if self.runner == "cluster" and self.engine == "compose":
             parts.append("dc")
         elif self.runner == "cluster" and not self.capped:
@@ -263,7 +282,9 @@ def config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
 def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None = None,
                 rates: Sequence[float | None] = (None,), latencies: Sequence[float] = (0.0,),
                 losses: Sequence[float] = (0.0,), force_cluster: bool = False,
-                base: TrainConfig | None = None, engine: str = "netns") -> list[Point]:
+                base: TrainConfig | None = None,
+                worker_rates: Mapping[int, float] | None = None,
+                engine: str = "netns") -> list[Point]:
     """Every combination of link, ``sets`` values and method, as validated points (in that
     nesting order, methods innermost). Raises ConfigError for a bad combination."""
     if not methods:
@@ -284,7 +305,8 @@ def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None
                     raise ConfigError(err.option, f"{str(err).split(': ', 1)[-1]} (method "
                                       f"{label}, {chosen or 'no --set'})") from None
                 point = Point(label, cfg, rate, float(latency or 0.0), float(loss or 0.0),
-                              force_cluster, engine)
+                              force_cluster, engine,
+                              tuple(sorted((worker_rates or {}).items())))
                 if point.name not in seen:
                     seen.add(point.name)
                     points.append(point)
@@ -334,6 +356,7 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
         "label": point.label, "preset": point.label if point.label in PRESETS else None,
         "rate_mbit": point.rate_mbit, "latency_ms": point.latency_ms,
         "loss_pct": point.loss_pct, "runner": point.runner,
+        "worker_rates": {str(i): r for i, r in point.worker_rates},
         **({"engine": point.engine} if point.runner == "cluster" else {})})
     cfg = point.cfg.replace(run_dir=str(run_dir), progress=False)
     log = run_dir / "log.txt"
@@ -345,7 +368,8 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
                 from dist_quant.cluster import run_cluster, run_compose
 
                 run = run_compose if point.engine == "compose" else run_cluster
-                run(cfg, point.rate_mbit, point.latency_ms, point.loss_pct)
+                extra = {"worker_rates": dict(point.worker_rates)} if point.worker_rates else {}
+                run(cfg, point.rate_mbit, point.latency_ms, point.loss_pct, **extra)
             else:
                 from dist_quant.train import launch
 
@@ -371,6 +395,7 @@ def _record(point: Point, run_dir: Path, seconds: float | None) -> dict[str, Any
         "method": point.cfg.method, "workers": point.cfg.workers, "seed": point.cfg.seed,
         "rate_mbit": point.rate_mbit, "latency_ms": point.latency_ms,
         "loss_pct": point.loss_pct, "runner": point.runner,
+        "worker_rates": {str(i): r for i, r in point.worker_rates},
         "fields": {k: v for k, v in config_identity(point.cfg.to_dict()).items()
                    if v != getattr(_DEFAULTS, k)},
         "status": "done", "run_seconds": seconds}
@@ -450,9 +475,12 @@ def _as_list(value: Any) -> list[Any]:
 def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str | None,
                         latency: str | None, loss: str | None, grid: str | None,
                         cluster: bool, seeds: str | None = None,
+                        worker_rate: Sequence[str] = (),
+                        slow_worker: Sequence[str] = (),
                         engine: str = "netns") -> list[Point]:
     """The grid of the command line (and ``--grid`` file), validated; ``seeds``: the
-    ``--seeds`` list, a ``seed`` axis merged with any ``--set seed=...``."""
+    ``--seeds`` list, a ``seed`` axis merged with any ``--set seed=...``; ``worker_rate`` and
+    ``slow_worker``: ``I=VALUE`` items for every point."""
     spec = _grid_from_file(grid) if grid else {}
     axes: dict[str, list[Any]] = {}
     for name, values in (spec.get("set") or {}).items():
@@ -468,6 +496,8 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
             parsed.append(parse_axis(f"seed={seeds}"))
         except ConfigError as err:
             raise ConfigError("--seeds", str(err).split(": ", 1)[-1]) from None
+    if slow_worker:
+        parsed.append(("slow_worker", [",".join(slow_worker)]))
     for name, values in parsed:
         merged = given.setdefault(name, [])
         merged += [v for v in values if v not in merged]
@@ -478,9 +508,16 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
         [float(v) for v in _as_list(spec.get("latency_ms", 0.0))]
     losses = parse_link_list("--loss", loss, False) if loss is not None else \
         [float(v) for v in _as_list(spec.get("loss_pct", 0.0))]
+    workers = {int(v) for v in axes.get("workers", [_DEFAULTS.workers])}
+    from dist_quant.cluster.run import parse_worker_rates
+
+    uneven = parse_worker_rates(worker_rate, min(workers))
+    if uneven and engine == "compose":
+        raise ConfigError("--worker-rate", "not with --engine compose (the workers are one "
+                          "scaled service); use --engine netns")
     return expand_grid(list(methods) or list(spec.get("methods", [])), axes, rates, latencies,
                        losses, force_cluster=cluster or bool(spec.get("cluster", False)),
-                       engine=engine)
+                       worker_rates=uneven, engine=engine)
 
 
 @click.command("sweep", context_settings={"help_option_names": ["-h", "--help"]})
@@ -497,6 +534,10 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
 @click.option("--latency", default=None, metavar="L1,L2",
               help="One-way latencies in ms (default 0).")
 @click.option("--loss", default=None, metavar="P1,P2", help="Packet loss in percent (default 0).")
+@click.option("--worker-rate", "worker_rate", multiple=True, metavar="I=MBIT",
+              help="Worker I's own link cap in every point (repeatable; namespace cluster).")
+@click.option("--slow-worker", "slow_worker", multiple=True, metavar="I=FACTOR",
+              help="Worker I computes FACTOR times slower in every point (repeatable).")
 @click.option("--grid", type=click.Path(exists=True, dir_okay=False),
               help="JSON grid file (methods, set, rate_mbit, latency_ms, loss_pct).")
 @click.option("--cluster", is_flag=True,
@@ -509,7 +550,8 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar over points on stderr.")
 def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: str | None,
-          rate: str | None, latency: str | None, loss: str | None, grid: str | None,
+          rate: str | None, latency: str | None, loss: str | None,
+          worker_rate: tuple[str, ...], slow_worker: tuple[str, ...], grid: str | None,
           cluster: bool, engine: str, dry_run: bool, progress: bool) -> None:
     """Run a grid of training jobs into OUT_DIR, one directory per point, skipping points
     already done there (run the same command again to resume).
@@ -527,7 +569,7 @@ def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: 
     """
     try:
         points = points_from_options(methods, sets, rate, latency, loss, grid, cluster, seeds,
-                                     engine)
+                                     worker_rate, slow_worker, engine)
     except ConfigError as err:
         raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
     if dry_run:

@@ -61,9 +61,10 @@ def evals(run_dir: Path) -> list[tuple]:
 
 def without_timing(state: dict) -> dict:
     """A final checkpoint without what measures time (the workers' waits, the telemetry of
-    gradients not applied yet)."""
+    gradients not applied yet) or names where arrivals came from (network, clock, record)."""
     st = state["consistency"]
     st.pop("wait_by")
+    st.pop("order")
     for info in [*st["queue"], *st["held"].values()]:
         info.pop("telemetry")
     return state

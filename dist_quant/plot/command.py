@@ -32,7 +32,9 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
     report.md with one table per link cap (mean and spread over seeds where a point has
     several) and report.html, the same as one page with the figures inline that a browser
     opens from disk; with runs at several worker counts under a capped link, also
-    communication per step against W beside the link model (scaling.png).
+    communication per step against W beside the link model (scaling.png); with asynchronous
+    runs (--consistency ssp|async, --backup-workers), the staleness of their gradients
+    (staleness.png).
 
     Each path is a run directory (holding summary.json) or a sweep directory searched for
     them recursively.
@@ -66,6 +68,10 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
         note = "given with --target"
     per_w = scaling(groups)
     figures = draw_all(groups, target, out, per_w)
+    from dist_quant.plot.staleness import staleness_figure
+
+    stale = staleness_figure(groups, out)   # asynchronous runs only
+    figures = [*figures, stale] if stale is not None else figures
     report = write_report(groups, target, note, figures, out, per_w, shlex.join(given))
     page = write_html(report, {m: s.colour for m, s in plan(groups, target).style.items()})
     for path in [*figures, report, page]:

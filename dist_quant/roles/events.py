@@ -86,6 +86,7 @@ from dist_quant.roles.fabric import (
     TAG_THETA,
     TAG_UP,
     LocalFabric,
+    RemoteFabric,
 )
 from dist_quant.roles.placement import Placement
 from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
@@ -97,6 +98,7 @@ from dist_quant.transport import ABORT, CONTINUE, LAST
 GO, STATE = CONTINUE, 3            # controls besides LAST and ABORT
 CONTROL = 2                        # int64: code, send BatchNorm statistics (0/1)
 UPDATE, DROP, RELEASE, EVAL, SAVE, STOP, HALT = range(7)   # commands to the other servers
+HEAD = 4                           # a command: op, step, workers, staleness sum; the workers
 TELEMETRY_ASYNC = (*TELEMETRY, "wait")
 
 
@@ -119,10 +121,17 @@ class EventRank(RankRoles):
         self.W = cfg.workers
         self.pump = lambda: None      # the simulator lets the other ranks act (distributed: no)
         self.encode_s = 0.0           # this server's downlink encodes since its last report
+        # a distributed rank posts its receives before the message can come: every message of
+        # an arrival's cycle then flows as soon as it is sent, without a round trip (gloo
+        # sends once the receiver has posted; under CPU load each round trip costs a wake-up)
+        self.early = isinstance(fabric, RemoteFabric)
         if self.worker is not None:
             self.t_sent: float | None = None
+            self.next_control: Any = None
+            self.next_down: list | None = None
         if self.shard is not None:
             self.inbox: dict[int, torch.Tensor] = {}
+            self.posted: dict[int, Any] = {}    # worker -> its next payload, posted
             self.groups = None if cfg.downlink == "none" else [
                 (list(range(self.W)), self.shard.replica)]
         if self.is_leader:
@@ -186,6 +195,20 @@ class EventRank(RankRoles):
             self.fabric.send(self.rank, self.p.leader, TAG_STATS, self.worker.bn_stats(),
                              "BatchNorm statistics")
         self.t_sent = time.perf_counter()
+        self._post()
+
+    def _post(self) -> None:
+        """Distributed: post the receives of the next control and of every shard's downlink."""
+        if not self.early:
+            return
+        f, w = self.fabric, self.worker
+        if self.next_control is None:
+            self.next_control = f.recv_later(self.p.leader, self.rank, TAG_CONTROL, "control",
+                                             CONTROL, torch.int64)
+        if self.next_down is None:
+            self.next_down = [f.recv_later(self.p.server_ranks[s], self.rank, TAG_DOWN,
+                                           "parameters payload", box.numel(), torch.uint8,
+                                           out=box) for s, box in enumerate(w.inboxes)]
 
     def first_go(self) -> None:
         """A fresh run: every worker starts on the initial parameters (its first wait, which
@@ -206,16 +229,26 @@ class EventRank(RankRoles):
             raise RunAborted("the leader ended the run (see the message of the rank that "
                              "refused a payload, or the leader's)")
         w = self.worker
-        w.receive_downlink([self.fabric.recv(self.p.server_ranks[s], self.rank, TAG_DOWN,
-                                             "parameters payload", box.numel(), torch.uint8,
-                                             out=box)
-                            for s, box in enumerate(w.inboxes)])
+        if self.next_down is not None:   # posted: each waited for as the forward reaches it
+            w.receive_downlink(self.next_down)
+            w._apply_pending()
+            self.next_down = None
+        else:
+            w.receive_downlink([self.fabric.recv(self.p.server_ranks[s], self.rank, TAG_DOWN,
+                                                 "parameters payload", box.numel(),
+                                                 torch.uint8, out=box)
+                                for s, box in enumerate(w.inboxes)])
         self.fabric.flush()
         wait = 0.0 if self.t_sent is None else time.perf_counter() - self.t_sent
         self.go(stats, wait)
         return True
 
     def _next_control(self) -> torch.Tensor:
+        if self.next_control is not None:
+            wait, self.next_control = self.next_control, None
+            control = wait()
+            self._post()
+            return control
         return self.fabric.recv(self.p.leader, self.rank, TAG_CONTROL, "control", CONTROL,
                                 torch.int64)
 
@@ -223,6 +256,8 @@ class EventRank(RankRoles):
         """A worker rank's whole run (distributed)."""
         if not self.cfg.resume:
             self.first_go()
+        else:
+            self._post()
         while self.on_control(self._next_control()):
             pass
 
@@ -239,11 +274,14 @@ class EventRank(RankRoles):
         """Worker ``worker``'s next payload of this shard (received now unless it is here)."""
         if worker in self.inbox:
             return self.inbox.pop(worker)
+        if worker in self.posted:
+            return self.posted.pop(worker)()
         return self.fabric.recv(self.p.worker_ranks[worker], self.rank, TAG_UP,
                                 "gradient payload", self.shard.up_nbytes(), torch.uint8)
 
-    def apply(self, workers: list[int], step: int) -> torch.Tensor:
-        """One update of this shard with the payloads of ``workers``; its status (``STATUS``)."""
+    def apply(self, workers: list[int], step: int, late: int = 0) -> torch.Tensor:
+        """One update of this shard with the payloads of ``workers``; its status (``STATUS``).
+        ``late``: the staleness of the update's gradients, summed (``--staleness-lr``)."""
         sh = self.shard
         self.step = step
         rows = torch.stack([self.take(i) for i in workers])
@@ -253,6 +291,8 @@ class EventRank(RankRoles):
             good = len(workers) - len(bad)
             if good != self.W:
                 g.mul_(good / self.W)
+        if g is not None and self.cfg.staleness_lr and late > len(workers):
+            g.mul_(len(workers) / late)   # lr / staleness, the mean staleness of the group
         t2 = time.perf_counter()
         sh.update(g, at_step=step)
         t3 = time.perf_counter()
@@ -294,14 +334,25 @@ class EventRank(RankRoles):
             for i in sel:
                 self.fabric.send(self.rank, self.p.worker_ranks[i], TAG_DOWN, payload,
                                  "parameters payload")
+        if not self.is_leader:
+            self.post_payloads(workers)
+
+    def post_payloads(self, workers: list[int]) -> None:
+        """Distributed, a server but the leader: post the receives of ``workers``' next
+        payloads (the leader's arrive through :class:`NetworkArrivals`)."""
+        if self.early:
+            for i in workers:
+                self.posted[i] = self.fabric.recv_later(
+                    self.p.worker_ranks[i], self.rank, TAG_UP, "gradient payload",
+                    self.shard.up_nbytes(), torch.uint8)
 
     def execute(self, command: torch.Tensor) -> bool:
         """Carry out one command of the leader (a server other than the leader's); False once
         the run has ended."""
-        op, step, n = (int(v) for v in command[:3])
-        workers = [int(i) for i in command[3:3 + n]]
+        op, step, n, late = (int(v) for v in command[:HEAD])
+        workers = [int(i) for i in command[HEAD:HEAD + n]]
         if op == UPDATE:
-            status = self.apply(workers, step)
+            status = self.apply(workers, step, late)
             status[5] = self.encode_s
             self.encode_s = 0.0
             self.fabric.send(self.rank, self.p.leader, TAG_STATUS, status, "server status")
@@ -326,11 +377,13 @@ class EventRank(RankRoles):
         return True
 
     def _next_command(self) -> torch.Tensor:
-        return self.fabric.recv(self.p.leader, self.rank, TAG_COMMAND, "command", 3 + self.W,
+        return self.fabric.recv(self.p.leader, self.rank, TAG_COMMAND, "command", HEAD + self.W,
                                 torch.int64)
 
     def serve_all(self) -> None:
         """A server rank's whole run (distributed), but the leader's."""
+        if not self.cfg.resume:
+            self.post_payloads(list(range(self.W)))
         while self.execute(self._next_command()):
             pass
 
@@ -342,12 +395,12 @@ class EventRank(RankRoles):
         return done
 
     # ---- the leader: arrivals -----------------------------------------------------------
-    def command(self, op: int, workers: list[int] = (), step: int = 0) -> None:
+    def command(self, op: int, workers: list[int] = (), step: int = 0, late: int = 0) -> None:
         """Send a command to every other server."""
-        cmd = torch.full((3 + self.W,), -1, dtype=torch.int64)
-        cmd[:3] = torch.tensor([op, step, len(workers)])
+        cmd = torch.full((HEAD + self.W,), -1, dtype=torch.int64)
+        cmd[:HEAD] = torch.tensor([op, step, len(workers), late])
         if workers:
-            cmd[3:3 + len(workers)] = torch.tensor(workers)
+            cmd[HEAD:HEAD + len(workers)] = torch.tensor(workers)
         for r in self.p.server_ranks[1:]:
             self.fabric.send(self.rank, r, TAG_COMMAND, cmd, "command")
 
@@ -357,18 +410,20 @@ class EventRank(RankRoles):
 
     def receive(self) -> None:
         """The next arrival (whichever worker it is), queued for processing."""
-        i, payload = self.arrivals.next()
+        i, payload, tel, stats = self.arrivals.next()
         r = self.p.worker_ranks[i]
-        if payload is None:
+        if payload is None:   # the simulator: read from the in-memory fabric
             payload = self.fabric.recv(r, self.rank, TAG_UP, "gradient payload",
                                        self.shard.up_nbytes(), torch.uint8)
+            tel = self.fabric.recv(r, self.rank, TAG_TELEMETRY, "telemetry",
+                                   len(TELEMETRY_ASYNC), torch.float64)
+            if self.flags[i] and self.n_stats:
+                stats = self.fabric.recv(r, self.rank, TAG_STATS, "BatchNorm statistics",
+                                         self.n_stats, torch.float32)
         self.inbox[i] = payload
-        tel = self.fabric.recv(r, self.rank, TAG_TELEMETRY, "telemetry",
-                               len(TELEMETRY_ASYNC), torch.float64).cpu()
-        if self.flags[i] and self.n_stats:
-            self.last_stats[i] = self.fabric.recv(r, self.rank, TAG_STATS,
-                                                  "BatchNorm statistics", self.n_stats,
-                                                  torch.float32)
+        tel = tel.cpu()
+        if stats is not None:
+            self.last_stats[i] = stats
             self.win_stats += 4 * self.n_stats
             self.stats_bytes += 4 * self.n_stats
         self.computing.discard(i)
@@ -433,8 +488,9 @@ class EventRank(RankRoles):
     def update(self, group: list[int]) -> None:
         """One update made of ``group``'s held gradients, on every shard."""
         step = self.completed + 1
-        self.command(UPDATE, group, step)
-        status = self.apply(group, step)
+        late = sum(max(1, self.version - self.held[i]["read"]) for i in group)
+        self.command(UPDATE, group, step, late)
+        status = self.apply(group, step, late)
         status[5] = self.encode_s
         self.encode_s = 0.0
         self.win_status.append(status)
@@ -742,8 +798,8 @@ class SimulatedArrivals:
     def released(self, workers: list[int]) -> None:
         self.order.released(workers)
 
-    def next(self) -> tuple[int, None]:
-        return self.order.next(), None
+    def next(self) -> tuple[int, None, None, None]:
+        return self.order.next(), None, None, None
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": type(self.order).__name__, **self.order.state_dict()}
@@ -754,47 +810,56 @@ class SimulatedArrivals:
 
 
 class NetworkArrivals:
-    """A distributed leader's arrivals: one receive from any worker of shard 0's payload size
-    is posted while a worker computes; whoever sends first is the next arrival."""
+    """A distributed leader's arrivals: a receive of shard 0's payload is posted from every
+    worker that computes, each waited for by a thread; whichever completes first is the next
+    arrival. (One receive from any source would be bound to the first sender to announce its
+    message, and a worker on a slow link would hold up every other worker behind it.)"""
 
     def __init__(self, roles: EventRank):
+        import queue
+
         self.r = roles
-        self.work = self.buf = None
-        self.computing: list[int] = []   # in the order they were released
+        self.done: queue.Queue = queue.Queue()
+        self.buffers: dict[int, list[torch.Tensor]] = {}
 
     def released(self, workers: list[int]) -> None:
-        self.computing += workers
-        self._post()
+        import threading
 
-    def _post(self) -> None:
-        import torch.distributed as dist
+        r = self.r
+        for i in workers:
+            src = r.p.worker_ranks[i]
+            bufs = [torch.empty(r.shard.up_nbytes(), dtype=torch.uint8, device=r.device),
+                    torch.empty(len(TELEMETRY_ASYNC), dtype=torch.float64, device=r.device)]
+            tags = [TAG_UP, TAG_TELEMETRY]
+            if r.flags[i] and r.n_stats:
+                bufs.append(torch.empty(r.n_stats, dtype=torch.float32, device=r.device))
+                tags.append(TAG_STATS)
+            works = [r.fabric._irecv(b, src, t) for b, t in zip(bufs, tags, strict=True)]
+            self.buffers[i] = bufs
+            threading.Thread(target=self._wait, args=(i, works), daemon=True,
+                             name=f"dist_quant-arrival-{i}").start()
 
-        if self.work is None and self.computing:
-            self.buf = torch.empty(self.r.shard.up_nbytes(), dtype=torch.uint8,
-                                   device=self.r.device)
-            self.work = dist.irecv(self.buf, src=None, group=self.r.fabric.group, tag=TAG_UP)
-
-    def next(self) -> tuple[int, torch.Tensor]:
+    def _wait(self, worker: int, works: list[Any]) -> None:
         import datetime
 
-        import torch.distributed as dist
+        try:
+            for work in works:
+                work.wait(timeout=datetime.timedelta(seconds=self.r.cfg.timeout))
+        except RuntimeError as err:
+            self.done.put((worker, err))
+            return
+        self.done.put((worker, None))
 
+    def next(self) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         from dist_quant.transport import PeerLostError, _cause
 
-        try:
-            self.work.wait(timeout=datetime.timedelta(seconds=self.r.cfg.timeout))
-        except RuntimeError as err:
-            lost = self.r.p.worker_ranks[self.computing[0]]
+        worker, err = self.done.get()
+        if err is not None:
+            lost = self.r.p.worker_ranks[worker]
             raise PeerLostError(f"lost contact with {self.r.p.describe(lost)} while waiting for "
-                                f"the gradient payloads ({_cause(err)})", lost) from err
-        src = self.work._source_rank()
-        if self.r.fabric.group is not None:
-            src = dist.get_global_rank(self.r.fabric.group, src)
-        worker, payload = self.r.p.worker_of(src), self.buf
-        self.work = self.buf = None
-        self.computing.remove(worker)
-        self._post()
-        return worker, payload
+                                f"its gradient ({_cause(err)})", lost) from err
+        bufs = self.buffers.pop(worker)
+        return worker, bufs[0], bufs[1], bufs[2] if len(bufs) > 2 else None
 
 
 # ---- drivers ------------------------------------------------------------------------------
