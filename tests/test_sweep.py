@@ -32,7 +32,7 @@ def test_presets_map_onto_config_fields():
     assert set(points) == {"ps-fp32", "ps-onebit-whole", "ps-onebit", "ps-sign-ef",
                            "ps-onebit-updown", "ps-sharded", "ps-colocated", "ps-qsgd",
                            "ps-terngrad", "ps-topk-ef", "ps-randk", "ddp-fp32", "ddp-fp16",
-                           "ddp-powersgd", "ddp-onebit", "ps-fast"}
+                           "ddp-powersgd", "ddp-onebit", "ps-fast", "ps-tolerant"}
     assert (points["ps-sharded"].servers, points["ps-colocated"].colocate) == (2, True)
     assert points["ps-fp32"].compressor == "none" and points["ps-fp32"].method == "ps"
     assert points["ps-onebit-whole"].bucket_size == 0
