@@ -50,6 +50,7 @@ from dist_quant.errors import ConfigError
 RESUMABLE_CHANGES = frozenset({
     "steps", "run_dir", "resume", "progress", "eval_every", "checkpoint_every", "timeout",
     "backend", "device", "stop_accuracy", "simulate", "keep_checkpoints", "max_restarts",
+    "replay",
 })
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 SERVER_KEYS = ("step", "model", "optimizer", "replica", "generator")
