@@ -6,8 +6,9 @@ Reads the sweep directories ``even``, ``slowlink`` and ``slowcompute`` below the
 (``benchmarks/stragglers_record.sh`` writes them) and prints one markdown table per case: for
 each method (the sweep's label), the seeds, the time to the target (wall seconds at the first
 evaluation at or above it) and the steps to it, mean [min-max] over the seeds that reached it,
-the speed-up over sync PS on the same links and over sync PS on the even links, and, for the
-asynchronous modes, the mean staleness and the share of gradients applied per worker.
+the median step time (between consecutive steps without an evaluation), the speed-up over sync
+PS on the same links and over sync PS on the even links, and, for the asynchronous modes, the
+mean staleness and the share of gradients applied per worker.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def first_at(run: Path, target: float) -> tuple[float, int] | None:
     return None
 
 
+def step_ms(run: Path) -> float:
+    """The median wall time between consecutive step lines (evaluation steps left out)."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"] for r in lines if r.get("kind") == "eval"}
+    steps = [r for r in lines if r.get("kind") == "step"]
+    gaps = sorted(b["wall"] - a["wall"] for a, b in zip(steps, steps[1:], strict=False)
+                  if b["step"] not in evals)
+    return 1000 * gaps[len(gaps) // 2] if gaps else float("nan")
+
+
 def spread(values: list[float], fmt: str = "{:.2f}") -> str:
     if not values:
         return "-"
@@ -47,7 +58,8 @@ def collect(sweep: Path, target: float) -> dict[str, dict[int, dict]]:
         if rec.get("status") != "done" or not (run / "summary.json").is_file():
             continue
         summary = json.loads((run / "summary.json").read_text())
-        out[rec["label"]][rec["seed"]] = {"hit": first_at(run, target), "summary": summary}
+        out[rec["label"]][rec["seed"]] = {"hit": first_at(run, target), "summary": summary,
+                                          "step_ms": step_ms(run)}
     return out
 
 
@@ -57,9 +69,9 @@ def table(case: str, data: dict, even: dict, target: float) -> str:
 
     base, base_even = times(BASE, data), times(BASE, even)
     rows = [f"### {CASES[case]}", "",
-            "| method | seeds | reached | time to target (s) | steps to target | vs sync here | "
-            "vs sync on even links | staleness (mean) | applied per worker |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "| method | seeds | reached | time to target (s) | steps to target | step (ms) | "
+            "vs sync here | vs sync on even links | staleness (mean) | applied per worker |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for label in sorted(data, key=lambda x: (not x.startswith("ps"), x)):
         runs = data[label]
         hits = {s: r["hit"] for s, r in runs.items() if r["hit"]}
@@ -75,8 +87,10 @@ def table(case: str, data: dict, even: dict, target: float) -> str:
             total = [sum(a) for a in applied]
             share = ", ".join(f"{100 * sum(a[i] for a in applied) / sum(total):.0f}%"
                               for i in range(len(applied[0])))
+        ms = [r["step_ms"] for r in runs.values()]
         rows.append(f"| {label} | {len(runs)} | {len(hits)}/{len(runs)} | {spread(t)} | "
-                    f"{spread(steps, '{:.0f}')} | {spread(here, '{:.2f}x')} | "
+                    f"{spread(steps, '{:.0f}')} | {spread(ms, '{:.0f}')} | "
+                    f"{spread(here, '{:.2f}x')} | "
                     f"{spread(vs_even, '{:.2f}x')} | {spread(stale)} | {share} |")
     return "\n".join(rows) + "\n"
 

@@ -56,6 +56,7 @@ RESUMABLE_CHANGES = frozenset({
     "steps", "run_dir", "resume", "progress", "eval_every", "checkpoint_every", "timeout",
     "backend", "device", "stop_accuracy", "simulate", "keep_checkpoints", "max_restarts",
     "force",
+    "replay",
 })
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 SERVER_KEYS = ("step", "model", "optimizer", "replica", "generator")

@@ -74,6 +74,16 @@ def summary_line(summary: dict[str, Any]) -> str:
              f"downlink {100 * down / fp32_down:.1f}% of fp32" if fp32_down else "",
              f"{summary['steps']} steps, {summary['workers']} workers, "
              f"{summary['params']} params, {summary['wall_seconds']:.1f} s"]
+    if "staleness_mean" in summary:  # an asynchronous run: how old, and whose, its gradients
+        applied = summary["applied_per_worker"]
+        share = "/".join(f"{100 * a / max(1, sum(applied)):.0f}" for a in applied)
+        dropped = sum(summary["dropped_per_worker"])
+        mode = summary["consistency"] + (
+            f" K={summary['staleness_bound']}" if summary["consistency"] == "ssp" else
+            f" B={summary['backup_workers']}" if summary.get("backup_workers") else "")
+        parts.append(f"{mode}: staleness {summary['staleness_mean']:.2f} "
+                     f"mean, applied {share}% per worker"
+                     + (f", {dropped} dropped" if dropped else ""))
     if summary.get("stopped_early"):
         parts.append(f"stopped early at step {summary['steps']}: --stop-accuracy reached")
     return " | ".join(p for p in parts if p)

@@ -254,7 +254,7 @@ def runs(tmp_path_factory) -> Path:
 JOBS = {
     "async": dict(consistency="async", slow_worker="1=3", steps=8),
     "ssp": dict(consistency="ssp", staleness=1, servers=2, slow_worker="0=3", downlink="sign",
-                downlink_bucket_size=7, steps=8),
+                downlink_bucket_size=7, steps=8, checkpoint_every=4, keep_checkpoints=0),
     "backup": dict(backup_workers=1, slow_worker="2=4", steps=8, downlink="sign",
                    downlink_bucket_size=7),
 }
@@ -274,6 +274,23 @@ def test_every_mode_equals_the_replay_of_its_own_record(distributed):
     assert_equal(without_timing(final(replay)), without_timing(final(run)))
     assert evals(replay) == evals(run)
     assert [{k: v for k, v in r.items()} for r in updates(replay)] == updates(run)
+
+
+@pytest.mark.slow
+def test_a_distributed_run_resumed_from_its_checkpoint_ends_where_it_ended(distributed,
+                                                                          tmp_path):
+    """The ssp run (two shard servers) continued from its checkpoint of step 4, following the
+    rest of its own record: the checkpoint holds everything its decisions depend on."""
+    name, cfg, run = distributed
+    if name != "ssp":
+        pytest.skip("the ssp job writes intermediate checkpoints")
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy)
+    (copy / "checkpoints" / "latest").write_text("step_4.pt\n")
+    resumed = cfg.replace(run_dir=str(copy), resume=str(copy), simulate=True, replay=str(run))
+    assert run_in_process(resumed) == 0
+    assert_equal(without_timing(final(copy)), without_timing(final(run)))
+    assert updates(copy) == updates(run)
 
 
 @pytest.mark.slow
@@ -305,3 +322,62 @@ def test_a_slow_worker_changes_the_time_of_a_synchronous_run_only(runs):
     assert_equal(final(cfg.run_dir), final(plain))
     assert evals(Path(cfg.run_dir)) == evals(plain)
     assert torch.equal(final(cfg.run_dir)["server"]["theta"], final(plain)["server"]["theta"])
+
+
+# ---- uneven clusters: options, names, placement -----------------------------------------------
+def test_worker_rates_name_a_worker_and_its_host():
+    from dist_quant.cluster.run import host_links, parse_worker_rates
+    from dist_quant.linkmodel import Link
+
+    assert parse_worker_rates(["1=1", "3=2.5"], 4) == {1: 1.0, 3: 2.5}
+    for bad in (["1"], ["x=1"], ["1=0"], ["1=1", "1=2"], ["4=1"]):
+        with pytest.raises(ConfigError, match="--worker-rate"):
+            parse_worker_rates(bad, 4)
+    links = host_links(["s", "w1", "w2", "w3"], Link(10.0), {1: 1.0})
+    assert [(lk.rate_mbit, w) for lk, w in links] == [(10.0, None), (10.0, 0), (1.0, 1),
+                                                      (10.0, 2)]
+
+
+def test_a_sweep_point_names_its_straggler():
+    from dist_quant.sweep import points_from_options
+
+    (p,) = points_from_options(["ps-tolerant"], ["workers=4"], "10", None, None, None, False,
+                               None, ["1=1"], ["2=4"])
+    assert "_w1at1mbit_slow2x4_" in p.name and p.runner == "cluster"
+    assert p.cfg.consistency == "async" and p.cfg.slow_factors == {2: 4.0}
+    (q,) = points_from_options(["ps-tolerant"], ["workers=4"], "10", None, None, None, False)
+    assert q.name != p.name
+
+
+def test_hosts_given_a_worker_index_are_that_worker():
+    from dist_quant.roles.placement import place
+
+    cfg = TrainConfig(workers=3, servers=2, hidden="7,5", bucket_size=5).validate()
+    roles = ["worker", "server", "worker", "worker", "server"]
+    p = place(cfg, 399, roles, [2, None, 0, 1, None])
+    assert p.server_ranks == (1, 4) and p.worker_ranks == (2, 3, 0)
+    assert place(cfg, 399, roles).worker_ranks == (0, 2, 3)
+    with pytest.raises(ConfigError, match="DIST_QUANT_WORKER"):
+        place(cfg, 399, roles, [0, None, 0, 1, None])
+
+
+@pytest.mark.slow
+def test_an_async_cluster_run_with_an_uneven_link_replays_to_its_test_loss(tmp_path):
+    """The namespace cluster (root): worker 1's host capped at 2 Mbit/s, the others at 10; the
+    replay of the run's record ends with its test loss and parameters exactly."""
+    from test_cluster import REASON
+
+    if REASON is not None:
+        pytest.skip(REASON)
+    from dist_quant.cluster.run import run_cluster
+
+    cfg = TrainConfig(workers=3, steps=6, eval_every=3, progress=False, consistency="async",
+                      downlink="sign", slow_worker="0=2", run_dir=str(tmp_path / "run"))
+    out = run_cluster(cfg, rate_mbit=10, latency_ms=0, worker_rates={1: 2.0})
+    run = Path(out["run_dir"])
+    assert out["link"]["worker_rates"] == {"1": 2.0}
+    assert "tbf rate 2mbit" in (run / "hosts" / "w2.log").read_text()
+    assert "tbf rate 2mbit" not in (run / "hosts" / "w1.log").read_text()
+    replay = simulate(cfg, "replay", replay=str(run))
+    assert evals(replay)[-1][1] == evals(run)[-1][1]
+    assert_equal(without_timing(final(replay)), without_timing(final(run)))

@@ -68,7 +68,7 @@ sends a group ``C(theta - r)`` once, with the shard's one generator.
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from typing import Any
 
 import torch
@@ -130,8 +130,9 @@ class EventRank(RankRoles):
             self.next_control: Any = None
             self.next_down: list | None = None
         if self.shard is not None:
-            self.inbox: dict[int, torch.Tensor] = {}
-            self.posted: dict[int, Any] = {}    # worker -> its next payload, posted
+            # per worker, in order: payloads here but not applied; receives posted for more
+            self.inbox: defaultdict[int, deque[torch.Tensor]] = defaultdict(deque)
+            self.posted: defaultdict[int, deque[Any]] = defaultdict(deque)
             self.groups = None if cfg.downlink == "none" else [
                 (list(range(self.W)), self.shard.replica)]
         if self.is_leader:
@@ -147,7 +148,8 @@ class EventRank(RankRoles):
         self.worker_steps = [0] * W
         self.computing: set[int] = set()
         self.queue: deque[dict] = deque()   # received, not processed
-        self.held: dict[int, dict] = {}     # processed, not applied (the policy's pending)
+        # processed, not applied (the policy's pending), per worker in its order
+        self.held: defaultdict[int, deque[dict]] = defaultdict(deque)
         self.to_release: list[int] = []
         self.last_stats = torch.zeros(W, self.n_stats, dtype=torch.float32, device=self.device)
         if self.n_stats:
@@ -272,10 +274,10 @@ class EventRank(RankRoles):
     # ---- servers --------------------------------------------------------------------------
     def take(self, worker: int) -> torch.Tensor:
         """Worker ``worker``'s next payload of this shard (received now unless it is here)."""
-        if worker in self.inbox:
-            return self.inbox.pop(worker)
-        if worker in self.posted:
-            return self.posted.pop(worker)()
+        if self.inbox[worker]:
+            return self.inbox[worker].popleft()
+        if self.posted[worker]:
+            return self.posted[worker].popleft()()
         return self.fabric.recv(self.p.worker_ranks[worker], self.rank, TAG_UP,
                                 "gradient payload", self.shard.up_nbytes(), torch.uint8)
 
@@ -342,9 +344,21 @@ class EventRank(RankRoles):
         payloads (the leader's arrive through :class:`NetworkArrivals`)."""
         if self.early:
             for i in workers:
-                self.posted[i] = self.fabric.recv_later(
+                self.posted[i].append(self.fabric.recv_later(
                     self.p.worker_ranks[i], self.rank, TAG_UP, "gradient payload",
-                    self.shard.up_nbytes(), torch.uint8)
+                    self.shard.up_nbytes(), torch.uint8))
+
+    def take_in(self) -> None:
+        """A pause (every worker has sent its last gradient): every payload on its way to
+        this shard into the inbox, so that a checkpoint holds it."""
+        for i in range(self.W):
+            while self.posted[i]:
+                self.inbox[i].append(self.posted[i].popleft()())
+            if isinstance(self.fabric, LocalFabric) and not self.early:
+                r = self.p.worker_ranks[i]
+                while self.fabric.has(r, self.rank, TAG_UP):
+                    self.inbox[i].append(self.fabric.recv(r, self.rank, TAG_UP,
+                                                          "gradient payload"))
 
     def execute(self, command: torch.Tensor) -> bool:
         """Carry out one command of the leader (a server other than the leader's); False once
@@ -365,8 +379,7 @@ class EventRank(RankRoles):
             self.fabric.send(self.rank, self.p.leader, TAG_THETA, self.shard.theta.clone(),
                              "parameters for evaluation")
         elif op == SAVE:
-            for i in workers:
-                self.inbox[i] = self.take(i)
+            self.take_in()
             self.fabric.send_blob(self.rank, self.p.leader, self.own_state(), "rank state")
         elif op == HALT:
             raise RunAborted("the leader ended the run (see its message)")
@@ -420,7 +433,7 @@ class EventRank(RankRoles):
             if self.flags[i] and self.n_stats:
                 stats = self.fabric.recv(r, self.rank, TAG_STATS, "BatchNorm statistics",
                                          self.n_stats, torch.float32)
-        self.inbox[i] = payload
+        self.inbox[i].append(payload)
         tel = tel.cpu()
         if stats is not None:
             self.last_stats[i] = stats
@@ -444,7 +457,7 @@ class EventRank(RankRoles):
         if decision.dropped:
             self.drop(info, "late")
         else:
-            self.held[i] = info
+            self.held[i].append(info)
         self.to_release = list(decision.release)
         if decision.update:
             self.update(decision.update)
@@ -456,7 +469,7 @@ class EventRank(RankRoles):
         self.dropped_by[i] += 1
         if why == "late":
             self.command(DROP, [i])
-            self.inbox.pop(i)
+            self.take(i)
         step = self.completed + 1
         self.recorder.update({**self._line(info, step), "applied": None, "staleness": None,
                               "dropped": why})
@@ -488,7 +501,8 @@ class EventRank(RankRoles):
     def update(self, group: list[int]) -> None:
         """One update made of ``group``'s held gradients, on every shard."""
         step = self.completed + 1
-        late = sum(max(1, self.version - self.held[i]["read"]) for i in group)
+        infos = [self.held[i].popleft() for i in group]   # a worker's in its order
+        late = sum(max(1, self.version - info["read"]) for info in infos)
         self.command(UPDATE, group, step, late)
         status = self.apply(group, step, late)
         status[5] = self.encode_s
@@ -497,8 +511,7 @@ class EventRank(RankRoles):
         self.win_updates += 1
         self.version += 1
         self.applied += len(group)
-        for i in group:
-            info = self.held.pop(i)
+        for i, info in zip(group, infos, strict=True):
             late = self.version - 1 - info["read"]
             self.staleness[late] += 1
             self.applied_by[i] += 1
@@ -609,7 +622,7 @@ class EventRank(RankRoles):
         self.pause()
         self.save()
         step = self.completed + 1
-        for info in [*self.held.values(), *self.queue]:
+        for info in [*(d for held in self.held.values() for d in held), *self.queue]:
             self.dropped_by[info["worker"]] += 1
             self.recorder.update({**self._line(info, step), "applied": None,
                                   "staleness": None, "dropped": "end"})
@@ -664,8 +677,8 @@ class EventRank(RankRoles):
     def own_state(self) -> dict[str, Any]:
         state = super().own_state()
         if state["shard"] is not None:
-            state["shard"]["inbox"] = {str(i): p.to("cpu", copy=True)
-                                       for i, p in self.inbox.items()}
+            state["shard"]["inbox"] = {str(i): [p.to("cpu", copy=True) for p in box]
+                                       for i, box in self.inbox.items() if box}
             state["shard"]["groups"] = None if self.groups is None else [
                 {"workers": list(m), "replica": r.to("cpu", copy=True)} for m, r in self.groups]
             if self.groups is not None:  # "replica": worker 0's (a synchronous run's one)
@@ -683,7 +696,8 @@ class EventRank(RankRoles):
                 "flags": [int(f) for f in self.flags], "started_after": list(self.started_after),
                 "worker_steps": list(self.worker_steps),
                 "queue": [info(d) for d in self.queue],
-                "held": {str(i): info(d) for i, d in self.held.items()},
+                "held": {str(i): [info(d) for d in held] for i, held in self.held.items()
+                         if held},
                 "to_release": list(self.to_release),
                 "last_stats": self.last_stats.to("cpu", copy=True),
                 "applied_by": list(self.applied_by), "dropped_by": list(self.dropped_by),
@@ -702,8 +716,8 @@ class EventRank(RankRoles):
         from dist_quant.checkpoint import save_checkpoint
 
         p = self.p
-        unread = sorted({d["worker"] for d in self.queue} | set(self.held))
-        self.command(SAVE, unread)
+        self.command(SAVE)
+        self.take_in()
         for i in range(self.W):
             self.send_control(i, STATE)
         self.pump()
@@ -752,7 +766,8 @@ class EventRank(RankRoles):
         if self.shard is not None:
             state = mine["shard"]
             self.shard.load_state_dict(state)
-            self.inbox = {int(i): p.to(self.device) for i, p in state["inbox"].items()}
+            for i, box in state["inbox"].items():
+                self.inbox[int(i)] = deque(p.to(self.device) for p in box)
             if self.groups is not None:
                 self.groups = [(list(g["workers"]), g["replica"].to(self.device))
                                for g in state["groups"]]
@@ -769,7 +784,8 @@ class EventRank(RankRoles):
         self.started_after = [int(v) for v in st["started_after"]]
         self.worker_steps = [int(v) for v in st["worker_steps"]]
         self.queue = deque(st["queue"])
-        self.held = {int(i): d for i, d in st["held"].items()}
+        for i, held in st["held"].items():
+            self.held[int(i)] = deque(held)
         self.to_release = [int(i) for i in st["to_release"]]
         self.last_stats.copy_(st["last_stats"])
         self.applied_by = [int(v) for v in st["applied_by"]]
