@@ -11,6 +11,7 @@ faster ``decode_mean``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -277,3 +278,17 @@ class ScaledBuckets:
             raise PayloadError(f"negative scale in {int((s < 0).sum())} bucket(s)")
         return bits
 
+
+
+class Wrapper:
+    """A compressor around another one (``self.inner``): error feedback, shifts, worker
+    momentum. What travels is the inner compressor's payload, so its size and its non-finite
+    marker are the inner one's; a wrapper changes only what is encoded."""
+
+    inner: Any
+
+    def payload_nbytes(self, n: int) -> int:
+        return self.inner.payload_nbytes(n)
+
+    def nonfinite_payload(self, n: int, count: int):
+        return self.inner.nonfinite_payload(n, count)

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 
-from dist_quant.compress.base import Compressor, count_nonfinite
+from dist_quant.compress.base import Compressor, Wrapper, count_nonfinite
 from dist_quant.errors import NonFiniteGradientError
 
 
-class ErrorFeedback:
+class ErrorFeedback(Wrapper):
     def __init__(self, inner: Compressor):
         if isinstance(inner, ErrorFeedback):
             raise ValueError("error_feedback: the inner compressor is already wrapped")
@@ -30,12 +30,6 @@ class ErrorFeedback:
 
     def __repr__(self) -> str:
         return f"ErrorFeedback({self.inner!r})"
-
-    def payload_nbytes(self, n: int) -> int:
-        return self.inner.payload_nbytes(n)
-
-    def nonfinite_payload(self, n: int, count: int):
-        return self.inner.nonfinite_payload(n, count)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None):
         flat = x.reshape(-1)

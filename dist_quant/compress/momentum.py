@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import torch
 
-from dist_quant.compress.base import count_nonfinite
+from dist_quant.compress.base import Wrapper, count_nonfinite
 from dist_quant.errors import NonFiniteGradientError
 
 
-class WorkerMomentum:
+class WorkerMomentum(Wrapper):
     def __init__(self, inner, momentum: float):
         if isinstance(inner, WorkerMomentum):
             raise ValueError("worker momentum: the inner compressor is already wrapped")
@@ -49,12 +49,6 @@ class WorkerMomentum:
 
     def __repr__(self) -> str:
         return f"WorkerMomentum({self.inner!r}, momentum={self.momentum})"
-
-    def payload_nbytes(self, n: int) -> int:
-        return self.inner.payload_nbytes(n)
-
-    def nonfinite_payload(self, n: int, count: int):
-        return self.inner.nonfinite_payload(n, count)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None):
         flat = x.reshape(-1)

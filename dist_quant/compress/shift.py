@@ -35,6 +35,7 @@ import math
 
 import torch
 
+from dist_quant.compress.base import Wrapper
 from dist_quant.errors import NonFiniteGradientError, PayloadError
 
 CONTRACTIVE = ("sign", "topk")
@@ -87,7 +88,7 @@ def resolve_rate(rate: float | None, comp, n: int) -> float:
     return 1.0 / (1.0 + omega(comp, n)) if rate is None else float(rate)
 
 
-class ShiftedWorker:
+class ShiftedWorker(Wrapper):
     """A worker's side: sends ``C(g - h)``, then ``h <- h + alpha decode(C(g - h))``."""
 
     def __init__(self, inner, rate: float | None):
@@ -98,12 +99,6 @@ class ShiftedWorker:
 
     def __repr__(self) -> str:
         return f"ShiftedWorker({self.inner!r}, rate={'auto' if self.rate is None else self.rate})"
-
-    def payload_nbytes(self, n: int) -> int:
-        return self.inner.payload_nbytes(n)
-
-    def nonfinite_payload(self, n: int, count: int):
-        return self.inner.nonfinite_payload(n, count)
 
     def encode(self, x: torch.Tensor, generator: torch.Generator | None = None):
         flat = x.reshape(-1)
