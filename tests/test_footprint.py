@@ -104,16 +104,19 @@ def peaks(argv: list[str]) -> dict[str, float]:
     while launcher.poll() is None:
         for pid in descendants(launcher.pid):
             try:
+                # a rank is read again until its RANK shows: between torchrun's fork and the
+                # rank's exec it still holds the agent's environment
                 if pid not in names:
                     env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                     rank = [e[5:].decode() for e in env if e.startswith(b"RANK=")]
-                    names[pid] = rank[0] if rank else "agent"
+                    if rank:
+                        names[pid] = rank[0]
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
                 continue
             for line in status.splitlines():
                 if line.startswith("VmHWM:"):
-                    found[names[pid]] = int(line.split()[1]) / 1024
+                    found[names.get(pid, "agent")] = int(line.split()[1]) / 1024
         time.sleep(0.1)
     assert launcher.wait() == 0, launcher.stderr.read()
     return found
