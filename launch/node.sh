@@ -161,6 +161,17 @@ counters() {
 # dist_quant's own lines among torchrun's: a rank's reason, a payload left out
 OWN='dist_quant( rank [0-9]+)?: |step [0-9]+: left out '
 
+# Under `--exit-code-from`, the first container to leave stops the others: a host other than
+# the rendezvous host waits (at most 60 s) until the rendezvous host's agent has gone, so that
+# its status and its files are the job's.
+outlive_host() {
+    [[ $IS_HOST == 1 ]] && return 0
+    for _ in $(seq 600); do
+        (exec 3<>"/dev/tcp/$DQ_RDZV_HOST/${DQ_RDZV_PORT:-29400}") 2>/dev/null || return 0
+        sleep 0.1
+    done
+}
+
 # run_logged ARGS: shape and launch with the whole output in the host's log (see the top)
 run_logged() {
     local log child code cause
@@ -174,6 +185,7 @@ run_logged() {
         ! "${DQ_PYTHON:-python3}" -m dist_quant.cluster.check "$@" "${EXTRA[@]}" \
             2>> "$log"; then
         [[ $IS_HOST == 1 ]] && tail -n 1 "$log" >&2
+        outlive_host
         exit 2
     fi
     counters before
@@ -187,6 +199,7 @@ run_logged() {
         kill -0 "$child" 2>/dev/null || break   # else a trapped signal ended the wait
     done
     counters after
+    outlive_host
     if [[ $code -ne 0 ]]; then
         # the first failed rank's own status (torchrun itself exits 1 for any failure)
         cause=$(awk '/Root Cause/ { f = 1 } f && /exitcode *:/ { print $3; exit }' "$log")
