@@ -339,6 +339,10 @@ class TrainConfig:
                 bad("slow_worker", f"worker {i} does not exist: workers are 0..{self.workers - 1}")
             if not (math.isfinite(f) and 1.0 <= f <= 1000.0):
                 bad("slow_worker", f"FACTOR must be in [1, 1000]; got {f:g} for worker {i}")
+        if self.asynchronous and self.shift_rate.strip() not in ("0", "0.0"):
+            bad("shift_rate", "keeps one shift per worker in the lockstep of a synchronous "
+                "step; the asynchronous modes (--consistency ssp|async, --backup-workers) "
+                "refuse it")
         if self.replay and not self.simulate:
             bad("replay", "replays a recorded arrival order in one process: add --simulate")
         if self.replay and not Path(self.replay, "metrics.jsonl").is_file():

@@ -71,7 +71,8 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]) -> tuple[Tra
     """The validated config of a command line, and the names of the options given explicitly.
 
     With ``--resume RUN_DIR`` the run's saved config is the base and only the options given on
-    this command line change it (the checkpoint check refuses changes that alter the run).
+    this command line change it (the checkpoint check refuses changes that alter the run); so
+    with ``--replay RUN_DIR`` (a new run directory unless given).
     """
     from click.core import ParameterSource
 
@@ -80,6 +81,15 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]) -> tuple[Tra
     explicit = {name for name in params
                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
     values = dict(params)
+    if params["replay"] and not params["resume"]:
+        # the replayed run's options, but those given here (a new run directory by default)
+        try:
+            base = read_saved_config(params["replay"])
+        except ConfigError as err:
+            raise ConfigError("--replay", str(err).split(": ", 1)[-1]) from None
+        values = {**{k: v for k, v in base.items() if k in params and k != "run_dir"},
+                  **{k: params[k] for k in explicit}, "replay": params["replay"],
+                  "run_dir": params["run_dir"]}
     if params["resume"]:
         base = read_saved_config(params["resume"])
         known = set(params)

@@ -155,6 +155,7 @@ def test_the_virtual_clock_follows_the_slow_factors():
     (dict(slow_worker="3=2"), "--slow-worker"),
     (dict(slow_worker="1=0.5"), "--slow-worker"),
     (dict(replay="/nonexistent"), "--replay"),
+    (dict(consistency="async", shift_rate="auto"), "--shift-rate"),
 ])
 def test_modes_that_cannot_apply_are_refused_in_one_line(changes, option, tmp_path):
     with pytest.raises(ConfigError, match=f"^{option}"):
