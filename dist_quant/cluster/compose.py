@@ -50,6 +50,7 @@ from dist_quant.cluster.run import (
 )
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
+from dist_quant.launcher import SHOWN
 from dist_quant.linkmodel import Link
 from dist_quant.metrics import write_json_atomic
 
@@ -62,7 +63,6 @@ STOP_TIMEOUT_S = 5
 BUILTIN_DATA = ("mnist1d", "teacher")
 _seq = itertools.count()
 _LINE = re.compile(r"^\S+\s+\| ?(.*)$")   # compose's "service_1  | text" prefix
-_OWN = re.compile(r"^(dist_quant( rank \d+)?: |node\.sh: |step \d+: left out )")
 
 
 class ComposeError(ClusterError):
@@ -225,9 +225,9 @@ def read_host(hosts_dir: Path, hostname: str) -> dict[str, Any]:
     """Counter deltas of one container (``launch/node.sh``'s before/after files)."""
     snap = {}
     for when in ("before", "after"):
-        base = hosts_dir / f"{hostname}.{when}"
-        snap[when] = {**parse_net_dev((base.with_name(base.name + ".netdev")).read_text()),
-                      **parse_acks(base.with_name(base.name + ".filter.json").read_text())}
+        base = f"{hostname}.{when}"
+        snap[when] = {**parse_net_dev((hosts_dir / f"{base}.netdev").read_text()),
+                      **parse_acks((hosts_dir / f"{base}.filter.json").read_text())}
     qdiscs = parse_qdiscs((hosts_dir / f"{hostname}.after.qdisc.json").read_text())
     delta = {k: snap["after"][k] - snap["before"][k] for k in snap["before"]}
     return {**delta, **qdiscs}
@@ -246,7 +246,7 @@ def failure_lines(log: Path) -> list[str]:
     for raw in log.read_text(errors="replace").splitlines():
         m = _LINE.match(raw)
         text = (m.group(1) if m else raw).strip()
-        if _OWN.match(text) and text not in seen:
+        if (SHOWN.match(text) or text.startswith("node.sh: ")) and text not in seen:
             seen.append(text)
     return seen
 
