@@ -161,16 +161,25 @@ counters() {
 # dist_quant's own lines among torchrun's: a rank's reason, a payload left out
 OWN='dist_quant( rank [0-9]+)?: |step [0-9]+: left out '
 
-# Under `--exit-code-from`, the first container to leave stops the others: a host other than
-# the rendezvous host waits (at most 60 s) until the rendezvous host's agent has gone, so that
-# its status and its files are the job's.
+# Under `--exit-code-from`, the first container to leave stops the others and ends compose's
+# output: a host other than the rendezvous host waits (at most 60 s) until the rendezvous host
+# has left the network (its name no longer resolves; where DQ_RDZV_HOST is an address, until its
+# agent's port closes), so that the job's status, files and last lines are the rendezvous host's.
 outlive_host() {
     [[ $IS_HOST == 1 ]] && return 0
+    local port=${DQ_RDZV_PORT:-29400}
     for _ in $(seq 600); do
-        (exec 3<>"/dev/tcp/$DQ_RDZV_HOST/${DQ_RDZV_PORT:-29400}") 2>/dev/null || return 0
+        if [[ $DQ_RDZV_HOST =~ ^[0-9.]+$ ]]; then
+            (exec 3<>"/dev/tcp/$DQ_RDZV_HOST/$port") 2>/dev/null || return 0
+        else
+            getent ahostsv4 "$DQ_RDZV_HOST" > /dev/null || return 0
+        fi
         sleep 0.1
     done
 }
+
+# reason LOG: the last of dist_quant's own lines in LOG, else its last line
+reason() { grep -E "^($OWN)" "$1" | tail -n 1 | grep . || tail -n 1 "$1"; }
 
 # run_logged ARGS: shape and launch with the whole output in the host's log (see the top)
 run_logged() {
@@ -184,7 +193,7 @@ run_logged() {
     if [[ ${DQ_MODULE:-dist_quant.train} == dist_quant.train ]] &&
         ! "${DQ_PYTHON:-python3}" -m dist_quant.cluster.check "$@" "${EXTRA[@]}" \
             2>> "$log"; then
-        [[ $IS_HOST == 1 ]] && tail -n 1 "$log" >&2
+        [[ $IS_HOST == 1 ]] && reason "$log" >&2
         outlive_host
         exit 2
     fi

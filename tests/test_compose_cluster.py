@@ -133,9 +133,17 @@ def dist_quant_lines(output: str) -> list[str]:
             if "|" in x and x.split("|", 1)[1].strip().startswith("dist_quant")]
 
 
+def first_to_exit(output: str) -> str:
+    """The service of the first container compose saw leave (it ends compose's output)."""
+    return next(x.split()[0] for x in output.splitlines() if " exited with code " in x)
+
+
 def test_a_bad_option_is_one_line_and_status_2(engine, tmp_path):
+    """Every host refuses the option, the rendezvous host alone says so and leaves first, so
+    its line is never cut off by another container's exit."""
     res = compose_up(engine, tmp_path, f"dq{os.getpid()}bad", DQ_TRAIN_ARGS="--lr -1")
     assert res.returncode == 2, res.stdout[-3000:]
+    assert "server" in first_to_exit(res.stdout), res.stdout[-3000:]
     assert dist_quant_lines(res.stdout + res.stderr) == ["dist_quant: --lr: must be > 0; got -1.0"]
     assert "Traceback" not in res.stdout and not (tmp_path / "compose" / "config.json").exists()
 
@@ -146,6 +154,7 @@ def test_a_failing_rank_says_why_through_compose(engine, tmp_path):
     res = compose_up(engine, tmp_path, f"dq{os.getpid()}fail",
                      DQ_TRAIN_ARGS="--inject-nonfinite 1:2 --on-nonfinite abort")
     assert res.returncode == 1, res.stdout[-3000:]
+    assert "server" in first_to_exit(res.stdout), res.stdout[-3000:]
     lines = dist_quant_lines(res.stdout + res.stderr)
     assert lines and all("non-finite" in x or "aborted" in x for x in lines), lines
     assert "ChildFailedError" not in res.stdout + res.stderr
