@@ -222,7 +222,10 @@ def validate_state(state: dict[str, Any], cfg: TrainConfig, model: torch.nn.Modu
     if len(state["workers"]) != cfg.workers:
         raise ConfigError("--resume", f"{path}: holds {len(state['workers'])} worker states, "
                           f"the run has {cfg.workers} workers")
+    lost = set(state.get("consistency", {}).get("gone", []))
     for i, worker in enumerate(state["workers"]):
+        if worker is None and i in lost:   # dropped by --min-workers before this checkpoint
+            continue
         if not isinstance(worker, dict):
             raise ConfigError("--resume", f"{path}: worker {i}'s state is not a dict")
         for key in WORKER_KEYS:

@@ -156,6 +156,11 @@ class TrainConfig:
     device: str = _opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
     timeout: float = _opt(60.0, "Process-group timeout in seconds: a dead peer ends the run "
                           "after at most this long.")
+    min_workers: int = _opt(0, "--consistency async: a lost worker (its process ended, its "
+                            "host went down, or it stopped answering within --timeout) is "
+                            "dropped and named, and the run goes on while at least N workers "
+                            "remain; 0 = W: a lost worker ends the run, as in every other "
+                            "mode.")
     on_nonfinite: str = _opt("skip", "A non-finite or invalid worker payload: skip it (the step "
                              "uses the other workers) or abort the run.", choices=ON_NONFINITE)
     progress: bool = _opt(True, "Show a progress bar on rank 0.")
@@ -171,6 +176,10 @@ class TrainConfig:
                              "DIST_QUANT_TENSORBOARD=1 does the same).")
     inject_nonfinite: str = _opt("", "Testing aid: WORKER:STEP makes worker WORKER (0-based) "
                                  "hold a NaN gradient at step STEP (1-based); empty = never.")
+    inject_loss: str = _opt("", "Testing aid of the asynchronous modes: WORKER:K makes worker "
+                            "WORKER (0-based) leave the run instead of computing its K-th "
+                            "gradient (1-based): its process ends and its links close, as a "
+                            "lost host's would; empty = never.")
     slow_worker: str = _opt("", "I=FACTOR (repeatable, or I=F,J=G): worker I (0-based) computes "
                             "FACTOR times slower: it waits FACTOR - 1 times its measured "
                             "compute after each backward. Wall time only; --simulate takes "
@@ -343,6 +352,23 @@ class TrainConfig:
             bad("shift_rate", "keeps one shift per worker in the lockstep of a synchronous "
                 "step; the asynchronous modes (--consistency ssp|async, --backup-workers) "
                 "refuse it")
+        if not 0 <= self.min_workers <= self.workers:
+            bad("min_workers", f"must be in 1..W = {self.workers} (0 = W); got "
+                f"{self.min_workers}")
+        if self.min_alive < self.workers and self.consistency != "async":
+            bad("min_workers", "drops a lost worker under --consistency async only (sync, "
+                "ssp and backup workers wait for every worker)")
+        if self.inject_loss:
+            try:
+                worker, k = self.lost_at
+            except ValueError:
+                bad("inject_loss", f"must be WORKER:K; got {self.inject_loss!r}")
+            if not (0 <= worker < self.workers and k >= 1):
+                bad("inject_loss", f"needs 0 <= WORKER < {self.workers} and K >= 1; got "
+                    f"{self.inject_loss!r}")
+            if not self.asynchronous:
+                bad("inject_loss", "is a testing aid of the asynchronous modes "
+                    "(--consistency ssp|async, --backup-workers)")
         if self.replay and not self.simulate:
             bad("replay", "replays a recorded arrival order in one process: add --simulate")
         if self.replay and not Path(self.replay, "metrics.jsonl").is_file():
@@ -406,6 +432,19 @@ class TrainConfig:
         if self.method == "ddp" or self.colocate:
             return world
         return world - self.servers
+
+    @property
+    def lost_at(self) -> tuple[int, int] | None:
+        """(worker index, gradient) of ``--inject-loss``, or None."""
+        if not self.inject_loss:
+            return None
+        worker, k = self.inject_loss.split(":")
+        return int(worker), int(k)
+
+    @property
+    def min_alive(self) -> int:
+        """The fewest workers an asynchronous run goes on with (``--min-workers``, 0 = W)."""
+        return self.min_workers or self.workers
 
     @property
     def nonfinite_at(self) -> tuple[int, int] | None:

@@ -204,6 +204,12 @@ class RunRecorder:
         self._fh.write(json.dumps(rec) + "\n")
         return rec
 
+    def lost(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Append a ``lost`` line (a worker an asynchronous run dropped, ``--min-workers``)."""
+        rec = {"kind": "lost", **fields}
+        self._fh.write(json.dumps(rec) + "\n")
+        return rec
+
     def summary(self, **fields: Any) -> dict[str, Any]:
         out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
                "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}

@@ -44,6 +44,7 @@ from dist_quant.errors import ConfigError
 # options that only the parameter-server job reads, and only the DDP baseline
 PS_ONLY = ("bucket_size", "bits", "header_dtype", "error_feedback", "downlink",
            "downlink_bucket_size", "on_nonfinite", "inject_nonfinite", "checkpoint_every",
+           "min_workers", "inject_loss",
            "keep_checkpoints", "resume", "max_restarts")
 DDP_ONLY = ("ddp_hook", "powersgd_rank")
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")

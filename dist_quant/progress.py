@@ -84,6 +84,11 @@ def summary_line(summary: dict[str, Any]) -> str:
         parts.append(f"{mode}: staleness {summary['staleness_mean']:.2f} "
                      f"mean, applied {share}% per worker"
                      + (f", {dropped} dropped" if dropped else ""))
+        lost = summary.get("lost_workers") or []
+        if lost:
+            parts.append("lost " + ", ".join(f"worker {d['worker']} at step {d['step']}"
+                                             for d in lost)
+                         + f": ended with {summary['workers_at_end']} workers")
     if summary.get("stopped_early"):
         parts.append(f"stopped early at step {summary['steps']}: --stop-accuracy reached")
     return " | ".join(p for p in parts if p)

@@ -217,6 +217,7 @@ def run_in_process(cfg: TrainConfig) -> int:
 
     from dist_quant.roles.worker import RunAborted
     from dist_quant.simulate import run_simulate
+    from dist_quant.transport import PeerLostError
 
     torch.set_num_threads(1)
     if not cfg.run_dir:
@@ -225,6 +226,9 @@ def run_in_process(cfg: TrainConfig) -> int:
         run_simulate(cfg, pick_device(cfg), cfg.run_dir)
     except RunAborted as err:
         print(f"dist_quant: run aborted: {err}", file=sys.stderr, flush=True)
+        return 1
+    except PeerLostError as err:
+        print(f"dist_quant: {lost_message(err, cfg)}", file=sys.stderr, flush=True)
         return 1
     except ConfigError as err:
         print(f"Error: {err}", file=sys.stderr, flush=True)
@@ -252,13 +256,15 @@ def main(ctx: click.Context, **params: Any) -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise click.UsageError("run under torchrun (torchrun --nproc-per-node W+1 -m "
                                "dist_quant.train ...), or use `dist-quant train`")
-    from dist_quant.roles.worker import RunAborted
+    from dist_quant.roles.worker import RunAborted, WorkerLeaves
     from dist_quant.transport import PeerLostError
 
     who = f"rank {os.environ['RANK']}"
     try:
         run_distributed(cfg, "workers" in explicit)
         code = 0
+    except WorkerLeaves as err:   # ends cleanly: torchrun's agent keeps the others running
+        fail(who, str(err), 0)
     except PeerLostError as err:
         fail(who, lost_message(err, cfg), 1)
     except RunAborted as err:

@@ -66,7 +66,8 @@ def without_timing(state: dict) -> dict:
     st.pop("wait_by")
     st.pop("order")
     for info in [*st["queue"], *st["held"].values()]:
-        info.pop("telemetry")
+        info.pop("telemetry", None)
+        info.pop("cause", None)   # a lost worker's: the network's words, or the simulator's
     return state
 
 
@@ -156,6 +157,12 @@ def test_the_virtual_clock_follows_the_slow_factors():
     (dict(slow_worker="1=0.5"), "--slow-worker"),
     (dict(replay="/nonexistent"), "--replay"),
     (dict(consistency="async", shift_rate="auto"), "--shift-rate"),
+    (dict(min_workers=2), "--min-workers"),
+    (dict(consistency="ssp", staleness=1, min_workers=2), "--min-workers"),
+    (dict(consistency="async", min_workers=4), "--min-workers"),
+    (dict(consistency="async", inject_loss="2"), "--inject-loss"),
+    (dict(consistency="async", inject_loss="3:1"), "--inject-loss"),
+    (dict(inject_loss="1:2"), "--inject-loss"),
 ])
 def test_modes_that_cannot_apply_are_refused_in_one_line(changes, option, tmp_path):
     with pytest.raises(ConfigError, match=f"^{option}"):
@@ -237,6 +244,89 @@ def test_resume_equals_uninterrupted(mode, tmp_path):
     assert strip(copy) == strip(full)
 
 
+# ---- a lost worker (--min-workers) ----------------------------------------------------------
+LOST = dict(consistency="async", min_workers=2, inject_loss="2:3")
+
+
+def lost_lines(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir) if r["kind"] == "lost"]
+
+
+def test_a_lost_worker_is_dropped_named_and_the_run_goes_on(tmp_path, capfd):
+    """Worker 2 leaves instead of computing its 3rd gradient; on the virtual clock (every
+    worker 1 unit a gradient) the server notices when it would have arrived, after 8 arrivals
+    (3 at t = 1, 3 at t = 2, workers 0 and 1 at t = 3), and the other two make every step."""
+    run = simulate(tiny(tmp_path, "lost", steps=8, **LOST))
+    out, err = capfd.readouterr()
+    summary = read_summary(run)
+    lost = lost_lines(run)
+    assert [(r["worker"], r["after"], r["step"]) for r in lost] == [(2, 8, 3)]
+    assert summary["lost_workers"] == [{k: v for k, v in lost[0].items() if k != "kind"}]
+    assert summary["workers_at_end"] == 2 and summary["steps"] == 8
+    assert summary["updates"] == 24   # a step is still W = 3 gradients
+    assert [r["worker_step"] for r in updates(run) if r["worker"] == 2] == [1, 2]
+    assert sum(summary["applied_per_worker"]) + sum(summary["dropped_per_worker"]) == \
+        summary["gradients"] == len(updates(run))
+    line = [x for x in err.splitlines() if "going on with" in x]
+    assert len(line) == 1 and line[0].startswith("dist_quant: lost contact with rank 3 "
+                                                 "(worker 2)"), err
+    assert "going on with 2 of 3 workers (--min-workers 2)" in line[0]
+    assert "lost worker 2 at step 3: ended with 2 workers" in out
+
+
+def test_without_min_workers_a_lost_worker_ends_the_run_naming_it(tmp_path, capfd):
+    cfg = tiny(tmp_path, "stop", steps=8, consistency="async", inject_loss="2:3")
+    assert run_in_process(cfg.replace(simulate=True)) == 1
+    err = capfd.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("dist_quant: lost contact with rank 3 (worker 2)"), err
+    assert "ending the run" in err[-1] and not (Path(cfg.run_dir) / "summary.json").exists()
+
+
+def test_a_checkpoint_after_a_loss_resumes_without_the_lost_worker(tmp_path):
+    """Lost before the checkpoint of step 3: the checkpoint holds no state for it, and the
+    run resumed from there (in one process, and distributed: its restarted process leaves at
+    once) ends where the uninterrupted one ends, or where the replay of its record ends."""
+    cfg = tiny(tmp_path, "full", steps=9, checkpoint_every=3, keep_checkpoints=0,
+               **{**LOST, "inject_loss": "2:2"})
+    full = simulate(cfg)
+    assert lost_lines(full)[0]["step"] <= 3
+    copies = {}
+    for name in ("sim", "dist", "replay"):
+        copies[name] = tmp_path / name
+        shutil.copytree(full, copies[name])
+        (copies[name] / "checkpoints" / "latest").write_text("step_3.pt\n")
+    sim = copies["sim"]
+    assert run_in_process(cfg.replace(run_dir=str(sim), resume=str(sim), simulate=True)) == 0
+    assert_equal(without_timing(final(sim)), without_timing(final(full)))
+    assert lost_lines(sim) == lost_lines(full)
+    dist = copies["dist"]
+    assert launch(cfg.replace(run_dir=str(dist), resume=str(dist))) == 0
+    assert read_summary(dist)["workers_at_end"] == 2
+    rep = copies["replay"]
+    assert run_in_process(cfg.replace(run_dir=str(rep), resume=str(rep), simulate=True,
+                                      replay=str(dist))) == 0
+    assert_equal(without_timing(final(rep)), without_timing(final(dist)))
+
+
+@pytest.mark.slow
+def test_a_worker_lost_in_a_distributed_run_is_replayed(distributed):
+    """Its process really ended (exit 0, so torchrun's agent keeps the others running) and
+    its links closed; the record names it, and the replay drops it at the same place."""
+    name, cfg, run = distributed
+    if name != "lost":
+        pytest.skip("the lost-worker job")
+    lost = lost_lines(run)
+    assert [r["worker"] for r in lost] == [2]
+    assert "rank 3 (worker 2)" in lost[0]["cause"] and "left" not in lost[0]["cause"]  # gloo's
+    assert [r["worker_step"] for r in updates(run) if r["worker"] == 2] == [1, 2, 3]
+    replay = Path(cfg.run_dir).parent / "lost_replay"
+    if not replay.exists():
+        simulate(cfg, "lost_replay", replay=str(run))
+    assert [(r["worker"], r["after"], r["step"]) for r in lost_lines(replay)] == \
+        [(r["worker"], r["after"], r["step"]) for r in lost]
+    assert read_summary(replay)["test_loss"] == read_summary(run)["test_loss"]
+
+
 def test_a_replay_of_another_config_is_refused(tmp_path, capfd):
     run = simulate(tiny(tmp_path, "async", steps=3, consistency="async"))
     other = tiny(tmp_path, "other", steps=3, consistency="async", lr=0.1, replay=str(run),
@@ -258,6 +348,8 @@ JOBS = {
                 downlink_bucket_size=7, steps=8, checkpoint_every=4, keep_checkpoints=0),
     "backup": dict(backup_workers=1, slow_worker="2=4", steps=8, downlink="sign",
                    downlink_bucket_size=7),
+    "lost": dict(consistency="async", slow_worker="1=3", steps=8, min_workers=2,
+                 inject_loss="2:4"),
 }
 
 

@@ -191,12 +191,27 @@ class VirtualClock:
 
 
 class Replay:
-    """The arrival order of a recorded run (``order[k]`` = the worker of arrival ``k``)."""
+    """The arrival order of a recorded run (``order[k]`` = the worker of arrival ``k``);
+    ``losses[k]``: the workers the run lost after ``k`` arrivals (``--min-workers``), in the
+    order it noticed them."""
 
-    def __init__(self, order: list[int], source: str = "the record"):
+    def __init__(self, order: list[int], source: str = "the record",
+                 losses: dict[int, list[int]] | None = None):
         self.order, self.source = [int(i) for i in order], source
+        self.losses = {int(k): [int(i) for i in v] for k, v in (losses or {}).items()}
         self.position = 0
         self.computing: set[int] = set()
+        self.noticed = 0   # losses at the current position already given out
+
+    def loss(self) -> int | None:
+        """The next worker the record lost before the arrival at ``position``, if any."""
+        here = self.losses.get(self.position, [])
+        if self.noticed >= len(here):
+            return None
+        worker = here[self.noticed]
+        self.noticed += 1
+        self.computing.discard(worker)
+        return worker
 
     def released(self, workers: list[int]) -> None:
         self.computing.update(workers)
@@ -213,19 +228,22 @@ class Replay:
                               "by another config")
         self.computing.discard(worker)
         self.position += 1
+        self.noticed = 0
         return worker
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position}
+        return {"position": self.position, "noticed": self.noticed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = int(state.get("position", 0))
+        self.noticed = int(state.get("noticed", 0))
 
 
-def recorded_order(cfg: TrainConfig) -> list[int]:
+def recorded_order(cfg: TrainConfig) -> tuple[list[int], dict[int, list[int]]]:
     """The arrival order recorded in ``cfg.replay``'s ``metrics.jsonl`` (its ``update``
-    lines), after checking that the run had ``cfg``'s options (but ``REPLAY_FREE``);
-    ConfigError naming ``--replay`` otherwise."""
+    lines) and the workers lost after each number of arrivals (its ``lost`` lines), after
+    checking that the run had ``cfg``'s options (but ``REPLAY_FREE``); ConfigError naming
+    ``--replay`` otherwise."""
     import json
     from pathlib import Path
 
@@ -234,7 +252,12 @@ def recorded_order(cfg: TrainConfig) -> list[int]:
     run_dir = cfg.replay
     try:
         saved = json.loads((Path(run_dir) / "config.json").read_text())["config"]
-        lines = [r for r in read_metrics(run_dir) if r.get("kind") == "update"]
+        records = read_metrics(run_dir)
+        lines = [r for r in records if r.get("kind") == "update"]
+        losses: dict[int, list[int]] = {}
+        for r in records:
+            if r.get("kind") == "lost":
+                losses.setdefault(int(r["after"]), []).append(int(r["worker"]))
     except (OSError, ValueError, KeyError) as err:
         raise ConfigError("--replay", f"cannot read the record of {run_dir}: {err}") from None
     mine = cfg.to_dict()
@@ -247,4 +270,4 @@ def recorded_order(cfg: TrainConfig) -> list[int]:
     if not lines or [r["arrival"] for r in lines] != list(range(len(lines))):
         raise ConfigError("--replay", f"{run_dir}/metrics.jsonl holds no complete arrival "
                           "record (arrivals 0..N-1): not an ssp, async or backup-workers run")
-    return [int(r["worker"]) for r in lines]
+    return [int(r["worker"]) for r in lines], losses

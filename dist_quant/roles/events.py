@@ -67,6 +67,7 @@ sends a group ``C(theta - r)`` once, with the shard's one generator.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter, defaultdict, deque
 from typing import Any
@@ -92,12 +93,12 @@ from dist_quant.roles.placement import Placement
 from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.roles.server import STUCK_STEPS, evaluate_model
 from dist_quant.roles.task import Task
-from dist_quant.roles.worker import TELEMETRY, RunAborted, replica_of
-from dist_quant.transport import ABORT, CONTINUE, LAST
+from dist_quant.roles.worker import TELEMETRY, RunAborted, WorkerLeaves, replica_of
+from dist_quant.transport import ABORT, CONTINUE, LAST, PeerLostError
 
 GO, STATE = CONTINUE, 3            # controls besides LAST and ABORT
 CONTROL = 2                        # int64: code, send BatchNorm statistics (0/1)
-UPDATE, DROP, RELEASE, EVAL, SAVE, STOP, HALT = range(7)   # commands to the other servers
+UPDATE, DROP, RELEASE, EVAL, SAVE, STOP, HALT, LOST = range(8)  # commands to other servers
 HEAD = 4                           # a command: op, step, workers, staleness sum; the workers
 TELEMETRY_ASYNC = (*TELEMETRY, "wait")
 
@@ -126,6 +127,7 @@ class EventRank(RankRoles):
         # sends once the receiver has posted; under CPU load each round trip costs a wake-up)
         self.early = isinstance(fabric, RemoteFabric)
         if self.worker is not None:
+            self.left = False             # --inject-loss, or dropped before a resumed checkpoint
             self.t_sent: float | None = None
             self.next_control: Any = None
             self.next_down: list | None = None
@@ -161,6 +163,8 @@ class EventRank(RankRoles):
         self.current = -1             # the arrival whose decision is being carried out
         self.resumed_order: dict[str, Any] = {}
         self.finished = False
+        self.gone: set[int] = set()   # workers noticed lost (--min-workers)
+        self.lost: list[dict] = []    # their records, once processed, in order
         self._new_window()
 
     def worker_stats_at_start(self) -> torch.Tensor:
@@ -184,7 +188,17 @@ class EventRank(RankRoles):
 
     # ---- workers ------------------------------------------------------------------------
     def go(self, stats: bool, wait: float) -> None:
-        """Compute and send one gradient (every shard's payload), then its telemetry."""
+        """Compute and send one gradient (every shard's payload), then its telemetry; or leave
+        (``--inject-loss``): a distributed worker's process then ends, a simulated one sends
+        nothing more."""
+        k = self.worker.step + 1
+        if self.cfg.lost_at == (self.worker.index, k):
+            self.left = True
+            if self.early:
+                raise WorkerLeaves(f"worker {self.worker.index} leaves the run instead of "
+                                   f"computing its gradient {k} (--inject-loss)")
+            return
+
         def ship(s: int, payload: torch.Tensor) -> None:
             self.fabric.send(self.rank, self.p.server_ranks[s], TAG_UP, payload,
                              "gradient payload")
@@ -256,6 +270,9 @@ class EventRank(RankRoles):
 
     def work(self) -> None:
         """A worker rank's whole run (distributed)."""
+        if self.left:
+            raise WorkerLeaves(f"worker {self.worker.index} was dropped before the checkpoint "
+                               "this run resumes from (--min-workers): it stays out")
         if not self.cfg.resume:
             self.first_go()
         else:
@@ -266,7 +283,7 @@ class EventRank(RankRoles):
     def work_queued(self) -> bool:
         """Simulator: carry out the controls waiting for this worker; whether there were any."""
         done = False
-        while self.fabric.has(self.p.leader, self.rank, TAG_CONTROL):
+        while not self.left and self.fabric.has(self.p.leader, self.rank, TAG_CONTROL):
             self.on_control(self._next_control())
             done = True
         return done
@@ -383,11 +400,20 @@ class EventRank(RankRoles):
             self.fabric.send_blob(self.rank, self.p.leader, self.own_state(), "rank state")
         elif op == HALT:
             raise RunAborted("the leader ended the run (see its message)")
+        elif op == LOST:
+            self.forget(workers[0])
         else:
             self.fabric.flush()
             return False
         self.fabric.reap()
         return True
+
+    def forget(self, worker: int) -> None:
+        """A server: worker ``worker`` was dropped: nothing more is taken from it or sent to it
+        (the payloads it sent after its last arrival at the leader are discarded)."""
+        self.inbox.pop(worker, None)
+        self.posted.pop(worker, None)
+        self.fabric.forget(self.p.worker_ranks[worker])
 
     def _next_command(self) -> torch.Tensor:
         return self.fabric.recv(self.p.leader, self.rank, TAG_COMMAND, "command", HEAD + self.W,
@@ -422,8 +448,13 @@ class EventRank(RankRoles):
                          torch.tensor([code, int(stats)], dtype=torch.int64), "control")
 
     def receive(self) -> None:
-        """The next arrival (whichever worker it is), queued for processing."""
-        i, payload, tel, stats = self.arrivals.next()
+        """The next arrival (whichever worker it is), queued for processing; or a lost
+        worker, noticed (:meth:`notice`)."""
+        try:
+            i, payload, tel, stats = self.arrivals.next()
+        except PeerLostError as err:
+            self.notice(err)
+            return
         r = self.p.worker_ranks[i]
         if payload is None:   # the simulator: read from the in-memory fabric
             payload = self.fabric.recv(r, self.rank, TAG_UP, "gradient payload",
@@ -448,8 +479,40 @@ class EventRank(RankRoles):
                            "started_after": self.started_after[i], "telemetry": tel})
         self.received += 1
 
+    def notice(self, err: PeerLostError) -> None:
+        """A worker is lost (its links closed, or it did not answer within ``--timeout``).
+        Under ``--consistency async`` with ``--min-workers`` allowing it, it is dropped: it is
+        named at once, no longer waited for or sent to, and queued so that the other servers
+        drop it after the arrivals received before it (:meth:`drop_worker`); the run goes on
+        with the others (a step is still ``W`` gradients, now from fewer workers). Otherwise
+        the run ends, naming it."""
+        ranks = list(self.p.worker_ranks)
+        alive = self.W - len(self.gone) - 1
+        if err.rank not in ranks or alive < self.cfg.min_alive:
+            raise err
+        i = ranks.index(err.rank)
+        self.gone.add(i)
+        self.computing.discard(i)
+        self.fabric.forget(err.rank)
+        print(f"dist_quant: {err}; dropped at step {self.completed + 1}, going on with "
+              f"{alive} of {self.W} workers (--min-workers {self.cfg.min_alive})",
+              file=sys.stderr, flush=True)
+        self.queue.append({"lost": i, "after": self.received, "cause": str(err)})
+
+    def drop_worker(self, info: dict) -> None:
+        """A lost worker's turn in the queue: the other servers drop it too; recorded."""
+        i = info["lost"]
+        self.command(LOST, [i])
+        rec = {"worker": i, "after": info["after"], "step": self.completed + 1,
+               "cause": info["cause"]}
+        self.lost.append(rec)
+        self.recorder.lost(rec)
+
     def process(self, info: dict) -> None:
         """One arrival through the policy, and what it decides."""
+        if "lost" in info:
+            self.drop_worker(info)
+            return
         i = info["worker"]
         self.current = info["arrival"]
         self.wait_by[i] += float(info["telemetry"][-1])
@@ -602,13 +665,19 @@ class EventRank(RankRoles):
                                  out=self.theta[lo:hi])
         self.test_loss, self.test_acc = evaluate_model(
             self.model, self.x_test, self.y_test,
-            self.last_stats.mean(0) if self.n_stats else None, self.task.loss_fn,
+            self.alive_stats() if self.n_stats else None, self.task.loss_fn,
             self.task.metric)
+
+    def alive_stats(self) -> torch.Tensor:
+        """The mean of the newest BatchNorm statistics of the workers not dropped."""
+        alive = [i for i in range(self.W) if i not in self.gone]
+        return self.last_stats[alive].mean(0)
 
     def abort(self, reason: str) -> None:
         self.command(HALT)
         for i in range(self.W):
-            self.send_control(i, ABORT)
+            if i not in self.gone:
+                self.send_control(i, ABORT)
         self.fabric.flush()
         raise RunAborted(reason)
 
@@ -623,12 +692,16 @@ class EventRank(RankRoles):
         self.save()
         step = self.completed + 1
         for info in [*(d for held in self.held.values() for d in held), *self.queue]:
+            if "lost" in info:
+                self.drop_worker(info)
+                continue
             self.dropped_by[info["worker"]] += 1
             self.recorder.update({**self._line(info, step), "applied": None,
                                   "staleness": None, "dropped": "end"})
         self.command(STOP)
         for i in range(self.W):
-            self.send_control(i, LAST)
+            if i not in self.gone:
+                self.send_control(i, LAST)
         self.fabric.flush()
         self.finished = True
 
@@ -666,7 +739,8 @@ class EventRank(RankRoles):
             gradients=self.received, applied_per_worker=list(self.applied_by),
             dropped_per_worker=list(self.dropped_by),
             wait_seconds_per_worker=[round(w, 6) for w in self.wait_by],
-            staleness_mean=mean,
+            staleness_mean=mean, lost_workers=list(self.lost),
+            workers_at_end=self.W - len(self.gone),
             staleness_histogram={str(k): v for k, v in sorted(self.staleness.items())})
 
     def policy_bound(self) -> int | None:
@@ -687,7 +761,7 @@ class EventRank(RankRoles):
 
     def leader_state(self) -> dict[str, Any]:
         def info(d: dict) -> dict:
-            return {**d, "telemetry": d["telemetry"].clone()}
+            return {**d, "telemetry": d["telemetry"].clone()} if "telemetry" in d else dict(d)
 
         order = self.arrivals.state_dict() if hasattr(self.arrivals, "state_dict") else {}
         return {"policy": self.policy.state_dict(), "version": self.version,
@@ -706,7 +780,9 @@ class EventRank(RankRoles):
                 "stuck": list(self.stuck), "order": order, "current": self.current,
                 "stats_bytes": self.stats_bytes, "released": self.released_total,
                 "window": {"up": list(self.win_up), "down": list(self.win_down),
-                           "stats": self.win_stats}}
+                           "stats": self.win_stats},
+                "gone": sorted(self.gone),
+                "lost": [{k: v for k, v in d.items() if k != "cause"} for d in self.lost]}
 
     def save(self) -> None:
         """Every rank's state and the leader's into one checkpoint (at a pause: nothing is
@@ -719,14 +795,19 @@ class EventRank(RankRoles):
         self.command(SAVE)
         self.take_in()
         for i in range(self.W):
-            self.send_control(i, STATE)
+            if i not in self.gone:
+                self.send_control(i, STATE)
         self.pump()
+        gone = {p.worker_ranks[i] for i in self.gone}
         states = {r: self.fabric.recv_blob(r, self.rank, "rank state")
-                  for r in p.ranks if r != self.rank}
+                  for r in p.ranks if r != self.rank and r not in gone}
         states[self.rank] = self.own_state()
         shards = [states[p.server_ranks[s]]["shard"] for s in range(p.num_shards)]
-        workers = [states[p.worker_ranks[i]]["worker"] for i in range(self.W)]
+        workers = [None if i in self.gone else states[p.worker_ranks[i]]["worker"]
+                   for i in range(self.W)]
         for i, state in enumerate(workers):
+            if state is None:
+                continue
             mine = replica_of(self.model, state)
             for s, (lo, hi) in enumerate(p.bounds):
                 groups = shards[s]["groups"]
@@ -762,7 +843,10 @@ class EventRank(RankRoles):
         mine = self.resumed if self.is_leader else self.fabric.recv_blob(
             self.p.leader, self.rank, "resume state")
         if self.worker is not None:
-            self.worker.load_state_dict(mine["worker"])
+            if mine["worker"] is None:
+                self.left = True
+            else:
+                self.worker.load_state_dict(mine["worker"])
         if self.shard is not None:
             state = mine["shard"]
             self.shard.load_state_dict(state)
@@ -797,6 +881,8 @@ class EventRank(RankRoles):
         self.current = int(st["current"])
         self.stats_bytes = int(st["stats_bytes"])
         self.released_total = int(st["released"])
+        self.gone = {int(i) for i in st.get("gone", [])}
+        self.lost = list(st.get("lost", []))
         # the bytes of the arrivals received while pausing count towards the next step
         self.win_up = [int(b) for b in st["window"]["up"]]
         self.win_down = [int(b) for b in st["window"]["down"]]
@@ -808,14 +894,25 @@ class SimulatedArrivals:
     """The simulator's arrivals: the order of a :class:`VirtualClock` or a :class:`Replay`;
     the payload is then read from the in-memory fabric."""
 
-    def __init__(self, order: VirtualClock | Replay):
-        self.order = order
+    def __init__(self, order: VirtualClock | Replay, placement: Placement,
+                 left: Any = lambda i: False):
+        self.order, self.p, self.left = order, placement, left
 
     def released(self, workers: list[int]) -> None:
         self.order.released(workers)
 
     def next(self) -> tuple[int, None, None, None]:
-        return self.order.next(), None, None, None
+        """The next arrival; a worker that left (``--inject-loss``) is lost at the moment
+        its next gradient would have arrived, one the record lost where the record lost it."""
+        lost = self.order.loss() if isinstance(self.order, Replay) else None
+        if lost is None:
+            worker = self.order.next()
+            if not self.left(worker):
+                return worker, None, None, None
+            lost = worker
+        rank = self.p.worker_ranks[lost]
+        raise PeerLostError(f"lost contact with {self.p.describe(rank)} while waiting for its "
+                            "gradient (it left the run)", rank)
 
     def state_dict(self) -> dict[str, Any]:
         return {"kind": type(self.order).__name__, **self.order.state_dict()}
@@ -887,9 +984,13 @@ def run_events_all(cfg: TrainConfig, placement: Placement, task: Task, device: t
     order = [r for r in placement.ranks if r != placement.leader] + [placement.leader]
     ranks = [EventRank(cfg, placement, r, task, device, fabric) for r in order]
     leader, others = ranks[-1], ranks[:-1]
-    source = (Replay(recorded_order(cfg), f"the record of {cfg.replay}") if cfg.replay
-              else VirtualClock(cfg.workers, cfg.slow_factors))
-    leader.arrivals = SimulatedArrivals(source)
+    if cfg.replay:
+        order, losses = recorded_order(cfg)
+        source = Replay(order, f"the record of {cfg.replay}", losses)
+    else:
+        source = VirtualClock(cfg.workers, cfg.slow_factors)
+    by_worker = {r.p.worker_of(r.rank): r for r in ranks if r.worker is not None}
+    leader.arrivals = SimulatedArrivals(source, placement, lambda i: by_worker[i].left)
     leader.resume_send()
     for r in ranks:
         r.resume_recv()

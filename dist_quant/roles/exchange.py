@@ -502,6 +502,7 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     from dist_quant.rank import continue_after_restart, default_run_dir
     from dist_quant.roles.fabric import RemoteFabric
     from dist_quant.roles.placement import place
+    from dist_quant.roles.worker import WorkerLeaves
     from dist_quant.transport import PeerLostError
 
     roles, indices = gather_roles(device)
@@ -533,6 +534,9 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     watcher = fabric.watch_notices(on_lost) if on_lost is not None else None
     try:
         run_rank(cfg, placement, rank, task, device, fabric)
+    except WorkerLeaves:
+        fabric.report_done()   # the leader counts it as done; it drops it when its links close
+        raise
     except PeerLostError as err:
         # the leader may be waiting on this rank: tell it who was lost, or it would blame this
         # rank once it leaves; its notice naming the rank follows: the message to give

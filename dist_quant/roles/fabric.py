@@ -80,6 +80,11 @@ class LocalFabric:
     def reap(self) -> None:
         """Forget the sends that have completed (nothing to do in memory)."""
 
+    def forget(self, rank: int) -> None:
+        """A lost peer: drop what is queued from it or to it."""
+        for key in [k for k in self.queues if rank in k[:2]]:
+            del self.queues[key]
+
     def send_blob(self, src: int, dst: int, obj: Any, what: str) -> None:
         LocalFabric.send(self, src, dst, TAG_BLOB, obj, what)
 
@@ -199,3 +204,9 @@ class RemoteFabric(LocalFabric, Transport):
     def flush_held(self) -> None:
         held, self.held = self.held, []
         self._wait_all(held)
+
+    def forget(self, rank: int) -> None:
+        """A lost peer: never wait for the sends posted to it."""
+        LocalFabric.forget(self, rank)
+        self.pending = [p for p in self.pending if p[1] != rank]
+        self.held = [p for p in self.held if p[1] != rank]

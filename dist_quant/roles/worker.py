@@ -49,6 +49,11 @@ class RunAborted(RuntimeError):
     """The server ended the run (``--on-nonfinite abort`` or a diverged model)."""
 
 
+class WorkerLeaves(Exception):  # noqa: N818 (an event, not a failure)
+    """This worker leaves the run (``--inject-loss``, or it was dropped before the checkpoint
+    a run resumes from): its process ends cleanly and its links close."""
+
+
 class Worker:
     def __init__(self, cfg: TrainConfig, task: Task, index: int, device: torch.device,
                  bounds: list[tuple[int, int]] | None = None):
