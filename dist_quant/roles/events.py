@@ -59,6 +59,18 @@ same decisions follow, so ``--resume`` and ``--max-restarts`` end where an unint
 with the same ``--checkpoint-every`` ends (the pause is part of both). At the end the leader
 does the same, then records the unprocessed gradients as ``"end"`` and stops everyone.
 
+Lost workers (``--consistency async --min-workers N``). The leader notices a lost worker when
+the receive of its next gradient fails (its links closed, or ``--timeout`` passed); if at
+least N workers remain it names the worker, stops waiting for it (``computing``) and sending
+to it (the fabric forgets the sends posted to it), and queues the loss behind the arrivals
+received before it, so that every other server drops the worker (``LOST``: the payloads it
+sent after its last arrival at the leader are discarded) after the same updates. The loss is
+recorded (``{"kind": "lost", "worker": i, "after": arrivals received before it, "step": t,
+"cause": ...}``) and :class:`~dist_quant.roles.consistency.Replay` gives it out after the same
+number of arrivals; the simulator's virtual clock loses a worker that left
+(``--inject-loss``) when its next gradient would have arrived. Checkpoints hold ``None`` for a
+lost worker; a run resumed from one goes on without it.
+
 Replicas. With a compressed downlink a server tracks, per shard, one replica per group of
 workers that have read exactly the same downlinks (one group while every worker is released
 together, as in the synchronous step; a group splits when only part of it is released), and
