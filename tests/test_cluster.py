@@ -330,3 +330,49 @@ def test_without_root_it_says_so_and_stops(monkeypatch):
     result = CliRunner().invoke(cluster, ["--workers", "2", "--rate", "10"])
     assert result.exit_code == 1
     assert "needs root" in result.output
+
+
+@needs_netns
+def test_a_worker_host_that_goes_down_is_dropped_and_the_job_goes_on(tmp_path):
+    """--consistency async --min-workers 2 with 3 workers: every process of host w3 is killed
+    mid-run (a host going down); the server drops worker 2, the job ends with status 0 (the
+    surviving agents are stopped after their ranks are done, not left in torchrun's exit
+    barrier), nothing is left, and the replay of its record ends with its test loss."""
+    from dist_quant.metrics import read_metrics, read_summary
+    from dist_quant.train import run_in_process
+
+    run = tmp_path / "run"
+    cfg = TrainConfig(workers=3, steps=400, eval_every=100, hidden="7,5", train_size=120,
+                      test_size=30, batch_size=4, progress=False, run_dir=str(run),
+                      consistency="async", min_workers=2, timeout=30.0)
+    code = textwrap.dedent(f"""
+        from dist_quant.cluster.run import run_cluster
+        from dist_quant.config import TrainConfig
+        run_cluster(TrainConfig(**{cfg.to_dict()!r}), rate_mbit=100, latency_ms=0)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text().count('"kind": "step"') >= 20):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.2)
+    ns = next(n for n in list_namespaces() if n.startswith(f"dq{proc.pid}-")
+              and n.endswith("-w3"))
+    pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                          text=True).stdout.split()
+    assert pids
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert leftovers(f"dq{proc.pid}-") == []
+    assert "host w3 (" in err and "the job goes on without it" in err, err
+    lost = [r for r in read_metrics(run) if r["kind"] == "lost"]
+    summary = read_summary(run)
+    assert [r["worker"] for r in lost] == [2] and summary["workers_at_end"] == 2
+    assert summary["steps"] == 400
+    replay = tmp_path / "replay"
+    assert run_in_process(cfg.replace(simulate=True, replay=str(run),
+                                      run_dir=str(replay))) == 0
+    assert read_summary(replay)["test_loss"] == summary["test_loss"]

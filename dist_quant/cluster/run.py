@@ -217,17 +217,26 @@ def host_links(labels: list[str], link: Link,
     return out
 
 
+EXIT_GRACE_S = 10.0  # after the summary of a job that lost hosts, for the others to end
+
+
 def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], log_dir: Path,
               *, module: str, run_id: str, metrics: Path | None = None,
               deadline_s: float | None = None,
               tail: MetricsTail | None = None,
-              worker_rates: dict[int, float] | None = None) -> dict[str, Any]:
+              worker_rates: dict[int, float] | None = None,
+              may_lose: int = 0, summary: Path | None = None) -> dict[str, Any]:
     """Shape every host, run one torchrun agent per host, return counters and tc commands.
     ``worker_rates``: ``{I: Mbit/s}`` for the hosts of the workers whose link differs.
 
     Raises :class:`ClusterError` naming the host(s) found failed (with their logs' tails) at
     the first poll that sees one; the caller's cleanup then stops the others at once instead
     of leaving them to their process-group timeout.
+
+    ``may_lose`` (``--consistency async --min-workers``): up to that many worker hosts may
+    fail while the job goes on (each named in one line; the server drops its worker). Once the
+    job has written ``summary`` the others are given ``EXIT_GRACE_S`` to end, then stopped:
+    torchrun's agents would otherwise wait 300 s at their exit barrier for the lost ones.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     rdzv = cluster.hosts[0].addr
@@ -251,6 +260,8 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
                       log_dir / f"{host.label}.log", append=True)
     window = StepWindow(metrics, cluster.hosts) if metrics is not None else None
     pending = list(cluster.hosts)
+    lost: list[str] = []
+    done_at: float | None = None
     while pending:
         time.sleep(POLL_S)
         if window is not None:
@@ -263,12 +274,25 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
             if code is None:
                 continue
             pending.remove(host)
-            if code != 0:
-                log = log_dir / f"{host.label}.log"
-                failed.append(f"host {host.label} ({host.addr}) exited with status {code}; "
-                              f"log {log}:\n{log_tail(log)}")
+            if code == 0:
+                continue
+            log = log_dir / f"{host.label}.log"
+            role = roles[cluster.hosts.index(host)]
+            if role == "worker" and len(lost) < may_lose:
+                lost.append(host.label)
+                print(f"dist-quant cluster: host {host.label} ({host.addr}) exited with status "
+                      f"{code}: the job goes on without it ({len(lost)} of at most {may_lose} "
+                      f"worker hosts lost; log {log})", file=sys.stderr, flush=True)
+                continue
+            failed.append(f"host {host.label} ({host.addr}) exited with status {code}; "
+                          f"log {log}:\n{log_tail(log)}")
         if failed:
             raise ClusterError("\n".join(failed))
+        if lost and summary is not None and summary.exists():
+            done_at = done_at or time.monotonic()
+            if time.monotonic() - done_at > EXIT_GRACE_S:
+                cluster.stop_processes()   # only torchrun's exit barrier was left
+                pending = []
         if deadline_s is not None and time.monotonic() - t0 > deadline_s:
             raise ClusterError(f"the job did not finish within {deadline_s:g} s")
     seconds = time.monotonic() - t0
@@ -439,7 +463,9 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
             job = run_hosts(cluster, link, roles, cfg.to_argv(), run_dir / "hosts",
                             module=module, run_id=cluster.prefix,
                             metrics=run_dir / "metrics.jsonl", tail=tail,
-                            worker_rates=worker_rates)
+                            worker_rates=worker_rates,
+                            may_lose=cfg.workers - cfg.min_alive,
+                            summary=run_dir / "summary.json")
     finally:
         tail.close()
         with _no_interrupts():
