@@ -44,6 +44,14 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+def _worker_at(value: str) -> tuple[int, int] | None:
+    """``WORKER:N`` as two ints (None when empty; ValueError when malformed)."""
+    if not value:
+        return None
+    worker, n = value.split(":")
+    return int(worker), int(n)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # --- what runs -------------------------------------------------------------------------
@@ -295,14 +303,7 @@ class TrainConfig:
             bad("resume", f"run directory not found: {self.resume}")
         if not 0.0 <= self.stop_accuracy <= 1.0:
             bad("stop_accuracy", f"is a fraction, must be in [0, 1]; got {self.stop_accuracy}")
-        if self.inject_nonfinite:
-            try:
-                worker, step = self.nonfinite_at
-            except ValueError:
-                bad("inject_nonfinite", f"must be WORKER:STEP; got {self.inject_nonfinite!r}")
-            if not (0 <= worker < self.workers and step >= 1):
-                bad("inject_nonfinite", f"needs 0 <= WORKER < {self.workers} and STEP >= 1; "
-                    f"got {self.inject_nonfinite!r}")
+        self._validate_worker_at("inject_nonfinite", "STEP", bad)
         if self.simulate and self.method != "ps":
             bad("simulate", "runs the parameter-server job only (--method ps)")
         self._validate_consistency(bad)
@@ -312,6 +313,18 @@ class TrainConfig:
             check_batch_fits(self.train_size, self.workers, self.batch_size)
         self._validate_compressors()
         return self
+
+    def _validate_worker_at(self, name: str, count: str, bad) -> None:
+        """A testing aid's ``WORKER:N`` (``--inject-nonfinite``, ``--inject-loss``)."""
+        value = getattr(self, name)
+        if not value:
+            return
+        try:
+            worker, n = _worker_at(value)
+        except ValueError:
+            bad(name, f"must be WORKER:{count}; got {value!r}")
+        if not (0 <= worker < self.workers and n >= 1):
+            bad(name, f"needs 0 <= WORKER < {self.workers} and {count} >= 1; got {value!r}")
 
     def _validate_consistency(self, bad) -> None:
         """--consistency, --staleness, --backup-workers, --slow-worker and --replay."""
@@ -358,17 +371,10 @@ class TrainConfig:
         if self.min_alive < self.workers and self.consistency != "async":
             bad("min_workers", "drops a lost worker under --consistency async only (sync, "
                 "ssp and backup workers wait for every worker)")
-        if self.inject_loss:
-            try:
-                worker, k = self.lost_at
-            except ValueError:
-                bad("inject_loss", f"must be WORKER:K; got {self.inject_loss!r}")
-            if not (0 <= worker < self.workers and k >= 1):
-                bad("inject_loss", f"needs 0 <= WORKER < {self.workers} and K >= 1; got "
-                    f"{self.inject_loss!r}")
-            if not self.asynchronous:
-                bad("inject_loss", "is a testing aid of the asynchronous modes "
-                    "(--consistency ssp|async, --backup-workers)")
+        self._validate_worker_at("inject_loss", "K", bad)
+        if self.inject_loss and not self.asynchronous:
+            bad("inject_loss", "is a testing aid of the asynchronous modes (--consistency "
+                "ssp|async, --backup-workers)")
         if self.replay and not self.simulate:
             bad("replay", "replays a recorded arrival order in one process: add --simulate")
         if self.replay and not Path(self.replay, "metrics.jsonl").is_file():
@@ -436,10 +442,7 @@ class TrainConfig:
     @property
     def lost_at(self) -> tuple[int, int] | None:
         """(worker index, gradient) of ``--inject-loss``, or None."""
-        if not self.inject_loss:
-            return None
-        worker, k = self.inject_loss.split(":")
-        return int(worker), int(k)
+        return _worker_at(self.inject_loss)
 
     @property
     def min_alive(self) -> int:
@@ -449,10 +452,7 @@ class TrainConfig:
     @property
     def nonfinite_at(self) -> tuple[int, int] | None:
         """(worker index, step) of ``--inject-nonfinite``, or None."""
-        if not self.inject_nonfinite:
-            return None
-        worker, step = self.inject_nonfinite.split(":")
-        return int(worker), int(step)
+        return _worker_at(self.inject_nonfinite)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
