@@ -144,7 +144,7 @@ class RunRecorder:
                 rec = json.loads(line)
                 if rec["step"] <= resume_step:
                     kept.append(line)
-                    if rec["kind"] not in ("step", "eval"):
+                    if rec["kind"] != "step":  # a lagged eval line carries an older step's
                         continue
                     self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
                     self.wall_offset = rec["wall"]
@@ -189,10 +189,16 @@ class RunRecorder:
             self._tb.record(rec)
         return rec
 
-    def eval(self, step: int, test_loss: float, test_accuracy: float) -> dict[str, Any]:
+    def eval(self, step: int, test_loss: float, test_accuracy: float,
+             wall: float | None = None, cum: tuple[int, int] | None = None,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append an eval line; ``wall`` and ``cum`` (bytes up, down) default to now. A lagged
+        evaluation (``--eval-lag``) gives those of its step: its time to target is that step's."""
+        up, down = (self.cum_up, self.cum_down) if cum is None else cum
         rec = {"kind": "eval", "step": int(step), "test_loss": float(test_loss),
-               "test_accuracy": float(test_accuracy), "cum_bytes_up": self.cum_up,
-               "cum_bytes_down": self.cum_down, "wall": self.wall()}
+               "test_accuracy": float(test_accuracy), "cum_bytes_up": int(up),
+               "cum_bytes_down": int(down), "wall": self.wall() if wall is None else wall,
+               **(extra or {})}
         self._fh.write(json.dumps(rec) + "\n")
         if self._tb is not None:
             self._tb.record(rec)

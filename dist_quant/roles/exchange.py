@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,7 +68,12 @@ from dist_quant.roles.fabric import (
     LocalFabric,
 )
 from dist_quant.roles.placement import Placement
-from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
+from dist_quant.roles.schedule import (
+    eval_pieces,
+    is_checkpoint_step,
+    is_eval_step,
+    pieces_upto,
+)
 from dist_quant.roles.server import SKIP_LINES, STUCK_STEPS, evaluate_model
 from dist_quant.roles.shard import ShardServer
 from dist_quant.roles.task import Task
@@ -77,6 +83,27 @@ from dist_quant.transport import ABORT, CONTINUE, LAST
 # server -> leader, per step: rows left out, could not step (0/1), abort requested (0/1),
 # decode s, update s, encode s, bytes received over links, bytes to send over links
 STATUS = ("left_out", "stuck", "abort", "decode", "update", "encode", "bytes_up", "bytes_down")
+
+
+
+@dataclass
+class PendingEval:
+    """The leader's evaluation of step ``step``: the workers' averaged BN statistics (taken at
+    that step), the parameters being gathered into ``theta`` (``sent`` pieces of each shard
+    posted, ``waits`` their receives), and, once the step is recorded, its ``wall`` and
+    cumulative bytes, which the evaluation line carries."""
+
+    step: int
+    stats: torch.Tensor | None
+    theta: torch.Tensor
+    sent: int = 0
+    waits: list = field(default_factory=list)
+    wall: float = float("nan")
+    cum: tuple[int, int] = (0, 0)
+    evaluated_at: int = 0
+    loss: float = float("nan")
+    accuracy: float = float("nan")
+
 
 PHASES = ("up", "serve", "lead", "control", "down_send", "down_recv", "record", "ckpt_send",
           "ckpt_save")
@@ -99,6 +126,9 @@ class RankRoles:
         self.shard = None if s is None else ShardServer(cfg, self.model, *placement.bounds[s],
                                                         s, self.device)
         self.is_leader = rank == placement.leader
+        self.lag = cfg.eval_lag
+        self.resumed_stop: tuple[int | None, int | None] = (None, None)
+        self.outgoing: list[list[Any]] = []  # server: [step s, its shard at s, pieces sent]
         self.step = 0
         self.control = CONTINUE
         self.printed = 0          # steps whose left-out rows this server printed
@@ -155,9 +185,23 @@ class RankRoles:
             remote * self.down_payload.numel())],
                               dtype=torch.float64)
         self.fabric.send(self.rank, self.p.leader, TAG_STATUS, status, "server status")
-        if self.with_stats:
-            self.fabric.send(self.rank, self.p.leader, TAG_THETA, sh.theta,
-                             "parameters for evaluation")
+        if self.with_stats:  # a copy: theta moves on while its pieces travel
+            self.outgoing.append([self.step, sh.theta.clone(), 0])
+            if self.lag == 0:
+                self._send_pieces(settle=True)
+
+    def _send_pieces(self, settle: bool) -> None:
+        """Server: send the pieces of its shard that are due at this step, for each evaluation
+        in flight (oldest first; ``settle``: all that are left)."""
+        pieces = eval_pieces(self.shard.n, self.lag)
+        for entry in self.outgoing:
+            s, theta, sent = entry
+            entry[2] = pieces_upto(self.lag, s, self.step, settle)
+            for lo, hi in pieces[sent:entry[2]]:
+                if hi > lo:
+                    self.fabric.send_aside(self.rank, self.p.leader, TAG_THETA, theta[lo:hi],
+                                           "parameters for evaluation")
+        self.outgoing = [e for e in self.outgoing if e[2] < len(pieces)]
 
     def _where(self) -> str:
         """``step t`` (the star) or ``step t: shard s``."""
@@ -209,18 +253,18 @@ class RankRoles:
         elif (diverged := self.monitor.observe(self.step,
                                                float(self.telemetry[:, 0].mean()))) is not None:
             reason = diverged
-        last = self.step == self.cfg.steps
+        te = time.perf_counter()
         if self.with_stats and not reason:
-            te = time.perf_counter()
-            for s, (lo, hi) in enumerate(p.bounds):
-                f.recv(p.server_ranks[s], self.rank, TAG_THETA, "parameters for evaluation",
-                       hi - lo, torch.float32, out=self.theta[lo:hi])
-            self.test_loss, self.test_acc = evaluate_model(
-                self.model, self.x_test, self.y_test, None if stats is None else stats.mean(0),
-                self.task.loss_fn, self.task.metric)
-            self.evals += 1
-            last = last or 0 < self.cfg.stop_accuracy <= self.test_acc
-            self.t_eval = time.perf_counter() - te
+            self.pending.append(PendingEval(self.step, None if stats is None else stats.mean(0),
+                                            torch.empty_like(self.theta)))
+            if self.lag == 0:  # its servers sent it all in serve
+                self._post_pieces(settle=True)
+        if not reason:
+            for e in [e for e in self.pending if e.step + self.lag == self.step]:
+                self._evaluate(e)
+        self.t_eval = time.perf_counter() - te
+        last = self.step == self.cfg.steps or (self.stop_due is not None
+                                               and self.step >= self.stop_due)
         self.control = ABORT if reason else LAST if last else CONTINUE
         for r in p.ranks:
             if r != self.rank:
@@ -228,6 +272,44 @@ class RankRoles:
         if reason:
             f.flush()
             raise RunAborted(reason)
+
+    def _post_pieces(self, settle: bool) -> None:
+        """Leader: post the receives of the pieces its servers send at this step, in the order
+        they send them (per server: evaluation by evaluation, piece by piece)."""
+        p = self.p
+        for e in self.pending:
+            upto = pieces_upto(self.lag, e.step, self.step, settle)
+            for j in range(e.sent, upto):
+                for s, (lo, hi) in enumerate(p.bounds):
+                    a, b = eval_pieces(hi - lo, self.lag)[j]
+                    if b > a:
+                        e.waits.append(self.fabric.recv_later(
+                            p.server_ranks[s], self.rank, TAG_THETA,
+                            "parameters for evaluation", b - a, torch.float32,
+                            out=e.theta[lo + a:lo + b]))
+            e.sent = upto
+
+    def _evaluate(self, e: PendingEval) -> None:
+        """Leader: wait for the rest of ``e``'s parameters and evaluate them; an accuracy at
+        ``--stop-accuracy`` makes step ``e.step + lag`` the last."""
+        for wait in e.waits:
+            wait()
+        with torch.no_grad():
+            self.theta.copy_(e.theta)
+        e.loss, e.accuracy = evaluate_model(self.model, self.x_test, self.y_test, e.stats,
+                                            self.task.loss_fn, self.task.metric)
+        e.evaluated_at = self.step
+        self.test_loss, self.test_acc, self.test_step = e.loss, e.accuracy, e.step
+        self.evals += 1
+        if self.stop_due is None and 0 < self.cfg.stop_accuracy <= e.accuracy:
+            self.stop_due, self.stop_eval = e.step + self.lag, e.step
+        self.pending.remove(e)
+        self.finished.append(e)
+
+    def _settles(self) -> bool:
+        """Whether this step finishes every evaluation in flight (after its control): the run
+        ends here or a checkpoint is taken, which holds no evaluation in flight."""
+        return self.lag > 0 and self._checkpoint_now()
 
     # ---- 4. control ----------------------------------------------------------------------
     def receive_control(self) -> None:
@@ -241,9 +323,16 @@ class RankRoles:
 
     # ---- 5. downlink ---------------------------------------------------------------------
     def down_send(self) -> None:
+        """Server: its shard's downlink to every worker, then (``--eval-lag`` > 0) the pieces
+        of evaluations due at this step, which travel beside the next steps; the leader posts
+        their receives after its own server's sends."""
         if self.shard is not None:
             for r in self.p.worker_ranks:
                 self.fabric.send(self.rank, r, TAG_DOWN, self.down_payload, "parameters payload")
+            if self.lag > 0:
+                self._send_pieces(self._settles())
+        if self.is_leader and self.lag > 0:
+            self._post_pieces(self._settles())
 
     def down_recv(self) -> None:
         """Receive the downlink; with ``--overlap`` only post the receives, and hold the sends:
@@ -265,6 +354,7 @@ class RankRoles:
         if self.worker is not None:
             self.worker.await_downlink()
         self.fabric.flush()
+        self.fabric.wait_aside()
 
     # ---- 6. record -----------------------------------------------------------------------
     def record(self) -> None:
@@ -290,8 +380,16 @@ class RankRoles:
                                         "bytes_stats": self.stats_bytes,
                                         "time_overlap": tel[3],
                                         "time_overlap_down": tel[4]})
-        if self.with_stats:
-            self.recorder.eval(self.step, self.test_loss, self.test_acc)
+        for e in self.pending + self.finished:
+            if e.step == self.step:
+                e.wall, e.cum = rec["wall"], (rec["cum_bytes_up"], rec["cum_bytes_down"])
+        if self._settles():
+            for e in list(self.pending):
+                self._evaluate(e)
+        for e in sorted(self.finished, key=lambda e: e.step):
+            self.recorder.eval(e.step, e.loss, e.accuracy, wall=e.wall, cum=e.cum,
+                               extra={"evaluated_at": e.evaluated_at})
+        self.finished = []
         self.progress.update(self.step, rec["loss"], self.test_acc, self.recorder.cum_up,
                              self.recorder.cum_down)
 
@@ -324,10 +422,12 @@ class RankRoles:
         with torch.no_grad():
             self.theta.copy_(torch.cat([s["theta"] for s in shards]).to(self.device))
         model = {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        stop = None if self.stop_due is None else {"eval_step": self.stop_eval,
+                                                    "at": self.stop_due}
         save_checkpoint(self.cfg.run_dir, self.step, {
             "format": 1, "step": self.step, "config": self.cfg.to_dict(),
-            "server": {"model": model, **shards[0]}, "shards": shards[1:], "workers": workers},
-            keep=self.cfg.keep_checkpoints)
+            "server": {"model": model, **shards[0]}, "shards": shards[1:], "workers": workers,
+            "eval_stop": stop}, keep=self.cfg.keep_checkpoints)
 
     # ---- start and end -------------------------------------------------------------------
     def resume_send(self) -> None:
@@ -339,6 +439,8 @@ class RankRoles:
 
         state = load_for_resume(self.cfg)
         self.model.load_state_dict(state["server"]["model"])
+        if (stop := state.get("eval_stop")) is not None:  # decided, not yet applied
+            self.resumed_stop = (int(stop["at"]), int(stop["eval_step"]))
         shards = [state["server"], *state["shards"]]
         for r in self.p.ranks:
             w, s = self.p.worker_of(r), self.p.shard_of(r)
@@ -372,6 +474,10 @@ class RankRoles:
         self.evals = sum(1 for r in read_metrics(self.cfg.run_dir) if r["kind"] == "eval")
         self.progress = Progress(self.cfg.steps, enabled=self.cfg.progress)
         self.test_loss = self.test_acc = float("nan")
+        self.test_step = None  # the step whose parameters test_loss/test_acc measure
+        self.stop_due, self.stop_eval = self.resumed_stop  # stop at step, decided by eval at
+        self.pending: list[PendingEval] = []   # evaluations whose parameters are in flight
+        self.finished: list[PendingEval] = []  # evaluated at this step, to be recorded
 
     def close_records(self, **extra: Any) -> dict[str, Any] | None:
         """The summary (``extra`` adds or replaces fields), written and printed by the leader."""
@@ -401,7 +507,9 @@ class RankRoles:
             servers=p.num_shards, colocate=cfg.colocate, shard_sizes=[hi - lo for lo, hi
                                                                       in p.bounds],
             simulate=cfg.simulate, stopped_early=self.step < cfg.steps,
-            consistency=cfg.consistency), **extra})
+            consistency=cfg.consistency), **({} if cfg.asynchronous else dict(
+                eval_lag=cfg.eval_lag, test_step=self.test_step,
+                stop_eval_step=self.stop_eval if self.step < cfg.steps else None)), **extra})
         self.recorder.close()
         print(summary_line(summary), flush=True)
         return summary
