@@ -15,17 +15,58 @@ rank runs every phase, doing the part of its pieces:
 2. ``serve``: server s decodes and averages its W rows (a bad row is left out of this shard
    only), steps its shard with ``DecoupledMomentumSGD`` and encodes its shard's downlink; it
    reports to the leader (rows left out, whether it could step, phase times, bytes) and, at
-   evaluation steps, sends its parameters;
-3. ``lead``: the leader evaluates the gathered parameters with the averaged BN statistics
-   and decides: continue, last step, or abort (``--on-nonfinite abort`` with a bad row, or a
-   shard without any valid row for ``STUCK_STEPS`` steps in a row); it tells every rank;
+   evaluation steps, keeps a copy of its parameters for the evaluation (with
+   ``--eval-lag 0`` it sends them now);
+3. ``lead``: the leader evaluates the parameters of the evaluation due at this step (see
+   below) with the BN statistics averaged at its step, and decides: continue, last step
+   (``--steps``, or ``--stop-accuracy`` reached by that evaluation), or abort
+   (``--on-nonfinite abort`` with a bad row, or a shard without any valid row for
+   ``STUCK_STEPS`` steps in a row); it tells every rank;
 4. ``control``: the other ranks receive that decision (abort ends them);
-5. ``down_send`` / ``down_recv``: server s sends its shard's downlink to every worker; every
-   worker keeps the S payloads and applies them at the start of its next step (with
-   ``--overlap``, each as the next forward first needs it);
-6. ``record``: the leader writes the step's metrics (bytes per direction and per server);
+5. ``down_send`` / ``down_recv``: server s sends its shard's downlink to every worker, then
+   the pieces of its parameters due at this step for evaluations in flight; every worker
+   keeps the S payloads and applies them at the start of its next step (with ``--overlap``,
+   each as the next forward first needs it);
+6. ``record``: the leader writes the step's metrics (bytes per direction and per server),
+   finishes the evaluations in flight if the run ends or checkpoints here, and writes the
+   lines of the evaluations done at this step;
 7. ``ckpt_send`` / ``ckpt_save``: at checkpoint steps every rank sends its pieces' states to
    the leader, which writes one file holding every shard's and every worker's state.
+
+Evaluation off the critical path (``--eval-lag L``, default ``EVAL_LAG`` = 8). At an
+evaluation step s the workers send their BN running statistics with the step's telemetry
+(``4 k`` bytes each, counted as uplink: small, so they do not lag) and every server copies its
+shard ``theta_s``. The copy travels to the leader in L contiguous pieces of near-equal size,
+piece j (j = 0..L-1) after the downlink of step s + j, as a send that no step waits for
+(:meth:`~dist_quant.roles.fabric.RemoteFabric.send_aside`); the leader posts their receives as
+they are sent and, in ``lead`` of step s + L, waits for the last ones and evaluates. The
+evaluation is of the parameters after step s's update with the statistics of step s: the same
+numbers as evaluating at step s. If its accuracy reaches ``--stop-accuracy``, the control of
+step s + L is LAST: the run stops at s + L, L steps later than with ``--eval-lag 0`` (the
+parameters up to there are the same: evaluation changes no training state). Its evaluation
+line keeps step s, with the wall time and cumulative bytes of step s (the time to target
+counts to step s, as before) and ``evaluated_at`` s + L; ``summary.json`` says which
+evaluation stopped the run (``stop_eval_step``) and which step ``test_accuracy`` measures
+(``test_step``). The last step (``--steps``) and every checkpoint step finish the evaluations
+in flight after their control (all pieces left, then evaluate), so the run ends with the final
+parameters evaluated, and a checkpoint holds no evaluation in flight: a stop already decided
+but not yet applied is saved with it (``eval_stop``) and a resumed run applies it at the same
+step. ``--eval-lag 0`` is the previous behaviour: the servers send the whole shard in
+``serve`` and the leader evaluates before the control of step s, while every rank waits.
+
+Why 8. Gloo sends the messages between two ranks in order over one connection, so a piece
+still on the wire holds back whatever its server sends the leader next (the next step's
+uplink payload of shard 0, the server's downlink to the leader's worker): a piece is hidden
+only in the time the leader's link would be idle anyway, which in a colocated step is mostly
+the next step's compute (the exchange itself keeps the link busy). For ``ps-fast`` (W = 4,
+the MLP's 47,242 parameters, 10 Mbit/s links) the leader receives three shards of about 11.8k
+floats, 142 KB: 113 ms of its link, against 10-15 ms of compute a step on the CPUs measured.
+In one piece (L = 1) or two, a piece overruns the next step's compute by most of its length
+and that step waits for it as it did for the whole gather; in 8, a piece is 14 ms of link.
+The lag costs no time to target; a run that stops takes L more steps (a few tenths of a
+second here). The star's server is the leader: its pieces never leave the process, and the
+lag only moves the decision. The asynchronous modes (:mod:`dist_quant.roles.events`) and the
+DDP baselines keep evaluating at step s (``--eval-lag`` does not apply to them).
 
 ``--simulate`` (:func:`run_all`) runs each phase for every rank in one process over a
 :class:`~dist_quant.roles.fabric.LocalFabric`; a distributed rank (:func:`run_rank`) runs the
@@ -35,8 +76,9 @@ same parameters bit for bit.
 
 Checkpoint (format 1): ``{"step", "config", "server": {"model": the leader's model (theta of
 every shard, BN statistics of the last evaluation), **state of shard 0}, "shards": [states of
-shards 1..S-1], "workers": [worker states]}``; shard states are
-:meth:`ShardServer.state_dict`.
+shards 1..S-1], "workers": [worker states], "eval_stop": None or {"eval_step": s, "at": s +
+L}}``; shard states are :meth:`ShardServer.state_dict`; ``eval_stop`` is a stop decided by the
+evaluation of step s, applied at step s + L (absent from older checkpoints: none).
 
 Phase times (``metrics.jsonl``): the slowest worker's ``compute``, ``encode``, ``decode``
 plus the slowest server's decode, update and downlink encode (sums in the simulator);
