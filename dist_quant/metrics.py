@@ -35,7 +35,10 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     ``"time_overlap_down"``: seconds of the previous step's downlink that ran beside this step's
     work (``--overlap``; else 0).
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
-    "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``.
+    "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``: the parameters after step t,
+    with the wall time and cumulative bytes of step t. The synchronous parameter server adds
+    ``"evaluated_at"``: the step at which the evaluation ran (``t + --eval-lag``, or earlier
+    at the last step and at checkpoints; the line is written then, after that step's line).
   * update lines (``--consistency ssp|async``, ``--backup-workers``; one per gradient that
     reached the server): ``{"kind": "update", "arrival": a, "worker": i, "worker_step": k,
     "read": v, "applied": u or null, "staleness": u - 1 - v or null, "step": t,
@@ -49,7 +52,10 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
   ``skipped_payloads``. The parameter-server job adds ``bucket_size``, ``downlink``,
   ``payload_nbytes_up``, ``payload_nbytes_down`` (one payload, bytes), ``simulate`` and
   ``stopped_early`` (``--stop-accuracy`` reached before ``--steps``); ``steps`` is the number
-  of steps run; ``consistency``. An asynchronous run adds ``staleness_bound`` (K; null for
+  of steps run; ``consistency``; synchronous runs add ``eval_lag``, ``stop_eval_step`` (the
+  evaluation whose accuracy stopped the run, ``eval_lag`` steps before its end; null when it
+  ran all steps) and ``test_step`` (the step whose parameters ``test_accuracy`` and
+  ``test_loss`` measure). An asynchronous run adds ``staleness_bound`` (K; null for
   async), ``backup_workers``, ``updates``, ``gradients`` (received), ``applied_per_worker``,
   ``dropped_per_worker``, ``wait_seconds_per_worker``, ``staleness_mean`` and
   ``staleness_histogram`` (``{"s": count}`` of the applied gradients). ``fp32_bytes_*``
