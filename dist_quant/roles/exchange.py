@@ -8,10 +8,12 @@ A rank holds up to three pieces (:class:`RankRoles`): worker ``i``
 (:mod:`dist_quant.roles.fabric`). One step is a fixed sequence of phases (``PHASES``); each
 rank runs every phase, doing the part of its pieces:
 
-1. ``up``: worker i computes its gradient, encodes it once per shard with that shard's
-   generator and sends shard s's payload to server s (with ``--overlap`` during backward, as
-   soon as the shard is complete: :mod:`dist_quant.roles.overlap`); telemetry (and, at
-   evaluation steps, its BN running statistics) goes to the leader;
+1. ``up``: servers send the pieces of their parameters due at this step to the leader
+   (evaluations in flight, see below); worker i computes its gradient, encodes it once per
+   shard with that shard's generator and sends shard s's payload to server s (with
+   ``--overlap`` during backward, as soon as the shard is complete:
+   :mod:`dist_quant.roles.overlap`); telemetry (and, at evaluation steps, its BN running
+   statistics) goes to the leader;
 2. ``serve``: server s decodes and averages its W rows (a bad row is left out of this shard
    only), steps its shard with ``DecoupledMomentumSGD`` and encodes its shard's downlink; it
    reports to the leader (rows left out, whether it could step, phase times, bytes) and, at
@@ -23,8 +25,8 @@ rank runs every phase, doing the part of its pieces:
    (``--on-nonfinite abort`` with a bad row, or a shard without any valid row for
    ``STUCK_STEPS`` steps in a row); it tells every rank;
 4. ``control``: the other ranks receive that decision (abort ends them);
-5. ``down_send`` / ``down_recv``: server s sends its shard's downlink to every worker, then
-   the pieces of its parameters due at this step for evaluations in flight; every worker
+5. ``down_send`` / ``down_recv``: server s sends its shard's downlink to every worker (and,
+   where the run ends or checkpoints, what is left of the evaluations in flight); every worker
    keeps the S payloads and applies them at the start of its next step (with ``--overlap``,
    each as the next forward first needs it);
 6. ``record``: the leader writes the step's metrics (bytes per direction and per server),
@@ -37,9 +39,10 @@ Evaluation off the critical path (``--eval-lag L``, default ``EVAL_LAG`` = 8). A
 evaluation step s the workers send their BN running statistics with the step's telemetry
 (``4 k`` bytes each, counted as uplink: small, so they do not lag) and every server copies its
 shard ``theta_s``. The copy travels to the leader in L contiguous pieces of near-equal size,
-piece j (j = 0..L-1) after the downlink of step s + j, as a send that no step waits for
-(:meth:`~dist_quant.roles.fabric.RemoteFabric.send_aside`); the leader posts their receives as
-they are sent and, in ``lead`` of step s + L, waits for the last ones and evaluates. The
+piece j (j = 0..L-1) at the start of step s + 1 + j, before that step's compute, as a send
+that no step waits for (:meth:`~dist_quant.roles.fabric.RemoteFabric.send_aside`); the leader
+posts their receives as they are sent and, in ``lead`` of step s + L, waits for the last one
+(sent at the start of that step) and evaluates. The
 evaluation is of the parameters after step s's update with the statistics of step s: the same
 numbers as evaluating at step s. If its accuracy reaches ``--stop-accuracy``, the control of
 step s + L is LAST: the run stops at s + L, L steps later than with ``--eval-lag 0`` (the
@@ -58,7 +61,10 @@ Why 8. Gloo sends the messages between two ranks in order over one connection, s
 still on the wire holds back whatever its server sends the leader next (the next step's
 uplink payload of shard 0, the server's downlink to the leader's worker): a piece is hidden
 only in the time the leader's link would be idle anyway, which in a colocated step is mostly
-the next step's compute (the exchange itself keeps the link busy). For ``ps-fast`` (W = 4,
+its compute (the exchange itself keeps the link busy): hence a piece goes at the start of a
+step, once the previous step's downlinks are in. Sent after a downlink instead, the pieces of
+one server got ahead of another server's downlink in the leader's link queue and the steps
+after an evaluation were measured slower. For ``ps-fast`` (W = 4,
 the MLP's 47,242 parameters, 10 Mbit/s links) the leader receives three shards of about 11.8k
 floats, 142 KB: 113 ms of its link, against 10-15 ms of compute a step on the CPUs measured.
 In one piece (L = 1) or two, a piece overruns the next step's compute by most of its length
@@ -188,6 +194,11 @@ class RankRoles:
         self.step += 1
         self.t0 = time.perf_counter()
         self.with_stats = is_eval_step(self.cfg, self.step)
+        if self.lag > 0:  # the evaluations' pieces due now travel beside this step's compute
+            if self.shard is not None:
+                self._send_pieces(settle=False)
+            if self.is_leader:
+                self._post_pieces(settle=False)
         if self.worker is None:
             self.fabric.flush_held()
             return
@@ -233,8 +244,8 @@ class RankRoles:
                 self._send_pieces(settle=True)
 
     def _send_pieces(self, settle: bool) -> None:
-        """Server: send the pieces of its shard that are due at this step, for each evaluation
-        in flight (oldest first; ``settle``: all that are left)."""
+        """Server: send the pieces of its shard that are due at the start of this step, for
+        each evaluation in flight (oldest first; ``settle``: all that are left)."""
         pieces = eval_pieces(self.shard.n, self.lag)
         for entry in self.outgoing:
             s, theta, sent = entry
@@ -316,8 +327,9 @@ class RankRoles:
             raise RunAborted(reason)
 
     def _post_pieces(self, settle: bool) -> None:
-        """Leader: post the receives of the pieces its servers send at this step, in the order
-        they send them (per server: evaluation by evaluation, piece by piece)."""
+        """Leader: post the receives of the pieces its servers send at the start of this step
+        (``settle``: all that are left), in the order they send them (per server: evaluation by
+        evaluation, piece by piece)."""
         p = self.p
         for e in self.pending:
             upto = pieces_upto(self.lag, e.step, self.step, settle)
@@ -365,16 +377,17 @@ class RankRoles:
 
     # ---- 5. downlink ---------------------------------------------------------------------
     def down_send(self) -> None:
-        """Server: its shard's downlink to every worker, then (``--eval-lag`` > 0) the pieces
-        of evaluations due at this step, which travel beside the next steps; the leader posts
-        their receives after its own server's sends."""
+        """Server: its shard's downlink to every worker, then, where the step settles, every
+        piece left of the evaluations in flight; the leader posts their receives after its own
+        server's sends."""
+        settle = self._settles()
         if self.shard is not None:
             for r in self.p.worker_ranks:
                 self.fabric.send(self.rank, r, TAG_DOWN, self.down_payload, "parameters payload")
-            if self.lag > 0:
-                self._send_pieces(self._settles())
-        if self.is_leader and self.lag > 0:
-            self._post_pieces(self._settles())
+            if settle:
+                self._send_pieces(settle=True)
+        if self.is_leader and settle:
+            self._post_pieces(settle=True)
 
     def down_recv(self) -> None:
         """Receive the downlink; with ``--overlap`` only post the receives, and hold the sends:
