@@ -149,6 +149,7 @@ class PendingEval:
     wall: float = float("nan")
     cum: tuple[int, int] = (0, 0)
     evaluated_at: int = 0
+    train_loss: float = float("nan")
     loss: float = float("nan")
     accuracy: float = float("nan")
 
@@ -438,15 +439,19 @@ class RankRoles:
         for e in self.pending + self.finished:
             if e.step == self.step:
                 e.wall, e.cum = rec["wall"], (rec["cum_bytes_up"], rec["cum_bytes_down"])
+                e.train_loss = rec["loss"]
         if self._settles():
             for e in list(self.pending):
                 self._evaluate(e)
+        # the progress line of an evaluation names its own step, loss and bytes
         for e in sorted(self.finished, key=lambda e: e.step):
             self.recorder.eval(e.step, e.loss, e.accuracy, wall=e.wall, cum=e.cum,
                                extra={"evaluated_at": e.evaluated_at})
+            self.progress.update(e.step, e.train_loss, e.accuracy, *e.cum)
+        if all(e.step != self.step for e in self.finished):
+            self.progress.update(self.step, rec["loss"], self.test_acc, self.recorder.cum_up,
+                                 self.recorder.cum_down)
         self.finished = []
-        self.progress.update(self.step, rec["loss"], self.test_acc, self.recorder.cum_up,
-                             self.recorder.cum_down)
 
     # ---- 7. checkpoints ------------------------------------------------------------------
     def _checkpoint_now(self) -> bool:
