@@ -35,42 +35,45 @@ rank runs every phase, doing the part of its pieces:
 7. ``ckpt_send`` / ``ckpt_save``: at checkpoint steps every rank sends its pieces' states to
    the leader, which writes one file holding every shard's and every worker's state.
 
-Evaluation off the critical path (``--eval-lag L``, default ``EVAL_LAG`` = 8). At an
-evaluation step s the workers send their BN running statistics with the step's telemetry
-(``4 k`` bytes each, counted as uplink: small, so they do not lag) and every server copies its
-shard ``theta_s``. The copy travels to the leader in L contiguous pieces of near-equal size,
-piece j (j = 0..L-1) at the start of step s + 1 + j, before that step's compute, as a send
-that no step waits for (:meth:`~dist_quant.roles.fabric.RemoteFabric.send_aside`); the leader
-posts their receives as they are sent and, in ``lead`` of step s + L, waits for the last one
-(sent at the start of that step) and evaluates. The
-evaluation is of the parameters after step s's update with the statistics of step s: the same
-numbers as evaluating at step s. If its accuracy reaches ``--stop-accuracy``, the control of
-step s + L is LAST: the run stops at s + L, L steps later than with ``--eval-lag 0`` (the
-parameters up to there are the same: evaluation changes no training state). Its evaluation
-line keeps step s, with the wall time and cumulative bytes of step s (the time to target
-counts to step s, as before) and ``evaluated_at`` s + L; ``summary.json`` says which
-evaluation stopped the run (``stop_eval_step``) and which step ``test_accuracy`` measures
-(``test_step``). The last step (``--steps``) and every checkpoint step finish the evaluations
-in flight after their control (all pieces left, then evaluate), so the run ends with the final
-parameters evaluated, and a checkpoint holds no evaluation in flight: a stop already decided
-but not yet applied is saved with it (``eval_stop``) and a resumed run applies it at the same
-step. ``--eval-lag 0`` is the previous behaviour: the servers send the whole shard in
-``serve`` and the leader evaluates before the control of step s, while every rank waits.
+Evaluation off the critical path (``--eval-lag L``, default ``EVAL_LAG`` = 8). At an evaluation
+step s the workers send their BN running statistics with the step's telemetry (``4 k`` bytes
+each, counted as uplink: small, so they do not lag) and every server copies its shard
+``theta_s``. The copy travels to the leader in L contiguous pieces of near-equal size, piece j
+(j = 0..L-1) at the start of step s + 1 + j, before that step's compute, as a send that no step
+waits for (:meth:`~dist_quant.roles.fabric.RemoteFabric.send_aside`); the leader posts their
+receives as they are sent and, in ``lead`` of step s + L, waits for the last one (sent at the
+start of that step) and evaluates. The evaluation is of the parameters after step s's update
+with the statistics of step s: the same numbers as evaluating at step s. If its accuracy
+reaches ``--stop-accuracy``, the control of step s + L is LAST: the run stops at s + L, L steps
+later than with ``--eval-lag 0`` (the parameters up to there are the same: evaluation changes
+no training state). Its evaluation line keeps step s, with the wall time and cumulative bytes
+of step s (the time to target counts to step s, as before) and ``evaluated_at`` s + L;
+``summary.json`` says which evaluation stopped the run (``stop_eval_step``) and which step
+``test_accuracy`` measures (``test_step``). The last step (``--steps``) and every checkpoint
+step finish the evaluations in flight after their control (all pieces left, then evaluate), so
+a run that goes to ``--steps`` ends with its final parameters evaluated (one stopped at s + L
+reports the evaluation of step s: ``test_step``), and a checkpoint holds no evaluation in
+flight: a stop already decided but not yet applied is saved with it (``eval_stop``) and a
+resumed run applies it at the same step. ``--eval-lag 0`` is the previous behaviour: the
+servers send the whole shard in ``serve`` and the leader evaluates before the control of step
+s, while every rank waits.
 
 Why 8. Gloo sends the messages between two ranks in order over one connection, so a piece
 still on the wire holds back whatever its server sends the leader next (the next step's
 uplink payload of shard 0, the server's downlink to the leader's worker): a piece is hidden
 only in the time the leader's link would be idle anyway, which in a colocated step is mostly
 its compute (the exchange itself keeps the link busy): hence a piece goes at the start of a
-step, once the previous step's downlinks are in. Sent after a downlink instead, the pieces of
-one server got ahead of another server's downlink in the leader's link queue and the steps
-after an evaluation were measured slower. For ``ps-fast`` (W = 4,
-the MLP's 47,242 parameters, 10 Mbit/s links) the leader receives three shards of about 11.8k
-floats, 142 KB: 113 ms of its link, against 10-15 ms of compute a step on the CPUs measured.
-In one piece (L = 1) or two, a piece overruns the next step's compute by most of its length
-and that step waits for it as it did for the whole gather; in 8, a piece is 14 ms of link.
-The lag costs no time to target; a run that stops takes L more steps (a few tenths of a
-second here). The star's server is the leader: its pieces never leave the process, and the
+step, once the previous step's downlinks are in (sent right after a downlink, one server's
+piece got ahead of another server's downlink in the leader's link queue, and the steps after
+an evaluation were measured slower). For ``ps-fast`` (W = 4, the MLP's 47,242 parameters,
+10 Mbit/s links) the leader receives three shards of about 11.8k floats, 142 KB: 113 ms of its
+link, against 12-25 ms of compute a step in the runs measured. In one piece (L = 1) or two, a
+piece overruns its step's compute by most of its length and the step waits for it as it did
+for the whole gather; in 8, a piece is 14 ms of link. Measured on the namespace cluster
+(``benchmarks/evallag-2026-12-06``), an evaluation cost the steps s..s+8 141-159 ms with
+L = 0, about 93 ms with 1 or 2, 52 ms with 4, 14-42 ms with 8 and 23 ms with 16: 8 is where it
+stops paying. The lag costs no time to target; a run that stops takes L more steps (about
+0.4 s here). The star's server is the leader: its pieces never leave the process, and the
 lag only moves the decision. The asynchronous modes (:mod:`dist_quant.roles.events`) and the
 DDP baselines keep evaluating at step s (``--eval-lag`` does not apply to them).
 
@@ -131,7 +134,6 @@ from dist_quant.transport import ABORT, CONTINUE, LAST
 # server -> leader, per step: rows left out, could not step (0/1), abort requested (0/1),
 # decode s, update s, encode s, bytes received over links, bytes to send over links
 STATUS = ("left_out", "stuck", "abort", "decode", "update", "encode", "bytes_up", "bytes_down")
-
 
 
 @dataclass
@@ -535,7 +537,8 @@ class RankRoles:
         self.progress = Progress(self.cfg.steps, enabled=self.cfg.progress)
         self.test_loss = self.test_acc = float("nan")
         self.test_step = None  # the step whose parameters test_loss/test_acc measure
-        self.stop_due, self.stop_eval = self.resumed_stop  # stop at step, decided by eval at
+        # a --stop-accuracy decision: the step it stops at, the evaluation that made it
+        self.stop_due, self.stop_eval = self.resumed_stop
         self.pending: list[PendingEval] = []   # evaluations whose parameters are in flight
         self.finished: list[PendingEval] = []  # evaluated at this step, to be recorded
 
