@@ -147,11 +147,11 @@ def test_resume_with_an_evaluation_in_flight_equals_uninterrupted(reference, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("placement", [{}, {"colocate": True}])
+@pytest.mark.parametrize("placement", [{}, {"colocate": True, "overlap": True}])
 def test_distributed_equals_simulated_with_the_lag_and_a_stop(placement, tmp_path):
-    """torchrun with the lag and --stop-accuracy (star: 4 processes; colocated: 3; a
-    checkpoint at step 4 while an evaluation is in flight) stops at s + lag, as its
-    --simulate reference does, with the same parameters, steps and evaluations."""
+    """torchrun with the lag and --stop-accuracy (star: 4 processes; colocated with
+    --overlap: 3; a checkpoint at step 4 while an evaluation is in flight) stops at s + lag, as
+    its --simulate reference does, with the same parameters, steps and evaluations."""
     target, s = target_of(evals(simulate(tiny(tmp_path, "ref", eval_lag=0, **placement))), 9)
     cfg = tiny(tmp_path, "dist", eval_lag=LAG, stop_accuracy=target, checkpoint_every=4,
                **placement)
