@@ -70,7 +70,7 @@ an evaluation were measured slower). For ``ps-fast`` (W = 4, the MLP's 47,242 pa
 link, against 12-25 ms of compute a step in the runs measured. In one piece (L = 1) or two, a
 piece overruns its step's compute by most of its length and the step waits for it as it did
 for the whole gather; in 8, a piece is 14 ms of link. Measured on the namespace cluster
-(``benchmarks/evallag-2026-12-06``), an evaluation cost the steps s..s+8 141-159 ms with
+(``benchmarks/evallag-2026-12-06``), an evaluation cost the steps s..s+8 124-159 ms with
 L = 0, about 93 ms with 1 or 2, 52 ms with 4, 14-42 ms with 8 and 23 ms with 16: 8 is where it
 stops paying. The lag costs no time to target; a run that stops takes L more steps (about
 0.4 s here). The star's server is the leader: its pieces never leave the process, and the
