@@ -13,7 +13,10 @@ tensors (loaded with ``weights_only=True``)::
 
 With ``--servers S > 1`` or ``--colocate`` the file also holds ``"shards"`` (the states of
 shards 1..S-1) and ``"server"`` holds shard 0's (``theta``, ``optimizer``, ``replica``,
-``generator``, its bounds) beside the model (:mod:`dist_quant.roles.exchange`).
+``generator``, its bounds) beside the model (:mod:`dist_quant.roles.exchange`). A synchronous
+parameter-server checkpoint also holds ``"eval_stop"``: None, or ``{"eval_step": s, "at": t}``
+when the evaluation of step s reached ``--stop-accuracy`` and the run is to stop at step t
+(``--eval-lag``); no evaluation is in flight at a checkpoint.
 
 The workers send their states to the server at checkpoint steps and the server writes the one
 file, so a multi-host run needs no shared file system. Every random stream the run draws from

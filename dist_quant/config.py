@@ -35,6 +35,9 @@ NOT_CONTRACTIVE = ("onebit", "qsgd", "terngrad", "randk")
 BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a finite bound, so a hung peer always ends the run
 MAX_RESTARTS = 100
+# --eval-lag: pieces (= steps) an evaluation's parameter gather is spread over; why 8 is in
+# the docstring of dist_quant.roles.exchange ("Evaluation off the critical path")
+EVAL_LAG = 8
 
 
 _DEFAULT_STALENESS = 2
@@ -151,6 +154,12 @@ class TrainConfig:
     run_dir: str = _opt("", "Directory for config.json, metrics.jsonl, summary.json and "
                         "checkpoints (default: runs/<time>-<method>).")
     eval_every: int = _opt(100, "Evaluate on the test split every N steps (and at the end).")
+    eval_lag: int = _opt(EVAL_LAG, "Synchronous parameter server: the parameters of an "
+                         "evaluation at step s reach the evaluating rank in N pieces, one per "
+                         "step, beside training; it is evaluated at step s + N, whose control "
+                         "carries its --stop-accuracy decision (the run stops there). 0 = "
+                         "gather and evaluate before step s ends (every rank waits). The last "
+                         "step and checkpoint steps finish their evaluations at once.")
     checkpoint_every: int = _opt(0, "Write a checkpoint every N steps (0 = only at the end).")
     resume: str = _opt("", "Run directory whose latest checkpoint the run continues from.")
     keep_checkpoints: int = _opt(3, "Keep the K newest checkpoints of the run, delete older "
@@ -279,6 +288,9 @@ class TrainConfig:
             bad("train_size" if self.train_size < 10 else "test_size", "must be >= 10")
         if self.eval_every < 1:
             bad("eval_every", f"must be >= 1; got {self.eval_every}")
+        if self.eval_lag < 0:
+            bad("eval_lag", f"must be >= 0 steps (0 = evaluate at the step itself); got "
+                f"{self.eval_lag}")
         if self.checkpoint_every < 0:
             bad("checkpoint_every", f"must be >= 0; got {self.checkpoint_every}")
         if self.powersgd_rank < 1:

@@ -35,7 +35,10 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     ``"time_overlap_down"``: seconds of the previous step's downlink that ran beside this step's
     work (``--overlap``; else 0).
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
-    "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``.
+    "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``: the parameters after step t,
+    with the wall time and cumulative bytes of step t. The synchronous parameter server adds
+    ``"evaluated_at"``: the step at which the evaluation ran (``t + --eval-lag``, or earlier
+    at the last step and at checkpoints; the line is written then, after that step's line).
   * update lines (``--consistency ssp|async``, ``--backup-workers``; one per gradient that
     reached the server): ``{"kind": "update", "arrival": a, "worker": i, "worker_step": k,
     "read": v, "applied": u or null, "staleness": u - 1 - v or null, "step": t,
@@ -49,7 +52,10 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
   ``skipped_payloads``. The parameter-server job adds ``bucket_size``, ``downlink``,
   ``payload_nbytes_up``, ``payload_nbytes_down`` (one payload, bytes), ``simulate`` and
   ``stopped_early`` (``--stop-accuracy`` reached before ``--steps``); ``steps`` is the number
-  of steps run; ``consistency``. An asynchronous run adds ``staleness_bound`` (K; null for
+  of steps run; ``consistency``; synchronous runs add ``eval_lag``, ``stop_eval_step`` (the
+  evaluation whose accuracy stopped the run, ``eval_lag`` steps before its end; null when it
+  ran all steps) and ``test_step`` (the step whose parameters ``test_accuracy`` and
+  ``test_loss`` measure). An asynchronous run adds ``staleness_bound`` (K; null for
   async), ``backup_workers``, ``updates``, ``gradients`` (received), ``applied_per_worker``,
   ``dropped_per_worker``, ``wait_seconds_per_worker``, ``staleness_mean`` and
   ``staleness_histogram`` (``{"s": count}`` of the applied gradients). ``fp32_bytes_*``
@@ -144,7 +150,7 @@ class RunRecorder:
                 rec = json.loads(line)
                 if rec["step"] <= resume_step:
                     kept.append(line)
-                    if rec["kind"] not in ("step", "eval"):
+                    if rec["kind"] != "step":  # a lagged eval line carries an older step's
                         continue
                     self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
                     self.wall_offset = rec["wall"]
@@ -189,10 +195,16 @@ class RunRecorder:
             self._tb.record(rec)
         return rec
 
-    def eval(self, step: int, test_loss: float, test_accuracy: float) -> dict[str, Any]:
+    def eval(self, step: int, test_loss: float, test_accuracy: float,
+             wall: float | None = None, cum: tuple[int, int] | None = None,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append an eval line; ``wall`` and ``cum`` (bytes up, down) default to now. A lagged
+        evaluation (``--eval-lag``) gives those of its step: its time to target is that step's."""
+        up, down = (self.cum_up, self.cum_down) if cum is None else cum
         rec = {"kind": "eval", "step": int(step), "test_loss": float(test_loss),
-               "test_accuracy": float(test_accuracy), "cum_bytes_up": self.cum_up,
-               "cum_bytes_down": self.cum_down, "wall": self.wall()}
+               "test_accuracy": float(test_accuracy), "cum_bytes_up": int(up),
+               "cum_bytes_down": int(down), "wall": self.wall() if wall is None else wall,
+               **(extra or {})}
         self._fh.write(json.dumps(rec) + "\n")
         if self._tb is not None:
             self._tb.record(rec)

@@ -90,5 +90,8 @@ def summary_line(summary: dict[str, Any]) -> str:
                                              for d in lost)
                          + f": ended with {summary['workers_at_end']} workers")
     if summary.get("stopped_early"):
-        parts.append(f"stopped early at step {summary['steps']}: --stop-accuracy reached")
+        at = summary.get("stop_eval_step")
+        lagged = f" at the evaluation of step {at}" if at not in (None, summary["steps"]) else ""
+        parts.append(f"stopped early at step {summary['steps']}: --stop-accuracy reached"
+                     + lagged)
     return " | ".join(p for p in parts if p)

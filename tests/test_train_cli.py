@@ -11,7 +11,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from dist_quant.config import TrainConfig
+from dist_quant.config import EVAL_LAG, TrainConfig
 from dist_quant.metrics import read_metrics, read_summary
 from dist_quant.train import run_in_process, torchrun_command, train_command
 
@@ -81,9 +81,13 @@ def test_simulate_through_the_cli_and_stop_accuracy(tmp_path):
     evals = [r for r in read_metrics(run) if r["kind"] == "eval"]
     first = next(r for r in evals if r["test_accuracy"] >= 0.01)
     summary = read_summary(run)
-    assert summary["steps"] == first["step"] < 20 and summary["stopped_early"]
-    assert f"stopped early at step {first['step']}" in result.output
-    assert (run / "checkpoints" / f"step_{first['step']}.pt").is_file()
+    # the decision travels --eval-lag steps behind its evaluation (EVAL_LAG = 8 by default)
+    stop = first["step"] + EVAL_LAG
+    assert summary["steps"] == stop < 20 and summary["stopped_early"]
+    assert summary["stop_eval_step"] == first["step"] and summary["eval_lag"] == EVAL_LAG
+    assert (f"stopped early at step {stop}: --stop-accuracy reached at the evaluation of step "
+            f"{first['step']}") in result.output
+    assert (run / "checkpoints" / f"step_{stop}.pt").is_file()
     # a target above every evaluation: the run goes on to --steps and says nothing of a stop
     best = max(r["test_accuracy"] for r in evals)
     assert best < 0.99

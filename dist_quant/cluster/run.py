@@ -184,20 +184,20 @@ class MetricsTail:
         self.follower, self.cfg = JsonlFollower(metrics), cfg
         self.progress = Progress(cfg.steps, cfg.progress)
         self.acc = float("nan")
-        self.last: dict | None = None
+        self.losses: dict[int, float] = {}  # training loss of each step seen
 
     def poll(self) -> None:
         for rec in self.follower.new_records():
-            if rec.get("kind") == "eval":
+            kind = rec.get("kind")
+            if kind == "step":
+                self.losses[rec["step"]] = rec["loss"]
+            if kind == "eval":
                 self.acc = rec["test_accuracy"]
-            if rec.get("kind") == "step":
-                self.last = rec
             # an evaluation step is drawn at its eval line, which follows the step's line
-            drawn = rec.get("kind") == "eval" or (rec.get("kind") == "step"
-                                                  and not is_eval_step(self.cfg, rec["step"]))
-            if drawn and self.last is not None:
-                self.progress.update(self.last["step"], self.last["loss"], self.acc,
-                                     rec["cum_bytes_up"], rec["cum_bytes_down"])
+            # (--eval-lag steps later: the line carries its own step's bytes)
+            if kind == "eval" or (kind == "step" and not is_eval_step(self.cfg, rec["step"])):
+                self.progress.update(rec["step"], self.losses.get(rec["step"], float("nan")),
+                                     self.acc, rec["cum_bytes_up"], rec["cum_bytes_down"])
 
     def close(self) -> None:
         self.poll()

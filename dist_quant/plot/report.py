@@ -8,6 +8,8 @@ For a run under a given link:
 - final accuracy: ``summary.json``'s ``test_accuracy``.
 - MB to target (10^6 bytes, up and up + down) and time to target: ``cum_bytes_*`` and ``wall``
   of the first evaluation line with ``test_accuracy >= target``; "not reached" when none is.
+  A lagged evaluation (``--eval-lag``) is written when it ran, steps later, but its line
+  carries the wall time and bytes of its own step: the time to target counts to that step.
 - speed-up: time to target of DDP fp32 (config ``method=ddp``, ``ddp_hook=none``) under the same
   link, divided by the run's. The baseline is the DDP fp32 run with the same seed and worker
   count when there is one, else the first with the same worker count ("no DDP fp32 run" when

@@ -8,24 +8,74 @@ A rank holds up to three pieces (:class:`RankRoles`): worker ``i``
 (:mod:`dist_quant.roles.fabric`). One step is a fixed sequence of phases (``PHASES``); each
 rank runs every phase, doing the part of its pieces:
 
-1. ``up``: worker i computes its gradient, encodes it once per shard with that shard's
-   generator and sends shard s's payload to server s (with ``--overlap`` during backward, as
-   soon as the shard is complete: :mod:`dist_quant.roles.overlap`); telemetry (and, at
-   evaluation steps, its BN running statistics) goes to the leader;
+1. ``up``: servers send the pieces of their parameters due at this step to the leader
+   (evaluations in flight, see below); worker i computes its gradient, encodes it once per
+   shard with that shard's generator and sends shard s's payload to server s (with
+   ``--overlap`` during backward, as soon as the shard is complete:
+   :mod:`dist_quant.roles.overlap`); telemetry (and, at evaluation steps, its BN running
+   statistics) goes to the leader;
 2. ``serve``: server s decodes and averages its W rows (a bad row is left out of this shard
    only), steps its shard with ``DecoupledMomentumSGD`` and encodes its shard's downlink; it
    reports to the leader (rows left out, whether it could step, phase times, bytes) and, at
-   evaluation steps, sends its parameters;
-3. ``lead``: the leader evaluates the gathered parameters with the averaged BN statistics
-   and decides: continue, last step, or abort (``--on-nonfinite abort`` with a bad row, or a
-   shard without any valid row for ``STUCK_STEPS`` steps in a row); it tells every rank;
+   evaluation steps, keeps a copy of its parameters for the evaluation (with
+   ``--eval-lag 0`` it sends them now);
+3. ``lead``: the leader evaluates the parameters of the evaluation due at this step (see
+   below) with the BN statistics averaged at its step, and decides: continue, last step
+   (``--steps``, or ``--stop-accuracy`` reached by that evaluation), or abort
+   (``--on-nonfinite abort`` with a bad row, or a shard without any valid row for
+   ``STUCK_STEPS`` steps in a row); it tells every rank;
 4. ``control``: the other ranks receive that decision (abort ends them);
-5. ``down_send`` / ``down_recv``: server s sends its shard's downlink to every worker; every
-   worker keeps the S payloads and applies them at the start of its next step (with
-   ``--overlap``, each as the next forward first needs it);
-6. ``record``: the leader writes the step's metrics (bytes per direction and per server);
+5. ``down_send`` / ``down_recv``: server s sends its shard's downlink to every worker (and,
+   where the run ends or checkpoints, what is left of the evaluations in flight); every worker
+   keeps the S payloads and applies them at the start of its next step (with ``--overlap``,
+   each as the next forward first needs it);
+6. ``record``: the leader writes the step's metrics (bytes per direction and per server),
+   finishes the evaluations in flight if the run ends or checkpoints here, and writes the
+   lines of the evaluations done at this step;
 7. ``ckpt_send`` / ``ckpt_save``: at checkpoint steps every rank sends its pieces' states to
    the leader, which writes one file holding every shard's and every worker's state.
+
+Evaluation off the critical path (``--eval-lag L``, default ``EVAL_LAG`` = 8). At an evaluation
+step s the workers send their BN running statistics with the step's telemetry (``4 k`` bytes
+each, counted as uplink: small, so they do not lag) and every server copies its shard
+``theta_s``. The copy travels to the leader in L contiguous pieces of near-equal size, piece j
+(j = 0..L-1) at the start of step s + 1 + j, before that step's compute, as a send that no step
+waits for (:meth:`~dist_quant.roles.fabric.RemoteFabric.send_aside`); the leader posts their
+receives as they are sent and, in ``lead`` of step s + L, waits for the last one (sent at the
+start of that step) and evaluates. The evaluation is of the parameters after step s's update
+with the statistics of step s: the same numbers as evaluating at step s. If its accuracy
+reaches ``--stop-accuracy``, the control of step s + L is LAST: the run stops at s + L, L steps
+later than with ``--eval-lag 0`` (the parameters up to there are the same: evaluation changes
+no training state). Its evaluation line keeps step s, with the wall time and cumulative bytes
+of step s (the time to target counts to step s, as before) and ``evaluated_at`` s + L;
+``summary.json`` says which evaluation stopped the run (``stop_eval_step``) and which step
+``test_accuracy`` measures (``test_step``). The last step (``--steps``) and every checkpoint
+step finish the evaluations in flight after their control (all pieces left, then evaluate), so
+a run that goes to ``--steps`` ends with its final parameters evaluated (one stopped at s + L
+reports the evaluation of step s: ``test_step``), and a checkpoint holds no evaluation in
+flight: a stop already decided but not yet applied is saved with it (``eval_stop``) and a
+resumed run applies it at the same step. ``--eval-lag 0`` is the previous behaviour: the
+servers send the whole shard in ``serve`` and the leader evaluates before the control of step
+s, while every rank waits.
+
+Why 8. Gloo sends the messages between two ranks in order over one connection, so a piece
+still on the wire holds back whatever its server sends the leader next (the next step's
+uplink payload of shard 0, the server's downlink to the leader's worker): a piece is hidden
+only in the time the leader's link would be idle anyway, which in a colocated step is mostly
+its compute (the exchange itself keeps the link busy): hence a piece goes at the start of a
+step, once the previous step's downlinks are in (sent right after a downlink, one server's
+piece got ahead of another server's downlink in the leader's link queue, and the steps after
+an evaluation were measured slower). For ``ps-fast`` (W = 4, the MLP's 47,242 parameters,
+10 Mbit/s links) the leader receives three shards of about 11.8k floats, 142 KB: 113 ms of its
+link, against 12-25 ms of compute a step in the runs measured. In one piece (L = 1) or two, a
+piece overruns its step's compute by most of its length and the step waits for it as it did
+for the whole gather; in 8, a piece is 14 ms of link. Measured on the namespace cluster
+(``benchmarks/evallag-2026-12-06``), an evaluation cost the steps s..s+8 124-159 ms with
+L = 0, about 93 ms with 1 or 2, 52 ms with 4, 14-42 ms with 8 and 23 ms with 16: 8 is where it
+stops paying. The lag costs no time to target; a run that stops takes L more steps (about
+0.4 s here). The star's server is the leader: its pieces never leave the process, and the
+lag only moves the decision. The asynchronous modes (:mod:`dist_quant.roles.events`) and the
+DDP baselines keep evaluating at step s (``--eval-lag`` does not apply to them).
 
 ``--simulate`` (:func:`run_all`) runs each phase for every rank in one process over a
 :class:`~dist_quant.roles.fabric.LocalFabric`; a distributed rank (:func:`run_rank`) runs the
@@ -35,8 +85,9 @@ same parameters bit for bit.
 
 Checkpoint (format 1): ``{"step", "config", "server": {"model": the leader's model (theta of
 every shard, BN statistics of the last evaluation), **state of shard 0}, "shards": [states of
-shards 1..S-1], "workers": [worker states]}``; shard states are
-:meth:`ShardServer.state_dict`.
+shards 1..S-1], "workers": [worker states], "eval_stop": None or {"eval_step": s, "at": s +
+L}}``; shard states are :meth:`ShardServer.state_dict`; ``eval_stop`` is a stop decided by the
+evaluation of step s, applied at step s + L (absent from older checkpoints: none).
 
 Phase times (``metrics.jsonl``): the slowest worker's ``compute``, ``encode``, ``decode``
 plus the slowest server's decode, update and downlink encode (sums in the simulator);
@@ -47,6 +98,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,7 +119,12 @@ from dist_quant.roles.fabric import (
     LocalFabric,
 )
 from dist_quant.roles.placement import Placement
-from dist_quant.roles.schedule import is_checkpoint_step, is_eval_step
+from dist_quant.roles.schedule import (
+    eval_pieces,
+    is_checkpoint_step,
+    is_eval_step,
+    pieces_upto,
+)
 from dist_quant.roles.server import SKIP_LINES, STUCK_STEPS, evaluate_model
 from dist_quant.roles.shard import ShardServer
 from dist_quant.roles.task import Task
@@ -77,6 +134,27 @@ from dist_quant.transport import ABORT, CONTINUE, LAST
 # server -> leader, per step: rows left out, could not step (0/1), abort requested (0/1),
 # decode s, update s, encode s, bytes received over links, bytes to send over links
 STATUS = ("left_out", "stuck", "abort", "decode", "update", "encode", "bytes_up", "bytes_down")
+
+
+@dataclass
+class PendingEval:
+    """The leader's evaluation of step ``step``: the workers' averaged BN statistics (taken at
+    that step), the parameters being gathered into ``theta`` (``sent`` pieces of each shard
+    posted, ``waits`` their receives), and, once the step is recorded, its ``wall`` and
+    cumulative bytes, which the evaluation line carries."""
+
+    step: int
+    stats: torch.Tensor | None
+    theta: torch.Tensor
+    sent: int = 0
+    waits: list = field(default_factory=list)
+    wall: float = float("nan")
+    cum: tuple[int, int] = (0, 0)
+    evaluated_at: int = 0
+    train_loss: float = float("nan")
+    loss: float = float("nan")
+    accuracy: float = float("nan")
+
 
 PHASES = ("up", "serve", "lead", "control", "down_send", "down_recv", "record", "ckpt_send",
           "ckpt_save")
@@ -99,6 +177,9 @@ class RankRoles:
         self.shard = None if s is None else ShardServer(cfg, self.model, *placement.bounds[s],
                                                         s, self.device)
         self.is_leader = rank == placement.leader
+        self.lag = cfg.eval_lag
+        self.resumed_stop: tuple[int | None, int | None] = (None, None)
+        self.outgoing: list[list[Any]] = []  # server: [step s, its shard at s, pieces sent]
         self.step = 0
         self.control = CONTINUE
         self.printed = 0          # steps whose left-out rows this server printed
@@ -116,6 +197,11 @@ class RankRoles:
         self.step += 1
         self.t0 = time.perf_counter()
         self.with_stats = is_eval_step(self.cfg, self.step)
+        if self.lag > 0:  # the evaluations' pieces due now travel beside this step's compute
+            if self.shard is not None:
+                self._send_pieces(settle=False)
+            if self.is_leader:
+                self._post_pieces(settle=False)
         if self.worker is None:
             self.fabric.flush_held()
             return
@@ -155,9 +241,23 @@ class RankRoles:
             remote * self.down_payload.numel())],
                               dtype=torch.float64)
         self.fabric.send(self.rank, self.p.leader, TAG_STATUS, status, "server status")
-        if self.with_stats:
-            self.fabric.send(self.rank, self.p.leader, TAG_THETA, sh.theta,
-                             "parameters for evaluation")
+        if self.with_stats:  # a copy: theta moves on while its pieces travel
+            self.outgoing.append([self.step, sh.theta.clone(), 0])
+            if self.lag == 0:
+                self._send_pieces(settle=True)
+
+    def _send_pieces(self, settle: bool) -> None:
+        """Server: send the pieces of its shard that are due at the start of this step, for
+        each evaluation in flight (oldest first; ``settle``: all that are left)."""
+        pieces = eval_pieces(self.shard.n, self.lag)
+        for entry in self.outgoing:
+            s, theta, sent = entry
+            entry[2] = pieces_upto(self.lag, s, self.step, settle)
+            for lo, hi in pieces[sent:entry[2]]:
+                if hi > lo:
+                    self.fabric.send_aside(self.rank, self.p.leader, TAG_THETA, theta[lo:hi],
+                                           "parameters for evaluation")
+        self.outgoing = [e for e in self.outgoing if e[2] < len(pieces)]
 
     def _where(self) -> str:
         """``step t`` (the star) or ``step t: shard s``."""
@@ -209,18 +309,18 @@ class RankRoles:
         elif (diverged := self.monitor.observe(self.step,
                                                float(self.telemetry[:, 0].mean()))) is not None:
             reason = diverged
-        last = self.step == self.cfg.steps
+        te = time.perf_counter()
         if self.with_stats and not reason:
-            te = time.perf_counter()
-            for s, (lo, hi) in enumerate(p.bounds):
-                f.recv(p.server_ranks[s], self.rank, TAG_THETA, "parameters for evaluation",
-                       hi - lo, torch.float32, out=self.theta[lo:hi])
-            self.test_loss, self.test_acc = evaluate_model(
-                self.model, self.x_test, self.y_test, None if stats is None else stats.mean(0),
-                self.task.loss_fn, self.task.metric)
-            self.evals += 1
-            last = last or 0 < self.cfg.stop_accuracy <= self.test_acc
-            self.t_eval = time.perf_counter() - te
+            self.pending.append(PendingEval(self.step, None if stats is None else stats.mean(0),
+                                            torch.empty_like(self.theta)))
+            if self.lag == 0:  # its servers sent it all in serve
+                self._post_pieces(settle=True)
+        if not reason:
+            for e in [e for e in self.pending if e.step + self.lag == self.step]:
+                self._evaluate(e)
+        self.t_eval = time.perf_counter() - te
+        last = self.step == self.cfg.steps or (self.stop_due is not None
+                                               and self.step >= self.stop_due)
         self.control = ABORT if reason else LAST if last else CONTINUE
         for r in p.ranks:
             if r != self.rank:
@@ -228,6 +328,45 @@ class RankRoles:
         if reason:
             f.flush()
             raise RunAborted(reason)
+
+    def _post_pieces(self, settle: bool) -> None:
+        """Leader: post the receives of the pieces its servers send at the start of this step
+        (``settle``: all that are left), in the order they send them (per server: evaluation by
+        evaluation, piece by piece)."""
+        p = self.p
+        for e in self.pending:
+            upto = pieces_upto(self.lag, e.step, self.step, settle)
+            for j in range(e.sent, upto):
+                for s, (lo, hi) in enumerate(p.bounds):
+                    a, b = eval_pieces(hi - lo, self.lag)[j]
+                    if b > a:
+                        e.waits.append(self.fabric.recv_later(
+                            p.server_ranks[s], self.rank, TAG_THETA,
+                            "parameters for evaluation", b - a, torch.float32,
+                            out=e.theta[lo + a:lo + b]))
+            e.sent = upto
+
+    def _evaluate(self, e: PendingEval) -> None:
+        """Leader: wait for the rest of ``e``'s parameters and evaluate them; an accuracy at
+        ``--stop-accuracy`` makes step ``e.step + lag`` the last."""
+        for wait in e.waits:
+            wait()
+        with torch.no_grad():
+            self.theta.copy_(e.theta)
+        e.loss, e.accuracy = evaluate_model(self.model, self.x_test, self.y_test, e.stats,
+                                            self.task.loss_fn, self.task.metric)
+        e.evaluated_at = self.step
+        self.test_loss, self.test_acc, self.test_step = e.loss, e.accuracy, e.step
+        self.evals += 1
+        if self.stop_due is None and 0 < self.cfg.stop_accuracy <= e.accuracy:
+            self.stop_due, self.stop_eval = e.step + self.lag, e.step
+        self.pending.remove(e)
+        self.finished.append(e)
+
+    def _settles(self) -> bool:
+        """Whether this step finishes every evaluation in flight (after its control): the run
+        ends here or a checkpoint is taken, which holds no evaluation in flight."""
+        return self.lag > 0 and self._checkpoint_now()
 
     # ---- 4. control ----------------------------------------------------------------------
     def receive_control(self) -> None:
@@ -241,9 +380,17 @@ class RankRoles:
 
     # ---- 5. downlink ---------------------------------------------------------------------
     def down_send(self) -> None:
+        """Server: its shard's downlink to every worker, then, where the step settles, every
+        piece left of the evaluations in flight; the leader posts their receives after its own
+        server's sends."""
+        settle = self._settles()
         if self.shard is not None:
             for r in self.p.worker_ranks:
                 self.fabric.send(self.rank, r, TAG_DOWN, self.down_payload, "parameters payload")
+            if settle:
+                self._send_pieces(settle=True)
+        if self.is_leader and settle:
+            self._post_pieces(settle=True)
 
     def down_recv(self) -> None:
         """Receive the downlink; with ``--overlap`` only post the receives, and hold the sends:
@@ -265,6 +412,7 @@ class RankRoles:
         if self.worker is not None:
             self.worker.await_downlink()
         self.fabric.flush()
+        self.fabric.wait_aside()
 
     # ---- 6. record -----------------------------------------------------------------------
     def record(self) -> None:
@@ -290,10 +438,22 @@ class RankRoles:
                                         "bytes_stats": self.stats_bytes,
                                         "time_overlap": tel[3],
                                         "time_overlap_down": tel[4]})
-        if self.with_stats:
-            self.recorder.eval(self.step, self.test_loss, self.test_acc)
-        self.progress.update(self.step, rec["loss"], self.test_acc, self.recorder.cum_up,
-                             self.recorder.cum_down)
+        for e in self.pending + self.finished:
+            if e.step == self.step:
+                e.wall, e.cum = rec["wall"], (rec["cum_bytes_up"], rec["cum_bytes_down"])
+                e.train_loss = rec["loss"]
+        if self._settles():
+            for e in list(self.pending):
+                self._evaluate(e)
+        # the progress line of an evaluation names its own step, loss and bytes
+        for e in sorted(self.finished, key=lambda e: e.step):
+            self.recorder.eval(e.step, e.loss, e.accuracy, wall=e.wall, cum=e.cum,
+                               extra={"evaluated_at": e.evaluated_at})
+            self.progress.update(e.step, e.train_loss, e.accuracy, *e.cum)
+        if all(e.step != self.step for e in self.finished):
+            self.progress.update(self.step, rec["loss"], self.test_acc, self.recorder.cum_up,
+                                 self.recorder.cum_down)
+        self.finished = []
 
     # ---- 7. checkpoints ------------------------------------------------------------------
     def _checkpoint_now(self) -> bool:
@@ -324,10 +484,12 @@ class RankRoles:
         with torch.no_grad():
             self.theta.copy_(torch.cat([s["theta"] for s in shards]).to(self.device))
         model = {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        stop = None if self.stop_due is None else {"eval_step": self.stop_eval,
+                                                    "at": self.stop_due}
         save_checkpoint(self.cfg.run_dir, self.step, {
             "format": 1, "step": self.step, "config": self.cfg.to_dict(),
-            "server": {"model": model, **shards[0]}, "shards": shards[1:], "workers": workers},
-            keep=self.cfg.keep_checkpoints)
+            "server": {"model": model, **shards[0]}, "shards": shards[1:], "workers": workers,
+            "eval_stop": stop}, keep=self.cfg.keep_checkpoints)
 
     # ---- start and end -------------------------------------------------------------------
     def resume_send(self) -> None:
@@ -339,6 +501,8 @@ class RankRoles:
 
         state = load_for_resume(self.cfg)
         self.model.load_state_dict(state["server"]["model"])
+        if (stop := state.get("eval_stop")) is not None:  # decided, not yet applied
+            self.resumed_stop = (int(stop["at"]), int(stop["eval_step"]))
         shards = [state["server"], *state["shards"]]
         for r in self.p.ranks:
             w, s = self.p.worker_of(r), self.p.shard_of(r)
@@ -372,6 +536,11 @@ class RankRoles:
         self.evals = sum(1 for r in read_metrics(self.cfg.run_dir) if r["kind"] == "eval")
         self.progress = Progress(self.cfg.steps, enabled=self.cfg.progress)
         self.test_loss = self.test_acc = float("nan")
+        self.test_step = None  # the step whose parameters test_loss/test_acc measure
+        # a --stop-accuracy decision: the step it stops at, the evaluation that made it
+        self.stop_due, self.stop_eval = self.resumed_stop
+        self.pending: list[PendingEval] = []   # evaluations whose parameters are in flight
+        self.finished: list[PendingEval] = []  # evaluated at this step, to be recorded
 
     def close_records(self, **extra: Any) -> dict[str, Any] | None:
         """The summary (``extra`` adds or replaces fields), written and printed by the leader."""
@@ -401,7 +570,9 @@ class RankRoles:
             servers=p.num_shards, colocate=cfg.colocate, shard_sizes=[hi - lo for lo, hi
                                                                       in p.bounds],
             simulate=cfg.simulate, stopped_early=self.step < cfg.steps,
-            consistency=cfg.consistency), **extra})
+            consistency=cfg.consistency), **({} if cfg.asynchronous else dict(
+                eval_lag=cfg.eval_lag, test_step=self.test_step,
+                stop_eval_step=self.stop_eval if self.step < cfg.steps else None)), **extra})
         self.recorder.close()
         print(summary_line(summary), flush=True)
         return summary

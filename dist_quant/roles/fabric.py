@@ -16,7 +16,10 @@ the all-to-all of the colocated job cannot deadlock on a link whose peer is itse
 sent tensor must not change until the flush (the roles hand over fresh payloads, or buffers
 they next write after the step). With ``--overlap`` the downlink's sends are held out of that
 flush (:meth:`RemoteFabric.hold`) and waited for in the next step, and its receives are
-posted without waiting (:meth:`RemoteFabric.recv_later`). A peer that dies or stops answering raises
+posted without waiting (:meth:`RemoteFabric.recv_later`). The pieces of a lagged evaluation's
+parameter gather are sent aside (:meth:`RemoteFabric.send_aside`): no step's flush waits for
+them; they travel beside the following steps and are waited for at the end of the run
+(:meth:`RemoteFabric.wait_aside`). A peer that dies or stops answering raises
 :class:`~dist_quant.transport.PeerLostError` naming it, within the process-group timeout.
 """
 
@@ -98,6 +101,13 @@ class LocalFabric:
         got = LocalFabric.recv(self, src, dst, tag, what, out=out)
         return lambda: got
 
+    def send_aside(self, src: int, dst: int, tag: int, obj: Any, what: str) -> None:
+        """Send ``obj``, which no step's :meth:`flush` waits for (see :meth:`wait_aside`)."""
+        LocalFabric.send(self, src, dst, tag, obj, what)
+
+    def wait_aside(self) -> None:
+        """Wait for every send made by :meth:`send_aside` (nothing to do in memory)."""
+
     def flush(self) -> None:
         pass
 
@@ -123,6 +133,7 @@ class RemoteFabric(LocalFabric, Transport):
         self.rank = int(rank)
         self.pending: list[tuple[Any, int, str]] = []
         self.held: list[tuple[Any, int, str]] = []
+        self.aside: list[tuple[Any, int, str, torch.Tensor]] = []  # the tensor kept alive
 
     def describe(self, rank: int) -> str:
         return self.placement.describe(rank)
@@ -136,6 +147,17 @@ class RemoteFabric(LocalFabric, Transport):
             return super().send(src, dst, tag, obj, what)
         tensor = obj.to(self.device).contiguous()
         self.pending.append((self._isend(tensor, dst, tag), dst, what))
+
+    def send_aside(self, src: int, dst: int, tag: int, obj: Any, what: str) -> None:
+        if dst == self.rank:
+            return LocalFabric.send(self, src, dst, tag, obj, what)
+        self.aside = [a for a in self.aside if not a[0].is_completed()]
+        tensor = obj.to(self.device).contiguous()
+        self.aside.append((self._isend(tensor, dst, tag), dst, what, tensor))
+
+    def wait_aside(self) -> None:
+        aside, self.aside = self.aside, []
+        self._wait_all([a[:3] for a in aside])
 
     def recv(self, src: int, dst: int, tag: int, what: str, numel: int = 0,
              dtype: torch.dtype = torch.uint8, out: torch.Tensor | None = None) -> Any:
