@@ -223,3 +223,16 @@ def test_without_an_engine_the_compose_cluster_says_what_to_run(tmp_path):
     assert lines == [("dist-quant cluster: no container engine (docker): run "
                       "launch/docker-host.sh")]
     assert "Traceback" not in res.stderr and not (tmp_path / "r" / "config.json").exists()
+
+
+def test_what_containers_cannot_do_is_refused_naming_the_option(tmp_path):
+    from dist_quant.cluster.compose import check_config
+    from dist_quant.config import TrainConfig
+    from dist_quant.errors import ConfigError
+
+    for changes, option in [(dict(resume=str(tmp_path)), "--resume"),
+                            (dict(consistency="async", min_workers=2), "--min-workers"),
+                            (dict(dataset="mnist", data_dir=str(tmp_path)), "--dataset")]:
+        with pytest.raises(ConfigError, match=f"^{option}"):
+            check_config(TrainConfig(workers=3, **changes))
+    check_config(TrainConfig(workers=3, consistency="async"))   # every worker needed: fine

@@ -174,6 +174,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.resume:
         raise ConfigError("--resume", "not with --engine compose; resume on the namespace "
                           "cluster or with dist-quant train")
+    if cfg.min_alive < cfg.workers:
+        raise ConfigError("--min-workers", "not with --engine compose (a lost container's "
+                          "peers would wait at torchrun's exit barrier); drop a lost host on "
+                          "the namespace cluster")
 
 
 def containers(project: str) -> list[dict[str, str]]:
