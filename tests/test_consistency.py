@@ -265,6 +265,8 @@ def test_a_lost_worker_is_dropped_named_and_the_run_goes_on(tmp_path, capfd):
     assert summary["workers_at_end"] == 2 and summary["steps"] == 8
     assert summary["updates"] == 24   # a step is still W = 3 gradients
     assert [r["worker_step"] for r in updates(run) if r["worker"] == 2] == [1, 2]
+    workers = final(run)["workers"]   # the others took its examples over; it has no state
+    assert workers[2] is None and [w["lost"] for w in workers[:2]] == [[2], [2]]
     assert sum(summary["applied_per_worker"]) + sum(summary["dropped_per_worker"]) == \
         summary["gradients"] == len(updates(run))
     line = [x for x in err.splitlines() if "going on with" in x]
@@ -272,6 +274,25 @@ def test_a_lost_worker_is_dropped_named_and_the_run_goes_on(tmp_path, capfd):
                                                  "(worker 2)"), err
     assert "going on with 2 of 3 workers (--min-workers 2)" in line[0]
     assert "lost worker 2 at step 3: ended with 2 workers" in out
+
+
+def test_a_lost_workers_examples_go_to_the_others_once_each():
+    """Every training example is held by exactly one live worker after any order of losses,
+    and the live workers' shares differ by at most a few examples."""
+    from dist_quant.roles.worker import examples_after_losses
+
+    n, W = 103, 5
+    for lost in ([], [2], [2, 0], [4, 1, 3]):
+        live = [i for i in range(W) if i not in lost]
+        held = [examples_after_losses(n, W, i, lost) for i in live]
+        assert sorted(torch.cat(held).tolist()) == list(range(n)), lost
+        sizes = [len(h) for h in held]
+        assert max(sizes) - min(sizes) <= len(lost) + 1, (lost, sizes)
+        # a worker keeps its own examples first, in order
+        for i, h in zip(live, held, strict=True):
+            assert h[:len(range(i, n, W))].tolist() == list(range(i, n, W))
+    with pytest.raises(ValueError, match="dropped"):
+        examples_after_losses(n, W, 2, [2])
 
 
 def test_without_min_workers_a_lost_worker_ends_the_run_naming_it(tmp_path, capfd):

@@ -108,7 +108,7 @@ from dist_quant.roles.task import Task
 from dist_quant.roles.worker import TELEMETRY, RunAborted, WorkerLeaves, replica_of
 from dist_quant.transport import ABORT, CONTINUE, LAST, PeerLostError
 
-GO, STATE = CONTINUE, 3            # controls besides LAST and ABORT
+GO, STATE, RESHARD = CONTINUE, 3, 4   # controls besides LAST and ABORT
 CONTROL = 2                        # int64: code, send BatchNorm statistics (0/1)
 UPDATE, DROP, RELEASE, EVAL, SAVE, STOP, HALT, LOST = range(8)  # commands to other servers
 HEAD = 4                           # a command: op, step, workers, staleness sum; the workers
@@ -247,6 +247,9 @@ class EventRank(RankRoles):
     def on_control(self, control: torch.Tensor) -> bool:
         """Carry out one control from the leader; False once the run has ended."""
         code, stats = int(control[0]), bool(int(control[1]))
+        if code == RESHARD:   # worker control[1] was dropped: take a share of its examples
+            self.worker.take_over(int(control[1]))
+            return True
         if code == STATE:
             self.fabric.send_blob(self.rank, self.p.leader, self.own_state(), "rank state")
             return True
@@ -455,7 +458,7 @@ class EventRank(RankRoles):
         for r in self.p.server_ranks[1:]:
             self.fabric.send(self.rank, r, TAG_COMMAND, cmd, "command")
 
-    def send_control(self, worker: int, code: int, stats: bool = False) -> None:
+    def send_control(self, worker: int, code: int, stats: bool | int = False) -> None:
         self.fabric.send(self.rank, self.p.worker_ranks[worker], TAG_CONTROL,
                          torch.tensor([code, int(stats)], dtype=torch.int64), "control")
 
@@ -515,6 +518,9 @@ class EventRank(RankRoles):
         """A lost worker's turn in the queue: the other servers drop it too; recorded."""
         i = info["lost"]
         self.command(LOST, [i])
+        for k in range(self.W):   # the others share its examples (Worker.take_over)
+            if k not in self.gone:
+                self.send_control(k, RESHARD, i)
         rec = {"worker": i, "after": info["after"], "step": self.completed + 1,
                "cause": info["cause"]}
         self.lost.append(rec)

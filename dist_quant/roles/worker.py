@@ -62,6 +62,7 @@ class Worker:
         shard = task.data.shard(index, cfg.workers)
         self.x, self.y = shard.x_train.to(self.device), shard.y_train.to(self.device)
         self.sampler = worker_batches(len(self.y), cfg.batch_size, cfg.seed, index)
+        self.lost: list[int] = []   # workers dropped so far, in order (their data is shared)
         self.dropout_gen = common.generator(self.device, cfg.seed, index, common.DROPOUT)
         self.model = task.model(self.device, dropout_generator=self.dropout_gen)
         flat = common.flat_params(self.model)
@@ -243,6 +244,24 @@ class Worker:
     def bn_stats(self) -> torch.Tensor:
         return common.bn_stats(self.model)
 
+    # ---- a lost worker's data --------------------------------------------------------------
+    def take_over(self, lost: int) -> None:
+        """Worker ``lost`` was dropped (``--min-workers``): this worker's training examples
+        become its own and its share of the lost worker's (:func:`examples_after_losses`), and
+        its batch order starts a new epoch over them."""
+        self.lost.append(int(lost))
+        self._load_examples()
+        epoch = self.sampler.epoch + 1
+        self.sampler = worker_batches(len(self.y), self.cfg.batch_size, self.cfg.seed,
+                                      self.index)
+        self.sampler.epoch = epoch
+
+    def _load_examples(self) -> None:
+        idx = examples_after_losses(len(self.task.data.y_train), self.cfg.workers, self.index,
+                                    self.lost)
+        self.x = self.task.data.x_train[idx].to(self.device)
+        self.y = self.task.data.y_train[idx].to(self.device)
+
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit for bit (the replica is in ``model``)."""
@@ -251,7 +270,7 @@ class Worker:
                 "model": {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()},
                 "generator": _one_or_list([g.get_state() for g in self.gens]),
                 "dropout_generator": self.dropout_gen.get_state(),
-                "sampler": self.sampler.state_dict(),
+                "sampler": self.sampler.state_dict(), "lost": list(self.lost),
                 "compressor": _one_or_list([_on(c.state_dict(), torch.device("cpu"))
                                             if hasattr(c, "state_dict") else {}
                                             for c in self.comps])}
@@ -269,10 +288,38 @@ class Worker:
         for g, st in zip(self.gens, gens, strict=True):
             g.set_state(st)
         self.dropout_gen.set_state(state["dropout_generator"])
+        if state.get("lost"):
+            self.lost = [int(j) for j in state["lost"]]
+            self._load_examples()
+            self.sampler = worker_batches(len(self.y), self.cfg.batch_size, self.cfg.seed,
+                                          self.index)
         self.sampler.load_state_dict(state["sampler"])
         for c, st in zip(self.comps, comps, strict=True):
             if hasattr(c, "load_state_dict"):
                 c.load_state_dict(_on(st, self.device))
+
+
+def examples_after_losses(n: int, workers: int, index: int, lost: list[int]) -> torch.Tensor:
+    """The indices of the training examples worker ``index`` trains on once the workers of
+    ``lost`` were dropped, in that order.
+
+    At the start worker i holds every W-th example from i (``Dataset.shard``). When worker j is
+    dropped, the A workers left share what j held: the m-th of them (in index order) takes j's
+    examples at positions m, m + A, m + 2A, ... of j's list, appended to its own. So every
+    example stays with exactly one live worker, and every worker (and the replay) computes the
+    same split from the same order of losses.
+    """
+    held = {i: torch.arange(i, n, workers) for i in range(workers)}
+    gone: list[int] = []
+    for j in lost:
+        gone.append(j)
+        alive = [i for i in range(workers) if i not in gone]
+        theirs = held.pop(j)
+        for m, i in enumerate(alive):
+            held[i] = torch.cat([held[i], theirs[m::len(alive)]])
+    if index not in held:
+        raise ValueError(f"worker {index} was dropped: it holds no examples")
+    return held[index]
 
 
 def _ready(payload: torch.Tensor) -> Callable[[], torch.Tensor]:
