@@ -64,8 +64,10 @@ the receive of its next gradient fails (its links closed, or ``--timeout`` passe
 least N workers remain it names the worker, stops waiting for it (``computing``) and sending
 to it (the fabric forgets the sends posted to it), and queues the loss behind the arrivals
 received before it, so that every other server drops the worker (``LOST``: the payloads it
-sent after its last arrival at the leader are discarded) after the same updates. The loss is
-recorded (``{"kind": "lost", "worker": i, "after": arrivals received before it, "step": t,
+sent after its last arrival at the leader are discarded) after the same updates, and every
+worker left gets a ``RESHARD`` control naming it before its next ``GO``: it takes its share of
+the lost worker's training examples (:meth:`~dist_quant.roles.worker.Worker.take_over`). The
+loss is recorded (``{"kind": "lost", "worker": i, "after": arrivals received before it, "step": t,
 "cause": ...}``) and :class:`~dist_quant.roles.consistency.Replay` gives it out after the same
 number of arrivals; the simulator's virtual clock loses a worker that left
 (``--inject-loss``) when its next gradient would have arrived. Checkpoints hold ``None`` for a
