@@ -142,6 +142,7 @@ class EventRank(RankRoles):
         self.early = isinstance(fabric, RemoteFabric)
         if self.worker is not None:
             self.left = False             # --inject-loss, or dropped before a resumed checkpoint
+            self.leave_at = cfg.lost_at   # (worker, gradient) of --inject-loss, or None
             self.t_sent: float | None = None
             self.next_control: Any = None
             self.next_down: list | None = None
@@ -206,7 +207,7 @@ class EventRank(RankRoles):
         (``--inject-loss``): a distributed worker's process then ends, a simulated one sends
         nothing more."""
         k = self.worker.step + 1
-        if self.cfg.lost_at == (self.worker.index, k):
+        if self.leave_at == (self.worker.index, k):
             self.left = True
             if self.early:
                 raise WorkerLeaves(f"worker {self.worker.index} leaves the run instead of "

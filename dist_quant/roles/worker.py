@@ -250,17 +250,18 @@ class Worker:
         become its own and its share of the lost worker's (:func:`examples_after_losses`), and
         its batch order starts a new epoch over them."""
         self.lost.append(int(lost))
-        self._load_examples()
         epoch = self.sampler.epoch + 1
-        self.sampler = worker_batches(len(self.y), self.cfg.batch_size, self.cfg.seed,
-                                      self.index)
+        self._load_examples()
         self.sampler.epoch = epoch
 
     def _load_examples(self) -> None:
+        """The examples after the losses in ``self.lost``, and a batch sampler over them."""
         idx = examples_after_losses(len(self.task.data.y_train), self.cfg.workers, self.index,
                                     self.lost)
         self.x = self.task.data.x_train[idx].to(self.device)
         self.y = self.task.data.y_train[idx].to(self.device)
+        self.sampler = worker_batches(len(self.y), self.cfg.batch_size, self.cfg.seed,
+                                      self.index)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -291,8 +292,6 @@ class Worker:
         if state.get("lost"):
             self.lost = [int(j) for j in state["lost"]]
             self._load_examples()
-            self.sampler = worker_batches(len(self.y), self.cfg.batch_size, self.cfg.seed,
-                                          self.index)
         self.sampler.load_state_dict(state["sampler"])
         for c, st in zip(self.comps, comps, strict=True):
             if hasattr(c, "load_state_dict"):
