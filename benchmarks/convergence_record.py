@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from dist_quant.config import TrainConfig
-from dist_quant.metrics import read_metrics
-from dist_quant.simulate import run_simulate
+from dist_quant.runner.simulate import run_simulate
+from dist_quant.runtime.metrics import read_metrics
 
 FP16 = {"header_dtype": "fp16"}
 METHODS: dict[str, dict] = {

@@ -4,7 +4,8 @@ Run from anywhere (not part of the test suite)::
 
     python benchmarks/phase_share.py RUN_DIR [--skip 10]
 
-Reads ``RUN_DIR/metrics.jsonl`` (format in :mod:`dist_quant.metrics`). A step's time is the sum
+Reads ``RUN_DIR/metrics.jsonl`` (format in :mod:`dist_quant.runtime.metrics`). A step's time is the
+sum
 of its five phases (``compute``, ``encode``, ``communicate``, ``decode``, ``update``: the
 server's step, evaluation and checkpoints excluded). Left out: the first ``--skip`` steps
 (start-up: first calls, page faults, connections) and evaluation steps (the workers also send

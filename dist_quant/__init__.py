@@ -22,6 +22,14 @@ from dist_quant.compress import (  # noqa: E402
     get_compressor,
 )
 from dist_quant.config import TrainConfig  # noqa: E402
+from dist_quant.core.lr_schedule import LRSchedule  # noqa: E402
+from dist_quant.core.optim import (  # noqa: E402
+    CoupledSettings,
+    DecoupledMomentumSGD,
+    coupled_equivalent,
+    coupled_sgd,
+    decay_param_groups,
+)
 from dist_quant.errors import (  # noqa: E402
     ConfigError,
     NonFiniteGradientError,
@@ -29,14 +37,6 @@ from dist_quant.errors import (  # noqa: E402
     WireRangeError,
 )
 from dist_quant.hooks import OneBitState, onebit_hook  # noqa: E402
-from dist_quant.lr_schedule import LRSchedule  # noqa: E402
-from dist_quant.optim import (  # noqa: E402
-    CoupledSettings,
-    DecoupledMomentumSGD,
-    coupled_equivalent,
-    coupled_sgd,
-    decay_param_groups,
-)
 
 __all__ = [
     "Compressor",

@@ -5,12 +5,12 @@
     summary = dist_quant.fit(model_fn, (x_train, y_train), (x_test, y_test),
                              workers=4, compressor="onebit", steps=300, simulate=True)
 
-``fit`` builds a :class:`~dist_quant.roles.task.Task` (the model factory, the data, the loss
+``fit`` builds a :class:`~dist_quant.ps.task.Task` (the model factory, the data, the loss
 and the metric) and runs the same roles as ``dist-quant train``
-(:mod:`dist_quant.roles.exchange`), which builds the same kind of object from its config (the
+(:mod:`dist_quant.ps.exchange`), which builds the same kind of object from its config (the
 MLP on ``--dataset``). Where it runs:
 
-- ``simulate=True``: every rank in this process (:func:`dist_quant.simulate.run_simulate`);
+- ``simulate=True``: every rank in this process (:func:`dist_quant.runner.simulate.run_simulate`);
 - in a torchrun job (``RANK`` and ``WORLD_SIZE`` set, e.g.
   ``torchrun --standalone --nproc-per-node 5 script.py`` for 4 workers and one server): this
   process's rank; the process group is created (and destroyed) here unless one exists.
@@ -36,7 +36,7 @@ used as given (no standardisation); worker i trains on rows ``i, i + W, ...`` of
 the mean evaluation metric of a batch (default accuracy), recorded as ``test_accuracy`` (and
 compared with ``stop_accuracy``); ``config.json`` names it (``"metric"``) and leaves out the
 ``FIT_FIXED`` fields other than ``train_size`` and ``test_size``. The model's randomness, its
-buffers and their limits: see :mod:`dist_quant.roles.task`.
+buffers and their limits: see :mod:`dist_quant.ps.task`.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch
 from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset
 from dist_quant.errors import ConfigError
-from dist_quant.roles.task import MLP_FIELDS, Task
+from dist_quant.ps.task import MLP_FIELDS, Task
 
 # TrainConfig fields of the built-in MLP and datasets: given by model_fn and the data instead
 FIT_FIXED = (*MLP_FIELDS, "train_size", "test_size")
@@ -80,7 +80,7 @@ def fit(model_fn: Callable[[], torch.nn.Module], train: Any, test: Any, *,
         raise ConfigError("--method", "fit runs the parameter-server job (ps); got "
                           f"{cfg.method!r}")
     if cfg.resume:
-        from dist_quant.checkpoint import load_for_resume
+        from dist_quant.runtime.checkpoint import load_for_resume
 
         load_for_resume(cfg)  # refuses an incompatible continuation before anything starts
     classes = int(max(y.max(), y_test.max())) + 1 if not y.is_floating_point() else 0
@@ -116,8 +116,8 @@ def as_tensors(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run_here(cfg: TrainConfig, task: Task) -> dict[str, Any]:
-    from dist_quant.rank import default_run_dir, pick_device
-    from dist_quant.simulate import run_simulate
+    from dist_quant.runner.rank import default_run_dir, pick_device
+    from dist_quant.runner.simulate import run_simulate
 
     return run_simulate(cfg, pick_device(cfg), cfg.run_dir or default_run_dir(cfg), task)
 

@@ -16,7 +16,7 @@ COMMANDS = {
     "cluster": "dist_quant.cluster.command:cluster",
     "sweep": "dist_quant.sweep:sweep",
     "plot": "dist_quant.plot.command:plot",
-    "predict": "dist_quant.predict:predict",
+    "predict": "dist_quant.analysis.predict:predict",
 }
 
 

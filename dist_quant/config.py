@@ -36,7 +36,7 @@ BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a finite bound, so a hung peer always ends the run
 MAX_RESTARTS = 100
 # --eval-lag: pieces (= steps) an evaluation's parameter gather is spread over; why 8 is in
-# the docstring of dist_quant.roles.exchange ("Evaluation off the critical path")
+# the docstring of dist_quant.ps.exchange ("Evaluation off the critical path")
 EVAL_LAG = 8
 
 
@@ -245,7 +245,7 @@ class TrainConfig:
             bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
         if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
             bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
-        from dist_quant import tensorboard as tb
+        from dist_quant.runtime import tensorboard as tb
 
         if tb.requested({"tensorboard": self.tensorboard}) and tb.missing():
             bad("tensorboard", tb.missing())
@@ -394,8 +394,8 @@ class TrainConfig:
 
     @property
     def asynchronous(self) -> bool:
-        """Whether the run follows arrivals (:mod:`dist_quant.roles.events`) rather than the
-        lockstep of :mod:`dist_quant.roles.exchange`: ssp, async, or backup workers."""
+        """Whether the run follows arrivals (:mod:`dist_quant.ps.events`) rather than the
+        lockstep of :mod:`dist_quant.ps.exchange`: ssp, async, or backup workers."""
         return self.consistency != "sync" or self.backup_workers > 0
 
     @property

@@ -104,7 +104,7 @@ import click
 from dist_quant.cluster.run import log_tail
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
-from dist_quant.metrics import write_json_atomic
+from dist_quant.runtime.metrics import write_json_atomic
 
 _DEFAULTS = TrainConfig()
 # the best 1-bit setting of the bandwidth record (benchmarks/bandwidth-2026-11-26)

@@ -19,24 +19,26 @@ arbitrary): then the ranks exchange their roles at start-up (one ``all_gather``)
 must be the server and the workers are numbered in rank order. The worker index picks the
 shard and seeds the worker's generators. ``--servers S`` (W + S ranks: servers first) and
 ``--colocate`` (W ranks, each worker and server; ``DIST_QUANT_ROLE=colocated``) are placed by
-:mod:`dist_quant.roles.placement`. ``--workers`` may be left out under torchrun (it is
+:mod:`dist_quant.ps.placement`. ``--workers`` may be left out under torchrun (it is
 then the world size minus one); given, it must agree with the world size.
 
 Processes and restarts. The rank's side (device, process group, restarts, the one-line
-failure) is :mod:`dist_quant.rank`; this module is the command line on top of it and the entry
+failure) is :mod:`dist_quant.runner.rank`; this module is the command line on top of it and the
+entry
 of each torchrun process. A process group's timeout is ``--timeout``: a peer that dies or hangs
 ends the run within it, with a message naming the peer, instead of a hang. For
-``--method ddp`` the world is W ranks, all workers, and :func:`dist_quant.ddp.run_ddp` runs.
+``--method ddp`` the world is W ranks, all workers, and :func:`dist_quant.baselines.ddp.run_ddp`
+runs.
 
 Launcher. ``dist-quant train`` checks everything before it starts a process
-(:mod:`dist_quant.preflight`: options, conflicts, device, data, run directory, checkpoint),
-prints the run directory, and runs torchrun through :mod:`dist_quant.launcher` (its own
+(:mod:`dist_quant.runner.preflight`: options, conflicts, device, data, run directory, checkpoint),
+prints the run directory, and runs torchrun through :mod:`dist_quant.runner.launcher` (its own
 session, stop signals forwarded, one line per error, the raw output in ``launch.log``).
 
 Restarts. ``--max-restarts N`` is torchrun's ``--max-restarts``; every attempt builds its
 process group under its own store prefix, and on a restart every rank continues from the run
 directory's latest checkpoint if there is one, exactly as ``--resume`` would
-(:mod:`dist_quant.rank`).
+(:mod:`dist_quant.runner.rank`).
 
 Exit status: 0 done, 1 the run failed (lost peer, aborted, diverged), 2 bad option,
 128 + signal when stopped (130 Ctrl-C, 143 SIGTERM).
@@ -53,7 +55,7 @@ import click
 
 from dist_quant.config import TrainConfig, click_options
 from dist_quant.errors import ConfigError
-from dist_quant.rank import (  # noqa: F401 (the rank's side, also reachable from here)
+from dist_quant.runner.rank import (  # noqa: F401 (the rank's side, also reachable from here)
     STARTUP_TIMEOUT,
     attempt,
     continue_after_restart,
@@ -76,7 +78,7 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]) -> tuple[Tra
     """
     from click.core import ParameterSource
 
-    from dist_quant.preflight import read_saved_config
+    from dist_quant.runner.preflight import read_saved_config
 
     explicit = {name for name in params
                 if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
@@ -99,7 +101,7 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]) -> tuple[Tra
             values["run_dir"] = params["resume"]
     cfg = TrainConfig.from_dict(values).validate()
     if cfg.resume:
-        from dist_quant.checkpoint import load_for_resume
+        from dist_quant.runtime.checkpoint import load_for_resume
 
         load_for_resume(cfg)  # refuses an incompatible continuation before anything starts
     return cfg, explicit
@@ -112,13 +114,13 @@ def full_argv(cfg: TrainConfig) -> list[str]:
 
 # ---- launcher --------------------------------------------------------------------------------
 def torchrun_command(cfg: TrainConfig) -> list[str]:
-    """``python -m dist_quant.localrun ...`` (torchrun on loopback) for this config here."""
-    from dist_quant.launcher import SHUTDOWN_TIMEOUT
+    """``python -m dist_quant.runner.localrun ...`` (torchrun on loopback) for this config here."""
+    from dist_quant.runner.launcher import SHUTDOWN_TIMEOUT
 
     if cfg.simulate:
         return [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
     nproc = cfg.world_size
-    return [sys.executable, "-m", "dist_quant.localrun", "--standalone",
+    return [sys.executable, "-m", "dist_quant.runner.localrun", "--standalone",
             "--nproc-per-node", str(nproc), "--max-restarts", str(cfg.max_restarts),
             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
             "-m", "dist_quant.train", *full_argv(cfg)]
@@ -126,11 +128,11 @@ def torchrun_command(cfg: TrainConfig) -> list[str]:
 
 def launch(cfg: TrainConfig, extra_env: dict[str, str] | None = None,
            checked: bool = False) -> int:
-    """Check ``cfg`` (:func:`dist_quant.preflight.preflight`, unless ``checked``: a problem
+    """Check ``cfg`` (:func:`dist_quant.runner.preflight.preflight`, unless ``checked``: a problem
     writes one line to file descriptor 2 and returns 2, nothing started), then run the job as
     a torchrun subprocess on this machine; return its exit status."""
-    from dist_quant.launcher import run_torchrun
-    from dist_quant.preflight import preflight
+    from dist_quant.runner.launcher import run_torchrun
+    from dist_quant.runner.preflight import preflight
 
     if not checked:
         try:
@@ -167,7 +169,7 @@ def train_command(ctx: click.Context, **params: Any) -> None:
       torchrun --nnodes 2 --node-rank NODE --nproc-per-node 3 --rdzv-backend c10d \\
           --rdzv-endpoint HOST0:29400 --rdzv-id job1 -m dist_quant.train --workers 5
     """
-    from dist_quant.preflight import preflight
+    from dist_quant.runner.preflight import preflight
 
     try:
         cfg, explicit = config_from_options(ctx, params)
@@ -193,14 +195,14 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool, task: Any = None) 
     cfg, device, backend = join_job(cfg, workers_explicit)
     summary = None
     if cfg.method == "ddp":
-        from dist_quant.ddp import run_ddp
+        from dist_quant.baselines.ddp import run_ddp
 
         run_ddp(cfg)
         # every rank's outstanding collectives (the loss gathers started during backward)
         # finish before the group goes: tearing it down under one ended a rank with SIGABRT
         dist.barrier()
     else:
-        from dist_quant.roles.exchange import run_distributed_rank
+        from dist_quant.ps.exchange import run_distributed_rank
 
         rank = dist.get_rank()
         summary = run_distributed_rank(
@@ -215,9 +217,9 @@ def run_in_process(cfg: TrainConfig) -> int:
     """The ``--simulate`` reference in this process."""
     import torch
 
-    from dist_quant.roles.worker import RunAborted
-    from dist_quant.simulate import run_simulate
-    from dist_quant.transport import PeerLostError
+    from dist_quant.core.transport import PeerLostError
+    from dist_quant.ps.worker import RunAborted
+    from dist_quant.runner.simulate import run_simulate
 
     torch.set_num_threads(1)
     if not cfg.run_dir:
@@ -243,7 +245,7 @@ def main(ctx: click.Context, **params: Any) -> None:
     """Entry point of each torchrun process (see the module docstring)."""
     import torch
 
-    from dist_quant.launcher import die_with_parent
+    from dist_quant.runner.launcher import die_with_parent
 
     die_with_parent()
     torch.set_num_threads(1)
@@ -256,8 +258,8 @@ def main(ctx: click.Context, **params: Any) -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise click.UsageError("run under torchrun (torchrun --nproc-per-node W+1 -m "
                                "dist_quant.train ...), or use `dist-quant train`")
-    from dist_quant.roles.worker import RunAborted, WorkerLeaves
-    from dist_quant.transport import PeerLostError
+    from dist_quant.core.transport import PeerLostError
+    from dist_quant.ps.worker import RunAborted, WorkerLeaves
 
     who = f"rank {os.environ['RANK']}"
     try:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
+from dist_quant.runtime.checkpoint import latest_checkpoint, load_checkpoint
 
 
 def final(run_dir: Path | str) -> dict:

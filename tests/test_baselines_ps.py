@@ -11,9 +11,9 @@ import torch
 from click.testing import CliRunner
 from test_train import TINY, assert_same_state, distributed, final, model_for, simulated, tiny
 
-from dist_quant.checkpoint import load_checkpoint
 from dist_quant.compress import get_compressor
-from dist_quant.metrics import read_metrics
+from dist_quant.runtime.checkpoint import load_checkpoint
+from dist_quant.runtime.metrics import read_metrics
 from dist_quant.train import run_in_process, train_command
 
 pytestmark = pytest.mark.slow

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_quant.checkpoint import (
+from dist_quant.config import TrainConfig
+from dist_quant.errors import ConfigError
+from dist_quant.runtime.checkpoint import (
     check_compatible,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
-from dist_quant.config import TrainConfig
-from dist_quant.errors import ConfigError
 
 
 def state(step: int) -> dict:
@@ -39,7 +39,7 @@ def test_save_is_atomic_and_latest_follows(tmp_path):
 def _save_then_stall(run_dir: str, flag: str, where: str) -> None:
     """Save step 3, then save step 6 and stop for good at ``where``: in the fsync of the
     checkpoint's bytes (written, not yet renamed) or in the rename that moves ``latest``."""
-    import dist_quant.checkpoint as ckpt
+    import dist_quant.runtime.checkpoint as ckpt
 
     save_checkpoint(run_dir, 3, state(3))
     real_replace = os.replace

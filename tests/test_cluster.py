@@ -28,11 +28,11 @@ from pathlib import Path
 
 import pytest
 
+from dist_quant.analysis.linkmodel import Link, wire_bytes
 from dist_quant.cluster.netns import Cluster, ClusterError, cleanup_stale, list_namespaces
 from dist_quant.cluster.run import run_cluster, run_hosts
 from dist_quant.config import TrainConfig
-from dist_quant.linkmodel import Link, wire_bytes
-from dist_quant.progress import summary_line
+from dist_quant.runtime.progress import summary_line
 
 FRAME_FACTOR = 1514 / 1448
 
@@ -338,7 +338,7 @@ def test_a_worker_host_that_goes_down_is_dropped_and_the_job_goes_on(tmp_path):
     mid-run (a host going down); the server drops worker 2, the job ends with status 0 (the
     surviving agents are stopped after their ranks are done, not left in torchrun's exit
     barrier), nothing is left, and the replay of its record ends with its test loss."""
-    from dist_quant.metrics import read_metrics, read_summary
+    from dist_quant.runtime.metrics import read_metrics, read_summary
     from dist_quant.train import run_in_process
 
     run = tmp_path / "run"

@@ -88,7 +88,7 @@ def test_roles_and_rendezvous(compose):
 def test_every_method_passes_the_checks_with_the_compose_command(compose, env):
     """The fixed options of the compose command hold no option of one method, so that a DDP
     baseline is not refused for a parameter-server option it was given by default."""
-    from dist_quant.preflight import check_conflicts
+    from dist_quant.runner.preflight import check_conflicts
     from dist_quant.train import config_from_options, train_command
 
     args = [substitute(a, env) for a in compose["services"]["server"]["command"]]
@@ -113,8 +113,8 @@ def test_compose_drives_the_namespace_clusters_script(compose):
     copied = [x.split()[1] for x in DOCKERFILE.read_text().splitlines() if x.startswith("COPY")]
     assert {"dist_quant", "launch/node.sh", "launch/wheelhouse"} <= set(copied)
     # what compose sets, the namespace cluster sets too, and the script reads all of it
+    from dist_quant.analysis.linkmodel import Link
     from dist_quant.cluster.netns import Host
-    from dist_quant.linkmodel import Link
 
     ns_vars = {k for k in node_env(Host("s", "ns", "10.77.0.1"), Link(10), role="server",
                                    nnodes=3, rdzv_host="10.77.0.1", run_id="x",

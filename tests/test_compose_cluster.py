@@ -22,11 +22,11 @@ from pathlib import Path
 import pytest
 from run_states import assert_equal, final
 
+from dist_quant.analysis.linkmodel import Link
 from dist_quant.cluster.compose import COMPOSE_FILE, HOST_SCRIPT, compose_command, run_compose
 from dist_quant.compress import get_compressor
 from dist_quant.config import TrainConfig
-from dist_quant.linkmodel import Link
-from dist_quant.metrics import read_metrics, read_summary
+from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.train import run_in_process
 
 pytestmark = pytest.mark.slow

@@ -22,8 +22,8 @@ from run_states import assert_equal, final
 
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
-from dist_quant.metrics import read_metrics, read_summary
-from dist_quant.roles.consistency import Bounded, Replay, Synchronous, VirtualClock
+from dist_quant.ps.consistency import Bounded, Replay, Synchronous, VirtualClock
+from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.train import launch, run_in_process
 
 # 40 -> 7 -> 5 -> 10 with BatchNorm: 399 parameters, 80 buckets of 5
@@ -171,7 +171,7 @@ def test_modes_that_cannot_apply_are_refused_in_one_line(changes, option, tmp_pa
 
 def test_the_rank_side_imports_nothing_above_it():
     """train.py is the command line; the modules it starts take the rank's side from
-    dist_quant.rank, so no import reaches back up to train."""
+    dist_quant.runner.rank, so no import reaches back up to train."""
     root = Path(__file__).resolve().parents[1] / "dist_quant"
     for path in ["rank.py", "ddp.py", "preflight.py", "simulate.py", "roles/exchange.py",
                  "roles/events.py"]:
@@ -279,7 +279,7 @@ def test_a_lost_worker_is_dropped_named_and_the_run_goes_on(tmp_path, capfd):
 def test_a_lost_workers_examples_go_to_the_others_once_each():
     """Every training example is held by exactly one live worker after any order of losses,
     and the live workers' shares differ by at most a few examples."""
-    from dist_quant.roles.worker import examples_after_losses
+    from dist_quant.ps.worker import examples_after_losses
 
     n, W = 103, 5
     for lost in ([], [2], [2, 0], [4, 1, 3]):
@@ -440,8 +440,8 @@ def test_a_slow_worker_changes_the_time_of_a_synchronous_run_only(runs):
 
 # ---- uneven clusters: options, names, placement -----------------------------------------------
 def test_worker_rates_name_a_worker_and_its_host():
+    from dist_quant.analysis.linkmodel import Link
     from dist_quant.cluster.run import host_links, parse_worker_rates
-    from dist_quant.linkmodel import Link
 
     assert parse_worker_rates(["1=1", "3=2.5"], 4) == {1: 1.0, 3: 2.5}
     for bad in (["1"], ["x=1"], ["1=0"], ["1=1", "1=2"], ["4=1"]):
@@ -464,7 +464,7 @@ def test_a_sweep_point_names_its_straggler():
 
 
 def test_hosts_given_a_worker_index_are_that_worker():
-    from dist_quant.roles.placement import place
+    from dist_quant.ps.placement import place
 
     cfg = TrainConfig(workers=3, servers=2, hidden="7,5", bucket_size=5).validate()
     roles = ["worker", "server", "worker", "worker", "server"]

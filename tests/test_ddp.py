@@ -17,19 +17,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from dist_quant.config import TrainConfig
-from dist_quant.data import load_dataset, worker_batches
-from dist_quant.ddp import (
+from dist_quant.baselines.ddp import (
     POWERSGD_START_ITER,
     _check,
     _union_length,
     ring_allreduce_bytes,
     train_ddp,
 )
+from dist_quant.config import TrainConfig
+from dist_quant.core.optim import DecoupledMomentumSGD, decay_param_groups
+from dist_quant.data import load_dataset, worker_batches
 from dist_quant.errors import ConfigError
-from dist_quant.metrics import read_metrics, read_summary
-from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
-from dist_quant.roles.common import bn_stats, build_model, flat_params
+from dist_quant.ps.common import bn_stats, build_model, flat_params
+from dist_quant.runtime.metrics import read_metrics, read_summary
 
 SMALL = {"train_size": 400, "test_size": 200, "hidden": "32,16", "batch_size": 8,
          "progress": False}

@@ -14,10 +14,10 @@ import pytest
 import torch
 from disks import fill, tmpfs
 
-from dist_quant.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dist_quant.diskfault import DiskFault, disk_write
-from dist_quant.metrics import RunRecorder, read_metrics
-from dist_quant.roles.worker import RunAborted
+from dist_quant.ps.worker import RunAborted
+from dist_quant.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dist_quant.runtime.diskfault import DiskFault, disk_write
+from dist_quant.runtime.metrics import RunRecorder, read_metrics
 
 TIMES = {"compute": 0.0}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dist_quant.config import TrainConfig
-from dist_quant.divergence import FACTOR, PATIENCE, DivergenceMonitor
+from dist_quant.runtime.divergence import FACTOR, PATIENCE, DivergenceMonitor
 from dist_quant.train import run_in_process
 
 SMALL = dict(hidden="64,64", train_size=800, test_size=200, batch_size=64, workers=2,

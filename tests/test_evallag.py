@@ -19,7 +19,7 @@ from run_states import assert_equal, final
 
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
-from dist_quant.metrics import read_metrics, read_summary
+from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.train import launch, run_in_process
 
 # 40 -> 7 -> 5 -> 10 with BatchNorm: 399 parameters; evaluations at 3, 6, 9, 12

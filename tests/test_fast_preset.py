@@ -8,8 +8,8 @@ import torch
 from test_train import simulated, tiny
 
 from dist_quant.compress import get_compressor
-from dist_quant.metrics import read_metrics
-from dist_quant.roles.common import downlink_compressor, uplink_compressor
+from dist_quant.ps.common import downlink_compressor, uplink_compressor
+from dist_quant.runtime.metrics import read_metrics
 from dist_quant.sweep import PRESETS, expand_grid
 
 N = 47242  # the default MLP's parameters

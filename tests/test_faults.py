@@ -22,10 +22,10 @@ import pytest
 import torch
 from disks import fill, tmpfs
 
-from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
 from dist_quant.config import TrainConfig
-from dist_quant.launcher import descendants
-from dist_quant.metrics import read_summary
+from dist_quant.runner.launcher import descendants
+from dist_quant.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from dist_quant.runtime.metrics import read_summary
 from dist_quant.train import run_in_process
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ from test_faults import TINY
 
 from dist_quant.config import TrainConfig
 from dist_quant.data import load_dataset
-from dist_quant.footprint import (
+from dist_quant.runner.footprint import (
     SHARED_MB,
     checkpoint_nbytes,
     checkpoint_steps,
@@ -25,8 +25,8 @@ from dist_quant.footprint import (
     rank_memory_mb,
     run_disk_nbytes,
 )
-from dist_quant.launcher import descendants
-from dist_quant.preflight import preflight
+from dist_quant.runner.launcher import descendants
+from dist_quant.runner.preflight import preflight
 from dist_quant.train import run_in_process
 
 

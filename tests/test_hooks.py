@@ -19,17 +19,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import dist_quant
-import dist_quant.collective as collective
-from dist_quant.collective import slice_bounds
+import dist_quant.core.collective as collective
+from dist_quant.baselines.ddp import train_ddp
 from dist_quant.config import TrainConfig
+from dist_quant.core.collective import slice_bounds
+from dist_quant.core.optim import DecoupledMomentumSGD, decay_param_groups
 from dist_quant.data import load_dataset, worker_batches
-from dist_quant.ddp import train_ddp
 from dist_quant.errors import ConfigError
 from dist_quant.hooks import OneBitState, onebit_hook
-from dist_quant.metrics import read_metrics, read_summary
-from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
 from dist_quant.plot.labels import method_label
-from dist_quant.roles.common import DROPOUT, build_model, flat_params, generator
+from dist_quant.ps.common import DROPOUT, build_model, flat_params, generator
+from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.sweep import PRESETS, expand_grid
 
 WORLD = 3
@@ -70,7 +70,7 @@ class Dot(nn.Module):
 
 
 class SplitRecorder:
-    """Stands in for torch.distributed inside dist_quant.collective: records the bytes each
+    """Stands in for torch.distributed inside dist_quant.core.collective: records the bytes each
     all_to_all_single hands to the transport and takes from it (own rank's split excluded)."""
 
     def __init__(self) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 
-from dist_quant.launcher import StderrFilter, failure_report
+from dist_quant.runner.launcher import StderrFilter, failure_report
 
 TORCHRUN = (
     "W1201 03:14:14.591000 14117 api.py:1028] Sending process 14171 closing signal SIGTERM\n"
@@ -63,7 +63,7 @@ def run_with_full_log(tmp_path, code: int) -> str:
     write: ENOSPC)."""
     import sys
 
-    from dist_quant.launcher import run_torchrun
+    from dist_quant.runner.launcher import run_torchrun
 
     (tmp_path / "launch.log").symlink_to("/dev/full")
     cmd = [sys.executable, "-c", "import sys; sys.stderr.write('Traceback (most recent call "
@@ -88,7 +88,7 @@ def test_a_finished_run_says_its_log_is_incomplete(tmp_path):
 
 
 def test_an_unwritable_run_directory_starts_nothing(tmp_path):
-    from dist_quant.launcher import run_torchrun
+    from dist_quant.runner.launcher import run_torchrun
 
     (tmp_path / "file").write_text("")
     out = io.StringIO()

@@ -6,8 +6,7 @@ import json
 
 import pytest
 
-from dist_quant.errors import ConfigError
-from dist_quant.linkmodel import (
+from dist_quant.analysis.linkmodel import (
     Link,
     Topology,
     ack_bytes,
@@ -26,6 +25,7 @@ from dist_quant.linkmodel import (
     topology_of,
     wire_bytes,
 )
+from dist_quant.errors import ConfigError
 
 MSS = 1448  # MTU 1500 - IPv4 20 - TCP 20 - timestamps 12
 

@@ -19,8 +19,8 @@ import pytest
 from test_faults import TINY, finish, rank_pid, start, wait_for_steps
 
 from dist_quant.config import TrainConfig
-from dist_quant.launcher import descendants
-from dist_quant.localrun import torchrun_argv
+from dist_quant.runner.launcher import descendants
+from dist_quant.runner.localrun import torchrun_argv
 
 LISTEN = "0A"
 
@@ -125,7 +125,8 @@ def test_localrun_refuses_to_set_the_rendezvous_itself(capsys):
 
 def test_localrun_stores_bind_to_loopback_only():
     """A server TCPStore started in a process patched by ``bind_servers_to``."""
-    code = ("import torch.distributed as dist; from dist_quant.localrun import bind_servers_to;"
+    code = ("import torch.distributed as dist;"
+            "from dist_quant.runner.localrun import bind_servers_to;"
             "bind_servers_to('127.0.0.1'); s = dist.TCPStore('0.0.0.0', 0, is_master=True);"
             "import os, sys; sys.path.insert(0, 'tests'); from test_loopback import listening;"
             "print(listening(os.getpid()), s.port)")

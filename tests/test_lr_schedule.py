@@ -11,14 +11,14 @@ from test_ddp import SMALL, _spawn
 from torch import nn
 
 from dist_quant.config import TrainConfig
+from dist_quant.core.lr_schedule import LRSchedule, lr_at, schedule_from_config
+from dist_quant.core.optim import DecoupledMomentumSGD
 from dist_quant.data import load_dataset
 from dist_quant.errors import ConfigError
-from dist_quant.lr_schedule import LRSchedule, lr_at, schedule_from_config
-from dist_quant.metrics import read_metrics
-from dist_quant.optim import DecoupledMomentumSGD
-from dist_quant.roles import common
-from dist_quant.roles.shard import ShardServer
-from dist_quant.simulate import run_simulate
+from dist_quant.ps import common
+from dist_quant.ps.shard import ShardServer
+from dist_quant.runner.simulate import run_simulate
+from dist_quant.runtime.metrics import read_metrics
 
 
 def test_factors_by_hand():

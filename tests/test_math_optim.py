@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dist_quant.optim import DecoupledMomentumSGD, coupled_equivalent, coupled_sgd
+from dist_quant.core.optim import DecoupledMomentumSGD, coupled_equivalent, coupled_sgd
 
 torch.set_num_threads(1)
 STEPS = 60

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
+from dist_quant.core.model import KeepDropout, build_mlp, insert_batchnorm, linear_positions
 from dist_quant.errors import ConfigError
-from dist_quant.model import KeepDropout, build_mlp, insert_batchnorm, linear_positions
 
 torch.set_num_threads(1)
 

@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from dist_quant.errors import ConfigError
-from dist_quant.model import build_mlp
-from dist_quant.optim import (
+from dist_quant.core.model import build_mlp
+from dist_quant.core.optim import (
     DecoupledMomentumSGD,
     coupled_equivalent,
     coupled_sgd,
     decay_param_groups,
 )
+from dist_quant.errors import ConfigError
 
 torch.set_num_threads(1)
 LR, MU, LAM = 0.05, 0.9, 0.02

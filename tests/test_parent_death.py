@@ -1,4 +1,4 @@
-"""A rank arms a parent-death signal at start (dist_quant.launcher.die_with_parent)."""
+"""A rank arms a parent-death signal at start (dist_quant.runner.launcher.die_with_parent)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-CHILD = ("from dist_quant.launcher import die_with_parent; die_with_parent(); "
+CHILD = ("from dist_quant.runner.launcher import die_with_parent; die_with_parent(); "
          "print('alive', flush=True)")
 
 

@@ -11,13 +11,13 @@ import matplotlib.image
 import pytest
 from click.testing import CliRunner
 
-from dist_quant import metrics
 from dist_quant.config import TrainConfig
-from dist_quant.metrics import RunRecorder
 from dist_quant.plot.command import plot
 from dist_quant.plot.labels import method_label, run_labels
 from dist_quant.plot.report import write_report
 from dist_quant.plot.runs import find_runs, group_by_cap
+from dist_quant.runtime import metrics
+from dist_quant.runtime.metrics import RunRecorder
 
 PARAMS, WORKERS, STEPS = 1000, 4, 10
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,7 @@
 """Figures read at a glance: one series per method (its seeds' mean and band), one colour per
 method in every figure of one call, one legend entry per method, the time-to-target marks
 with their ranges, and report.html that references only what exists and renders in a
-headless browser. Runs are written in the run-directory format (dist_quant.metrics) with
+headless browser. Runs are written in the run-directory format (dist_quant.runtime.metrics) with
 chosen accuracies, walls and bytes."""
 
 from __future__ import annotations

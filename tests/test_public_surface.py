@@ -39,7 +39,7 @@ def test_claims_document_states_every_claim_verify_checks():
 def test_core_runs_without_matplotlib_and_plot_says_how_to_install_it(monkeypatch, tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
             "import dist_quant, dist_quant.train, dist_quant.sweep, dist_quant.verify.command\n"
-            "import dist_quant.predict, dist_quant.cli")
+            "import dist_quant.analysis.predict, dist_quant.cli")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "dist_quant.plot.figures", None)

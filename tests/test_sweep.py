@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
-from dist_quant.metrics import read_metrics, read_summary
+from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.sweep import (
     INDEX,
     PRESETS,

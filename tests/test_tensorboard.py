@@ -11,8 +11,8 @@ import sys
 import pytest
 from test_train import simulated, tiny
 
-from dist_quant.metrics import read_metrics
-from dist_quant.tensorboard import ENV, read_scalars, step_scalars
+from dist_quant.runtime.metrics import read_metrics
+from dist_quant.runtime.tensorboard import ENV, read_scalars, step_scalars
 
 pytest.importorskip("tensorboard")
 

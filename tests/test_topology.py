@@ -4,7 +4,7 @@ Two distributed jobs run once per module (torchrun over gloo on loopback, tiny m
 S = 2 dedicated servers with worker 1's gradient NaN at step 2, and W = 3 colocated servers
 (odd: the shards are unequal) with a sign downlink and ``--overlap``. Each is compared bit for
 bit with its ``--simulate`` reference, and the byte counts with the formula of
-:mod:`dist_quant.roles.placement`.
+:mod:`dist_quant.ps.placement`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from dist_quant.compress import get_compressor
 from dist_quant.config import TrainConfig
 from dist_quant.data import load_dataset
 from dist_quant.errors import ConfigError
-from dist_quant.metrics import read_metrics, read_summary
-from dist_quant.roles import common
-from dist_quant.roles.placement import shard_bounds
-from dist_quant.roles.worker import replica_of
+from dist_quant.ps import common
+from dist_quant.ps.placement import shard_bounds
+from dist_quant.ps.worker import replica_of
+from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.train import launch, run_in_process
 
 pytestmark = pytest.mark.slow

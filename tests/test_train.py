@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from run_states import assert_equal
 
-from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
 from dist_quant.compress import get_compressor
 from dist_quant.config import TrainConfig
+from dist_quant.core.optim import DecoupledMomentumSGD, decay_param_groups
 from dist_quant.data import load_dataset, worker_batches
-from dist_quant.metrics import read_metrics, read_summary
-from dist_quant.optim import DecoupledMomentumSGD, decay_param_groups
-from dist_quant.roles import common
-from dist_quant.roles.worker import replica_of
+from dist_quant.ps import common
+from dist_quant.ps.worker import replica_of
+from dist_quant.runtime.checkpoint import latest_checkpoint, load_checkpoint
+from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.train import launch, run_in_process
 
 pytestmark = pytest.mark.slow

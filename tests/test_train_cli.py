@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from dist_quant.config import EVAL_LAG, TrainConfig
-from dist_quant.metrics import read_metrics, read_summary
+from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.train import run_in_process, torchrun_command, train_command
 
 TINY = ["--hidden", "7,5", "--train-size", "120", "--test-size", "30", "--batch-size", "4",
@@ -61,7 +61,7 @@ def test_module_outside_torchrun_says_how_to_run():
 
 def test_torchrun_command_sizes_the_world():
     ps = torchrun_command(TrainConfig(workers=3))
-    assert ps[1:5] == ["-m", "dist_quant.localrun", "--standalone", "--nproc-per-node"]
+    assert ps[1:5] == ["-m", "dist_quant.runner.localrun", "--standalone", "--nproc-per-node"]
     assert ps[5] == "4" and ps[6:8] == ["--max-restarts", "0"]
     assert ps[10:12] == ["-m", "dist_quant.train"]
     assert torchrun_command(TrainConfig(workers=3, method="ddp"))[5] == "3"

@@ -17,8 +17,8 @@ import pytest
 import torch
 from ranks import env, free_port, start_ranks, wait_for_lines
 
-from dist_quant.checkpoint import latest_checkpoint, load_checkpoint
 from dist_quant.config import TrainConfig
+from dist_quant.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from dist_quant.train import full_argv, run_in_process
 
 pytestmark = pytest.mark.slow

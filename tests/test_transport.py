@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_quant.transport import (
+from dist_quant.core.transport import (
     PeerLostError,
     Transport,
     _cause,

@@ -3,7 +3,7 @@
 A container of the compose cluster runs this before its torchrun agent starts
 (``launch/node.sh``), with the training options it will pass to ``dist_quant.train``: every
 option, the data and the run directory are checked as ``dist-quant train`` checks them
-(:func:`dist_quant.preflight.preflight`), and a problem ends the host with one line and exit
+(:func:`dist_quant.runner.preflight.preflight`), and a problem ends the host with one line and exit
 status 2 before any process of the job starts. Nothing is written.
 """
 
@@ -24,7 +24,7 @@ from dist_quant.errors import ConfigError
 @click.pass_context
 def main(ctx: click.Context, **params: Any) -> None:
     """Exit 0 when the options would start a job, else 2 with one line naming the problem."""
-    from dist_quant.preflight import preflight
+    from dist_quant.runner.preflight import preflight
     from dist_quant.train import config_from_options
 
     try:

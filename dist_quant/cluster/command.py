@@ -14,7 +14,7 @@ Needs root (network namespaces, veth, tc). ``--engine compose`` runs the same ho
 containers of ``docker-compose.yml`` (:mod:`dist_quant.cluster.compose`; prepare the machine
 with ``launch/docker-host.sh``); the records are the same. The training options are those of
 ``dist-quant train``, one to one, checked the same way before anything is built
-(:mod:`dist_quant.preflight`). While the job runs it shows the training progress (steps,
+(:mod:`dist_quant.runner.preflight`). While the job runs it shows the training progress (steps,
 loss, accuracy, MB up and down); it ends with the summary line of ``dist-quant train`` and one
 line of wire figures (bytes on the wire per direction and their ratio to the payload).
 """
@@ -61,8 +61,8 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
     from dist_quant.cluster.netns import ClusterError, cleanup_stale, require_root
     from dist_quant.cluster.run import parse_worker_rates, run_cluster
     from dist_quant.errors import ConfigError
-    from dist_quant.preflight import preflight
-    from dist_quant.progress import summary_line
+    from dist_quant.runner.preflight import preflight
+    from dist_quant.runtime.progress import summary_line
     from dist_quant.train import config_error, config_from_options
 
     try:

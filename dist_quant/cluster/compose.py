@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dist_quant.analysis.linkmodel import Link
 from dist_quant.cluster.counters import parse_acks, parse_net_dev, parse_qdiscs
 from dist_quant.cluster.netns import ClusterError
 from dist_quant.cluster.run import (
@@ -50,9 +51,8 @@ from dist_quant.cluster.run import (
 )
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
-from dist_quant.launcher import SHOWN
-from dist_quant.linkmodel import Link
-from dist_quant.metrics import write_json_atomic
+from dist_quant.runner.launcher import SHOWN
+from dist_quant.runtime.metrics import write_json_atomic
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 HOST_SCRIPT = REPO / "launch" / "docker-host.sh"
@@ -264,7 +264,7 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     :func:`dist_quant.cluster.run.run_cluster`; raises :class:`ComposeError` with the failing
     ranks' own lines when the job fails.
     """
-    from dist_quant.rank import default_run_dir
+    from dist_quant.runner.rank import default_run_dir
 
     if cfg.simulate:
         raise ConfigError("--simulate", "the cluster runs the distributed job; drop --simulate")

@@ -62,7 +62,7 @@ def require_root() -> None:
     if os.geteuid() != 0:
         raise ClusterError("dist-quant cluster needs root: it creates network namespaces, veth "
                            "links and tc qdiscs. Run it as root (sudo), or predict times "
-                           "without root with dist_quant.linkmodel.")
+                           "without root with dist_quant.analysis.linkmodel.")
     for tool in ("ip", "tc"):
         if shutil.which(tool) is None:
             raise ClusterError(f"dist-quant cluster needs the `{tool}` command (iproute2)")

@@ -18,7 +18,7 @@ Records written into the run directory next to the training job's own files:
 
 Uneven links. ``--worker-rate I=MBIT`` shapes worker I's host (``w{I+1}``) at its own rate in
 both directions; every other host keeps ``rate_mbit``. The parameter-server hosts carry
-``DIST_QUANT_WORKER=I`` (:mod:`dist_quant.roles.placement`), so the training job's worker I,
+``DIST_QUANT_WORKER=I`` (:mod:`dist_quant.ps.placement`), so the training job's worker I,
 the one ``--slow-worker I=...`` slows, is the one on that link.
 - ``wire.json``: eth0 counters read before the agents start and after they exit.
   ``wire_bytes_up`` = bytes the workers transmitted, ``wire_bytes_down`` = bytes the server
@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dist_quant.analysis.linkmodel import Link
 from dist_quant.cluster.netns import (
     Cluster,
     ClusterError,
@@ -65,9 +66,8 @@ from dist_quant.cluster.netns import (
 )
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
-from dist_quant.linkmodel import Link
-from dist_quant.metrics import write_json_atomic
-from dist_quant.roles.schedule import is_eval_step
+from dist_quant.ps.schedule import is_eval_step
+from dist_quant.runtime.metrics import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_SCRIPT = REPO / "launch" / "node.sh"
@@ -175,11 +175,12 @@ class StepWindow:
 
 class MetricsTail:
     """Follows ``metrics.jsonl`` while the hosts run and draws the training progress (steps,
-    loss, accuracy, MB up and down) with :class:`dist_quant.progress.Progress` on stderr: the
+    loss, accuracy, MB up and down) with :class:`dist_quant.runtime.progress.Progress` on stderr:
+    the
     server's own bar goes to its host log."""
 
     def __init__(self, metrics: Path, cfg: TrainConfig):
-        from dist_quant.progress import Progress
+        from dist_quant.runtime.progress import Progress
 
         self.follower, self.cfg = JsonlFollower(metrics), cfg
         self.progress = Progress(cfg.steps, cfg.progress)
@@ -440,7 +441,7 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     at its own rate. Returns ``{"run_dir", "link", "wire", "seconds"}`` and writes
     ``link.json`` and ``wire.json`` into the run directory (module docstring).
     """
-    from dist_quant.rank import default_run_dir
+    from dist_quant.runner.rank import default_run_dir
 
     require_root()
     cleanup_stale()  # namespaces of earlier runs that were killed before they could clean up

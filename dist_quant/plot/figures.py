@@ -33,7 +33,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from dist_quant.metrics import PHASES
 from dist_quant.plot.palette import PHASE_COLOURS, PHASE_HATCH, Style, styles
 from dist_quant.plot.runs import Run
 from dist_quant.plot.scaling import ScalingRow
@@ -46,6 +45,7 @@ from dist_quant.plot.series import (
     panel_series,
     panels,
 )
+from dist_quant.runtime.metrics import PHASES
 
 Groups = dict[str, list[Run]]
 DPI = 110

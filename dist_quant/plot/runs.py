@@ -1,6 +1,6 @@
 """Finding and reading run directories, and grouping them by link.
 
-Reads only the run-directory format of :mod:`dist_quant.metrics` (``config.json``,
+Reads only the run-directory format of :mod:`dist_quant.runtime.metrics` (``config.json``,
 ``metrics.jsonl``, ``summary.json``) and, where the cluster wrote them, ``link.json``
 (``rate_mbit``, ``latency_ms``, ``loss_pct``, ``hosts``) and ``wire.json``, and where a sweep
 wrote it ``point.json`` (the method's label). A run without
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_quant.errors import ConfigError
-from dist_quant.metrics import read_metrics, read_summary
+from dist_quant.runtime.metrics import read_metrics, read_summary
 
 LOOPBACK = "loopback (uncapped)"
 

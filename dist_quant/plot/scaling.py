@@ -7,9 +7,10 @@ point per method and W, its seeds averaged):
 
 - measured: the mean over the steps of the ``communicate`` phase (``metrics.jsonl``), averaged
   over the point's runs;
-- model: :func:`dist_quant.linkmodel.predict_comm_seconds` over the same step records on the
+- model: :func:`dist_quant.analysis.linkmodel.predict_comm_seconds` over the same step records on
+the
   run's own link (``link.json``), divided by the steps, with the run's topology
-  (:func:`dist_quant.linkmodel.topology_of`: star, sharded, colocated, ring, onebit hook);
+  (:func:`dist_quant.analysis.linkmodel.topology_of`: star, sharded, colocated, ring, onebit hook);
 - growth: measured time at W over measured time at the smallest W of that method;
 - step: the run's wall seconds per step (``summary.json``), for scale: the communicate phase
   is the rest of the step once the slowest rank's computing is taken out, so it also holds
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_quant.linkmodel import link_of, predict_comm_seconds, topology_of
+from dist_quant.analysis.linkmodel import link_of, predict_comm_seconds, topology_of
 from dist_quant.plot.runs import Run
 
 
@@ -107,8 +108,8 @@ def scaling_table(data: dict[str, list[ScalingRow]]) -> list[str]:
         free = any(r.uncapped_s is not None for r in rows)
         parts += [f"## Communication per step against W ({cap})", "",
                   "Measured: mean communicate phase per step (mean over seeds); model: "
-                  "dist_quant.linkmodel on the same step records; growth: measured over the "
-                  "method's measured at its smallest W; step: wall time per step."
+                  "dist_quant.analysis.linkmodel on the same step records; growth: measured "
+                  "over the method's measured at its smallest W; step: wall time per step."
                   + (" Uncapped: the same point's communicate phase on uncapped links; link: "
                      "measured less uncapped, the cap's own share; link growth: its growth "
                      "over W." if free else ""), "",

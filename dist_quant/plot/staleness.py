@@ -1,7 +1,7 @@
 """``staleness.png``: how old the gradients of asynchronous runs were, and whose they were.
 
 Reads the ``update`` lines of ``metrics.jsonl`` (one per gradient that arrived; written by
-``--consistency ssp|async`` and ``--backup-workers``, :mod:`dist_quant.roles.events`). One row
+``--consistency ssp|async`` and ``--backup-workers``, :mod:`dist_quant.ps.events`). One row
 per link; left, the share of the applied gradients at each staleness (the updates that landed
 between a gradient's read and its write), the mean in the legend; right, the share of the
 applied gradients each worker computed, and dotted the share it sent that was dropped. Seeds of
@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from dist_quant.metrics import read_metrics
 from dist_quant.plot.runs import Run
+from dist_quant.runtime.metrics import read_metrics
 
 
 def gradient_lines(run: Run) -> list[dict]:

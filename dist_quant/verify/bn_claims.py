@@ -12,8 +12,8 @@ import math
 import torch
 from torch import nn
 
-from dist_quant.model import KeepDropout, insert_batchnorm
-from dist_quant.optim import DecoupledMomentumSGD
+from dist_quant.core.model import KeepDropout, insert_batchnorm
+from dist_quant.core.optim import DecoupledMomentumSGD
 from dist_quant.verify.fixtures import dataset, float64_mlp, minibatch, set_grads
 from dist_quant.verify.report import Context, Row, at_most, within
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from dist_quant.config import TrainConfig
+from dist_quant.core.model import build_mlp
 from dist_quant.data import Dataset, load_dataset
-from dist_quant.model import build_mlp
 from dist_quant.verify.report import Context
 
 HIDDEN = (64, 64)

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from dist_quant.model import INIT_VARIANCE, build_mlp
+from dist_quant.core.model import INIT_VARIANCE, build_mlp
 from dist_quant.verify.fixtures import dataset
 from dist_quant.verify.report import Context, Row, within
 

@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from dist_quant.optim import DecoupledMomentumSGD, coupled_equivalent, coupled_sgd
+from dist_quant.core.optim import DecoupledMomentumSGD, coupled_equivalent, coupled_sgd
 from dist_quant.verify.fixtures import float64_mlp, minibatch, set_grads
 from dist_quant.verify.report import Context, Row, at_least, within
 

@@ -1,0 +1,273 @@
+"""The consistency rule of the parameter server: which arrivals make an update, who may go on.
+
+The server of an asynchronous run (:mod:`dist_quant.ps.events`) sees one event, a worker's
+gradient arriving, and asks its policy two questions: which gradients form an update now, and
+which workers may start their next step now. The answers depend on the order of the arrivals
+only (never on the clock), so a recorded order replays to the same updates
+(``dist-quant train --simulate --replay RUN_DIR``).
+
+Versions. A server's parameters have a version, the number of updates applied so far. A
+worker that is released reads the newest version ``v`` (its downlink); the gradient it sends
+next was computed on ``v``. An update applied as version ``u`` to a gradient computed on ``v``
+has staleness ``u - 1 - v``: the updates that landed between the read and the write.
+
+Updates. One update is one step of ``DecoupledMomentumSGD`` (MATH 5a) on the decoded gradients
+it groups: their mean in lockstep modes (:class:`Synchronous`), their sum over ``W`` in the
+bounded modes (:class:`Bounded`: each gradient counts 1/W, as in a full synchronous step).
+A gradient is applied lazily but never late: the gradients received since the last update are
+applied together just before any worker reads the parameters (a release), so no worker ever
+reads parameters that lack a gradient the server holds. When every worker is held until all
+W gradients of a step are in (``sync``, ``ssp`` with ``K = 0``), the group is those W and the
+update is exactly the synchronous step, bit for bit; under ``async`` a released worker is
+always the one that just arrived, so every update is one gradient scaled by 1/W.
+
+Policies (``W`` workers; a worker "has finished step t" once its t-th gradient has arrived):
+
+- :class:`Synchronous` (``--consistency sync``, ``B = --backup-workers``): an update is the
+  first ``W - B`` gradients computed on the current version (Chen et al. 2016, "Revisiting
+  distributed synchronous SGD"); they are released together on the new version. A gradient
+  computed on an older version arrives too late: it is dropped (counted) and its worker is
+  released at once on the current version, so it joins the step being formed. With ``B = 0``
+  this is the synchronous step itself.
+- :class:`Bounded` (``--consistency ssp --staleness K``, stale-synchronous parallel, Ho et al.
+  2013, ps-lite's bounded delay; ``async`` is ``K = infinity``): every arrival is kept; a
+  worker that has finished step t may start step t + 1 once every worker has finished step
+  ``t - K``, i.e. once the slowest is at most K steps behind it. ``K = 0`` holds every worker
+  until the slowest has finished the same step: sync.
+
+Arrival orders. A distributed run takes arrivals as the network delivers them. The simulator
+(``--simulate``) takes them from a :class:`VirtualClock`: worker ``i`` computes for ``f_i``
+time units per gradient (``f_i`` from ``--slow-worker``, 1 otherwise), from the moment of the
+arrival that released it (the server takes no time, links take none); the next arrival is the
+smallest ``(due time, worker index)``. ``--replay RUN_DIR`` takes them from a :class:`Replay`
+of the order recorded in that run's ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from dist_quant.config import TrainConfig
+from dist_quant.errors import ConfigError
+
+# options a replay may change: they name or place the run, or change its wall time only
+REPLAY_FREE = frozenset({"run_dir", "resume", "progress", "simulate", "replay", "slow_worker",
+                         "timeout", "backend", "device", "keep_checkpoints", "max_restarts"})
+
+
+@dataclass
+class Decision:
+    """What one arrival decides: the arrival is ``dropped`` (too late); the workers whose
+    gradients form one ``update`` now (in worker order, the rows of that update); the workers
+    ``released`` now (in worker order), who read the parameters after that update."""
+
+    dropped: bool = False
+    update: list[int] = field(default_factory=list)
+    release: list[int] = field(default_factory=list)
+
+
+class Policy:
+    """Base of the consistency rules (module docstring). ``lockstep``: every released worker
+    reads the same version, and the next update is made of gradients of that version only."""
+
+    name = ""
+    lockstep = False
+    mean = True  # an update is the mean of its gradients (else their sum over W)
+
+    def __init__(self, workers: int):
+        self.workers = int(workers)
+        self.pending: list[int] = []   # arrived, not applied yet, in arrival order
+
+    def arrive(self, worker: int, read: int, version: int) -> Decision:
+        """Worker ``worker``'s gradient, computed on version ``read``, arrives while the
+        parameters are at ``version``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "pending": list(self.pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["name"] != self.name:
+            raise ValueError(f"a {state['name']} policy state given to {self.name}")
+        self.pending = [int(i) for i in state["pending"]]
+
+
+class Synchronous(Policy):
+    """``sync`` with ``backup`` backup workers (see the module docstring)."""
+
+    lockstep = True
+
+    def __init__(self, workers: int, backup: int = 0):
+        super().__init__(workers)
+        if not 0 <= backup < workers:
+            raise ValueError(f"backup workers must be in 0..{workers - 1}; got {backup}")
+        self.backup = int(backup)
+        self.name = f"sync-b{self.backup}" if backup else "sync"
+
+    def arrive(self, worker: int, read: int, version: int) -> Decision:
+        if read < version:  # a step already made without it: too late
+            return Decision(dropped=True, release=[worker])
+        self.pending.append(worker)
+        if len(self.pending) < self.workers - self.backup:
+            return Decision()
+        group, self.pending = sorted(self.pending), []
+        return Decision(update=group, release=group)
+
+
+class Bounded(Policy):
+    """``ssp`` with bound ``staleness`` (None: ``async``); see the module docstring."""
+
+    mean = False
+
+    def __init__(self, workers: int, staleness: int | None):
+        super().__init__(workers)
+        self.staleness = None if staleness is None else int(staleness)
+        self.lockstep = self.staleness == 0
+        self.name = "async" if staleness is None else f"ssp-k{self.staleness}"
+        self.done = [0] * self.workers        # gradients arrived, per worker
+        self.waiting: list[int] = []          # arrived, not released yet
+
+    def may_start(self, worker: int) -> bool:
+        """Whether ``worker``, which has finished step ``done[worker]``, may start the next."""
+        if self.staleness is None:
+            return True
+        return min(self.done) >= self.done[worker] - self.staleness
+
+    def arrive(self, worker: int, read: int, version: int) -> Decision:
+        self.done[worker] += 1
+        self.pending.append(worker)
+        self.waiting.append(worker)
+        ready = sorted(j for j in self.waiting if self.may_start(j))
+        if not ready:
+            return Decision()
+        group, self.pending = sorted(self.pending), []
+        self.waiting = [j for j in self.waiting if j not in ready]
+        return Decision(update=group, release=ready)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "done": list(self.done), "waiting": list(self.waiting)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.done = [int(d) for d in state["done"]]
+        self.waiting = [int(i) for i in state["waiting"]]
+
+
+def policy_of(cfg: TrainConfig) -> Policy:
+    """The policy of ``cfg``'s ``--consistency``, ``--staleness`` and ``--backup-workers``."""
+    if cfg.consistency == "sync":
+        return Synchronous(cfg.workers, cfg.backup_workers)
+    return Bounded(cfg.workers, cfg.staleness if cfg.consistency == "ssp" else None)
+
+
+# ---- arrival orders ------------------------------------------------------------------------
+class VirtualClock:
+    """``--simulate``'s arrival order (module docstring): worker ``i`` takes ``factors[i]``
+    (default 1) time units per gradient from its release; ties go to the lower index."""
+
+    def __init__(self, workers: int, factors: dict[int, float] | None = None):
+        self.factors = [float((factors or {}).get(i, 1.0)) for i in range(workers)]
+        self.now = 0.0
+        self.due: dict[int, float] = {}
+
+    def released(self, workers: list[int]) -> None:
+        for i in workers:
+            self.due[i] = self.now + self.factors[i]
+
+    def next(self) -> int:
+        if not self.due:
+            raise RuntimeError("no worker is computing: nothing can arrive")
+        worker = min(self.due, key=lambda i: (self.due[i], i))
+        self.now = self.due.pop(worker)
+        return worker
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"now": self.now, "due": {str(i): t for i, t in self.due.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.now = float(state["now"])
+        self.due = {int(i): float(t) for i, t in state["due"].items()}
+
+
+class Replay:
+    """The arrival order of a recorded run (``order[k]`` = the worker of arrival ``k``);
+    ``losses[k]``: the workers the run lost after ``k`` arrivals (``--min-workers``), in the
+    order it noticed them."""
+
+    def __init__(self, order: list[int], source: str = "the record",
+                 losses: dict[int, list[int]] | None = None):
+        self.order, self.source = [int(i) for i in order], source
+        self.losses = {int(k): [int(i) for i in v] for k, v in (losses or {}).items()}
+        self.position = 0
+        self.computing: set[int] = set()
+        self.noticed = 0   # losses at the current position already given out
+
+    def loss(self) -> int | None:
+        """The next worker the record lost before the arrival at ``position``, if any."""
+        here = self.losses.get(self.position, [])
+        if self.noticed >= len(here):
+            return None
+        worker = here[self.noticed]
+        self.noticed += 1
+        self.computing.discard(worker)
+        return worker
+
+    def released(self, workers: list[int]) -> None:
+        self.computing.update(workers)
+
+    def next(self) -> int:
+        if self.position >= len(self.order):
+            raise ConfigError("--replay", f"{self.source} ends after {len(self.order)} "
+                              "arrivals; this run needs more (a different config, or an "
+                              "unfinished run)")
+        worker = self.order[self.position]
+        if worker not in self.computing:
+            raise ConfigError("--replay", f"{self.source}: arrival {self.position} is worker "
+                              f"{worker}, which is not computing here; the record was made "
+                              "by another config")
+        self.computing.discard(worker)
+        self.position += 1
+        self.noticed = 0
+        return worker
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "noticed": self.noticed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = int(state.get("position", 0))
+        self.noticed = int(state.get("noticed", 0))
+
+
+def recorded_order(cfg: TrainConfig) -> tuple[list[int], dict[int, list[int]]]:
+    """The arrival order recorded in ``cfg.replay``'s ``metrics.jsonl`` (its ``update``
+    lines) and the workers lost after each number of arrivals (its ``lost`` lines), after
+    checking that the run had ``cfg``'s options (but ``REPLAY_FREE``); ConfigError naming
+    ``--replay`` otherwise."""
+    import json
+    from pathlib import Path
+
+    from dist_quant.runtime.metrics import read_metrics
+
+    run_dir = cfg.replay
+    try:
+        saved = json.loads((Path(run_dir) / "config.json").read_text())["config"]
+        records = read_metrics(run_dir)
+        lines = [r for r in records if r.get("kind") == "update"]
+        losses: dict[int, list[int]] = {}
+        for r in records:
+            if r.get("kind") == "lost":
+                losses.setdefault(int(r["after"]), []).append(int(r["worker"]))
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError("--replay", f"cannot read the record of {run_dir}: {err}") from None
+    mine = cfg.to_dict()
+    for name in sorted(set(mine) - REPLAY_FREE):
+        if name in saved and saved[name] != mine[name]:
+            raise ConfigError("--replay", f"{run_dir} ran with --{name.replace('_', '-')} "
+                              f"{saved[name]!r}, this run has {mine[name]!r}: a record replays "
+                              "only the run it was made by")
+    lines.sort(key=lambda r: r["arrival"])
+    if not lines or [r["arrival"] for r in lines] != list(range(len(lines))):
+        raise ConfigError("--replay", f"{run_dir}/metrics.jsonl holds no complete arrival "
+                          "record (arrivals 0..N-1): not an ssp, async or backup-workers run")
+    return [int(r["worker"]) for r in lines], losses

@@ -1,0 +1,256 @@
+"""What a run leaves in its directory, written by rank 0 only.
+
+Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster`` read):
+
+- ``config.json``: the resolved :class:`~dist_quant.config.TrainConfig` under ``"config"``
+  (for a :func:`dist_quant.fit` model without the fields of the built-in MLP and dataset,
+  which do not apply), ``"model"`` (``"mlp"``, or ``"custom"`` for a fit model), ``"metric"``
+  (the name of the evaluation metric recorded as ``test_accuracy``: ``"accuracy"`` unless fit
+  was given another), ``"versions"`` (python, torch, numpy, dist_quant), ``"git_commit"``
+  (or null) and ``"machine"`` (``cpu``: the CPU model rank 0 ran on, ``logical_cpus``).
+- ``metrics.jsonl``: one JSON object per line.
+
+  * step lines: ``{"kind": "step", "step": t, "loss": float, "bytes_up": int,
+    "bytes_down": int, "cum_bytes_up": int, "cum_bytes_down": int, "wall": s,
+    "time": {"compute": s, "encode": s, "communicate": s, "decode": s, "update": s},
+    "skipped": int}``. ``bytes_*`` are this step's bytes handed to the transport, summed over
+    all ranks that send in that direction (uplink: workers -> server; downlink:
+    server -> workers; for allreduce baselines, what each rank sends, summed, split evenly).
+    For the parameter-server job (``dist_quant.core.transport``): ``bytes_up = W * up`` plus
+    ``W * 4k`` at evaluation steps (the workers' BatchNorm running statistics, ``k`` floats,
+    sent uncompressed), ``bytes_down = W * down``, where ``up``/``down`` are the uplink and
+    downlink compressors' ``payload_nbytes(n)`` for ``n`` parameters; telemetry, control and
+    checkpoint messages are not counted. ``time`` splits the server's step (evaluation and
+    checkpoints excluded): the slowest worker's ``compute`` (downlink decode included in
+    ``decode``) and ``encode`` (plus the server's downlink encode), the server's ``decode``
+    and ``update``, and ``communicate`` = the rest (transfer and waiting); the simulator sums
+    its virtual workers' times instead (``dist_quant.ps.server``). ``skipped`` counts the
+    payloads left out at this step (non-finite or invalid). ``lr`` is the learning rate of
+    step ``t`` under the run's schedule (``dist_quant.core.lr_schedule.lr_at``); the optimizer
+    applies the same value at its ``t``-th update. Sharded and colocated servers
+    (``dist_quant.ps.exchange``) add ``"servers": [{"bytes_up", "bytes_down", "skipped"}]``
+    (per shard: what server s's link carried, rows it left out) and ``"bytes_stats"`` (the
+    BN statistics inside ``bytes_up``); a payload that stays on its rank is not counted.
+    ``"time_overlap"``: seconds of uplink that ran beside backward (``--overlap``; else 0);
+    ``"time_overlap_down"``: seconds of the previous step's downlink that ran beside this step's
+    work (``--overlap``; else 0).
+  * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
+    "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``: the parameters after step t,
+    with the wall time and cumulative bytes of step t. The synchronous parameter server adds
+    ``"evaluated_at"``: the step at which the evaluation ran (``t + --eval-lag``, or earlier
+    at the last step and at checkpoints; the line is written then, after that step's line).
+  * update lines (``--consistency ssp|async``, ``--backup-workers``; one per gradient that
+    reached the server): ``{"kind": "update", "arrival": a, "worker": i, "worker_step": k,
+    "read": v, "applied": u or null, "staleness": u - 1 - v or null, "step": t,
+    "started_after": r, "dropped": null | "late" | "end"}``; the step lines of such runs add
+    ``"updates"``, ``"gradients"`` (applied in that step) and ``"time_wait"`` (the mean time a
+    worker waited for its release), and their ``time`` holds means per gradient
+    (``dist_quant.ps.events``).
+- ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,
+  ``fp32_bytes_up``, ``fp32_bytes_down`` (what fp32 would have sent for the same steps),
+  ``steps``, ``workers``, ``params``, ``wall_seconds``, ``compressor``, ``method``,
+  ``skipped_payloads``. The parameter-server job adds ``bucket_size``, ``downlink``,
+  ``payload_nbytes_up``, ``payload_nbytes_down`` (one payload, bytes), ``simulate`` and
+  ``stopped_early`` (``--stop-accuracy`` reached before ``--steps``); ``steps`` is the number
+  of steps run; ``consistency``; synchronous runs add ``eval_lag``, ``stop_eval_step`` (the
+  evaluation whose accuracy stopped the run, ``eval_lag`` steps before its end; null when it
+  ran all steps) and ``test_step`` (the step whose parameters ``test_accuracy`` and
+  ``test_loss`` measure). An asynchronous run adds ``staleness_bound`` (K; null for
+  async), ``backup_workers``, ``updates``, ``gradients`` (received), ``applied_per_worker``,
+  ``dropped_per_worker``, ``wait_seconds_per_worker``, ``staleness_mean`` and
+  ``staleness_histogram`` (``{"s": count}`` of the applied gradients). ``fp32_bytes_*``
+  price every payload at the ``none`` compressor's size (statistics included, as sent).
+- ``checkpoints/``: ``step_<t>.pt`` files written atomically, plus ``latest`` (a text file
+  naming the newest); contents in ``dist_quant.runtime.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+PHASES = ("compute", "encode", "communicate", "decode", "update")
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from dist_quant import __version__
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "dist_quant": __version__}
+
+
+def machine() -> dict[str, Any]:
+    """The CPU model (``model name`` of /proc/cpuinfo, else the platform's processor name)
+    and the logical CPUs: results move with the CPU (torch's kernels sum in its order)."""
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu or platform.processor() or platform.machine(),
+            "logical_cpus": os.cpu_count()}
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    """Appends step and eval lines to ``metrics.jsonl`` and writes the JSON files.
+
+    ``resume_step=t`` keeps the existing lines up to step ``t`` (later ones are dropped, as
+    they will be recomputed) and continues the byte counters from there.
+
+    A write the disk cannot take (full, read-only, permission) raises
+    :class:`~dist_quant.runtime.diskfault.DiskFault`; ``metrics.jsonl`` is first cut back to its
+    last
+    whole line (:class:`~dist_quant.runtime.diskfault.WholeLines`).
+    """
+
+    def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
+                 model: str = "mlp", metric: str = "accuracy"):
+        from dist_quant.runtime.diskfault import WholeLines, disk_write
+
+        self.dir = Path(run_dir)
+        start = resume_step or 0
+        with disk_write(self.dir, start, self.dir):
+            self.dir.mkdir(parents=True, exist_ok=True)
+        self.cum_up = 0
+        self.cum_down = 0
+        self.skipped = 0
+        self.t0 = time.perf_counter()
+        self.wall_offset = 0.0
+        metrics = self.dir / "metrics.jsonl"
+        if resume_step is not None and metrics.exists():
+            kept = []
+            for line in metrics.read_text().splitlines():
+                rec = json.loads(line)
+                if rec["step"] <= resume_step:
+                    kept.append(line)
+                    if rec["kind"] != "step":  # a lagged eval line carries an older step's
+                        continue
+                    self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
+                    self.wall_offset = rec["wall"]
+                    self.skipped += rec.get("skipped", 0)
+            self._write_text("metrics.jsonl", "".join(k + "\n" for k in kept), start)
+        else:
+            with disk_write(metrics, start, self.dir):
+                metrics.write_text("")
+        self._write_json("config.json", {"config": config, "model": model, "metric": metric,
+                                         "versions": versions(), "git_commit": git_commit(),
+                                         "machine": machine()},
+                         start)
+        self._fh = WholeLines(metrics, self.dir, start)  # closed in close()
+        from dist_quant.runtime.tensorboard import open_writer
+
+        self._tb = open_writer(self.dir, config, resume_step)  # --tensorboard, else None
+        self._lr = None
+        if "lr" in config:
+            from dist_quant.core.lr_schedule import schedule_from_config
+
+            self._lr = (float(config["lr"]), schedule_from_config(config))
+
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.t0
+
+    def step(self, step: int, loss: float, bytes_up: int, bytes_down: int,
+             times: dict[str, float], skipped: int = 0,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append a step line; ``extra`` adds fields (the sharded job's per-server bytes)."""
+        self.cum_up += int(bytes_up)
+        self.cum_down += int(bytes_down)
+        self.skipped += int(skipped)
+        rec = {"kind": "step", "step": int(step), "loss": float(loss),
+               "bytes_up": int(bytes_up), "bytes_down": int(bytes_down),
+               "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
+               "wall": self.wall(), "time": {p: float(times.get(p, 0.0)) for p in PHASES},
+               "skipped": int(skipped), **(extra or {})}
+        if self._lr is not None:
+            rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
+        self._fh.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            self._tb.record(rec)
+        return rec
+
+    def eval(self, step: int, test_loss: float, test_accuracy: float,
+             wall: float | None = None, cum: tuple[int, int] | None = None,
+             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Append an eval line; ``wall`` and ``cum`` (bytes up, down) default to now. A lagged
+        evaluation (``--eval-lag``) gives those of its step: its time to target is that step's."""
+        up, down = (self.cum_up, self.cum_down) if cum is None else cum
+        rec = {"kind": "eval", "step": int(step), "test_loss": float(test_loss),
+               "test_accuracy": float(test_accuracy), "cum_bytes_up": int(up),
+               "cum_bytes_down": int(down), "wall": self.wall() if wall is None else wall,
+               **(extra or {})}
+        self._fh.write(json.dumps(rec) + "\n")
+        if self._tb is not None:
+            self._tb.record(rec)
+        return rec
+
+    def update(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Append an ``update`` line (one gradient of an asynchronous run)."""
+        rec = {"kind": "update", **fields}
+        self._fh.write(json.dumps(rec) + "\n")
+        return rec
+
+    def lost(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Append a ``lost`` line (a worker an asynchronous run dropped, ``--min-workers``)."""
+        rec = {"kind": "lost", **fields}
+        self._fh.write(json.dumps(rec) + "\n")
+        return rec
+
+    def summary(self, **fields: Any) -> dict[str, Any]:
+        out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
+               "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
+        self._write_json("summary.json", out, int(fields.get("steps", 0)))
+        return out
+
+    def close(self) -> None:
+        self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def _write_json(self, name: str, obj: dict[str, Any], step: int) -> None:
+        self._write_text(name, json.dumps(obj, indent=2, sort_keys=True) + "\n", step)
+
+    def _write_text(self, name: str, text: str, step: int) -> None:
+        """``name`` replaced whole (a ``.tmp`` file renamed), or left as it was."""
+        from dist_quant.runtime.diskfault import disk_write
+
+        path, tmp = self.dir / name, self.dir / (name + ".tmp")
+        with disk_write(path, step, self.dir, undo=lambda: tmp.unlink(missing_ok=True)):
+            tmp.write_text(text)
+            os.replace(tmp, path)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_summary(run_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(run_dir) / "summary.json").read_text())
