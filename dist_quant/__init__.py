@@ -11,8 +11,6 @@ schedule, the training configuration, and the errors. Everything else (roles, tr
 internal and may change.
 """
 
-__version__ = "0.1.0"
-
 from dist_quant.api import fit  # noqa: E402
 from dist_quant.compress import (  # noqa: E402
     Compressor,
@@ -37,6 +35,7 @@ from dist_quant.errors import (  # noqa: E402
     WireRangeError,
 )
 from dist_quant.hooks import OneBitState, onebit_hook  # noqa: E402
+from dist_quant.version import __version__  # noqa: E402, F401
 
 __all__ = [
     "Compressor",

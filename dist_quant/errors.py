@@ -1,4 +1,9 @@
-"""Exceptions of dist_quant: both are ValueErrors, so callers may catch either."""
+"""Exceptions of dist_quant, in one place.
+
+Bad input (a payload, a gradient, a value out of range, a configuration) raises a
+:class:`ValueError` subclass, so callers may catch either. A run that ends on purpose raises
+:class:`RunAborted`; a worker that leaves a run raises :class:`WorkerLeaves`.
+"""
 
 
 class PayloadError(ValueError):
@@ -27,3 +32,12 @@ class ConfigError(ValueError):
     def __init__(self, option: str, message: str):
         self.option = option
         super().__init__(f"{option}: {message}")
+
+
+class RunAborted(RuntimeError):
+    """The server ended the run (``--on-nonfinite abort`` or a diverged model)."""
+
+
+class WorkerLeaves(Exception):  # noqa: N818 (an event, not a failure)
+    """This worker leaves the run (``--inject-loss``, or it was dropped before the checkpoint
+    a run resumes from): its process ends cleanly and its links close."""

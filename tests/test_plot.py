@@ -15,7 +15,8 @@ from dist_quant.config import TrainConfig
 from dist_quant.plot.command import plot
 from dist_quant.plot.labels import method_label, run_labels
 from dist_quant.plot.report import write_report
-from dist_quant.plot.runs import find_runs, group_by_cap
+from dist_quant.plot.runs import find_runs
+from dist_quant.plot.series import group_by_cap
 from dist_quant.runtime import metrics
 from dist_quant.runtime.metrics import RunRecorder
 
@@ -358,7 +359,7 @@ def test_plot_writes_the_scaling_figure_and_table_when_several_w_exist(seeded, s
 def test_a_batch_size_that_follows_w_stays_one_method(tmp_path, clock):
     """A fixed global batch (1024 per worker at W = 2, 512 at W = 4) keeps one series; two
     batch sizes at one W are two points, named by their batch size."""
-    from dist_quant.plot.report import points
+    from dist_quant.plot.points import points
     from dist_quant.plot.scaling import scaling
 
     write_ps_run(tmp_path / "w2", clock, REACH, 0.5, 2, colocate=True, batch_size=1024)

@@ -28,8 +28,8 @@ from dist_quant.plot.figures import (
     time_per_phase_figure,
     to_target_figure,
 )
-from dist_quant.plot.runs import find_runs, group_by_cap
-from dist_quant.plot.series import clean_evals, panels, series_of
+from dist_quant.plot.runs import find_runs
+from dist_quant.plot.series import clean_evals, group_by_cap, panels, series_of
 from dist_quant.sweep import PRESETS, parse_method
 
 LINK = {"rate_mbit": 10.0, "latency_ms": 0.0, "loss_pct": 0.0, "hosts": 4}

@@ -15,6 +15,12 @@ from pathlib import Path
 import click
 
 from dist_quant.errors import ConfigError
+from dist_quant.plot.html import write_html
+from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
+from dist_quant.plot.runs import find_runs
+from dist_quant.plot.scaling import scaling
+from dist_quant.plot.series import group_by_cap
+from dist_quant.plot.staleness import staleness_figure
 
 
 @click.command()
@@ -43,15 +49,12 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
     given += ["--out", str(out)] if out is not None else []
     given += ["--target", f"{target:g}"] if target is not None else []
     try:
+        # matplotlib is optional (the plot extra): its absence is reported, not raised
         from dist_quant.plot.figures import draw_all, plan
     except ImportError as err:
         raise click.ClickException(f"dist-quant plot needs matplotlib ({err}); install it with "
                                    "pip install 'dist-quant[plot]' (or pip install "
                                    "matplotlib)") from None
-    from dist_quant.plot.html import write_html
-    from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
-    from dist_quant.plot.runs import find_runs, group_by_cap
-    from dist_quant.plot.scaling import scaling
 
     try:
         runs = find_runs(list(paths))
@@ -68,8 +71,6 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
         note = "given with --target"
     per_w = scaling(groups)
     figures = draw_all(groups, target, out, per_w)
-    from dist_quant.plot.staleness import staleness_figure
-
     stale = staleness_figure(groups, out)   # asynchronous runs only
     figures = [*figures, stale] if stale is not None else figures
     report = write_report(groups, target, note, figures, out, per_w, shlex.join(given))

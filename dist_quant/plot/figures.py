@@ -34,6 +34,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from dist_quant.plot.palette import PHASE_COLOURS, PHASE_HATCH, Style, styles
+from dist_quant.plot.report import point_rows
 from dist_quant.plot.runs import Run
 from dist_quant.plot.scaling import ScalingRow
 from dist_quant.plot.series import (
@@ -207,7 +208,6 @@ def speedup_text(row) -> str:
 
 
 def to_target_figure(p: Plan) -> Figure:
-    from dist_quant.plot.report import point_rows
 
     most = max(len({r.method for r in panel.runs}) for panel in p.panels)
     fig, where = grid_figure(p, 1, height=1.2 + 0.42 * most, width=PANEL_W + 1.6)

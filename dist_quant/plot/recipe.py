@@ -15,7 +15,9 @@ import dataclasses
 import shlex
 from typing import Any
 
+from dist_quant.config import TrainConfig
 from dist_quant.plot.runs import Run
+from dist_quant.presets import PRESETS
 
 NOT_A_SETTING = {"seed", "workers", "batch_size", "run_dir", "progress", "resume"}
 
@@ -52,8 +54,6 @@ def value_text(value: Any) -> str:
 
 def own_fields(run: Run) -> dict[str, Any]:
     """The run's config fields that differ from its preset (or the defaults)."""
-    from dist_quant.config import TrainConfig
-    from dist_quant.sweep import PRESETS
 
     defaults = dataclasses.asdict(TrainConfig())
     base = {**defaults, **PRESETS.get((run.point or {}).get("preset") or "", {})}

@@ -43,7 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dist_quant.plot.labels import method_label
+from dist_quant.plot.points import Spread, has_several_seeds, points
+from dist_quant.plot.recipe import commits, machines, sweep_commands, versions, wrapped
 from dist_quant.plot.runs import Run
+from dist_quant.plot.scaling import scaling_table
+from dist_quant.plot.series import first_runs, method_order
 
 TARGET_FRACTION = 0.9
 NOT_REACHED = "not reached"
@@ -144,61 +149,6 @@ def table(members: list[Run], target: float) -> str:
 
 # ---- several seeds per point ----------------------------------------------------------------
 @dataclass(frozen=True)
-class Spread:
-    """Mean and range of one figure over the seeds of a point."""
-
-    mean: float
-    low: float
-    high: float
-    n: int
-
-    @classmethod
-    def of(cls, values: list[float]) -> Spread | None:
-        if not values:
-            return None
-        return cls(sum(values) / len(values), min(values), max(values), len(values))
-
-    def text(self, spec: str, unit: str = "") -> str:
-        if self.n == 1:
-            return f"{self.mean:{spec}}{unit}"
-        return f"{self.mean:{spec}}{unit} [{self.low:{spec}}–{self.high:{spec}}]"
-
-
-@dataclass
-class Point:
-    """The runs of one method at one worker count under one link (one per seed)."""
-
-    label: str
-    workers: int
-    runs: list[Run]
-
-
-def points(members: list[Run]) -> list[Point]:
-    """``members`` grouped by method (:func:`dist_quant.plot.series.method_names`) and W,
-    in the order of ``members``, then by W. The batch size usually follows W (a fixed global
-    batch); where one method has runs of several batch sizes at one W, they are separate
-    points named ``batch_size=B``."""
-    from dist_quant.plot.series import method_names
-
-    labels = ([r.method for r in members] if all(r.method for r in members)
-              else method_names(members))
-    batches: dict[tuple[str, int], set] = {}
-    for run, label in zip(members, labels, strict=True):
-        batches.setdefault((label, int(run.summary["workers"])), set()).add(
-            run.config.get("batch_size"))
-    found: dict[tuple[str, int, Any], Point] = {}
-    for run, label in zip(members, labels, strict=True):
-        w, batch = int(run.summary["workers"]), run.config.get("batch_size")
-        name = label if len(batches[(label, w)]) == 1 else f"{label} batch_size={batch}"
-        found.setdefault((name, w, batch), Point(name, w, [])).runs.append(run)
-    return sorted(found.values(), key=lambda p: p.workers)
-
-
-def has_several_seeds(groups: dict[str, list[Run]]) -> bool:
-    return any(len(p.runs) > 1 for members in groups.values() for p in points(members))
-
-
-@dataclass(frozen=True)
 class PointRow:
     label: str
     workers: int
@@ -274,8 +224,6 @@ def seeds_table(members: list[Run], target: float) -> str:
 
 def methods_table(runs: list[Run]) -> list[str]:
     """One row per method: its name in the figures and tables, and what it trains."""
-    from dist_quant.plot.labels import method_label
-    from dist_quant.plot.series import first_runs, method_order
 
     first = first_runs(runs)
     lines = ["| method | what it is | runs |", "|---|---|---:|"]
@@ -286,8 +234,6 @@ def methods_table(runs: list[Run]) -> list[str]:
 
 
 def provenance(runs: list[Run], command: str | None) -> list[str]:
-    from dist_quant.plot.recipe import commits, machines, sweep_commands, versions, wrapped
-    from dist_quant.plot.series import method_order
 
     parts = ["## Machine and commit", ""]
     parts += [f"- Machine: {m}" for m in machines(runs)]
@@ -329,7 +275,6 @@ def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
         parts += [f"## {cap}", "", seeds_table(members, target) if seeds else
                   table(members, target), ""]
     if scaling:
-        from dist_quant.plot.scaling import scaling_table
 
         parts += scaling_table(scaling)
     parts += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures] + [""]

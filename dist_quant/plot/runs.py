@@ -103,28 +103,3 @@ def find_runs(paths: list[Path]) -> list[Run]:
                               "or below")
         found += [d for d in below if d.resolve() not in {f.resolve() for f in found}]
     return [load_run(d) for d in found]
-
-
-def group_by_cap(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs grouped by link, slowest cap first, loopback last; labels unique within a group;
-    runs in method order (:func:`dist_quant.plot.series.method_order`: DDP fp32 first, then
-    the other DDP baselines, then the parameter server). A run is named by its method
-    (:func:`dist_quant.plot.series.base_name`), with its seed or W where they differ."""
-    from dist_quant.plot.labels import run_labels
-    from dist_quant.plot.series import base_name, method_names, method_order
-
-    def key(run: Run) -> tuple[int, tuple[float, float, float]]:
-        return (1, (0.0, 0.0, 0.0)) if run.link is None else (0, run.link.sort_key())
-
-    for run, method in zip(runs, method_names(runs), strict=True):
-        run.method = method
-    rank = {m: i for i, m in enumerate(method_order(runs))}
-    groups: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=key):
-        groups.setdefault(run.cap, []).append(run)
-    for members in groups.values():
-        labels = run_labels([r.config for r in members], names=[base_name(r) for r in members])
-        for run, label in zip(members, labels, strict=True):
-            run.label = label
-        members.sort(key=lambda r: (rank[r.method], r.label.lower()))
-    return groups

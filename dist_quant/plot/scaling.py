@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_quant.analysis.linkmodel import link_of, predict_comm_seconds, topology_of
+from dist_quant.plot.points import points
 from dist_quant.plot.runs import Run
 
 
@@ -67,7 +68,6 @@ def predicted_comm(run: Run) -> float:
 def scaling(groups: dict[str, list[Run]]) -> dict[str, list[ScalingRow]]:
     """``{link name: rows}`` for every capped link with runs at several worker counts; rows
     by method (in the order of the link's group), then W."""
-    from dist_quant.plot.report import points
 
     out: dict[str, list[ScalingRow]] = {}
     free = [r for members in groups.values() for r in members

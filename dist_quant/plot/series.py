@@ -27,15 +27,15 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from dist_quant.plot.labels import method_label, run_labels
 from dist_quant.plot.runs import LOOPBACK, Run
+from dist_quant.presets import PRESETS
 
 SETTING = ("workers", "batch_size")          # panel fields besides the link
 NOT_METHOD = frozenset({"seed", *SETTING})
 
 
 def base_name(run: Run) -> str:
-    from dist_quant.plot.labels import method_label
-
     label = (run.point or {}).get("label")
     return str(label) if label else method_label(run.config)
 
@@ -43,8 +43,6 @@ def base_name(run: Run) -> str:
 def method_names(runs: list[Run]) -> list[str]:
     """The method of each run: its base name, with the fields that tell apart configs sharing
     that name (seed, W and batch size aside)."""
-    from dist_quant.plot.labels import run_labels
-
     return run_labels([r.config for r in runs], ignore=NOT_METHOD, number=False,
                       names=[base_name(r) for r in runs])
 
@@ -57,8 +55,6 @@ def method_order(runs: list[Run]) -> list[str]:
     """The runs' methods (``Run.method``) in reading order: DDP fp32 first, then the other DDP
     baselines, then the parameter server; presets in the sweep's preset order, other labels
     by name."""
-    from dist_quant.sweep import PRESETS
-
     preset_rank = {name: i for i, name in enumerate(PRESETS)}
     first = first_runs(runs)
 
@@ -178,3 +174,25 @@ def panel_series(panel: Panel, x: str, order: list[str]) -> list[Series]:
     for run in panel.runs:
         runs[run.method].append(run)
     return [series_of(m, runs[m], x) for m in order if m in runs]
+
+
+def group_by_cap(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by link, slowest cap first, loopback last; labels unique within a group;
+    runs in method order (:func:`method_order`: DDP fp32 first, then
+    the other DDP baselines, then the parameter server). A run is named by its method
+    (:func:`base_name`), with its seed or W where they differ."""
+    def key(run: Run) -> tuple[int, tuple[float, float, float]]:
+        return (1, (0.0, 0.0, 0.0)) if run.link is None else (0, run.link.sort_key())
+
+    for run, method in zip(runs, method_names(runs), strict=True):
+        run.method = method
+    rank = {m: i for i, m in enumerate(method_order(runs))}
+    groups: dict[str, list[Run]] = {}
+    for run in sorted(runs, key=key):
+        groups.setdefault(run.cap, []).append(run)
+    for members in groups.values():
+        labels = run_labels([r.config for r in members], names=[base_name(r) for r in members])
+        for run, label in zip(members, labels, strict=True):
+            run.label = label
+        members.sort(key=lambda r: (rank[r.method], r.label.lower()))
+    return groups

@@ -36,22 +36,13 @@ import torch
 
 from dist_quant.config import TrainConfig
 from dist_quant.data import worker_batches
-from dist_quant.errors import NonFiniteGradientError
+from dist_quant.errors import NonFiniteGradientError, RunAborted, WorkerLeaves  # noqa: F401 (re-exported)
 from dist_quant.ps import common
 from dist_quant.ps.shard import shard_tags
 from dist_quant.ps.task import Task
 
 # worker -> leader, per step (float64)
 TELEMETRY = ("loss", "decode", "compute", "encode", "overlap", "overlap_down")
-
-
-class RunAborted(RuntimeError):
-    """The server ended the run (``--on-nonfinite abort`` or a diverged model)."""
-
-
-class WorkerLeaves(Exception):  # noqa: N818 (an event, not a failure)
-    """This worker leaves the run (``--inject-loss``, or it was dropped before the checkpoint
-    a run resumes from): its process ends cleanly and its links close."""
 
 
 class Worker:

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +52,13 @@ import torch
 
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
+from dist_quant.runtime.checkpoint_files import (  # noqa: F401 (the reading side, re-exported)
+    CHECKPOINT_NAME,
+    checkpoint_dir,
+    checkpoint_files,
+    latest_checkpoint,
+)
+from dist_quant.runtime.diskfault import disk_write, write_all
 
 # fields that may change between a run and its continuation (all others define the trajectory)
 RESUMABLE_CHANGES = frozenset({
@@ -61,21 +67,14 @@ RESUMABLE_CHANGES = frozenset({
     "force",
     "replay",
 })
-CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 SERVER_KEYS = ("step", "model", "optimizer", "replica", "generator")
 WORKER_KEYS = ("index", "step", "model", "generator", "dropout_generator", "sampler",
                "compressor")
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 0) -> Path:
     """Write ``checkpoints/step_<step>.pt`` atomically, point ``latest`` at it, then keep only
     the ``keep`` newest checkpoints (0 = all)."""
-    from dist_quant.runtime.diskfault import disk_write, write_all
-
     directory = checkpoint_dir(run_dir)
     path = directory / f"step_{step}.pt"
     tmp = path.with_name(path.name + ".tmp")
@@ -103,13 +102,6 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     return path
 
 
-def checkpoint_files(directory: Path) -> list[Path]:
-    """The ``step_<t>.pt`` files of a checkpoint directory, oldest step first."""
-    found = [(int(m.group(1)), p) for p in directory.iterdir()
-             if (m := CHECKPOINT_NAME.fullmatch(p.name))]
-    return [p for _, p in sorted(found)]
-
-
 def prune_checkpoints(directory: Path, keep: int, current: str) -> list[Path]:
     """Unlink all but the ``keep`` newest checkpoints (never ``current``); return them."""
     files = [p for p in checkpoint_files(directory) if p.name != current]
@@ -117,21 +109,6 @@ def prune_checkpoints(directory: Path, keep: int, current: str) -> list[Path]:
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint ``latest`` names; ConfigError(--resume) when there is none."""
-    latest = checkpoint_dir(run_dir) / "latest"
-    if not latest.is_file():
-        raise ConfigError("--resume", f"no checkpoint in {run_dir} (missing {latest})")
-    name = latest.read_text(errors="replace").strip()
-    if not CHECKPOINT_NAME.fullmatch(name):
-        raise ConfigError("--resume", f"{latest} holds {name[:80]!r}, not the name of a "
-                          "checkpoint file of its directory (step_<t>.pt)")
-    path = latest.parent / name
-    if not path.is_file():
-        raise ConfigError("--resume", f"{latest} names {path.name}, which does not exist")
-    return path
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

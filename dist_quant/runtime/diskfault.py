@@ -5,7 +5,7 @@ checkpoints; :mod:`dist_quant.runtime.metrics`, :mod:`dist_quant.runtime.checkpo
 :func:`disk_write`. An ``OSError`` whose errno says the disk cannot take the data
 (``DISK_ERRNOS``: no space, quota, file too large, read-only, permission) first runs the
 write's ``undo`` (remove the temporary file, cut ``metrics.jsonl`` back to its last whole
-line), then becomes :class:`DiskFault`: a :class:`~dist_quant.ps.worker.RunAborted`, so the
+line), then becomes :class:`DiskFault`: a :class:`~dist_quant.errors.RunAborted`, so the
 rank ends with the one line every aborted run gets, which names the path, the step, and the
 newest complete checkpoint to continue from with ``--resume``. Any other ``OSError`` is left
 as it is.
@@ -24,7 +24,8 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dist_quant.ps.worker import RunAborted
+from dist_quant.errors import ConfigError, RunAborted
+from dist_quant.runtime.checkpoint_files import latest_checkpoint
 
 DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
                          errno.EPERM})
@@ -43,9 +44,6 @@ class DiskFault(RunAborted):
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint ``latest`` names, when it names a complete one; else None."""
-    from dist_quant.errors import ConfigError
-    from dist_quant.runtime.checkpoint import latest_checkpoint
-
     try:
         return latest_checkpoint(run_dir)
     except (ConfigError, OSError):

@@ -74,6 +74,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dist_quant.core.lr_schedule import schedule_from_config
+from dist_quant.runtime.diskfault import WholeLines, disk_write
+from dist_quant.runtime.tensorboard import open_writer
+from dist_quant.version import __version__
+
 PHASES = ("compute", "encode", "communicate", "decode", "update")
 
 
@@ -88,10 +93,9 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict[str, str]:
+    # numpy and torch are read here only: plotting and reading runs never import torch
     import numpy
     import torch
-
-    from dist_quant import __version__
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "numpy": numpy.__version__, "dist_quant": __version__}
@@ -127,14 +131,11 @@ class RunRecorder:
 
     A write the disk cannot take (full, read-only, permission) raises
     :class:`~dist_quant.runtime.diskfault.DiskFault`; ``metrics.jsonl`` is first cut back to its
-    last
-    whole line (:class:`~dist_quant.runtime.diskfault.WholeLines`).
+    last whole line (:class:`~dist_quant.runtime.diskfault.WholeLines`).
     """
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
                  model: str = "mlp", metric: str = "accuracy"):
-        from dist_quant.runtime.diskfault import WholeLines, disk_write
-
         self.dir = Path(run_dir)
         start = resume_step or 0
         with disk_write(self.dir, start, self.dir):
@@ -165,13 +166,9 @@ class RunRecorder:
                                          "machine": machine()},
                          start)
         self._fh = WholeLines(metrics, self.dir, start)  # closed in close()
-        from dist_quant.runtime.tensorboard import open_writer
-
         self._tb = open_writer(self.dir, config, resume_step)  # --tensorboard, else None
         self._lr = None
         if "lr" in config:
-            from dist_quant.core.lr_schedule import schedule_from_config
-
             self._lr = (float(config["lr"]), schedule_from_config(config))
 
     def wall(self) -> float:
@@ -239,8 +236,6 @@ class RunRecorder:
 
     def _write_text(self, name: str, text: str, step: int) -> None:
         """``name`` replaced whole (a ``.tmp`` file renamed), or left as it was."""
-        from dist_quant.runtime.diskfault import disk_write
-
         path, tmp = self.dir / name, self.dir / (name + ".tmp")
         with disk_write(path, step, self.dir, undo=lambda: tmp.unlink(missing_ok=True)):
             tmp.write_text(text)
