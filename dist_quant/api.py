@@ -51,6 +51,9 @@ from dist_quant.config import TrainConfig
 from dist_quant.data import Dataset
 from dist_quant.errors import ConfigError
 from dist_quant.ps.task import MLP_FIELDS, Task
+from dist_quant.runner.simulate import run_simulate
+from dist_quant.runtime.checkpoint import load_for_resume
+from dist_quant.runtime.rank import default_run_dir, pick_device
 
 # TrainConfig fields of the built-in MLP and datasets: given by model_fn and the data instead
 FIT_FIXED = (*MLP_FIELDS, "train_size", "test_size")
@@ -80,7 +83,6 @@ def fit(model_fn: Callable[[], torch.nn.Module], train: Any, test: Any, *,
         raise ConfigError("--method", "fit runs the parameter-server job (ps); got "
                           f"{cfg.method!r}")
     if cfg.resume:
-        from dist_quant.runtime.checkpoint import load_for_resume
 
         load_for_resume(cfg)  # refuses an incompatible continuation before anything starts
     classes = int(max(y.max(), y_test.max())) + 1 if not y.is_floating_point() else 0
@@ -116,8 +118,6 @@ def as_tensors(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _run_here(cfg: TrainConfig, task: Task) -> dict[str, Any]:
-    from dist_quant.runner.rank import default_run_dir, pick_device
-    from dist_quant.runner.simulate import run_simulate
 
     return run_simulate(cfg, pick_device(cfg), cfg.run_dir or default_run_dir(cfg), task)
 

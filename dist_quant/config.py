@@ -13,8 +13,10 @@ gradient noise); ``workers`` and ``batch_size`` (more data per step, more payloa
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +55,22 @@ def _worker_at(value: str) -> tuple[int, int] | None:
         return None
     worker, n = value.split(":")
     return int(worker), int(n)
+
+
+TENSORBOARD_ENV = "DIST_QUANT_TENSORBOARD"   # =1: event files for every run (--tensorboard)
+
+
+def tensorboard_requested(config: dict[str, Any] | None = None) -> bool:
+    """Whether a run asks for event files: the config's ``tensorboard`` or the variable."""
+    return bool((config or {}).get("tensorboard")) or os.environ.get(TENSORBOARD_ENV, "") == "1"
+
+
+def tensorboard_missing() -> str | None:
+    """Why event files cannot be written here (None: they can)."""
+    if importlib.util.find_spec("tensorboard") is None:
+        return ("needs the tensorboard package (pip install 'dist-quant[tensorboard]', or "
+                "pip install tensorboard)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -245,10 +263,8 @@ class TrainConfig:
             bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
         if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
             bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
-        from dist_quant.runtime import tensorboard as tb
-
-        if tb.requested({"tensorboard": self.tensorboard}) and tb.missing():
-            bad("tensorboard", tb.missing())
+        if tensorboard_requested({"tensorboard": self.tensorboard}) and tensorboard_missing():
+            bad("tensorboard", tensorboard_missing())
         if self.worker_momentum and self.method != "ps":
             bad("worker_momentum", "applies to the parameter-server job only (--method ps)")
         if self.downlink_bucket_size < 0:

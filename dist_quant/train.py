@@ -23,7 +23,7 @@ shard and seeds the worker's generators. ``--servers S`` (W + S ranks: servers f
 then the world size minus one); given, it must agree with the world size.
 
 Processes and restarts. The rank's side (device, process group, restarts, the one-line
-failure) is :mod:`dist_quant.runner.rank`; this module is the command line on top of it and the
+failure) is :mod:`dist_quant.runtime.rank`; this module is the command line on top of it and the
 entry
 of each torchrun process. A process group's timeout is ``--timeout``: a peer that dies or hangs
 ends the run within it, with a message naming the peer, instead of a hang. For
@@ -38,7 +38,7 @@ session, stop signals forwarded, one line per error, the raw output in ``launch.
 Restarts. ``--max-restarts N`` is torchrun's ``--max-restarts``; every attempt builds its
 process group under its own store prefix, and on a restart every rank continues from the run
 directory's latest checkpoint if there is one, exactly as ``--resume`` would
-(:mod:`dist_quant.runner.rank`).
+(:mod:`dist_quant.runtime.rank`).
 
 Exit status: 0 done, 1 the run failed (lost peer, aborted, diverged), 2 bad option,
 128 + signal when stopped (130 Ctrl-C, 143 SIGTERM).
@@ -55,7 +55,7 @@ import click
 
 from dist_quant.config import TrainConfig, click_options
 from dist_quant.errors import ConfigError
-from dist_quant.runner.rank import (  # noqa: F401 (the rank's side, also reachable from here)
+from dist_quant.runtime.rank import (  # noqa: F401 (the rank's side, also reachable from here)
     STARTUP_TIMEOUT,
     attempt,
     continue_after_restart,

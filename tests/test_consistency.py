@@ -171,7 +171,7 @@ def test_modes_that_cannot_apply_are_refused_in_one_line(changes, option, tmp_pa
 
 def test_the_rank_side_imports_nothing_above_it():
     """train.py is the command line; the modules it starts take the rank's side from
-    dist_quant.runner.rank, so no import reaches back up to train."""
+    dist_quant.runtime.rank, so no import reaches back up to train."""
     root = Path(__file__).resolve().parents[1] / "dist_quant"
     for path in ["rank.py", "ddp.py", "preflight.py", "simulate.py", "roles/exchange.py",
                  "roles/events.py"]:

@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_quant.errors import ConfigError
+from dist_quant.runtime.metrics import read_metrics, read_summary
 
 IP_TCP_HEADER = 52   # IPv4 20 + TCP 20 + timestamp option 12
 ETH_HEADER = 14      # the counters and tbf see Ethernet frames without preamble and FCS
@@ -362,7 +363,6 @@ def predict_wall_seconds(baseline_wall: float, steps: list[dict[str, Any]], meth
 
 def read_run(run_dir: Path) -> tuple[dict, list[dict], dict]:
     """(config, step records, summary) of a finished run directory."""
-    from dist_quant.runtime.metrics import read_metrics, read_summary
 
     config = json.loads((run_dir / "config.json").read_text())["config"]
     steps = [r for r in read_metrics(run_dir) if r["kind"] == "step"]

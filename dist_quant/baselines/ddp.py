@@ -104,6 +104,7 @@ from dist_quant.ps.common import DROPOUT, bn_stats, build_model, generator, load
 from dist_quant.ps.schedule import is_eval_step
 from dist_quant.runtime.metrics import RunRecorder
 from dist_quant.runtime.progress import Progress, summary_line
+from dist_quant.runtime.rank import default_run_dir, pick_device
 
 POWERSGD_START_ITER = 2
 
@@ -306,7 +307,6 @@ def _gather_to_rank0(t: torch.Tensor, world: int, async_op: bool = False) -> tup
 
 def train_ddp(cfg: TrainConfig) -> DDPResult:
     """Train on this rank of an initialised process group; see the module docstring."""
-    from dist_quant.runner.rank import default_run_dir, pick_device
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()

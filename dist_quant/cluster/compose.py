@@ -264,7 +264,7 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     :func:`dist_quant.cluster.run.run_cluster`; raises :class:`ComposeError` with the failing
     ranks' own lines when the job fails.
     """
-    from dist_quant.runner.rank import default_run_dir
+    from dist_quant.runtime.rank import default_run_dir
 
     if cfg.simulate:
         raise ConfigError("--simulate", "the cluster runs the distributed job; drop --simulate")

@@ -441,7 +441,7 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     at its own rate. Returns ``{"run_dir", "link", "wire", "seconds"}`` and writes
     ``link.json`` and ``wire.json`` into the run directory (module docstring).
     """
-    from dist_quant.runner.rank import default_run_dir
+    from dist_quant.runtime.rank import default_run_dir
 
     require_root()
     cleanup_stale()  # namespaces of earlier runs that were killed before they could clean up

@@ -28,6 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from dist_quant.data.idx import load_mnist
+from dist_quant.data.mnist1d import make_mnist1d
+from dist_quant.data.npz import load_npz
+from dist_quant.data.teacher import NUM_CLASSES, make_teacher
 from dist_quant.errors import ConfigError
 
 DATA_SEED = 42
@@ -107,24 +111,20 @@ def load_dataset(cfg: Any) -> Dataset:
     """The dataset named by ``cfg.dataset`` (see the module docstring)."""
     name = cfg.dataset
     if name == "mnist1d":
-        from dist_quant.data.mnist1d import make_mnist1d
 
         return from_arrays(name, *make_mnist1d(cfg.train_size, cfg.test_size, DATA_SEED),
                            num_classes=10, shuffle_seed=None)
     if name == "teacher":
-        from dist_quant.data.teacher import NUM_CLASSES, make_teacher
 
         return from_arrays(name, *make_teacher(cfg.train_size, cfg.test_size, DATA_SEED),
                            num_classes=NUM_CLASSES, shuffle_seed=None)
     if name == "mnist":
-        from dist_quant.data.idx import load_mnist
 
         if not cfg.data_dir:
             raise ConfigError("--data-dir", "--dataset mnist needs the directory of the IDX files")
         return from_arrays(name, *load_mnist(cfg.data_dir), num_classes=10,
                            shuffle_seed=DATA_SEED)
     if name.endswith(".npz"):
-        from dist_quant.data.npz import load_npz
 
         return from_arrays(name, *load_npz(name), shuffle_seed=DATA_SEED)
     raise ConfigError("--dataset", f"must be mnist1d, teacher, mnist or a path to an .npz; "

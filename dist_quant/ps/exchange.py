@@ -664,7 +664,7 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     (:meth:`~dist_quant.core.transport.Transport.report_lost`), which passes it on: the leader may
     be waiting on that rank meanwhile, and would blame it once it left. On a torchrun restart
     the leader's run directory decides whether every rank continues from its latest checkpoint
-    (:func:`dist_quant.runner.rank.continue_after_restart`)."""
+    (:func:`dist_quant.runtime.rank.continue_after_restart`)."""
     import datetime
 
     import torch.distributed as dist
@@ -674,7 +674,7 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     from dist_quant.ps.fabric import RemoteFabric
     from dist_quant.ps.placement import place
     from dist_quant.ps.worker import WorkerLeaves
-    from dist_quant.runner.rank import continue_after_restart, default_run_dir
+    from dist_quant.runtime.rank import continue_after_restart, default_run_dir
 
     roles, indices = gather_roles(device)
     task = task or Task.from_config(cfg)

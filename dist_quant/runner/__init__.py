@@ -1,3 +1,3 @@
-"""Starting a job: the checks before launch, torchrun on one machine, the process of one rank,
-and the single-process reference (``--simulate``).
+"""Starting a job: the checks before launch, torchrun on one machine and its watcher, and the
+single-process reference (``--simulate``).
 """

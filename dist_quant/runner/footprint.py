@@ -56,6 +56,7 @@ import math
 from pathlib import Path
 
 from dist_quant.config import TrainConfig
+from dist_quant.ps.common import build_model
 
 GENERATOR = 5056      # bytes of a CPU torch.Generator's state
 PER_TENSOR = 400      # zip record, alignment and pickle entry of one tensor (bytes, bound)
@@ -72,7 +73,6 @@ def model_shape(cfg: TrainConfig, in_features: int,
     configured MLP (built on the meta device: shapes only, no memory)."""
     import torch
 
-    from dist_quant.ps.common import build_model
 
     model = build_model(cfg, in_features, num_classes, torch.device("meta"))
     state = model.state_dict()

@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from dist_quant.runtime.diskfault import write_all
+
 STOP_GRACE = 5.0    # seconds between the forwarded SIGTERM and SIGKILL
 SHUTDOWN_TIMEOUT = 1  # seconds a rank torchrun told to stop may take before SIGKILL
 TAIL_BYTES = 1 << 18  # torchrun's stderr kept in memory for its failure report
@@ -210,7 +212,6 @@ def write_stopped(run_dir: Path, stopped_by: str, **extra: object) -> None:
 def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str = "ps",
                  out: TextIO | None = None) -> int:
     """Run ``cmd`` (torchrun) as described in the module docstring; return the exit status."""
-    from dist_quant.runtime.diskfault import write_all
 
     out = out if out is not None else sys.stderr
     log_path = run_dir / "launch.log"

@@ -36,6 +36,8 @@ import sys
 import uuid
 from pathlib import Path
 
+from dist_quant.runner.launcher import write_stopped
+
 LOOPBACK = "127.0.0.1"
 LOOPBACK_IFNAME = "lo"
 # torchrun's options (argparse dests) that this module sets
@@ -121,7 +123,6 @@ def main(argv: list[str] | None = None) -> None:
         torchrun_main(args)
     finally:
         if parent and os.getppid() != parent:   # the launcher died: nobody else can say so
-            from dist_quant.runner.launcher import write_stopped
 
             if run_dir:
                 write_stopped(Path(run_dir), "launcher died", launcher_pid=parent)

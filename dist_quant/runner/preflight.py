@@ -39,7 +39,28 @@ import os
 from pathlib import Path
 
 from dist_quant.config import TrainConfig
+from dist_quant.data import load_dataset
+from dist_quant.data.dataset import check_batch_fits
 from dist_quant.errors import ConfigError
+from dist_quant.ps.common import build_model
+from dist_quant.runner.footprint import (
+    available_mb,
+    job_memory_mb,
+    measured_load,
+    megabytes,
+    model_shape,
+    nearest_existing,
+    rank_memory_mb,
+    run_disk_nbytes,
+)
+from dist_quant.runtime.checkpoint import (
+    CHECKPOINT_NAME,
+    checkpoint_dir,
+    latest_checkpoint,
+    load_for_resume,
+    validate_state,
+)
+from dist_quant.runtime.rank import default_run_dir
 
 # options that only the parameter-server job reads, and only the DDP baseline
 PS_ONLY = ("bucket_size", "bits", "header_dtype", "error_feedback", "downlink",
@@ -121,8 +142,6 @@ def read_saved_config(run_dir: str | Path) -> dict:
 
 def check_data(cfg: TrainConfig):
     """Load the dataset as the ranks will; check every shard against the batch size."""
-    from dist_quant.data import load_dataset
-    from dist_quant.data.dataset import check_batch_fits
 
     data = load_dataset(cfg)
     check_batch_fits(len(data.y_train), cfg.workers, cfg.batch_size)
@@ -137,7 +156,6 @@ def check_writable(cfg: TrainConfig) -> None:
     """The run directory, or where it would be made, takes a file (probed, then removed)."""
     import tempfile
 
-    from dist_quant.runner.footprint import nearest_existing
 
     where = nearest_existing(Path(cfg.run_dir))
     if not where.is_dir():
@@ -155,12 +173,9 @@ def check_disk(cfg: TrainConfig, shape: tuple[int, int, int, int]) -> None:
     """Free space for the run directory at its fullest (:mod:`dist_quant.runner.footprint`)."""
     import shutil
 
-    from dist_quant.runner.footprint import megabytes, nearest_existing, run_disk_nbytes
-    from dist_quant.runtime.checkpoint import CHECKPOINT_NAME, checkpoint_dir
 
     start = existing = 0
     if cfg.resume:
-        from dist_quant.runtime.checkpoint import latest_checkpoint
 
         start = int(CHECKPOINT_NAME.fullmatch(latest_checkpoint(cfg.resume).name).group(1))
         folder = checkpoint_dir(cfg.run_dir)
@@ -179,7 +194,6 @@ def check_disk(cfg: TrainConfig, shape: tuple[int, int, int, int]) -> None:
 
 def check_memory(cfg: TrainConfig, data, n: int, data_peak: float, data_kept: float) -> None:
     """The job's estimated memory against what is available (:mod:`dist_quant.runner.footprint`)."""
-    from dist_quant.runner.footprint import available_mb, job_memory_mb, rank_memory_mb
 
     available = available_mb()
     if cfg.force or available is None:
@@ -197,8 +211,6 @@ def check_memory(cfg: TrainConfig, data, n: int, data_peak: float, data_kept: fl
 def check_checkpoint(cfg: TrainConfig, data) -> None:
     import torch
 
-    from dist_quant.ps.common import build_model
-    from dist_quant.runtime.checkpoint import latest_checkpoint, load_for_resume, validate_state
 
     state = load_for_resume(cfg)
     model = build_model(cfg, data.in_features, data.num_classes, torch.device("cpu"))
@@ -208,13 +220,11 @@ def check_checkpoint(cfg: TrainConfig, data) -> None:
 def preflight(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig:
     """Check ``cfg`` as a whole before launching (module docstring); return the config the
     processes run with."""
-    from dist_quant.runner.rank import default_run_dir
 
     cfg = cfg.validate()
     check_conflicts(cfg, explicit or set())
     check_device(cfg)
     check_run_dir(cfg)
-    from dist_quant.runner.footprint import measured_load
 
     data, data_peak, data_kept = measured_load(lambda: check_data(cfg))
     if cfg.resume:
@@ -223,7 +233,6 @@ def preflight(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig
         cfg = cfg.replace(run_dir=default_run_dir(cfg))
     if cfg.max_restarts and not cfg.checkpoint_every and cfg.method == "ps":
         cfg = cfg.replace(checkpoint_every=cfg.eval_every)
-    from dist_quant.runner.footprint import model_shape
 
     shape = model_shape(cfg, data.in_features, data.num_classes)
     check_writable(cfg)

@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from dist_quant.config import TrainConfig
+from dist_quant.core.optim import DecoupledMomentumSGD, decay_param_groups
 from dist_quant.errors import ConfigError
 from dist_quant.runtime.checkpoint_files import (  # noqa: F401 (the reading side, re-exported)
     CHECKPOINT_NAME,
@@ -187,7 +188,6 @@ def validate_state(state: dict[str, Any], cfg: TrainConfig, model: torch.nn.Modu
     opt = server["optimizer"]
     if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict):
         raise ConfigError("--resume", f"{path}: server.optimizer is not an optimizer state")
-    from dist_quant.core.optim import DecoupledMomentumSGD, decay_param_groups
 
     fresh = DecoupledMomentumSGD(decay_param_groups(model, cfg.weight_decay, cfg.decay_all),
                                  lr=cfg.lr, momentum=cfg.momentum)

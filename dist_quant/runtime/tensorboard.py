@@ -18,26 +18,12 @@ without the package is refused before the run starts (:func:`check_available`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-ENV = "DIST_QUANT_TENSORBOARD"
-
-
-def requested(config: dict[str, Any] | None = None) -> bool:
-    """Whether the run asked for event files: the config's ``tensorboard`` or the variable."""
-    return bool((config or {}).get("tensorboard")) or os.environ.get(ENV, "") == "1"
-
-
-def missing() -> str | None:
-    """Why event files cannot be written here (None: they can)."""
-    try:
-        import tensorboard  # noqa: F401
-    except ImportError:
-        return ("needs the tensorboard package (pip install 'dist-quant[tensorboard]', or "
-                "pip install tensorboard)")
-    return None
+from dist_quant.config import TENSORBOARD_ENV as ENV  # noqa: F401 (re-exported)
+from dist_quant.config import tensorboard_missing as missing  # noqa: F401 (re-exported)
+from dist_quant.config import tensorboard_requested as requested
 
 
 def step_scalars(rec: dict[str, Any]) -> dict[str, float]:

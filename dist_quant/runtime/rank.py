@@ -2,9 +2,8 @@
 
 The rank's side of :mod:`dist_quant.train`, kept below everything that runs on a rank
 (:mod:`dist_quant.ps.exchange`, :mod:`dist_quant.ps.events`, :mod:`dist_quant.baselines.ddp`,
-:mod:`dist_quant.runner.preflight`, :mod:`dist_quant.runner.simulate`): it imports none of them, so
-the
-command line (:mod:`dist_quant.train`) sits on top and nothing imports it back.
+:mod:`dist_quant.runner.preflight`, :mod:`dist_quant.runner.simulate`): it imports none of
+them, so the command line (:mod:`dist_quant.train`) sits on top and nothing imports it back.
 
 Processes. Every process calls ``torch.set_num_threads(1)``; the backend is gloo for CPU
 tensors and nccl when the run is on CUDA (``--backend`` overrides), with every tensor placed
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
+from dist_quant.runtime.checkpoint_files import checkpoint_dir
 
 STARTUP_TIMEOUT = 300.0  # seconds allowed for rendezvous and start-up (imports, data)
 
@@ -79,7 +79,6 @@ def continue_after_restart(cfg: TrainConfig, is_server: bool, server_rank: int,
     import torch
     import torch.distributed as dist
 
-    from dist_quant.runtime.checkpoint import checkpoint_dir
 
     if attempt() == 0:
         return cfg
