@@ -14,7 +14,8 @@ torchrun's own ``main`` in this process, with three changes:
   Here each server store gets a socket already bound to ``127.0.0.1`` (``master_listen_fd``;
   port 0 = a free port), and the rendezvous is a c10d endpoint on ``127.0.0.1:0`` hosted by
   this process with the ranks' ``MASTER_ADDR`` = ``127.0.0.1``: what ``--standalone`` starts,
-  minus the other interfaces. Restarts (``--max-restarts``) keep the same stores, as torchrun's own do;
+  minus the other interfaces. Restarts (``--max-restarts``) keep the same stores, as torchrun's
+  own do;
 - **gloo's sockets are on the loopback interface** (``GLOO_SOCKET_IFNAME=lo`` unless set: by
   default gloo binds to the address the machine's hostname resolves to, which may be a
   network interface);
