@@ -44,9 +44,10 @@ from pathlib import Path
 
 import torch
 
-from dist_quant.compress import kernels_c, wire
+from dist_quant.compress import gpu, kernels_c, wire
 from dist_quant.compress.draws import keys as draw_keys
 from dist_quant.compress.kernels_c import SOURCE
+from dist_quant.compress.rounding import header_values
 
 # -funroll-loops: 2-6% on the encoders (measured), no change to the arithmetic
 CFLAGS = ["-O3", "-funroll-loops", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
@@ -227,8 +228,6 @@ def triton_selected(tensor: torch.Tensor) -> bool:
         return True
     if tensor.device.type != "cuda" or selected == "torch":
         return False
-    from dist_quant.compress import gpu
-
     return gpu.available()
 
 
@@ -313,8 +312,6 @@ def kbit_encode(x: torch.Tensor, body: torch.Tensor, comp, generator) -> int:
                                       f"{comp.header_dtype}")
         return 0
     # large buckets: pass 1 min/max per (bucket, thread piece), pass 2 quantise
-    from dist_quant.compress.quantize import header_values
-
     a_out, b_out, bits = comp._split(body, n)
 
     segments = [(j, j * d + p0, j * d + p1) for j in range(nb)

@@ -44,7 +44,7 @@ import torch
 
 from dist_quant.compress import draws, fast, gpu, wire
 from dist_quant.compress.base import Compressor, _result
-from dist_quant.compress.rounding import round_down, round_up
+from dist_quant.compress.rounding import header_values
 from dist_quant.errors import NonFiniteGradientError, PayloadError
 
 DRAW_BITS = 24
@@ -64,21 +64,6 @@ def bucket_minmax(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts_lo.append(lo.reshape(1))
         parts_hi.append(hi.reshape(1))
     return torch.cat(parts_lo), torch.cat(parts_hi)
-
-
-def header_values(lo: torch.Tensor, hi: torch.Tensor, levels: int,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)`` in the header type from per-bucket min/max: ``b`` rounded down, ``a`` up.
-    A zero min or max counts as +0 (``+ 0.0``), whichever zero the reduction returned."""
-    lo, hi = lo.double() + 0.0, hi.double() + 0.0
-    b = round_down(lo, dtype)
-    a = round_up((hi - b.double()) / levels, dtype)
-    # (hi - b) / L can round down in float64 when b is far larger than hi - b; step a up
-    # until the top level covers the maximum (one step suffices: a grows by one ulp)
-    short = b.double() + levels * a.double() < hi.double()
-    if short.any():
-        a = torch.where(short, torch.nextafter(a, torch.full_like(a, float("inf"))), a)
-    return a, b
 
 
 def scaled_offsets(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
