@@ -25,6 +25,8 @@ from dist_quant.errors import NonFiniteGradientError
 from dist_quant.ps.common import DOWNLINK, QUANTISER, generator
 
 ALLGATHER_BITS = 4    # the all-gather's kbit levels for a quantising uplink (see OneBitState)
+# the compressors whose all-gather is their own format (public name; the hook asks the
+# compressor, ``Compressor.floating``)
 FLOAT_FORMATS = ("none", "fp16", "bf16")
 
 
@@ -115,7 +117,7 @@ class OneBitState:
         # get_compressor validates the name, bucket_size, bits, header_dtype (ConfigError)
         self.up: Compressor = get_compressor(compressor, bucket_size=bucket_size, bits=bits,
                                              header_dtype=header_dtype)
-        if allgather_bits is None and compressor in FLOAT_FORMATS:
+        if allgather_bits is None and self.up.floating:
             self.down: Compressor = self.up
             allgather_bits = self.up.bits
         elif (allgather_bits or ALLGATHER_BITS) == 32:
@@ -128,7 +130,7 @@ class OneBitState:
         self.compressor, self.bucket_size, self.bits = compressor, bucket_size, bits
         self.header_dtype, self.allgather_bits = header_dtype, allgather_bits
         self.error_feedback, self.seed = error_feedback, seed
-        self._slice_bucket = self.up.bucket_size if self.up.kind in ("kbit", "sign") else 0
+        self._slice_bucket = self.up.bucket_size if self.up.slice_aligned else 0
         self._plans: dict[tuple[int, int], SlicePlan] = {}
         self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
         # bucket index -> (parameter layout, one residual per slice sent, one for the owner's)
