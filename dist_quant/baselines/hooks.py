@@ -73,9 +73,8 @@ class OneBitState:
             an fp32 allreduce), else ``ALLGATHER_BITS = 4``; resolved in ``.allgather_bits``.
             The re-encode's variance is not divided by ``W`` (see :func:`onebit_hook`): at 1
             bit it adds about one rank's quantisation noise, at ``k`` bits ``(2^k - 1)^2``
-            times less. Measured on the
-            default job (W = 4, 1000 steps, buckets of 128; DDP fp32: 73.7 %): 61.5 % at 1 bit,
-            69.3 % at 2, 72.8 % at 4, 72.3 % with fp32 (one seed each).
+            times less (the accuracies this costs on the default job: the README's DDP hook
+            section).
         shift_rate: shifted compression on the all-to-all (:mod:`dist_quant.compress.shift`):
             rank r sends ``C(g_s - h_{r,s})`` for each slice s, the owner of slice s keeps
             every rank's ``h_{r,s}`` and averages ``h + decode``; both move the shift by
