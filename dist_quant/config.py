@@ -32,8 +32,6 @@ DEVICES = ("auto", "cpu", "cuda")
 ON_NONFINITE = ("skip", "abort")
 LR_SCHEDULES = ("constant", "step", "cosine")
 CONSISTENCY = ("sync", "ssp", "async")
-# unbiased stochastic compressors: their rounding error cannot be carried on the downlink
-NOT_CONTRACTIVE = ("onebit", "qsgd", "terngrad", "randk")
 BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a finite bound, so a hung peer always ends the run
 MAX_RESTARTS = 100
@@ -426,7 +424,7 @@ class TrainConfig:
         return out
 
     def _validate_compressors(self) -> None:
-        from dist_quant.compress import available_compressors
+        from dist_quant.compress import available_compressors, get_compressor
 
         names = available_compressors()
         if self.compressor not in names:
@@ -435,11 +433,10 @@ class TrainConfig:
         if self.downlink not in names:
             raise ConfigError("--downlink", f"must be one of {', '.join(names)}; "
                               f"got {self.downlink!r}")
-        if self.downlink in NOT_CONTRACTIVE or (self.downlink == "kbit" and self.bits == 1):
-            # The replica error is carried into the next step (error feedback). Stochastic
-            # rounding to the two ends of a bucket's range leaves an error whose spread is
-            # about 2.4 times that of its input when the input is itself such an error, so
-            # the carried error grows geometrically and training diverges.
+        down = get_compressor(self.downlink, bucket_size=self.downlink_bucket_size,
+                              bits=self.bits, header_dtype=self.header_dtype,
+                              levels=self.qsgd_levels, ratio=self.sparsity_ratio)
+        if not down.feedback_stable:  # the replica error is carried into the next step
             raise ConfigError("--downlink", f"{self.downlink}: an unbiased stochastic "
                               "compressor cannot carry the replica error (it amplifies it "
                               "every step and diverges); use sign (1 bit + a scale per bucket, "

@@ -25,6 +25,8 @@ from dist_quant.errors import NonFiniteGradientError
 from dist_quant.ps.common import DOWNLINK, QUANTISER, generator
 
 ALLGATHER_BITS = 4    # the all-gather's kbit levels for a quantising uplink (see OneBitState)
+# the compressors whose all-gather is their own format (public name; the hook asks the
+# compressor, ``Compressor.floating``)
 FLOAT_FORMATS = ("none", "fp16", "bf16")
 
 
@@ -71,9 +73,8 @@ class OneBitState:
             an fp32 allreduce), else ``ALLGATHER_BITS = 4``; resolved in ``.allgather_bits``.
             The re-encode's variance is not divided by ``W`` (see :func:`onebit_hook`): at 1
             bit it adds about one rank's quantisation noise, at ``k`` bits ``(2^k - 1)^2``
-            times less. Measured on the
-            default job (W = 4, 1000 steps, buckets of 128; DDP fp32: 73.7 %): 61.5 % at 1 bit,
-            69.3 % at 2, 72.8 % at 4, 72.3 % with fp32 (one seed each).
+            times less (the accuracies this costs on the default job: the README's DDP hook
+            section).
         shift_rate: shifted compression on the all-to-all (:mod:`dist_quant.compress.shift`):
             rank r sends ``C(g_s - h_{r,s})`` for each slice s, the owner of slice s keeps
             every rank's ``h_{r,s}`` and averages ``h + decode``; both move the shift by
@@ -115,7 +116,7 @@ class OneBitState:
         # get_compressor validates the name, bucket_size, bits, header_dtype (ConfigError)
         self.up: Compressor = get_compressor(compressor, bucket_size=bucket_size, bits=bits,
                                              header_dtype=header_dtype)
-        if allgather_bits is None and compressor in FLOAT_FORMATS:
+        if allgather_bits is None and self.up.floating:
             self.down: Compressor = self.up
             allgather_bits = self.up.bits
         elif (allgather_bits or ALLGATHER_BITS) == 32:
@@ -128,7 +129,7 @@ class OneBitState:
         self.compressor, self.bucket_size, self.bits = compressor, bucket_size, bits
         self.header_dtype, self.allgather_bits = header_dtype, allgather_bits
         self.error_feedback, self.seed = error_feedback, seed
-        self._slice_bucket = self.up.bucket_size if self.up.kind in ("kbit", "sign") else 0
+        self._slice_bucket = self.up.bucket_size if self.up.slice_aligned else 0
         self._plans: dict[tuple[int, int], SlicePlan] = {}
         self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
         # bucket index -> (parameter layout, one residual per slice sent, one for the owner's)

@@ -23,6 +23,13 @@ random coordinates rescaled by n / k; unbiased). Options, all keyword:
 Options a compressor does not use are ignored, so a caller may pass one configuration's worth to
 any name; unknown option names and out-of-range values raise :class:`ConfigError` naming them.
 Wire layout: :mod:`dist_quant.compress.wire`; mathematics: :mod:`dist_quant.compress.quantize`.
+
+What a compressor is (unbiased, contractive, its variance factor, its wire id, its label, whether
+the DDP hook may slice it): properties of its class, :mod:`dist_quant.compress.base`. A new
+compressor is its module (a :class:`Compressor` subclass with its ``wire_id``) and one line in
+``_REGISTRY`` below, or one call of :func:`register_compressor`::
+
+    register_compressor("int8", lambda **o: Int8Compressor(o.get("bucket_size") or 0))
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from dist_quant.compress.base import Compressor
 from dist_quant.compress.error_feedback import ErrorFeedback
 from dist_quant.compress.floats import BF16Compressor, FP16Compressor, NoneCompressor
 from dist_quant.compress.qsgd import MAX_LEVELS, QSGDCompressor
-from dist_quant.compress.quantize import KBitCompressor
+from dist_quant.compress.quantize import KBitCompressor, OneBitCompressor
 from dist_quant.compress.randk import RandKCompressor
 from dist_quant.compress.sign import SignCompressor
 from dist_quant.compress.terngrad import TernGradCompressor
@@ -92,8 +99,8 @@ _REGISTRY: dict[str, Callable[..., Compressor]] = {
     "none": lambda **o: NoneCompressor(),
     "fp16": lambda **o: FP16Compressor(),
     "bf16": lambda **o: BF16Compressor(),
-    "onebit": lambda **o: KBitCompressor(1, _bucket(o.get("bucket_size")),
-                                         _header(o.get("header_dtype"))),
+    "onebit": lambda **o: OneBitCompressor(_bucket(o.get("bucket_size")),
+                                           _header(o.get("header_dtype"))),
     "kbit": lambda **o: KBitCompressor(_bits(o.get("bits")), _bucket(o.get("bucket_size")),
                                        _header(o.get("header_dtype"))),
     "sign": lambda **o: SignCompressor(_bucket(o.get("bucket_size")),
@@ -105,6 +112,20 @@ _REGISTRY: dict[str, Callable[..., Compressor]] = {
     "topk": lambda **o: TopKCompressor(_ratio(o.get("ratio"))),
     "randk": lambda **o: RandKCompressor(_ratio(o.get("ratio"))),
 }
+
+
+def register_compressor(name: str, factory: Callable[..., Compressor]) -> None:
+    """Make ``factory(**options)`` the compressor called ``name`` (the options of the module
+    docstring, all keyword, those it does not use ignored). A name already taken is refused
+    (``ValueError``)."""
+    if not name or name in _REGISTRY:
+        raise ValueError(f"compressor name {name!r} is empty or taken")
+    _REGISTRY[name] = factory
+
+
+def unregister_compressor(name: str) -> None:
+    """Forget a compressor added with :func:`register_compressor`."""
+    _REGISTRY.pop(name, None)
 
 
 def available_compressors() -> tuple[str, ...]:
@@ -130,4 +151,6 @@ __all__ = [
     "WireRangeError",
     "available_compressors",
     "get_compressor",
+    "register_compressor",
+    "unregister_compressor",
 ]

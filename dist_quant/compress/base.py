@@ -6,6 +6,26 @@ A compressor is stateless: ``encode(flat_tensor, generator) -> Payload`` and
 server can post fixed-size receives. Subclasses supply the body: ``_body_nbytes``, ``_encode_body``,
 ``_decode_body``, and optionally ``_check_body`` (validation of the per-bucket reals) and a
 faster ``decode_mean``.
+
+A compressor also says what it is, and every caller asks it rather than its name. With ``C`` the
+decode of the encode and ``x`` any input:
+
+- ``unbiased``: ``E[C(x)] = x`` over the encoder's draws;
+- ``contractive``: ``||C(x) - x||^2 <= (1 - delta) ||x||^2`` for some ``delta > 0``, for every
+  draw (deterministic compressors and exact ones);
+- ``omega(n)``: for an unbiased compressor on ``n`` coordinates, a bound on its variance factor,
+  ``E ||C(x) - x||^2 <= omega ||x||^2`` (None where no bound is known); shifted compression takes
+  its safe rate ``1 / (1 + omega)`` from it (:mod:`dist_quant.compress.shift`);
+- ``feedback_stable``: whether its error may be carried into the next step (error feedback, the
+  downlink's replica error) without growing; the contractive compressors are;
+- ``floating``: the payload holds the values themselves in a float type (no buckets, no
+  per-bucket reals, no draws);
+- ``slice_aligned``: a tensor cut into slices on multiples of ``bucket_size`` encodes, slice by
+  slice, to the buckets of the whole tensor (the DDP hook then cuts there);
+- ``kind`` and ``wire_id``: the wire format's name and its id in the fixed header (a class
+  that sets ``wire_id`` registers the pair with :mod:`dist_quant.compress.wire`);
+- ``label``: the short name of a figure's legend (``"onebit b128"``, ``"QSGD s4 b128"``);
+- ``bits`` and ``payload_nbytes(n)``: the header's bits field and the exact bytes that travel.
 """
 
 from __future__ import annotations
@@ -30,15 +50,59 @@ def count_nonfinite(x: torch.Tensor) -> int:
     return int(x.numel() - torch.isfinite(x).sum().item())
 
 
+def bucket_label(bucket_size: int) -> str:
+    """``"whole"`` for one bucket over the tensor (``bucket_size`` 0), else ``"b<d>"``."""
+    return "whole" if bucket_size == 0 else f"b{bucket_size}"
+
+
+def ratio_label(ratio: float) -> str:
+    """A sparsity ratio as a percentage: ``0.01 -> "1%"``."""
+    return f"{100 * ratio:g}%"
+
+
 class Compressor:
-    """Base class; see the module docstring. Attributes recorded in every payload's header."""
+    """Base class; see the module docstring. ``kind``, ``bits``, ``bucket_size`` and
+    ``header_dtype`` are recorded in every payload's header."""
 
     name: str = ""
-    kind: str = ""  # key of wire.COMPRESSOR_IDS
+    kind: str = ""  # the wire format's name; wire_id is its id in the fixed header
+    wire_id: int = -1
     bits: int = 32
     bucket_size: int = 0  # 0 = the whole tensor
     header_dtype: str = "fp32"
     uses_header_dtype: bool = False
+    # what the compressor is (module docstring); the defaults claim nothing
+    unbiased: bool = False
+    contractive: bool = False
+    floating: bool = False
+    slice_aligned: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "wire_id" in cls.__dict__:
+            wire.register_compressor_id(cls.kind, cls.wire_id)
+
+    # ---- what it is --------------------------------------------------------------------------
+    def omega(self, n: int) -> float | None:
+        """A bound on the variance factor on ``n`` coordinates,
+        ``E ||C(x) - x||^2 <= omega ||x||^2`` for every ``x``; None where none is known (a biased
+        compressor has none)."""
+        return None
+
+    @property
+    def feedback_stable(self) -> bool:
+        """Whether the compression error may be carried into the next step without growing
+        (error feedback; the downlink's replica error): true for the contractive ones."""
+        return self.contractive
+
+    @property
+    def label(self) -> str:
+        """The compressor's short name in a figure's legend."""
+        return self.name
+
+    def bucket_coords(self, n: int) -> int:
+        """Coordinates of the largest bucket of a tensor of ``n`` (1 for an empty tensor)."""
+        return min(self.bucket_size or n, n) if n else 1
 
     # ---- sizes -------------------------------------------------------------------------------
     def num_buckets(self, n: int) -> int:
@@ -60,7 +124,7 @@ class Compressor:
     def _header(self, n: int, nonfinite_count: int = 0) -> wire.Header:
         return wire.Header(
             version=wire.VERSION,
-            compressor_id=wire.COMPRESSOR_IDS[self.kind],
+            compressor_id=self.wire_id,
             flags=wire.FLAG_NONFINITE if nonfinite_count else 0,
             bits=self.bits,
             header_dtype=wire.HEADER_DTYPE_CODES[self.header_dtype] if self.uses_header_dtype
@@ -135,7 +199,7 @@ class Compressor:
                                f"version {wire.VERSION})")
         if h.compressor_id not in wire.COMPRESSOR_NAMES:
             raise PayloadError(f"unknown compressor id {h.compressor_id}")
-        if h.compressor_id != wire.COMPRESSOR_IDS[self.kind]:
+        if h.compressor_id != self.wire_id:
             raise PayloadError(f"payload was encoded by compressor "
                                f"{wire.COMPRESSOR_NAMES[h.compressor_id]!r}, this decoder is "
                                f"{self.kind!r}")

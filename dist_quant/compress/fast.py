@@ -1,7 +1,7 @@
 """Compiled CPU path of the k-bit and sign compressors: build, load, dispatch.
 
 The kernels (``kernels.c``, see :mod:`dist_quant.compress.kernels_c`) are compiled on first use
-with the system C compiler (``$CC``, else ``cc``; no Python or torch headers, about one second)
+with the system C compiler (``$CC``, else ``cc``; no Python or torch headers)
 into ``$DIST_QUANT_CACHE`` (default ``$XDG_CACHE_HOME/dist_quant`` or ``~/.cache/dist_quant``),
 one shared library per source, flags and (for ``native``) CPU model, written atomically so that
 processes starting together may all build. Later processes load the cached library. Calls go
@@ -44,11 +44,12 @@ from pathlib import Path
 
 import torch
 
-from dist_quant.compress import kernels_c, wire
+from dist_quant.compress import gpu, kernels_c, wire
 from dist_quant.compress.draws import keys as draw_keys
 from dist_quant.compress.kernels_c import SOURCE
+from dist_quant.compress.rounding import header_values
 
-# -funroll-loops: 2-6% on the encoders (measured), no change to the arithmetic
+# -funroll-loops: faster encoders (benchmarks/compress-2026-12-01.md), same arithmetic
 CFLAGS = ["-O3", "-funroll-loops", "-fopenmp-simd", "-ffp-contract=off", "-fno-math-errno",
           "-Wno-psabi", "-shared", "-fPIC", "-std=gnu11"]
 FUSED_TARGET = 32768  # coordinates per fused chunk (128 KiB of fp32: stays in L2)
@@ -56,13 +57,11 @@ MAX_BUCKETS_PER_CHUNK = 8192  # size of the kernel's stack arrays
 MIN_PER_THREAD = 1 << 16
 MAX_N = 1 << 31
 # Decoded outputs this large bypass the caches (streaming stores through a block in L1), and
-# only into buffers the caller reuses (streaming into fresh, not yet mapped pages is several
-# times slower). Off by default: with the vectorised decode the extra copy costs more than it
-# saves (measured on AMD EPYC, AVX2 and AVX-512: benchmarks/compress-2026-12-01.md); a CPU
-# where it pays can lower it.
+# only into buffers the caller reuses (never into fresh, not yet mapped pages). Off by default;
+# a CPU where streaming pays can lower it.
 NONTEMPORAL_BYTES = int(os.environ.get("DIST_QUANT_STREAMING_BYTES", 1 << 62))
 # New outputs this large are advised onto transparent huge pages before the first write: the
-# operating system then maps 2 MiB at a time, which halves the cost of a fresh 64 MiB decode.
+# operating system then maps 2 MiB at a time instead of 4 KiB.
 HUGE_PAGE_BYTES = 4 << 20
 MODES = ("auto", "torch", "c", "triton")
 
@@ -227,8 +226,6 @@ def triton_selected(tensor: torch.Tensor) -> bool:
         return True
     if tensor.device.type != "cuda" or selected == "torch":
         return False
-    from dist_quant.compress import gpu
-
     return gpu.available()
 
 
@@ -313,8 +310,6 @@ def kbit_encode(x: torch.Tensor, body: torch.Tensor, comp, generator) -> int:
                                       f"{comp.header_dtype}")
         return 0
     # large buckets: pass 1 min/max per (bucket, thread piece), pass 2 quantise
-    from dist_quant.compress.quantize import header_values
-
     a_out, b_out, bits = comp._split(body, n)
 
     segments = [(j, j * d + p0, j * d + p1) for j in range(nb)

@@ -16,8 +16,13 @@ from dist_quant.errors import NonFiniteGradientError
 
 
 class FloatCompressor(Compressor):
+    """The values themselves in ``dtype``: deterministic, so contractive (rounding to nearest
+    moves each value by at most half an ulp)."""
+
     kind = ""
     dtype = torch.float32
+    contractive = True
+    floating = True
 
     def _body_nbytes(self, n: int) -> int:
         return n * self.bits // 8
@@ -44,9 +49,20 @@ class FloatCompressor(Compressor):
 
 
 class NoneCompressor(FloatCompressor):
+    """fp32: the identity on fp32 values, so also unbiased with ``omega = 0``."""
+
     name = kind = "none"
+    wire_id = 0
     dtype = torch.float32
     bits = 32
+    unbiased = True
+
+    def omega(self, n: int) -> float:
+        return 0.0
+
+    @property
+    def label(self) -> str:
+        return "fp32"
 
     def payload_buffer(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """A reusable payload of ``n`` coordinates and its body as ``n`` float32 values (a view:
@@ -75,11 +91,13 @@ class NoneCompressor(FloatCompressor):
 
 class FP16Compressor(FloatCompressor):
     name = kind = "fp16"
+    wire_id = 1
     dtype = torch.float16
     bits = 16
 
 
 class BF16Compressor(FloatCompressor):
     name = kind = "bf16"
+    wire_id = 2
     dtype = torch.bfloat16
     bits = 16

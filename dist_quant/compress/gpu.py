@@ -36,7 +36,7 @@ BLOCK = 1024  # coordinates per program (a multiple of 8: whole bytes of the str
 def available() -> bool:
     """Whether the Triton kernels can run: Triton importable, and a CUDA device or the
     interpreter."""
-    try:
+    try:  # inside: Triton is an optional dependency (the gpu extra)
         import triton  # noqa: F401
     except ImportError:
         return False
@@ -44,6 +44,7 @@ def available() -> bool:
 
 
 def _kernels():
+    # inside: the kernels' module imports Triton, an optional dependency (the gpu extra)
     from dist_quant.compress import triton_kernels as tk
 
     return tk.encode_kernel, tk.decode_kernel, tk.decode_mean_kernel

@@ -34,10 +34,12 @@ take it from the configuration); the header's ``bits`` field is ``w`` and a deco
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dist_quant.compress import wire
-from dist_quant.compress.base import Compressor, ScaledBuckets, count_nonfinite
+from dist_quant.compress.base import Compressor, ScaledBuckets, bucket_label, count_nonfinite
 from dist_quant.compress.quantize import _bucketed
 from dist_quant.compress.rounding import round_up
 from dist_quant.errors import NonFiniteGradientError, PayloadError
@@ -55,6 +57,7 @@ class LevelCompressor(ScaledBuckets, Compressor):
     ``sigma`` is (``_scales``). See the module docstring."""
 
     uses_header_dtype = True
+    unbiased = True
 
     def __init__(self, levels: int, bucket_size: int = 0, header_dtype: str = "fp32"):
         self.levels = levels
@@ -114,10 +117,20 @@ class QSGDCompressor(LevelCompressor):
     """QSGD with ``levels = s`` and the bucket's L2 norm as scale (unbiased)."""
 
     name = kind = "qsgd"
+    wire_id = 5
 
     def __repr__(self) -> str:
         return (f"QSGDCompressor(levels={self.levels}, bucket_size={self.bucket_size}, "
                 f"header_dtype={self.header_dtype!r})")
+
+    def omega(self, n: int) -> float:
+        """``min(d / s^2, sqrt(d) / s)`` (Alistarh et al. 2017, Lemma 3.1)."""
+        d = self.bucket_coords(n)
+        return min(d / self.levels ** 2, math.sqrt(d) / self.levels)
+
+    @property
+    def label(self) -> str:
+        return f"QSGD s{self.levels} {bucket_label(self.bucket_size)}"
 
     def _scales(self, xb):
         return torch.linalg.vector_norm(xb, dim=1)

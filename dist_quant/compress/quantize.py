@@ -43,8 +43,8 @@ from __future__ import annotations
 import torch
 
 from dist_quant.compress import draws, fast, gpu, wire
-from dist_quant.compress.base import Compressor, _result
-from dist_quant.compress.rounding import round_down, round_up
+from dist_quant.compress.base import Compressor, _result, bucket_label
+from dist_quant.compress.rounding import header_values
 from dist_quant.errors import NonFiniteGradientError, PayloadError
 
 DRAW_BITS = 24
@@ -64,21 +64,6 @@ def bucket_minmax(x: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
         parts_lo.append(lo.reshape(1))
         parts_hi.append(hi.reshape(1))
     return torch.cat(parts_lo), torch.cat(parts_hi)
-
-
-def header_values(lo: torch.Tensor, hi: torch.Tensor, levels: int,
-                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)`` in the header type from per-bucket min/max: ``b`` rounded down, ``a`` up.
-    A zero min or max counts as +0 (``+ 0.0``), whichever zero the reduction returned."""
-    lo, hi = lo.double() + 0.0, hi.double() + 0.0
-    b = round_down(lo, dtype)
-    a = round_up((hi - b.double()) / levels, dtype)
-    # (hi - b) / L can round down in float64 when b is far larger than hi - b; step a up
-    # until the top level covers the maximum (one step suffices: a grows by one ulp)
-    short = b.double() + levels * a.double() < hi.double()
-    if short.any():
-        a = torch.where(short, torch.nextafter(a, torch.full_like(a, float("inf"))), a)
-    return a, b
 
 
 def scaled_offsets(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -102,10 +87,19 @@ def _bucketed(x: torch.Tensor, d: int, nb: int, fill: float = 0.0) -> torch.Tens
 
 
 class KBitCompressor(Compressor):
-    """k-bit unbiased stochastic rounding with per-bucket ``(a, b)``; see the module docstring."""
+    """k-bit unbiased stochastic rounding with per-bucket ``(a, b)``; see the module docstring.
+
+    Unbiased, with ``omega <= d / (2 L^2)`` on buckets of ``d`` coordinates: the variance is at
+    most ``d R^2 / (4 L^2)`` over a bucket's range ``R`` and ``||x||^2 >= R^2 / 2``. Slice
+    aligned: buckets are consecutive coordinates, so a slice cut on a multiple of ``d`` encodes
+    to the same buckets as the whole tensor.
+    """
 
     kind = "kbit"
+    wire_id = 3
     uses_header_dtype = True
+    unbiased = True
+    slice_aligned = True
 
     def __init__(self, bits: int = 1, bucket_size: int = 0, header_dtype: str = "fp32"):
         self.bits = bits
@@ -119,6 +113,20 @@ class KBitCompressor(Compressor):
     def __repr__(self) -> str:
         return (f"KBitCompressor(bits={self.bits}, bucket_size={self.bucket_size}, "
                 f"header_dtype={self.header_dtype!r})")
+
+    def omega(self, n: int) -> float:
+        return self.bucket_coords(n) / (2.0 * self.levels ** 2)
+
+    @property
+    def feedback_stable(self) -> bool:
+        """From 2 bits on. At 1 bit the rounding to the two ends of a bucket's range leaves an
+        error whose spread is about 2.4 times that of its input when the input is itself such an
+        error, so a carried error grows geometrically."""
+        return self.bits >= 2
+
+    @property
+    def label(self) -> str:
+        return f"{self.bits}bit {bucket_label(self.bucket_size)}"
 
     def _body_nbytes(self, n: int) -> int:
         return 2 * self.num_buckets(n) * self.hbytes + wire.packed_nbytes(n, self.bits)
@@ -229,3 +237,14 @@ class KBitCompressor(Compressor):
         if compiled:
             return fast.kbit_decode_mean(batch, n, self, out, streaming=streaming)
         return self._mean_of_rows(batch, n, out)
+
+
+class OneBitCompressor(KBitCompressor):
+    """``onebit``: the k-bit rule with ``k = 1`` (same code, same payload), under its own name."""
+
+    def __init__(self, bucket_size: int = 0, header_dtype: str = "fp32"):
+        super().__init__(1, bucket_size, header_dtype)
+
+    @property
+    def label(self) -> str:
+        return f"onebit {bucket_label(self.bucket_size)}"

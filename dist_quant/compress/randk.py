@@ -16,11 +16,22 @@ from __future__ import annotations
 
 import torch
 
-from dist_quant.compress.sparse import SparseCompressor
+from dist_quant.compress.base import ratio_label
+from dist_quant.compress.sparse import SparseCompressor, kept
 
 
 class RandKCompressor(SparseCompressor):
     name = kind = "randk"
+    wire_id = 8
+    unbiased = True
+
+    def omega(self, n: int) -> float:
+        """``n / k - 1``."""
+        return n / max(kept(n, self.ratio), 1) - 1.0 if n else 0.0
+
+    @property
+    def label(self) -> str:
+        return f"rand-{ratio_label(self.ratio)}"
 
     def _select(self, x, k, generator):
         n = x.numel()

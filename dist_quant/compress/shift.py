@@ -9,24 +9,25 @@ worker's shift, exactly as it tracks the downlink replicas. Each step:
   update) and applies the same update to its copies. Nothing but ``C(g_i - h_i)`` travels: the
   shifts cost memory (``W n`` floats at the server, ``n`` per worker), not bytes.
 
-Unbiased ``C`` (onebit, kbit, qsgd, terngrad, randk): DIANA (Mishchenko et al. 2019).
-``E[d_i] = g_i - h_i``, so ``E[ghat] = mean g_i``: unbiased for any shift. Its variance is
-``(1 / W^2) sum_i V[C(g_i - h_i)] <= (omega / W^2) sum_i ||g_i - h_i||^2``, with ``omega`` the
-compressor's variance factor (``E ||C(x) - x||^2 <= omega ||x||^2``): it shrinks as the shifts
-learn the gradients. The shift is stable for ``alpha <= 1 / (1 + omega)``; on a fixed gradient
-``E[g - h_{t+1}] = (1 - alpha) E[g - h_t]`` and the variance goes to zero.
+Unbiased ``C`` (``C.unbiased``: onebit, kbit, qsgd, terngrad, randk): DIANA (Mishchenko et
+al. 2019). ``E[d_i] = g_i - h_i``, so ``E[ghat] = mean g_i``: unbiased for any shift. Its
+variance is ``(1 / W^2) sum_i V[C(g_i - h_i)] <= (omega / W^2) sum_i ||g_i - h_i||^2``, with
+``omega`` the compressor's variance factor (``E ||C(x) - x||^2 <= omega ||x||^2``): it shrinks as
+the shifts learn the gradients. The shift is stable for ``alpha <= 1 / (1 + omega)``; on a fixed
+gradient ``E[g - h_{t+1}] = (1 - alpha) E[g - h_t]`` and the variance goes to zero.
 
-Contractive ``C`` (sign, topk) with ``alpha = 1``: EF21 (Richtarik et al. 2021). Then
-``h_i <- h_i + C(g_i - h_i)`` and ``ghat = mean_i h_i`` after the update (the invariant the
-tests check): biased, but ``||h_i - g_i||^2`` contracts by ``1 - delta`` per step on a fixed
-gradient (``delta`` the contraction factor), so the bias vanishes where the gradient settles.
+Contractive ``C`` (``C.contractive``: sign, topk) with ``alpha = 1``: EF21 (Richtarik et al.
+2021). Then ``h_i <- h_i + C(g_i - h_i)`` and ``ghat = mean_i h_i`` after the update (the
+invariant the tests check): biased, but ``||h_i - g_i||^2`` contracts by ``1 - delta`` per step
+on a fixed gradient (``delta`` the contraction factor), so the bias vanishes where the gradient
+settles.
 
-``--shift-rate auto`` takes ``alpha = 1 / (1 + omega)`` with the bound of :func:`omega` (1 for the
-contractive compressors and for fp16/bf16/none). A non-finite gradient leaves the shift as it
-was on both sides (nothing was sent, the server leaves the row out). A row the server leaves
-out for another reason (a payload damaged in transit) moves the worker's shift but not the
-server's copy of it; the copies then differ until the run ends (as any lost update would), and
-the row is reported as left out.
+``--shift-rate auto`` takes ``alpha = 1 / (1 + omega)`` with the bound of :func:`omega`, the
+compressor's own ``omega(n)`` (1 for the contractive compressors, fp16/bf16/none among them).
+A non-finite gradient leaves the shift as it was on both sides (nothing was sent, the server
+leaves the row out). A row the server leaves out for another reason (a payload damaged in
+transit) moves the worker's shift but not the server's copy of it; the copies then differ until
+the run ends (as any lost update would), and the row is reported as left out.
 """
 
 from __future__ import annotations
@@ -37,9 +38,6 @@ import torch
 
 from dist_quant.compress.base import Wrapper
 from dist_quant.errors import NonFiniteGradientError, PayloadError
-
-CONTRACTIVE = ("sign", "topk")
-EXACT = ("none", "fp16", "bf16")
 
 
 def parse_shift_rate(text: str) -> float | None:
@@ -56,31 +54,19 @@ def parse_shift_rate(text: str) -> float | None:
 
 
 def omega(comp, n: int) -> float:
-    """A bound on the variance factor of ``comp`` on ``n`` coordinates (0 for the contractive
-    and the exact ones, whose safe rate is 1).
+    """The variance factor that sets the auto rate of ``comp`` on ``n`` coordinates: 0 for a
+    contractive compressor (the exact ones among them), whose safe rate is 1; else the bound
+    ``comp.omega(n)`` (``ValueError`` where it has none).
 
-    - onebit/kbit with ``L = 2^k - 1`` intervals over the bucket's range ``R`` (``d``
-      coordinates): the variance is at most ``d R^2 / (4 L^2)`` and ``||x||^2 >= R^2 / 2``, so
-      ``omega <= d / (2 L^2)``;
-    - qsgd with ``s`` levels: ``min(d / s^2, sqrt(d) / s)`` (Alistarh et al. 2017, Lemma 3.1);
-    - terngrad (max scaling ``M``): ``sum |x_i| (M - |x_i|) <= (sqrt(d) - 1) ||x||^2``;
-    - randk: ``n / k - 1``.
-    """
-    kind = getattr(comp, "kind", comp.name)
-    if kind in CONTRACTIVE or kind in EXACT:
+    The bounds: onebit/kbit ``d / (2 L^2)`` with ``L = 2^k - 1`` on buckets of ``d``; qsgd
+    ``min(d / s^2, sqrt(d) / s)``; terngrad ``sqrt(d) - 1``; randk ``n / k - 1`` (each in its
+    class's docstring)."""
+    if comp.contractive:
         return 0.0
-    d = min(comp.bucket_size or n, n) if n else 1
-    if kind == "kbit":
-        return d / (2.0 * (2 ** comp.bits - 1) ** 2)
-    if kind == "qsgd":
-        return min(d / comp.levels ** 2, math.sqrt(d) / comp.levels)
-    if kind == "terngrad":
-        return max(math.sqrt(d) - 1.0, 0.0)
-    if kind == "randk":
-        from dist_quant.compress.sparse import kept
-
-        return n / max(kept(n, comp.ratio), 1) - 1.0 if n else 0.0
-    raise ValueError(f"shifted compression: no variance bound for compressor {comp.name!r}")
+    bound = comp.omega(n)
+    if bound is None:
+        raise ValueError(f"shifted compression: no variance bound for compressor {comp.name!r}")
+    return bound
 
 
 def resolve_rate(rate: float | None, comp, n: int) -> float:

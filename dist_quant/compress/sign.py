@@ -6,6 +6,9 @@ sends the same bits) and one bit per coordinate, ``1`` for ``g_i >= 0``; the ser
 ``s sign(g_i)`` (``+s`` for a set bit, ``-s`` otherwise). For a fixed sign pattern this ``s``
 minimises ``||g - s sign(g)||^2``. The decode is biased (``E = s sign(g_i) != g_i`` in general):
 use it with error feedback, or as the baseline that shows what unbiasedness buys.
+
+Contractive: ``||g - s sign(g)||^2 = ||g||^2 - ||g||_1^2 / d <= (1 - 1 / d) ||g||^2`` per bucket.
+Slice aligned (buckets are consecutive coordinates).
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from dist_quant.errors import NonFiniteGradientError
 
 class SignCompressor(ScaledBuckets, Compressor):
     name = kind = "sign"
+    wire_id = 4
     bits = 1
     uses_header_dtype = True
+    contractive = True
+    slice_aligned = True
 
     def __init__(self, bucket_size: int = 0, header_dtype: str = "fp32"):
         self.bucket_size = bucket_size

@@ -17,11 +17,15 @@ it gives the least variance of all such ternary rules): same wire layout, 2-bit 
 
 from __future__ import annotations
 
+import math
+
+from dist_quant.compress.base import bucket_label
 from dist_quant.compress.qsgd import LevelCompressor
 
 
 class TernGradCompressor(LevelCompressor):
     name = kind = "terngrad"
+    wire_id = 6
 
     def __init__(self, bucket_size: int = 0, header_dtype: str = "fp32"):
         super().__init__(1, bucket_size, header_dtype)
@@ -29,6 +33,14 @@ class TernGradCompressor(LevelCompressor):
     def __repr__(self) -> str:
         return (f"TernGradCompressor(bucket_size={self.bucket_size}, "
                 f"header_dtype={self.header_dtype!r})")
+
+    def omega(self, n: int) -> float:
+        """``sum_i |x_i| (M - |x_i|) <= (sqrt(d) - 1) ||x||^2`` with ``M = max |x_i|``."""
+        return max(math.sqrt(self.bucket_coords(n)) - 1.0, 0.0)
+
+    @property
+    def label(self) -> str:
+        return f"TernGrad {bucket_label(self.bucket_size)}"
 
     def _scales(self, xb):
         return xb.abs().amax(dim=1)

@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import torch
 
+from dist_quant.compress.base import ratio_label
 from dist_quant.compress.sparse import SparseCompressor
 
 
 class TopKCompressor(SparseCompressor):
     name = kind = "topk"
+    wire_id = 7
+    contractive = True
+
+    @property
+    def label(self) -> str:
+        return f"top-{ratio_label(self.ratio)}"
 
     def _select(self, x, k, generator):
         idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values

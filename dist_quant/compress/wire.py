@@ -10,7 +10,8 @@ Fixed header, 32 bytes::
     offset  size  field
     0       1     version            (1)
     1       1     compressor id      0 none (fp32), 1 fp16, 2 bf16, 3 kbit (onebit = kbit, k=1),
-                                     4 sign, 5 qsgd, 6 terngrad, 7 topk, 8 randk
+                                     4 sign, 5 qsgd, 6 terngrad, 7 topk, 8 randk (each class
+                                     declares its id: ``Compressor.wire_id``)
     2       1     flags              bit 0: non-finite gradient (no usable body; see below)
     3       1     bits per value     none 32, fp16/bf16 16, kbit k in 1..8, sign 1, qsgd
                                      1 + bit_length(s), terngrad 2, topk/randk 32
@@ -63,15 +64,35 @@ FIXED_HEADER = struct.Struct("<BBBBB3xQQQ")
 FIXED_NBYTES = FIXED_HEADER.size  # 32
 assert FIXED_NBYTES == 32
 
-COMPRESSOR_IDS = {"none": 0, "fp16": 1, "bf16": 2, "kbit": 3, "sign": 4, "qsgd": 5,
-                  "terngrad": 6, "topk": 7, "randk": 8}
-COMPRESSOR_NAMES = {v: k for k, v in COMPRESSOR_IDS.items()}
+# wire format name <-> compressor id; each compressor class declares its own (``wire_id``, see
+# dist_quant.compress.base), which registers it here when the class is defined
+COMPRESSOR_IDS: dict[str, int] = {}
+COMPRESSOR_NAMES: dict[int, str] = {}
 
 HEADER_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 HEADER_DTYPE_CODES = {"fp32": 0, "fp16": 1, "bf16": 2}
 
 FLAG_NONFINITE = 1
 KNOWN_FLAGS = FLAG_NONFINITE
+
+
+def register_compressor_id(kind: str, compressor_id: int) -> None:
+    """Record that payloads with ``compressor_id`` in their header were written by the wire
+    format ``kind``. An id is one byte; an id or a name already taken by another is refused
+    (``ValueError``)."""
+    if isinstance(compressor_id, bool) or not isinstance(compressor_id, int) \
+            or not 0 <= compressor_id <= 255:
+        raise ValueError(f"compressor id of {kind!r} must be an integer in 0..255; got "
+                         f"{compressor_id!r}")
+    if not kind:
+        raise ValueError(f"compressor id {compressor_id} needs the wire format's name (kind)")
+    taken = COMPRESSOR_NAMES.get(compressor_id, kind)
+    if taken != kind:
+        raise ValueError(f"compressor id {compressor_id} is taken by {taken!r}")
+    if COMPRESSOR_IDS.get(kind, compressor_id) != compressor_id:
+        raise ValueError(f"wire format {kind!r} already has id {COMPRESSOR_IDS[kind]}")
+    COMPRESSOR_IDS[kind] = compressor_id
+    COMPRESSOR_NAMES[compressor_id] = kind
 
 
 @dataclass(frozen=True)

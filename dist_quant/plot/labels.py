@@ -8,8 +8,9 @@ buckets of the uplink's size; ``"down sign b128"`` when they differ), ``"PS fp32
 worker serves a shard), ``"DDP fp32"``, ``"DDP fp16"``, ``"DDP PowerSGD r2"``, ``"DDP onebit b128"``
 (the onebit hook, named by its compressor as the PS uplink is, ``+EF`` with error feedback); the
 baselines ``"PS QSGD s4 b128"``, ``"PS TernGrad b128"``, ``"PS top-1%+EF"``, ``"PS rand-1%"``.
-``run_labels`` adds ``key=value`` for the config fields that tell apart runs sharing a name (a
-seed, a worker count, a learning rate).
+Each compressor names itself (``Compressor.label``, :mod:`dist_quant.compress.base`), so a new
+compressor is labelled without a change here. ``run_labels`` adds ``key=value`` for the config
+fields that tell apart runs sharing a name (a seed, a worker count, a learning rate).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ import dataclasses
 from collections import defaultdict
 from typing import Any
 
+from dist_quant.compress import get_compressor
+from dist_quant.compress.base import Compressor, bucket_label, ratio_label  # noqa: F401
 from dist_quant.config import TrainConfig
+from dist_quant.errors import ConfigError
 
-PS_FLOATS = {"none": "fp32", "fp16": "fp16", "bf16": "bf16"}
 DDP_HOOKS = {"none": "DDP fp32", "fp16": "DDP fp16"}
 # fields that never change what was trained
 BOOKKEEPING = {"run_dir", "resume", "progress", "checkpoint_every", "eval_every", "backend",
@@ -32,31 +35,27 @@ def resolved(config: dict[str, Any]) -> dict[str, Any]:
     return {**dataclasses.asdict(TrainConfig()), **config}
 
 
-def bucket_label(bucket_size: int) -> str:
-    return "whole" if bucket_size == 0 else f"b{bucket_size}"
-
-
-def ratio_label(ratio: float) -> str:
-    return f"{100 * ratio:g}%"
+def _compressor(name: str, bucket_size: int, bits: int, levels: int = 4,
+                ratio: float = 0.01) -> Compressor | None:
+    """The compressor a run's config names, or None when this version cannot build it (a name
+    or an option it does not know)."""
+    try:
+        return get_compressor(name, bucket_size=bucket_size, bits=bits, levels=levels,
+                              ratio=ratio)
+    except ConfigError:
+        return None
 
 
 def compressor_label(name: str, bucket_size: int, bits: int, levels: int = 4,
                      ratio: float = 0.01) -> str:
-    if name in PS_FLOATS:
-        return PS_FLOATS[name]
-    if name == "onebit":
-        return f"onebit {bucket_label(bucket_size)}"
-    if name == "kbit":
-        return f"{bits}bit {bucket_label(bucket_size)}"
-    if name == "qsgd":
-        return f"QSGD s{levels} {bucket_label(bucket_size)}"
-    if name == "terngrad":
-        return f"TernGrad {bucket_label(bucket_size)}"
-    if name == "topk":
-        return f"top-{ratio_label(ratio)}"
-    if name == "randk":
-        return f"rand-{ratio_label(ratio)}"
-    return name
+    """The compressor's own label (``Compressor.label``); its name where it cannot be built."""
+    comp = _compressor(name, bucket_size, bits, levels, ratio)
+    return name if comp is None else comp.label
+
+
+def _floating(name: str) -> bool:
+    comp = _compressor(name, 0, 2)
+    return comp is not None and comp.floating
 
 
 def method_label(config: dict[str, Any]) -> str:
@@ -72,13 +71,13 @@ def method_label(config: dict[str, Any]) -> str:
                                      c["qsgd_levels"], c["sparsity_ratio"])
     if c["error_feedback"]:
         label += "+EF"
-    if c["header_dtype"] != "fp32" and c["compressor"] not in PS_FLOATS:
+    if c["header_dtype"] != "fp32" and not _floating(c["compressor"]):
         label += f" {c['header_dtype']} headers"
     if c["downlink"] != "none":
         down = compressor_label(c["downlink"], c["downlink_bucket_size"], c["bits"],
                                 c["qsgd_levels"], c["sparsity_ratio"])
         same_bucket = (c["downlink_bucket_size"] == c["bucket_size"]
-                       or c["downlink"] in PS_FLOATS)
+                       or _floating(c["downlink"]))
         if c["downlink"] == c["compressor"] and same_bucket:
             label += " up+down"
         else:
