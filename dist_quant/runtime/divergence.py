@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+from dist_quant.compress import get_compressor
 from dist_quant.config import TrainConfig
 
 FACTOR = 10.0
@@ -27,13 +28,30 @@ PATIENCE = 20
 LARGE_BUCKET = 1024
 
 
+def uplink(cfg: TrainConfig, bucket_size: int):
+    return get_compressor(cfg.compressor, bucket_size=bucket_size, bits=cfg.bits,
+                          header_dtype=cfg.header_dtype, levels=cfg.qsgd_levels,
+                          ratio=cfg.sparsity_ratio)
+
+
+def smaller_buckets_help(cfg: TrainConfig, n: int = 1 << 16) -> bool:
+    """Whether the uplink is unbiased and its variance bound omega(n) falls with the default
+    bucket size: large or whole-tensor buckets of a min-max quantiser."""
+    if cfg.bucket_size != 0 and cfg.bucket_size < LARGE_BUCKET:
+        return False
+    now, default = uplink(cfg, cfg.bucket_size), uplink(cfg, TrainConfig().bucket_size)
+    if not now.unbiased or now.omega(n) is None or default.omega(n) is None:
+        return False
+    return default.omega(n) < now.omega(n)
+
+
 def advice(cfg: TrainConfig) -> str:
     hints = [f"lower --lr (now {cfg.lr:g})"]
-    if cfg.compressor in ("onebit", "kbit") and (cfg.bucket_size == 0
-                                                 or cfg.bucket_size >= LARGE_BUCKET):
+    if smaller_buckets_help(cfg):
         now = "0 = the whole gradient" if cfg.bucket_size == 0 else str(cfg.bucket_size)
-        hints.append(f"lower --bucket-size (now {now}; 128 is the default)")
-    if cfg.error_feedback and cfg.compressor != "sign":
+        hints.append(f"lower --bucket-size (now {now}; {TrainConfig().bucket_size} is the "
+                     "default)")
+    if cfg.error_feedback and not uplink(cfg, cfg.bucket_size).contractive:
         hints.append("drop --error-feedback (it needs a contractive compressor such as sign)")
     return ", or ".join(hints)
 
