@@ -114,13 +114,13 @@ def full_argv(cfg: TrainConfig) -> list[str]:
 
 # ---- launcher --------------------------------------------------------------------------------
 def torchrun_command(cfg: TrainConfig) -> list[str]:
-    """``python -m dist_quant.runner.localrun ...`` (torchrun on loopback) for this config here."""
+    """``python -m dist_quant.localrun ...`` (torchrun on loopback) for this config here."""
     from dist_quant.runner.launcher import SHUTDOWN_TIMEOUT
 
     if cfg.simulate:
         return [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
     nproc = cfg.world_size
-    return [sys.executable, "-m", "dist_quant.runner.localrun", "--standalone",
+    return [sys.executable, "-m", "dist_quant.localrun", "--standalone",
             "--nproc-per-node", str(nproc), "--max-restarts", str(cfg.max_restarts),
             "--shutdown-timeout", str(SHUTDOWN_TIMEOUT),
             "-m", "dist_quant.train", *full_argv(cfg)]

@@ -51,7 +51,7 @@ def torchrun(nproc: int, *argv: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    out = subprocess.run([sys.executable, "-m", "dist_quant.runner.localrun", "--standalone",
+    out = subprocess.run([sys.executable, "-m", "dist_quant.localrun", "--standalone",
                           "--nproc-per-node", str(nproc), *argv], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -30,7 +30,7 @@ LAYERS = [
     ("runner",),
     ("analysis", "cluster", "verify"),
     ("plot",),
-    ("", "__main__", "api", "cli", "hooks", "train", "sweep"),
+    ("", "__main__", "api", "cli", "hooks", "localrun", "train", "sweep"),
 ]
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
 

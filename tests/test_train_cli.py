@@ -61,7 +61,7 @@ def test_module_outside_torchrun_says_how_to_run():
 
 def test_torchrun_command_sizes_the_world():
     ps = torchrun_command(TrainConfig(workers=3))
-    assert ps[1:5] == ["-m", "dist_quant.runner.localrun", "--standalone", "--nproc-per-node"]
+    assert ps[1:5] == ["-m", "dist_quant.localrun", "--standalone", "--nproc-per-node"]
     assert ps[5] == "4" and ps[6:8] == ["--max-restarts", "0"]
     assert ps[10:12] == ["-m", "dist_quant.train"]
     assert torchrun_command(TrainConfig(workers=3, method="ddp"))[5] == "3"

@@ -143,7 +143,7 @@ def megabytes(nbytes: int) -> str:
 # process of `dist-quant train` jobs, read as tests/test_footprint.py's peaks() reads it (the
 # default job with W = 2, 4, 8; --hidden 2048,2048 with W = 2, 4 and --batch-size 512, 64 for
 # the copies and activations), torch 2.13.0+cpu, Python 3.11, Linux x86-64.
-AGENT_MB = 225          # torchrun's agent (dist_quant.runner.localrun)
+AGENT_MB = 225          # torchrun's agent (dist_quant.localrun)
 START_MB = 232          # a rank before its data: the interpreter, torch, gloo, the package
 WORKER_MB = 247         # a worker while training the default job, less its data and model
 LEADER_MB = 381         # the parameter server's leader (also evaluates, records, checkpoints)

@@ -10,7 +10,7 @@ pipe, and
   (:func:`die_with_parent`), so nothing is left training after the launcher has returned.
   The exit status is then ``128 + signal`` and the run directory gets ``stopped.json``;
 - **takes the job with it when it dies**: torchrun gets ``DIST_QUANT_PARENT`` (this process)
-  and, run as :mod:`dist_quant.runner.localrun`, asks the kernel for SIGTERM when its parent dies by
+  and, run as ``python -m dist_quant.localrun``, asks the kernel for SIGTERM when its parent dies by
   any signal, SIGKILL included; it then stops its ranks and writes ``stopped.json`` itself
   (``DIST_QUANT_RUN_DIR``);
 - **shows errors once**: every byte of torchrun's stderr goes to ``<run_dir>/launch.log``

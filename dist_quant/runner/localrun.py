@@ -1,9 +1,9 @@
-"""torchrun for one machine, listening on loopback only: ``python -m dist_quant.runner.localrun``.
+"""torchrun for one machine, listening on loopback only: ``python -m dist_quant.localrun``.
 
 ::
 
-    python -m dist_quant.runner.localrun --nproc-per-node 5 -m dist_quant.train --workers 4
-    python -m dist_quant.runner.localrun --nproc-per-node 5 examples/cnn_shapes.py
+    python -m dist_quant.localrun --nproc-per-node 5 -m dist_quant.train --workers 4
+    python -m dist_quant.localrun --nproc-per-node 5 examples/cnn_shapes.py
 
 It takes torchrun's arguments (``--standalone`` is implied and may be left out) and runs
 torchrun's own ``main`` in this process, with three changes:
@@ -98,7 +98,7 @@ def torchrun_argv(argv: list[str]) -> list[str]:
     argv = [a for a in argv[:script] if a != "--standalone"] + argv[script:]
     for action in parser._actions:
         if action.dest in OWN and getattr(given, action.dest) != action.default:
-            sys.stderr.write(f"Error: {action.option_strings[0]}: dist_quant.runner.localrun runs "
+            sys.stderr.write(f"Error: {action.option_strings[0]}: dist_quant.localrun runs "
                              "one node on loopback; run torchrun itself for a multi-machine "
                              "job\n")
             raise SystemExit(2)
