@@ -213,6 +213,17 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool, task: Any = None) 
     return summary
 
 
+def backend_failure(err: BaseException) -> str:
+    """The line for an error of torch.distributed or its backend that no role named: what
+    happened and what to read first, then the error's first line without its source location
+    (the traceback stays in the log)."""
+    from dist_quant.transport import _cause
+
+    return (f"the process group failed (a peer ended, or the rendezvous or a link cannot be "
+            f"reached); read the other ranks' lines first, then launch.log in the run directory "
+            f"({type(err).__name__}: {_cause(err)})")
+
+
 def run_in_process(cfg: TrainConfig) -> int:
     """The ``--simulate`` reference in this process."""
     import torch
@@ -274,7 +285,7 @@ def main(ctx: click.Context, **params: Any) -> None:
     except ConfigError as err:
         fail(who, str(err), 2)
     except RuntimeError as err:  # e.g. rendezvous or store timeouts while starting up
-        fail(who, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}", 1)
+        fail(who, backend_failure(err), 1)
     # A finished rank leaves without the interpreter's teardown: gloo's worker threads may
     # still hold work objects whose destruction during finalisation aborts the process
     # (SIGABRT: one rank of a finished 8-rank DDP run), which would fail a finished run.

@@ -376,3 +376,37 @@ def test_a_worker_host_that_goes_down_is_dropped_and_the_job_goes_on(tmp_path):
     assert run_in_process(cfg.replace(simulate=True, replay=str(run),
                                       run_dir=str(replay))) == 0
     assert read_summary(replay)["test_loss"] == summary["test_loss"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_signal_is_heard_even_when_inherited_ignored_or_blocked(sig):
+    """A job started with the stop signals ignored and blocked (a background job of a shell
+    without job control; a parent that ignored them) still stops on each, cleanup first."""
+    code = textwrap.dedent("""
+        import signal, sys, time
+        from dist_quant.cluster.run import _interrupts_raise
+        try:
+            with _interrupts_raise():
+                print("ready", flush=True)
+                time.sleep(60)
+        except KeyboardInterrupt:
+            print("cleanup", flush=True)
+            sys.exit(130)
+    """)
+
+    def ignore_and_block():
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=ignore_and_block)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "cleanup" in out

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from disks import fill, tmpfs
+from rawtext import raw_escapes
 
 from dist_quant.config import TrainConfig
 from dist_quant.runner.launcher import descendants
@@ -159,6 +160,7 @@ def test_a_hung_worker_ends_every_rank_within_the_timeout(tmp_path):
     assert shown and all("rank 2 (worker 1)" in line for line in shown), err
     assert len(shown) == len(set(shown))
     assert "Traceback" not in err and lines[-1].startswith("dist_quant: the run failed")
+    assert raw_escapes(err) == [], err
 
 
 @pytest.fixture(scope="module")
@@ -194,6 +196,7 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_bit_for_bit(tmp_path, refer
     # torchrun saw end first)
     assert f"{who} was killed by SIGKILL" in err or f"lost contact with {who}" in err, err
     assert "restart 1: continuing from the latest checkpoint" in err
+    assert raw_escapes(err) == [], err   # gloo's words only after a sentence naming the rank
     final, summary = reference
     state = load_checkpoint(latest_checkpoint(cfg.run_dir))
     assert state["step"] == final["step"] == 600
@@ -236,6 +239,7 @@ def test_a_full_disk_ends_the_run_in_one_line_and_resume_elsewhere_ends_bit_for_
     lines = err.strip().splitlines()
     assert launcher.returncode == 1, err
     assert len(lines) <= 4 and "Traceback" not in err, err
+    assert raw_escapes(err) == [], err
     fault = [line for line in lines if "cannot write" in line]
     assert len(fault) == 1 and fault[0].startswith("dist_quant rank 0: run aborted: cannot "
                                                    f"write {run}/"), err

@@ -95,3 +95,22 @@ def test_an_unwritable_run_directory_starts_nothing(tmp_path):
     assert run_torchrun(["false"], {}, tmp_path / "file" / "run", out=out) == 1
     assert out.getvalue().startswith(f"dist_quant: cannot write {tmp_path}/file/run/launch.log")
     assert out.getvalue().count("\n") == 1
+
+
+def test_ranks_torchrun_stopped_after_a_failure_are_not_reported_as_killed():
+    """rank 0 fails; torchrun stops ranks 1 and 2 (SIGTERM; the launcher's SIGKILL for one
+    that did not end): neither is a fault, whichever torchrun saw first or lists after."""
+    log = ("W1201 03:14:14.591000 14117 api.py:1028] Sending process 21 closing signal SIGTERM\n"
+           "W1201 03:14:14.592000 14117 api.py:1028] Sending process 22 closing signal SIGTERM\n"
+           "E1201 03:14:14.865000 14117 api.py:1002] failed (exitcode: -15) local_rank: 1 "
+           "(pid: 21) of binary: python\n")
+    out, filt = shown([log.encode()])
+    assert out == "" and filt.errors == [] and filt.closed == {21, 22}
+    report = ("  rank      : 0 (local_rank: 0)\n  exitcode  : 1 (pid: 20)\n"
+              "  rank      : 1 (local_rank: 1)\n  exitcode  : -15 (pid: 21) (SIGTERM)\n"
+              "  rank      : 2 (local_rank: 2)\n  exitcode  : -9 (pid: 22) (SIGKILL)\n")
+    explained = ["dist_quant rank 0: run aborted: cannot write x"]
+    assert failure_report(report, "ps", explained, filt.closed) == []
+    # a rank killed by a signal nobody sent it from here is still named
+    assert failure_report(report, "ps", explained, {21}) == [
+        "dist_quant: rank 2 (worker 1) was killed by SIGKILL"]

@@ -255,6 +255,51 @@ def failure_lines(log: Path) -> list[str]:
     return seen
 
 
+DOCKER_TIMEOUT_S = 60   # one docker call of the cleanup (a daemon busy with other projects)
+
+
+def _docker(argv: list[str], env: dict[str, str] | None = None) -> bool:
+    """Run a docker command of the cleanup, bounded; whether it ended with status 0."""
+    try:
+        return subprocess.run(argv, env=env, capture_output=True, stdin=subprocess.DEVNULL,
+                              timeout=DOCKER_TIMEOUT_S).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def remove_project(base: list[str], env: dict[str, str], project: str, interrupted: bool,
+                   up: subprocess.Popen | None = None) -> None:
+    """Remove every container and the network of ``project``. A job that did not end (Ctrl-C,
+    a deadline, a failure here) is killed first: its containers get SIGKILL (``compose kill``)
+    instead of compose's graceful stop, which waits for each container's stop timeout, and
+    ``compose up`` itself is ended. Every docker call is bounded; whatever ``compose down``
+    left is removed by the project's label."""
+    if interrupted:
+        _docker([*base, "kill"], env)
+        if up is not None and up.poll() is None:
+            up.terminate()
+            try:
+                up.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    up.wait(STOP_TIMEOUT_S)
+    timeout = "0" if interrupted else str(STOP_TIMEOUT_S)
+    if _docker([*base, "down", "--remove-orphans", "-t", timeout], env):
+        return
+    label = f"label=com.docker.compose.project={project}"
+    for kind, remove in (("ps", ["rm", "-f"]), ("network", ["network", "rm"])):
+        listing = ["docker", "ps", "-a", "-q"] if kind == "ps" else ["docker", "network",
+                                                                    "ls", "-q"]
+        try:
+            ids = subprocess.run([*listing, "--filter", label], capture_output=True, text=True,
+                                 timeout=DOCKER_TIMEOUT_S).stdout.split()
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if ids:
+            _docker(["docker", *remove, *ids])
+
+
 def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
                 loss_pct: float = 0.0, *, mtu: int = 1500,
                 deadline_s: float | None = None) -> dict[str, Any]:
@@ -285,6 +330,7 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     tail = MetricsTail(run_dir / "metrics.jsonl", cfg)
     found: list[dict[str, str]] = []
     code = None
+    proc: subprocess.Popen | None = None
     try:
         with _interrupts_raise(), open(log, "w") as fh:
             # no --exit-code-from: it stops every container once the first has left, before
@@ -308,12 +354,7 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     finally:
         tail.close()
         with _no_interrupts():
-            if code is None and "proc" in locals():
-                proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(STOP_TIMEOUT_S * 3)
-            subprocess.run([*base, "down", "--remove-orphans", "-t", str(STOP_TIMEOUT_S)],
-                           env=env, capture_output=True, stdin=subprocess.DEVNULL)
+            remove_project(base, env, project, interrupted=code is None, up=proc)
     if code != 0:
         lines = failure_lines(log) or [f"compose exited with status {code}; log {log}"]
         raise ComposeError("\n".join(lines), 2 if code == 2 else 1)

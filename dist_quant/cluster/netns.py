@@ -51,6 +51,8 @@ SUBNET = "10.77.0"  # private /24 inside the run's own namespaces; never routed 
 MAX_HOSTS = 250
 _NAME = re.compile(r"^dq(\d+)-(\d+)-")
 _seq = itertools.count()
+IP_TIMEOUT_S = 60.0   # an `ip` call waits for the kernel's lock of the network stack
+KILL_WAIT_S = 5.0     # after SIGKILL, for a process to be reaped
 
 
 class ClusterError(RuntimeError):
@@ -69,7 +71,12 @@ def require_root() -> None:
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(["ip", *args], capture_output=True, text=True)
+    try:
+        out = subprocess.run(["ip", *args], capture_output=True, text=True,
+                             timeout=IP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise ClusterError(f"`ip {' '.join(args)}` did not answer within {IP_TIMEOUT_S:g} s "
+                           "(the kernel may still be removing earlier namespaces)") from None
     if check and out.returncode != 0:
         raise ClusterError(f"`ip {' '.join(args)}` failed: {out.stderr.strip()}")
     return out
@@ -241,15 +248,20 @@ class Cluster:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 _signal_group(p, signal.SIGKILL)
-                p.wait()
+                # a process in uninterruptible sleep is not reaped: the namespaces still go
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=KILL_WAIT_S)
 
     def close(self) -> None:
-        """End every process, delete every namespace (with its links and qdiscs)."""
+        """End every process, delete every namespace (with its links and qdiscs). A process
+        that left its process group (a rank in its own session that ignores SIGTERM, or whose
+        agent was killed) still lives in a namespace: it gets SIGKILL there."""
         self.stop_processes()
         existing = set(list_namespaces())
         for ns in self.namespaces():
             if ns in existing:
-                delete_namespace(ns)
+                with contextlib.suppress(ClusterError):
+                    delete_namespace(ns)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

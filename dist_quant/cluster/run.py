@@ -358,9 +358,15 @@ def _steady(method: str, window: StepWindow | None) -> dict | None:
             "seconds": r1["wall"] - r0["wall"], **rec}
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
 def _interrupts_raise():
-    """SIGTERM/SIGHUP raise KeyboardInterrupt (like Ctrl-C), so cleanup runs on all three."""
+    """SIGINT/SIGTERM/SIGHUP raise KeyboardInterrupt, so cleanup runs on all three. SIGINT
+    too gets its handler here: a process started in the background by a shell without job
+    control, or by a parent that ignored it, inherits SIGINT ignored, and Python then keeps
+    ignoring it; and none of the three stays blocked (a mask inherited from the parent)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -368,10 +374,13 @@ def _interrupts_raise():
     def handler(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, signal.default_int_handler if s == signal.SIGINT else handler)
+           for s in STOP_SIGNALS}
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         for s, h in old.items():
             signal.signal(s, h)
 
@@ -382,8 +391,7 @@ def _no_interrupts():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, signal.SIG_IGN)
-           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
     try:
         yield
     finally:

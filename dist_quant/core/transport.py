@@ -7,7 +7,8 @@ of flat tensors whose sizes both ends know from the config, on a process group w
 resume travel as ``weights_only`` blobs (:func:`blob_from`, :func:`blob_to`).
 
 A peer that dies or stops answering makes the waiting side raise :class:`PeerLostError`
-naming the peer and the message, after at most ``T``. Who is blamed must be the peer that
+naming the peer and the message, after at most ``T``; so does a link found closed when a send
+or receive is posted (gloo sends at once, and raises there). Who is blamed must be the peer that
 stopped: the others wait for the leader (``server_rank`` here) ``T + SERVER_GRACE`` seconds, so
 the leader's own wait on a hung rank ends first, and a leader that loses rank ``j`` tells every
 other rank through a separate gloo group (:meth:`Transport.notify_lost`, the notice
@@ -22,7 +23,7 @@ import datetime
 import io
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -53,6 +54,18 @@ def _cause(err: BaseException) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     text = re.sub(r"^\[[^\]]*\]\s*", "", text)
     return text.split(". This is typically")[0]  # gloo's advice to read the logs
+
+
+@contextlib.contextmanager
+def collective(doing: str) -> Iterator[None]:
+    """A backend error inside becomes a :class:`PeerLostError` saying what failed (the peer is
+    unknown: start-up collectives such as ``all_gather``, ``broadcast``, ``barrier``)."""
+    try:
+        yield
+    except PeerLostError:
+        raise
+    except RuntimeError as err:
+        raise PeerLostError(f"lost contact with a peer while {doing} ({_cause(err)})") from err
 
 
 def blob_from(obj: Any) -> torch.Tensor:
@@ -86,10 +99,22 @@ class Transport:
         self.device = torch.device(device)
 
     def _isend(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
-        return dist.isend(tensor, dst=peer, group=self.group, tag=tag)
+        try:
+            return dist.isend(tensor, dst=peer, group=self.group, tag=tag)
+        except RuntimeError as err:  # gloo sends at once: a closed link raises here
+            raise self.lost(peer, "sending to it", err) from err
 
     def _irecv(self, tensor: torch.Tensor, peer: int, tag: int) -> Any:
-        return dist.irecv(tensor, src=peer, group=self.group, tag=tag)
+        try:
+            return dist.irecv(tensor, src=peer, group=self.group, tag=tag)
+        except RuntimeError as err:  # a link already closed raises when the receive is posted
+            raise self.lost(peer, "receiving from it", err) from err
+
+    def lost(self, peer: int, doing: str, err: BaseException) -> PeerLostError:
+        """The error naming ``peer``, lost while ``doing`` (``err``: the backend's, whose first
+        line follows in parentheses without its source location)."""
+        return PeerLostError(f"lost contact with {self.describe(peer)} while {doing} "
+                             f"({_cause(err)})", peer)
 
     def _wait(self, works: list[Any], what: str, peers: list[int]) -> None:
         for work, peer in zip(works, peers, strict=True):
@@ -99,8 +124,7 @@ class Transport:
                 else:
                     work.wait()
             except RuntimeError as err:  # DistBackendError and gloo/nccl errors derive from it
-                raise PeerLostError(f"lost contact with {self.describe(peer)} while exchanging "
-                                    f"the {what} ({_cause(err)})", peer) from err
+                raise self.lost(peer, f"exchanging the {what}", err) from err
 
     def _notify(self, code: int, skip: int | None = None) -> None:
         """Server: send the notice ``code`` to every worker but ``skip`` (best effort, at most

@@ -81,6 +81,7 @@ sends a group ``C(theta - r)`` once, with the shard's one generator.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections import Counter, defaultdict, deque
@@ -578,7 +579,9 @@ class EventRank(RankRoles):
             self.flags[i] = stats
             self.started_after[i] = self.current
             self.computing.add(i)
-            self.send_control(i, GO, stats)
+            # its link closed: the receive posted for it next reports the loss
+            with contextlib.suppress(PeerLostError):
+                self.send_control(i, GO, stats)
         self.arrivals.released(workers)
         self.fabric.reap()
 
@@ -968,8 +971,12 @@ class NetworkArrivals:
             if r.flags[i] and r.n_stats:
                 bufs.append(torch.empty(r.n_stats, dtype=torch.float32, device=r.device))
                 tags.append(TAG_STATS)
-            works = [r.fabric._irecv(b, src, t) for b, t in zip(bufs, tags, strict=True)]
             self.buffers[i] = bufs
+            try:
+                works = [r.fabric._irecv(b, src, t) for b, t in zip(bufs, tags, strict=True)]
+            except PeerLostError as err:   # its link closed already: the next arrival
+                self.done.put((i, err))
+                continue
             threading.Thread(target=self._wait, args=(i, works), daemon=True,
                              name=f"dist_quant-arrival-{i}").start()
 
@@ -988,6 +995,8 @@ class NetworkArrivals:
         from dist_quant.core.transport import PeerLostError, _cause
 
         worker, err = self.done.get()
+        if isinstance(err, PeerLostError):
+            raise err
         if err is not None:
             lost = self.r.p.worker_ranks[worker]
             raise PeerLostError(f"lost contact with {self.r.p.describe(lost)} while waiting for "

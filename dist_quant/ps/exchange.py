@@ -670,27 +670,33 @@ def run_distributed_rank(cfg: TrainConfig, device: torch.device, backend: str,
     import torch.distributed as dist
 
     from dist_quant.config import MAX_TIMEOUT
-    from dist_quant.core.transport import PeerLostError
+    from dist_quant.core.transport import PeerLostError, collective
     from dist_quant.ps.fabric import RemoteFabric
     from dist_quant.ps.placement import place
     from dist_quant.ps.worker import WorkerLeaves
     from dist_quant.runtime.rank import continue_after_restart, default_run_dir
 
-    roles, indices = gather_roles(device)
+    with collective("exchanging the ranks' roles"):
+        roles, indices = gather_roles(device)
     task = task or Task.from_config(cfg)
     rank = dist.get_rank()
     n = common.num_params(task.model(device))
     placement = place(cfg, n, roles, indices)
     leader = rank == placement.leader
-    cfg = continue_after_restart(cfg, leader, placement.leader, device)
-    group = dist.new_group(backend=backend, timeout=datetime.timedelta(seconds=cfg.timeout))
-    # the lost-peer notices: gloo on the CPU, alive after the training group timed out
-    notices = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=MAX_TIMEOUT))
+    with collective("agreeing where to continue after a restart"):
+        cfg = continue_after_restart(cfg, leader, placement.leader, device)
+    with collective("connecting the ranks' links"):
+        group = dist.new_group(backend=backend,
+                               timeout=datetime.timedelta(seconds=cfg.timeout))
+        # the lost-peer notices: gloo on the CPU, alive after the training group timed out
+        notices = dist.new_group(backend="gloo",
+                                 timeout=datetime.timedelta(seconds=MAX_TIMEOUT))
     if leader and not cfg.run_dir:
         cfg = cfg.replace(run_dir=default_run_dir(cfg))
     fabric = RemoteFabric(placement, rank, device, group, timeout=cfg.timeout,
                           notice_group=notices)
-    dist.barrier()
+    with collective("waiting for every rank to start"):
+        dist.barrier()
     if leader:
         reports = fabric.watch_reports(on_lost) if on_lost is not None else None
         try:

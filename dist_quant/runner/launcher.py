@@ -22,7 +22,8 @@ pipe, and
 - **summarises a failure** torchrun reports but no rank explained (a rank killed by a signal
   prints nothing): one line per such rank from torchrun's failure report, e.g. ``rank 0 (the
   server) was killed by SIGKILL``, then where the full log is; and a line for each elastic
-  restart torchrun starts;
+  restart torchrun starts. A rank that torchrun stopped because another failed (its SIGTERM,
+  or the SIGKILL below when it did not end) gets no such line: that was the stop, not a fault;
 - **bounds the shutdown after a failure**: a rank torchrun sends SIGTERM to (its peers failed)
   and that is still alive ``SHUTDOWN_TIMEOUT`` seconds later gets SIGKILL from the launcher
   (:func:`_enforce_shutdown`), so a hung rank does not hold the run, or its restart, for
@@ -59,8 +60,9 @@ SHOWN = re.compile(r"^(dist_quant( rank \d+)?: |step \d+: left out )")
 RANK_PREFIX = re.compile(r"^dist_quant rank \d+: ")
 CAUSE = re.compile(r"\(.*\)")
 CLOSING = re.compile(r"Sending process (\d+) closing signal SIG")
-KILLED = re.compile(r"failed \(exitcode: (-\d+)\) local_rank: (\d+)")
-FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^)]*\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
+KILLED = re.compile(r"failed \(exitcode: (-\d+)\) local_rank: (\d+)(?: \(pid: (\d+)\))?")
+FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^)]*\)\s*\n\s*exitcode\s*:\s*(-?\d+)"
+                     r"(?:\s*\(pid:\s*(\d+)\))?")
 
 
 def die_with_parent() -> None:
@@ -114,6 +116,7 @@ class StderrFilter:
         self.shown: set[str] = set()
         self.errors: list[str] = []     # distinct dist_quant messages shown, all attempts
         self.closing: list[tuple[int, float]] = []   # (pid, when) torchrun sent SIGTERM
+        self.closed: set[int] = set()   # every pid torchrun itself stopped (all attempts)
 
     def feed(self, data: bytes) -> None:
         text = self.rest + self.decoder.decode(data)
@@ -145,10 +148,13 @@ class StderrFilter:
                 self._write(body + "\n")
         elif m := CLOSING.search(body):
             self.closing.append((int(m.group(1)), time.monotonic()))
+            self.closed.add(int(m.group(1)))
         elif m := KILLED.search(body):   # torchrun's line for a rank ended by a signal
+            self.shown.clear()   # the next attempt's messages are new
+            if m.group(3) is not None and int(m.group(3)) in self.closed:
+                return   # torchrun's own stop of a rank after another one failed: no fault
             line = killed_line(int(m.group(2)), int(m.group(1)), self.method)
             self.errors.append(line)
-            self.shown.clear()   # the next attempt's messages are new
             self._write(line + "\n")
 
     def _write(self, text: str) -> None:
@@ -165,15 +171,20 @@ def killed_line(rank: int, code: int, method: str) -> str:
     return f"dist_quant: {describe_rank(rank, method)} was killed by {name}"
 
 
-def failure_report(log_text: str, method: str, explained: list[str]) -> list[str]:
+def failure_report(log_text: str, method: str, explained: list[str],
+                   stopped: set[int] | frozenset[int] = frozenset()) -> list[str]:
     """Lines for the failed ranks of torchrun's report that no line shown so far explains:
-    killed by a signal, or (when nothing was shown) ended with a traceback."""
+    killed by a signal, or (when nothing was shown) ended with a traceback. A rank whose pid
+    is in ``stopped`` (torchrun stopped it after another rank failed, and the launcher killed
+    it if it did not end) ended by that stop, not by a fault of its own: no line."""
     lines, seen = [], set()
     for m in FAILURE.finditer(log_text):
         rank, code = int(m.group(1)), int(m.group(2))
         if rank in seen:
             continue
         seen.add(rank)
+        if code < 0 and m.group(3) is not None and int(m.group(3)) in stopped:
+            continue
         if code < 0:
             line = killed_line(rank, code, method)
             if line not in explained:
@@ -291,7 +302,7 @@ def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str
             with open(log_path, "rb") as fh:
                 fh.seek(start)
                 text = fh.read().decode("utf-8", errors="replace")
-        for line in failure_report(text, method, filt.errors):
+        for line in failure_report(text, method, filt.errors, filt.closed):
             filt._write(line + "\n")
         where = (f"full log: {log_path}" if not log_failed else
                  f"{log_path} is incomplete ({log_failed[0].strerror or log_failed[0]})")
