@@ -50,9 +50,9 @@ def test_a_link_found_closed_as_a_message_is_posted_names_the_peer(monkeypatch, 
     names the peer like a failed wait does, and gloo's own words are not what the user reads."""
     from rawtext import raw_escapes
 
-    import dist_quant.transport as transport
+    import dist_quant.core.transport as transport
     from dist_quant.config import TrainConfig
-    from dist_quant.rank import lost_message
+    from dist_quant.runtime.rank import lost_message
 
     def closed(*args, **kwargs):
         raise RuntimeError(GLOO_CLOSED)
@@ -70,8 +70,8 @@ def test_a_link_found_closed_as_a_message_is_posted_names_the_peer(monkeypatch, 
 
 
 def test_a_start_up_collective_that_loses_a_peer_says_so():
+    from dist_quant.core.transport import collective
     from dist_quant.train import backend_failure
-    from dist_quant.transport import collective
 
     said = r"^lost contact with a peer while starting \(Connection closed by peer \[127\.0\.0\.1\]"
     with pytest.raises(PeerLostError, match=said + r":3298\)$"), collective("starting"):
