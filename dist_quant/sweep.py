@@ -101,10 +101,13 @@ from typing import Any
 
 import click
 
-from dist_quant.cluster.run import log_tail
+from dist_quant.cluster.engine import parse_worker_rates
+from dist_quant.cluster.records import log_tail
+from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.runtime.metrics import write_json_atomic
+from dist_quant.train import launch
 
 _DEFAULTS = TrainConfig()
 # the best 1-bit setting of the bandwidth record (benchmarks/bandwidth-2026-11-26)
@@ -234,7 +237,7 @@ class Point:
     latency_ms: float = 0.0
     loss_pct: float = 0.0
     force_cluster: bool = False
-    engine: str = "netns"   # how a cluster point runs: namespaces or containers (compose)
+    engine: str = DEFAULT_ENGINE   # how a cluster point runs: a registered engine's name
     worker_rates: tuple[tuple[int, float], ...] = ()   # (worker, Mbit/s): its own link cap
 
     @property
@@ -250,7 +253,7 @@ class Point:
         ident = {"config": config_identity(self.cfg.to_dict()), "rate_mbit": self.rate_mbit,
                  "latency_ms": self.latency_ms, "loss_pct": self.loss_pct,
                  "runner": self.runner}
-        if self.runner == "cluster" and self.engine != "netns":
+        if self.runner == "cluster" and self.engine != DEFAULT_ENGINE:
             ident["engine"] = self.engine
         if self.worker_rates:
             ident["worker_rates"] = [list(w) for w in self.worker_rates]
@@ -267,10 +270,8 @@ class Point:
             parts.append(f"loss{self.loss_pct:g}")
         parts += [f"w{i}at{r:g}mbit" for i, r in self.worker_rates]
         parts += [f"slow{i}x{f:g}" for i, f in sorted(self.cfg.slow_factors.items())]
-        if self.runner == "cluster" and self.engine == "compose":
-            parts.append("dc")
-        elif self.runner == "cluster" and not self.capped:
-            parts.append("ns")
+        if self.runner == "cluster" and (self.engine != DEFAULT_ENGINE or not self.capped):
+            parts.append(get_engine(self.engine).mark)   # the default's: forced onto it
         parts += [f"s{self.cfg.seed}", digest.hexdigest()[:8]]
         return "_".join(parts)
 
@@ -284,11 +285,13 @@ def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None
                 losses: Sequence[float] = (0.0,), force_cluster: bool = False,
                 base: TrainConfig | None = None,
                 worker_rates: Mapping[int, float] | None = None,
-                engine: str = "netns") -> list[Point]:
+                engine: str = DEFAULT_ENGINE) -> list[Point]:
     """Every combination of link, ``sets`` values and method, as validated points (in that
-    nesting order, methods innermost). Raises ConfigError for a bad combination."""
+    nesting order, methods innermost). Raises ConfigError for a bad combination (or an
+    ``engine`` that is not registered)."""
     if not methods:
         raise ConfigError("--method", "give at least one method (e.g. -m ps-onebit)")
+    get_engine(engine)
     parsed = [parse_method(m) for m in methods]
     sets = dict(sets or {})
     names = list(sets)
@@ -365,14 +368,10 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
     try:
         with output_to(log):
             if point.runner == "cluster":
-                from dist_quant.cluster import run_cluster, run_compose
-
-                run = run_compose if point.engine == "compose" else run_cluster
-                extra = {"worker_rates": dict(point.worker_rates)} if point.worker_rates else {}
-                run(cfg, point.rate_mbit, point.latency_ms, point.loss_pct, **extra)
+                get_engine(point.engine).run(cfg, point.rate_mbit, point.latency_ms,
+                                             point.loss_pct,
+                                             worker_rates=dict(point.worker_rates))
             else:
-                from dist_quant.train import launch
-
                 code = launch(cfg)
     except KeyboardInterrupt:
         raise
@@ -477,7 +476,7 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
                         cluster: bool, seeds: str | None = None,
                         worker_rate: Sequence[str] = (),
                         slow_worker: Sequence[str] = (),
-                        engine: str = "netns") -> list[Point]:
+                        engine: str = DEFAULT_ENGINE) -> list[Point]:
     """The grid of the command line (and ``--grid`` file), validated; ``seeds``: the
     ``--seeds`` list, a ``seed`` axis merged with any ``--set seed=...``; ``worker_rate`` and
     ``slow_worker``: ``I=VALUE`` items for every point."""
@@ -509,12 +508,8 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
     losses = parse_link_list("--loss", loss, False) if loss is not None else \
         [float(v) for v in _as_list(spec.get("loss_pct", 0.0))]
     workers = {int(v) for v in axes.get("workers", [_DEFAULTS.workers])}
-    from dist_quant.cluster.run import parse_worker_rates
-
     uneven = parse_worker_rates(worker_rate, min(workers))
-    if uneven and engine == "compose":
-        raise ConfigError("--worker-rate", "not with --engine compose (the workers are one "
-                          "scaled service); use --engine netns")
+    get_engine(engine).check_links(uneven)
     return expand_grid(list(methods) or list(spec.get("methods", [])), axes, rates, latencies,
                        losses, force_cluster=cluster or bool(spec.get("cluster", False)),
                        worker_rates=uneven, engine=engine)
@@ -542,10 +537,9 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
               help="JSON grid file (methods, set, rate_mbit, latency_ms, loss_pct).")
 @click.option("--cluster", is_flag=True,
               help="Run uncapped points through the namespace cluster too (needs root).")
-@click.option("--engine", type=click.Choice(["netns", "compose"]), default="netns",
-              show_default=True,
-              help="How cluster points run: network namespaces, or containers of "
-                   "docker-compose.yml (launch/docker-host.sh prepares the machine).")
+@click.option("--engine", type=EngineChoice(), default=DEFAULT_ENGINE, show_default=True,
+              help="How cluster points run: " + ", or ".join(e.summary for e in engines())
+                   + ".")
 @click.option("--dry-run", is_flag=True, help="List the points and whether they are done.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar over points on stderr.")
