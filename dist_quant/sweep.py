@@ -22,23 +22,21 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 ``ps-colocated``      the same setting with no dedicated server: every worker serves 1/W
                       of the parameters (``--colocate``)
 ``ps-fast``           colocated, scaled sign in buckets of 32 with fp16 scales and error
-                      feedback on each worker's own momentum (``--worker-momentum``; 1.51
-                      bits per coordinate up), 4-bit downlink in buckets of 512: the steps of
-                      fp32 (benchmarks/convergence-2026-12-06)
+                      feedback on each worker's own momentum (``--worker-momentum``; about
+                      1.5 bits per coordinate up), 4-bit downlink in buckets of 512 (chosen in
+                      benchmarks/convergence-2026-12-06)
 ``ps-tolerant``       the same setting on the star, asynchronous (``--consistency async``),
-                      momentum 0.5 and lr 1.0: the mode that hides a straggler best in the
-                      stragglers record (benchmarks/stragglers-2026-12-06). Async keeps every
-                      fast worker busy whatever the slowest does; its staleness acts as extra
-                      momentum (Mitliagkas et al. 2016), so the explicit momentum is lowered
-                      and the lr raised to keep the effective step lr / (1 - momentum) = 2.0 of
-                      the default (sync at 0.2 and 0.9); at the defaults async needs about 2x
-                      the steps of sync to 68%
+                      momentum 0.5 and lr 1.0 (chosen in benchmarks/stragglers-2026-12-06).
+                      Async keeps every fast worker busy whatever the slowest does; its
+                      staleness acts as extra momentum (Mitliagkas et al. 2016), so the
+                      explicit momentum is lowered and the lr raised to keep the effective
+                      step lr / (1 - momentum) = 2.0 of the default (sync at 0.2 and 0.9)
 ``ps-qsgd``           QSGD, ``--qsgd-levels`` levels, L2 norm per bucket (Alistarh et al. 2017)
 ``ps-terngrad``       TernGrad, ternary with max scaling per bucket (Wen et al. 2017)
 ``ps-topk-ef``        top-k (``--sparsity-ratio``) with error feedback
 ``ps-randk``          random-k rescaled by n / k (unbiased), ``--sparsity-ratio``; its variance
-                      is (n / k - 1) ||g||^2, so at the default ratio 0.01 and lr 0.2 the
-                      default job diverges (``--set sparsity_ratio=0.25`` learns)
+                      is (n / k - 1) ||g||^2, so a small ratio needs a small lr (at the
+                      defaults it diverges: benchmarks/baselines-2026-12-01)
 ``ddp-fp32``          torch DDP, fp32 gloo allreduce
 ``ddp-fp16``          torch DDP, ``fp16_compress_hook``
 ``ddp-powersgd``      torch DDP, PowerSGD hook (``--powersgd-rank``)
@@ -63,11 +61,15 @@ point's name (``w1at1mbit``, ``slow1x4``). A grid file
 "rate_mbit": [10, null], "latency_ms": [0], "loss_pct": [0]}``; options given on the command
 line replace the file's values for that axis (``--set`` per field).
 
-Runs. A point with a rate cap, latency or loss runs on the namespace cluster
-(:func:`dist_quant.cluster.run_cluster`: real TCP over shaped links, needs root); an uncapped
-point runs locally through torchrun (:func:`dist_quant.train.launch`) unless ``--cluster``
-sends it through namespaces too; with ``--engine compose`` cluster points run as containers
-(:func:`dist_quant.cluster.run_compose`, names marked ``dc``). Each point's directory
+Runs. A point with a rate cap, latency or loss runs on a cluster engine
+(:class:`dist_quant.cluster.engine.Engine`, named by ``--engine`` from
+:mod:`dist_quant.cluster.registry`: real TCP over shaped links); an uncapped point runs locally
+through torchrun (:func:`dist_quant.train.launch`) unless ``--cluster`` sends it through the
+engine too. The default engine, ``netns``, runs network namespaces (needs root;
+:func:`dist_quant.cluster.run_cluster`); ``--engine compose`` runs containers
+(:func:`dist_quant.cluster.run_compose`). A point run on another engine than the default, or
+forced onto the default one, carries the engine's mark in its name (``dc``, ``ns``). Each
+point's directory
 (``OUT/<name>``) holds the run (``config.json``, ``metrics.jsonl``, ``summary.json``, and
 ``link.json``/``wire.json`` from the cluster), ``point.json`` (label, preset, link, runner,
 engine) and ``log.txt`` (the job's output).

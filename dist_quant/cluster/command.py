@@ -12,7 +12,9 @@ Examples::
 
 Needs root (network namespaces, veth, tc). ``--engine compose`` runs the same hosts as
 containers of ``docker-compose.yml`` (:mod:`dist_quant.cluster.compose`; prepare the machine
-with ``launch/docker-host.sh``); the records are the same. The training options are those of
+with ``launch/docker-host.sh``); the records are the same. ``--engine`` takes any engine of
+:mod:`dist_quant.cluster.registry`, asked in the order :mod:`dist_quant.cluster.engine` states
+(root, the machine, the links, the run). The training options are those of
 ``dist-quant train``, one to one, checked the same way before anything is built
 (:mod:`dist_quant.runner.preflight`). While the job runs it shows the training progress (steps,
 loss, accuracy, MB up and down); it ends with the summary line of ``dist-quant train`` and one

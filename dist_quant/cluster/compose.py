@@ -21,6 +21,9 @@ does (``engine: "compose"``; ``seconds`` from the first counter snapshot before 
 the last one after; no ``steady`` window: the containers' counters are read before and after
 the job only). Containers and the network are removed on success, failure and Ctrl-C
 (``compose down``); the ifb devices live in the containers' namespaces and go with them.
+
+:class:`ComposeEngine` is this runner as the cluster engine ``compose``
+(:mod:`dist_quant.cluster.engine`).
 """
 
 from __future__ import annotations

@@ -15,11 +15,6 @@ Records written into the run directory next to the training job's own files:
   ``loss_pct``, ``hosts``, ``mtu``, ``queue_frames``, ``worker_rates`` (``{"I": Mbit/s}``:
   worker I's own cap, ``--worker-rate``; empty when every link has ``rate_mbit``) and
   ``tc_commands`` (what the first host ran; every host runs the same, at its own rate).
-
-Uneven links. ``--worker-rate I=MBIT`` shapes worker I's host (``w{I+1}``) at its own rate in
-both directions; every other host keeps ``rate_mbit``. The parameter-server hosts carry
-``DIST_QUANT_WORKER=I`` (:mod:`dist_quant.ps.placement`), so the training job's worker I,
-the one ``--slow-worker I=...`` slows, is the one on that link.
 - ``wire.json``: eth0 counters read before the agents start and after they exit.
   ``wire_bytes_up`` = bytes the workers transmitted, ``wire_bytes_down`` = bytes the server
   transmitted (ddp: all ranks transmit; the total is split evenly, as ``metrics.jsonl`` does
@@ -28,7 +23,7 @@ the one ``--slow-worker I=...`` slows, is the one on that link.
   bytes and packets, pure ACKs received, qdisc drops). Wire bytes are Ethernet frames:
   payload + TCP/IP/Ethernet headers (66 bytes per frame with TCP timestamps) + the ACKs of
   the other direction + rendezvous, gloo handshakes and receive notices, telemetry and
-  control messages, and torchrun's rendezvous keep-alives (about 1.4 kB per agent every 5 s).
+  control messages, and torchrun's rendezvous keep-alives.
   ``steady`` holds the same figures for training steps alone, counted where the bytes arrive:
   counters are read (from ``/proc/<pid>/net/dev`` and the ACK filter) when a step line
   appears in ``metrics.jsonl`` (at most every 0.25 s); the window runs from the mark a
@@ -40,6 +35,14 @@ the one ``--slow-worker I=...`` slows, is the one on that link.
   than the 20 ms poll (any capped link of interest; not on an uncapped one). The downlink of
   that step may still be in flight at either end, so the downlink figures are exact to a
   fraction of one step's downlink at each end.
+
+Uneven links. ``--worker-rate I=MBIT`` shapes worker I's host (``w{I+1}``) at its own rate in
+both directions; every other host keeps ``rate_mbit``. The parameter-server hosts carry
+``DIST_QUANT_WORKER=I`` (:mod:`dist_quant.ps.placement`), so the training job's worker I,
+the one ``--slow-worker I=...`` slows, is the one on that link.
+
+:class:`NetnsEngine` is this runner as the cluster engine ``netns``
+(:mod:`dist_quant.cluster.engine`).
 """
 
 from __future__ import annotations
