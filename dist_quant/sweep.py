@@ -22,23 +22,21 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 ``ps-colocated``      the same setting with no dedicated server: every worker serves 1/W
                       of the parameters (``--colocate``)
 ``ps-fast``           colocated, scaled sign in buckets of 32 with fp16 scales and error
-                      feedback on each worker's own momentum (``--worker-momentum``; 1.51
-                      bits per coordinate up), 4-bit downlink in buckets of 512: the steps of
-                      fp32 (benchmarks/convergence-2026-12-06)
+                      feedback on each worker's own momentum (``--worker-momentum``; about
+                      1.5 bits per coordinate up), 4-bit downlink in buckets of 512 (chosen in
+                      benchmarks/convergence-2026-12-06)
 ``ps-tolerant``       the same setting on the star, asynchronous (``--consistency async``),
-                      momentum 0.5 and lr 1.0: the mode that hides a straggler best in the
-                      stragglers record (benchmarks/stragglers-2026-12-06). Async keeps every
-                      fast worker busy whatever the slowest does; its staleness acts as extra
-                      momentum (Mitliagkas et al. 2016), so the explicit momentum is lowered
-                      and the lr raised to keep the effective step lr / (1 - momentum) = 2.0 of
-                      the default (sync at 0.2 and 0.9); at the defaults async needs about 2x
-                      the steps of sync to 68%
+                      momentum 0.5 and lr 1.0 (chosen in benchmarks/stragglers-2026-12-06).
+                      Async keeps every fast worker busy whatever the slowest does; its
+                      staleness acts as extra momentum (Mitliagkas et al. 2016), so the
+                      explicit momentum is lowered and the lr raised to keep the effective
+                      step lr / (1 - momentum) = 2.0 of the default (sync at 0.2 and 0.9)
 ``ps-qsgd``           QSGD, ``--qsgd-levels`` levels, L2 norm per bucket (Alistarh et al. 2017)
 ``ps-terngrad``       TernGrad, ternary with max scaling per bucket (Wen et al. 2017)
 ``ps-topk-ef``        top-k (``--sparsity-ratio``) with error feedback
 ``ps-randk``          random-k rescaled by n / k (unbiased), ``--sparsity-ratio``; its variance
-                      is (n / k - 1) ||g||^2, so at the default ratio 0.01 and lr 0.2 the
-                      default job diverges (``--set sparsity_ratio=0.25`` learns)
+                      is (n / k - 1) ||g||^2, so a small ratio needs a small lr (at the
+                      defaults it diverges: benchmarks/baselines-2026-12-01)
 ``ddp-fp32``          torch DDP, fp32 gloo allreduce
 ``ddp-fp16``          torch DDP, ``fp16_compress_hook``
 ``ddp-powersgd``      torch DDP, PowerSGD hook (``--powersgd-rank``)
@@ -63,11 +61,15 @@ point's name (``w1at1mbit``, ``slow1x4``). A grid file
 "rate_mbit": [10, null], "latency_ms": [0], "loss_pct": [0]}``; options given on the command
 line replace the file's values for that axis (``--set`` per field).
 
-Runs. A point with a rate cap, latency or loss runs on the namespace cluster
-(:func:`dist_quant.cluster.run_cluster`: real TCP over shaped links, needs root); an uncapped
-point runs locally through torchrun (:func:`dist_quant.train.launch`) unless ``--cluster``
-sends it through namespaces too; with ``--engine compose`` cluster points run as containers
-(:func:`dist_quant.cluster.run_compose`, names marked ``dc``). Each point's directory
+Runs. A point with a rate cap, latency or loss runs on a cluster engine
+(:class:`dist_quant.cluster.engine.Engine`, named by ``--engine`` from
+:mod:`dist_quant.cluster.registry`: real TCP over shaped links); an uncapped point runs locally
+through torchrun (:func:`dist_quant.train.launch`) unless ``--cluster`` sends it through the
+engine too. The default engine, ``netns``, runs network namespaces (needs root;
+:func:`dist_quant.cluster.run_cluster`); ``--engine compose`` runs containers
+(:func:`dist_quant.cluster.run_compose`). A point run on another engine than the default, or
+forced onto the default one, carries the engine's mark in its name (``dc``, ``ns``). Each
+point's directory
 (``OUT/<name>``) holds the run (``config.json``, ``metrics.jsonl``, ``summary.json``, and
 ``link.json``/``wire.json`` from the cluster), ``point.json`` (label, preset, link, runner,
 engine) and ``log.txt`` (the job's output).
@@ -101,11 +103,14 @@ from typing import Any
 
 import click
 
-from dist_quant.cluster.run import log_tail
+from dist_quant.cluster.engine import parse_worker_rates
+from dist_quant.cluster.records import log_tail
+from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.presets import PRESETS
 from dist_quant.runtime.metrics import write_json_atomic
+from dist_quant.train import launch
 
 _DEFAULTS = TrainConfig()
 # fields that say nothing about the run's result (left out of a point's identity)
@@ -197,7 +202,7 @@ class Point:
     latency_ms: float = 0.0
     loss_pct: float = 0.0
     force_cluster: bool = False
-    engine: str = "netns"   # how a cluster point runs: namespaces or containers (compose)
+    engine: str = DEFAULT_ENGINE   # how a cluster point runs: a registered engine's name
     worker_rates: tuple[tuple[int, float], ...] = ()   # (worker, Mbit/s): its own link cap
 
     @property
@@ -213,7 +218,7 @@ class Point:
         ident = {"config": config_identity(self.cfg.to_dict()), "rate_mbit": self.rate_mbit,
                  "latency_ms": self.latency_ms, "loss_pct": self.loss_pct,
                  "runner": self.runner}
-        if self.runner == "cluster" and self.engine != "netns":
+        if self.runner == "cluster" and self.engine != DEFAULT_ENGINE:
             ident["engine"] = self.engine
         if self.worker_rates:
             ident["worker_rates"] = [list(w) for w in self.worker_rates]
@@ -230,10 +235,8 @@ class Point:
             parts.append(f"loss{self.loss_pct:g}")
         parts += [f"w{i}at{r:g}mbit" for i, r in self.worker_rates]
         parts += [f"slow{i}x{f:g}" for i, f in sorted(self.cfg.slow_factors.items())]
-        if self.runner == "cluster" and self.engine == "compose":
-            parts.append("dc")
-        elif self.runner == "cluster" and not self.capped:
-            parts.append("ns")
+        if self.runner == "cluster" and (self.engine != DEFAULT_ENGINE or not self.capped):
+            parts.append(get_engine(self.engine).mark)   # the default's: forced onto it
         parts += [f"s{self.cfg.seed}", digest.hexdigest()[:8]]
         return "_".join(parts)
 
@@ -247,11 +250,13 @@ def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None
                 losses: Sequence[float] = (0.0,), force_cluster: bool = False,
                 base: TrainConfig | None = None,
                 worker_rates: Mapping[int, float] | None = None,
-                engine: str = "netns") -> list[Point]:
+                engine: str = DEFAULT_ENGINE) -> list[Point]:
     """Every combination of link, ``sets`` values and method, as validated points (in that
-    nesting order, methods innermost). Raises ConfigError for a bad combination."""
+    nesting order, methods innermost). Raises ConfigError for a bad combination (or an
+    ``engine`` that is not registered)."""
     if not methods:
         raise ConfigError("--method", "give at least one method (e.g. -m ps-onebit)")
+    get_engine(engine)
     parsed = [parse_method(m) for m in methods]
     sets = dict(sets or {})
     names = list(sets)
@@ -328,14 +333,10 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
     try:
         with output_to(log):
             if point.runner == "cluster":
-                from dist_quant.cluster import run_cluster, run_compose
-
-                run = run_compose if point.engine == "compose" else run_cluster
-                extra = {"worker_rates": dict(point.worker_rates)} if point.worker_rates else {}
-                run(cfg, point.rate_mbit, point.latency_ms, point.loss_pct, **extra)
+                get_engine(point.engine).run(cfg, point.rate_mbit, point.latency_ms,
+                                             point.loss_pct,
+                                             worker_rates=dict(point.worker_rates))
             else:
-                from dist_quant.train import launch
-
                 code = launch(cfg)
     except KeyboardInterrupt:
         raise
@@ -440,7 +441,7 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
                         cluster: bool, seeds: str | None = None,
                         worker_rate: Sequence[str] = (),
                         slow_worker: Sequence[str] = (),
-                        engine: str = "netns") -> list[Point]:
+                        engine: str = DEFAULT_ENGINE) -> list[Point]:
     """The grid of the command line (and ``--grid`` file), validated; ``seeds``: the
     ``--seeds`` list, a ``seed`` axis merged with any ``--set seed=...``; ``worker_rate`` and
     ``slow_worker``: ``I=VALUE`` items for every point."""
@@ -472,12 +473,8 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
     losses = parse_link_list("--loss", loss, False) if loss is not None else \
         [float(v) for v in _as_list(spec.get("loss_pct", 0.0))]
     workers = {int(v) for v in axes.get("workers", [_DEFAULTS.workers])}
-    from dist_quant.cluster.run import parse_worker_rates
-
     uneven = parse_worker_rates(worker_rate, min(workers))
-    if uneven and engine == "compose":
-        raise ConfigError("--worker-rate", "not with --engine compose (the workers are one "
-                          "scaled service); use --engine netns")
+    get_engine(engine).check_links(uneven)
     return expand_grid(list(methods) or list(spec.get("methods", [])), axes, rates, latencies,
                        losses, force_cluster=cluster or bool(spec.get("cluster", False)),
                        worker_rates=uneven, engine=engine)
@@ -505,10 +502,9 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
               help="JSON grid file (methods, set, rate_mbit, latency_ms, loss_pct).")
 @click.option("--cluster", is_flag=True,
               help="Run uncapped points through the namespace cluster too (needs root).")
-@click.option("--engine", type=click.Choice(["netns", "compose"]), default="netns",
-              show_default=True,
-              help="How cluster points run: network namespaces, or containers of "
-                   "docker-compose.yml (launch/docker-host.sh prepares the machine).")
+@click.option("--engine", type=EngineChoice(), default=DEFAULT_ENGINE, show_default=True,
+              help="How cluster points run: " + ", or ".join(e.summary for e in engines())
+                   + ".")
 @click.option("--dry-run", is_flag=True, help="List the points and whether they are done.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar over points on stderr.")

@@ -55,6 +55,7 @@ import click
 
 from dist_quant.config import TrainConfig, click_options
 from dist_quant.errors import ConfigError
+from dist_quant.runner.options import config_error, config_from_options  # noqa: F401 (also from here)
 from dist_quant.runtime.rank import (  # noqa: F401 (the rank's side, also reachable from here)
     STARTUP_TIMEOUT,
     attempt,
@@ -69,44 +70,6 @@ from dist_quant.runtime.rank import (  # noqa: F401 (the rank's side, also reach
 
 
 # ---- configuration ---------------------------------------------------------------------------
-def config_from_options(ctx: click.Context, params: dict[str, Any]) -> tuple[TrainConfig, set]:
-    """The validated config of a command line, and the names of the options given explicitly.
-
-    With ``--resume RUN_DIR`` the run's saved config is the base and only the options given on
-    this command line change it (the checkpoint check refuses changes that alter the run); so
-    with ``--replay RUN_DIR`` (a new run directory unless given).
-    """
-    from click.core import ParameterSource
-
-    from dist_quant.runner.preflight import read_saved_config
-
-    explicit = {name for name in params
-                if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
-    values = dict(params)
-    if params["replay"] and not params["resume"]:
-        # the replayed run's options, but those given here (a new run directory by default)
-        try:
-            base = read_saved_config(params["replay"])
-        except ConfigError as err:
-            raise ConfigError("--replay", str(err).split(": ", 1)[-1]) from None
-        values = {**{k: v for k, v in base.items() if k in params and k != "run_dir"},
-                  **{k: params[k] for k in explicit}, "replay": params["replay"],
-                  "run_dir": params["run_dir"]}
-    if params["resume"]:
-        base = read_saved_config(params["resume"])
-        known = set(params)
-        values = {**{k: v for k, v in base.items() if k in known},
-                  **{k: params[k] for k in explicit}, "resume": params["resume"]}
-        if "run_dir" not in explicit:
-            values["run_dir"] = params["resume"]
-    cfg = TrainConfig.from_dict(values).validate()
-    if cfg.resume:
-        from dist_quant.runtime.checkpoint import load_for_resume
-
-        load_for_resume(cfg)  # refuses an incompatible continuation before anything starts
-    return cfg, explicit
-
-
 def full_argv(cfg: TrainConfig) -> list[str]:
     """Every option of ``cfg`` on a command line (so a resumed run's processes agree)."""
     return cfg.to_argv(defaults=True)
@@ -144,12 +107,6 @@ def launch(cfg: TrainConfig, extra_env: dict[str, str] | None = None,
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
     print(f"dist-quant train: run directory {cfg.run_dir}", file=sys.stderr, flush=True)
     return run_torchrun(torchrun_command(cfg), env, Path(cfg.run_dir), cfg.method)
-
-
-def config_error(err: ConfigError) -> None:
-    """One line on stderr naming the option, then exit 2 (click's usage block left out)."""
-    click.echo(f"Error: {err}", err=True)
-    sys.exit(2)
 
 
 @click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -217,7 +174,7 @@ def backend_failure(err: BaseException) -> str:
     """The line for an error of torch.distributed or its backend that no role named: what
     happened and what to read first, then the error's first line without its source location
     (the traceback stays in the log)."""
-    from dist_quant.transport import _cause
+    from dist_quant.core.transport import _cause
 
     return (f"the process group failed (a peer ended, or the rendezvous or a link cannot be "
             f"reached); read the other ranks' lines first, then launch.log in the run directory "

@@ -384,9 +384,9 @@ def test_a_stop_signal_is_heard_even_when_inherited_ignored_or_blocked(sig):
     without job control; a parent that ignored them) still stops on each, cleanup first."""
     code = textwrap.dedent("""
         import signal, sys, time
-        from dist_quant.cluster.run import _interrupts_raise
+        from dist_quant.cluster.signals import interrupts_raise
         try:
-            with _interrupts_raise():
+            with interrupts_raise():
                 print("ready", flush=True)
                 time.sleep(60)
         except KeyboardInterrupt:

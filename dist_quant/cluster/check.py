@@ -16,6 +16,8 @@ import click
 
 from dist_quant.config import click_options
 from dist_quant.errors import ConfigError
+from dist_quant.runner.options import config_from_options
+from dist_quant.runner.preflight import preflight
 
 
 @click.command("dist_quant.cluster.check",
@@ -24,9 +26,6 @@ from dist_quant.errors import ConfigError
 @click.pass_context
 def main(ctx: click.Context, **params: Any) -> None:
     """Exit 0 when the options would start a job, else 2 with one line naming the problem."""
-    from dist_quant.runner.preflight import preflight
-    from dist_quant.train import config_from_options
-
     try:
         cfg, explicit = config_from_options(ctx, params)
         preflight(cfg, explicit)

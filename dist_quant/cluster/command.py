@@ -12,7 +12,9 @@ Examples::
 
 Needs root (network namespaces, veth, tc). ``--engine compose`` runs the same hosts as
 containers of ``docker-compose.yml`` (:mod:`dist_quant.cluster.compose`; prepare the machine
-with ``launch/docker-host.sh``); the records are the same. The training options are those of
+with ``launch/docker-host.sh``); the records are the same. ``--engine`` takes any engine of
+:mod:`dist_quant.cluster.registry`, asked in the order :mod:`dist_quant.cluster.engine` states
+(root, the machine, the links, the run). The training options are those of
 ``dist-quant train``, one to one, checked the same way before anything is built
 (:mod:`dist_quant.runner.preflight`). While the job runs it shows the training progress (steps,
 loss, accuracy, MB up and down); it ends with the summary line of ``dist-quant train`` and one
@@ -28,7 +30,14 @@ from typing import Any
 
 import click
 
+from dist_quant.cluster.engine import ClusterError, parse_worker_rates
+from dist_quant.cluster.netns import cleanup_stale, require_root
+from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
 from dist_quant.config import click_options
+from dist_quant.errors import ConfigError
+from dist_quant.runner.options import config_error, config_from_options
+from dist_quant.runner.preflight import preflight
+from dist_quant.runtime.progress import summary_line
 
 
 @click.command("cluster", context_settings={"help_option_names": ["-h", "--help"]})
@@ -42,10 +51,8 @@ from dist_quant.config import click_options
 @click.option("--worker-rate", "worker_rate", multiple=True, metavar="I=MBIT",
               help="Worker I's own link cap in Mbit/s, both directions (repeatable; 0-based, "
                    "host w{I+1}); the other hosts keep --rate.")
-@click.option("--engine", type=click.Choice(["netns", "compose"]), default="netns",
-              show_default=True,
-              help="netns: one network namespace per host; compose: one container per host "
-                   "(docker-compose.yml; launch/docker-host.sh prepares the machine).")
+@click.option("--engine", type=EngineChoice(), default=DEFAULT_ENGINE, show_default=True,
+              help="; ".join(f"{e.name}: {e.help}" for e in engines()) + ".")
 @click.option("--cleanup", is_flag=True,
               help="Only remove namespaces left by cluster runs whose process is gone.")
 @click_options()
@@ -57,16 +64,9 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
     Writes link.json and wire.json (bytes on the wire beside payload bytes) into the run
     directory, next to the training job's files.
     """
-    from dist_quant.cluster.compose import check_engine, run_compose
-    from dist_quant.cluster.netns import ClusterError, cleanup_stale, require_root
-    from dist_quant.cluster.run import parse_worker_rates, run_cluster
-    from dist_quant.errors import ConfigError
-    from dist_quant.runner.preflight import preflight
-    from dist_quant.runtime.progress import summary_line
-    from dist_quant.train import config_error, config_from_options
-
     try:
-        if engine == "netns" or cleanup:
+        chosen = get_engine(engine)
+        if chosen.needs_root or cleanup:
             require_root()
         if cleanup:
             removed = cleanup_stale()
@@ -77,17 +77,11 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
             raise ConfigError("--simulate", "the cluster runs the distributed job; drop "
                               "--simulate")
         rates = parse_worker_rates(worker_rate, cfg.workers)
-        if engine == "compose":
-            check_engine()   # before anything is announced or checked: what is missing
+        chosen.check()   # before anything is announced or checked: what is missing
         cfg = preflight(cfg, explicit)
         click.echo(f"dist-quant cluster: run directory {cfg.run_dir}", err=True)
-        if engine == "compose":
-            if rates:
-                raise ConfigError("--worker-rate", "not with --engine compose (the workers "
-                                  "are one scaled service); use --engine netns")
-            out = run_compose(cfg, rate or None, latency, loss, mtu=mtu)
-        else:
-            out = run_cluster(cfg, rate or None, latency, loss, mtu=mtu, worker_rates=rates)
+        chosen.check_links(rates)
+        out = chosen.run(cfg, rate or None, latency, loss, mtu=mtu, worker_rates=rates)
     except ConfigError as err:
         config_error(err)
     except ClusterError as err:

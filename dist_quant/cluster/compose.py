@@ -21,6 +21,9 @@ does (``engine: "compose"``; ``seconds`` from the first counter snapshot before 
 the last one after; no ``steady`` window: the containers' counters are read before and after
 the job only). Containers and the network are removed on success, failure and Ctrl-C
 (``compose down``); the ifb devices live in the containers' namespaces and go with them.
+
+:class:`ComposeEngine` is this runner as the cluster engine ``compose``
+(:mod:`dist_quant.cluster.engine`).
 """
 
 from __future__ import annotations
@@ -34,25 +37,20 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dist_quant.analysis.linkmodel import Link
 from dist_quant.cluster.counters import parse_acks, parse_net_dev, parse_qdiscs
-from dist_quant.cluster.netns import ClusterError
-from dist_quant.cluster.run import (
-    QUEUE_FRAMES,
-    REPO,
-    MetricsTail,
-    _interrupts_raise,
-    _no_interrupts,
-    traffic,
-    wire_record,
-)
+from dist_quant.cluster.engine import ClusterError, Engine
+from dist_quant.cluster.records import QUEUE_FRAMES, REPO, MetricsTail, traffic, wire_record
+from dist_quant.cluster.signals import interrupts_raise, no_interrupts
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.runner.launcher import SHOWN
 from dist_quant.runtime.metrics import write_json_atomic
+from dist_quant.runtime.rank import default_run_dir
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
 HOST_SCRIPT = REPO / "launch" / "docker-host.sh"
@@ -309,8 +307,6 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     :func:`dist_quant.cluster.run.run_cluster`; raises :class:`ComposeError` with the failing
     ranks' own lines when the job fails.
     """
-    from dist_quant.runtime.rank import default_run_dir
-
     if cfg.simulate:
         raise ConfigError("--simulate", "the cluster runs the distributed job; drop --simulate")
     cfg = cfg.validate()
@@ -332,7 +328,7 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     code = None
     proc: subprocess.Popen | None = None
     try:
-        with _interrupts_raise(), open(log, "w") as fh:
+        with interrupts_raise(), open(log, "w") as fh:
             # no --exit-code-from: it stops every container once the first has left, before
             # the others wrote their counters; a failed rank ends the others within --timeout
             proc = subprocess.Popen(
@@ -353,7 +349,7 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
                     raise ClusterError(f"the job did not finish within {deadline_s:g} s")
     finally:
         tail.close()
-        with _no_interrupts():
+        with no_interrupts():
             remove_project(base, env, project, interrupted=code is None, up=proc)
     if code != 0:
         lines = failure_lines(log) or [f"compose exited with status {code}; log {log}"]
@@ -381,3 +377,27 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     write_json_atomic(run_dir / "link.json", link_rec)
     write_json_atomic(run_dir / "wire.json", wire)
     return {"run_dir": str(run_dir), "link": link_rec, "wire": wire, "seconds": seconds}
+
+
+class ComposeEngine(Engine):
+    """``--engine compose``: one container per host (``docker-compose.yml``)."""
+
+    name = "compose"
+    mark = "dc"
+    help = ("one container per host (docker-compose.yml; launch/docker-host.sh prepares the "
+            "machine)")
+    summary = "containers of docker-compose.yml (launch/docker-host.sh prepares the machine)"
+
+    def check(self) -> None:
+        check_engine()
+
+    def check_links(self, worker_rates: Mapping[int, float]) -> None:
+        if worker_rates:
+            raise ConfigError("--worker-rate", "not with --engine compose (the workers are one "
+                              "scaled service); use --engine netns")
+
+    def run(self, cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
+            loss_pct: float = 0.0, *, mtu: int = 1500,
+            worker_rates: Mapping[int, float] | None = None) -> dict[str, Any]:
+        self.check_links(worker_rates or {})
+        return run_compose(cfg, rate_mbit, latency_ms, loss_pct, mtu=mtu)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dist_quant.cluster.counters import IFACE, parse_acks, parse_net_dev, parse_qdiscs
+from dist_quant.cluster.engine import ClusterError
 
 SUBNET = "10.77.0"  # private /24 inside the run's own namespaces; never routed anywhere
 MAX_HOSTS = 250
@@ -53,10 +54,6 @@ _NAME = re.compile(r"^dq(\d+)-(\d+)-")
 _seq = itertools.count()
 IP_TIMEOUT_S = 60.0   # an `ip` call waits for the kernel's lock of the network stack
 KILL_WAIT_S = 5.0     # after SIGKILL, for a process to be reaped
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be built, a host failed, or the machine cannot host one."""
 
 
 def require_root() -> None:

@@ -15,11 +15,6 @@ Records written into the run directory next to the training job's own files:
   ``loss_pct``, ``hosts``, ``mtu``, ``queue_frames``, ``worker_rates`` (``{"I": Mbit/s}``:
   worker I's own cap, ``--worker-rate``; empty when every link has ``rate_mbit``) and
   ``tc_commands`` (what the first host ran; every host runs the same, at its own rate).
-
-Uneven links. ``--worker-rate I=MBIT`` shapes worker I's host (``w{I+1}``) at its own rate in
-both directions; every other host keeps ``rate_mbit``. The parameter-server hosts carry
-``DIST_QUANT_WORKER=I`` (:mod:`dist_quant.ps.placement`), so the training job's worker I,
-the one ``--slow-worker I=...`` slows, is the one on that link.
 - ``wire.json``: eth0 counters read before the agents start and after they exit.
   ``wire_bytes_up`` = bytes the workers transmitted, ``wire_bytes_down`` = bytes the server
   transmitted (ddp: all ranks transmit; the total is split evenly, as ``metrics.jsonl`` does
@@ -28,7 +23,7 @@ the one ``--slow-worker I=...`` slows, is the one on that link.
   bytes and packets, pure ACKs received, qdisc drops). Wire bytes are Ethernet frames:
   payload + TCP/IP/Ethernet headers (66 bytes per frame with TCP timestamps) + the ACKs of
   the other direction + rendezvous, gloo handshakes and receive notices, telemetry and
-  control messages, and torchrun's rendezvous keep-alives (about 1.4 kB per agent every 5 s).
+  control messages, and torchrun's rendezvous keep-alives.
   ``steady`` holds the same figures for training steps alone, counted where the bytes arrive:
   counters are read (from ``/proc/<pid>/net/dev`` and the ACK filter) when a step line
   appears in ``metrics.jsonl`` (at most every 0.25 s); the window runs from the mark a
@@ -40,6 +35,14 @@ the one ``--slow-worker I=...`` slows, is the one on that link.
   than the 20 ms poll (any capped link of interest; not on an uncapped one). The downlink of
   that step may still be in flight at either end, so the downlink figures are exact to a
   fraction of one step's downlink at each end.
+
+Uneven links. ``--worker-rate I=MBIT`` shapes worker I's host (``w{I+1}``) at its own rate in
+both directions; every other host keeps ``rate_mbit``. The parameter-server hosts carry
+``DIST_QUANT_WORKER=I`` (:mod:`dist_quant.ps.placement`), so the training job's worker I,
+the one ``--slow-worker I=...`` slows, is the one on that link.
+
+:class:`NetnsEngine` is this runner as the cluster engine ``netns``
+(:mod:`dist_quant.cluster.engine`).
 """
 
 from __future__ import annotations
@@ -47,14 +50,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
-import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dist_quant.analysis.linkmodel import Link
+from dist_quant.cluster.engine import Engine, parse_worker_rates
 from dist_quant.cluster.netns import (
     Cluster,
     ClusterError,
@@ -64,17 +67,29 @@ from dist_quant.cluster.netns import (
     read_proc_net_dev,
     require_root,
 )
+from dist_quant.cluster.records import (
+    QUEUE_FRAMES,
+    REPO,
+    JsonlFollower,
+    MetricsTail,
+    log_tail,
+    traffic,
+    wire_record,
+)
+from dist_quant.cluster.signals import interrupts_raise, no_interrupts
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
-from dist_quant.ps.schedule import is_eval_step
 from dist_quant.runtime.metrics import write_json_atomic
+from dist_quant.runtime.rank import default_run_dir
 
-REPO = Path(__file__).resolve().parents[2]
+# parse_worker_rates is also reachable from here
+__all__ = ["NetnsEngine", "cluster_roles", "host_links", "node_env", "parse_worker_rates",
+           "run_cluster", "run_hosts"]
+
 NODE_SCRIPT = REPO / "launch" / "node.sh"
 RDZV_PORT = 29400
 POLL_S = 0.02
 MARK_EVERY_S = 0.25  # at most 4 counter marks a second (each reads tc statistics per host)
-QUEUE_FRAMES = 1000  # rate limiter queue: as deep as a NIC queue (txqueuelen 1000)
 
 
 def node_env(host: Host, link: Link, *, role: str, nnodes: int, rdzv_host: str, run_id: str,
@@ -90,40 +105,6 @@ def node_env(host: Host, link: Link, *, role: str, nnodes: int, rdzv_host: str, 
             "DQ_QUEUE_FRAMES": str(QUEUE_FRAMES), "DQ_ROLE": role, "DQ_NNODES": str(nnodes),
             "DQ_RDZV_HOST": rdzv_host, "DQ_RDZV_PORT": str(RDZV_PORT), "DQ_RUN_ID": run_id,
             "DQ_MODULE": module, "DQ_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    """The last ``lines`` lines of the text file ``path`` ("" when it cannot be read)."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-class JsonlFollower:
-    """The records appended to a JSON-lines file since the last call (a file rewritten shorter,
-    as a resume does, is read again from its start; a line still being written waits)."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.partial = path, 0, ""
-
-    def new_records(self) -> list[dict]:
-        try:
-            with open(self.path) as fh:
-                if os.fstat(fh.fileno()).st_size < self.offset:
-                    self.offset, self.partial = 0, ""
-                fh.seek(self.offset)
-                chunk = fh.read()
-                self.offset = fh.tell()
-        except OSError:
-            return []
-        lines = (self.partial + chunk).split("\n")
-        self.partial = lines.pop()
-        records = []
-        for line in filter(None, lines):
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-        return records
 
 
 class StepWindow:
@@ -171,38 +152,6 @@ class StepWindow:
         if len(self.marks) < 4:
             return self.marks[0], self.marks[-1]
         return self.marks[len(self.marks) // 4], self.marks[-2]
-
-
-class MetricsTail:
-    """Follows ``metrics.jsonl`` while the hosts run and draws the training progress (steps,
-    loss, accuracy, MB up and down) with :class:`dist_quant.runtime.progress.Progress` on stderr:
-    the
-    server's own bar goes to its host log."""
-
-    def __init__(self, metrics: Path, cfg: TrainConfig):
-        from dist_quant.runtime.progress import Progress
-
-        self.follower, self.cfg = JsonlFollower(metrics), cfg
-        self.progress = Progress(cfg.steps, cfg.progress)
-        self.acc = float("nan")
-        self.losses: dict[int, float] = {}  # training loss of each step seen
-
-    def poll(self) -> None:
-        for rec in self.follower.new_records():
-            kind = rec.get("kind")
-            if kind == "step":
-                self.losses[rec["step"]] = rec["loss"]
-            if kind == "eval":
-                self.acc = rec["test_accuracy"]
-            # an evaluation step is drawn at its eval line, which follows the step's line
-            # (--eval-lag steps later: the line carries its own step's bytes)
-            if kind == "eval" or (kind == "step" and not is_eval_step(self.cfg, rec["step"])):
-                self.progress.update(rec["step"], self.losses.get(rec["step"], float("nan")),
-                                     self.acc, rec["cum_bytes_up"], rec["cum_bytes_down"])
-
-    def close(self) -> None:
-        self.poll()
-        self.progress.close()
 
 
 def host_links(labels: list[str], link: Link,
@@ -310,42 +259,6 @@ def _merge(a: dict[str, dict], b: dict[str, dict]) -> dict[str, dict]:
     return {h: {**a[h], **b[h]} for h in a}
 
 
-def _ratio(wire: int, payload: int) -> float | None:
-    return wire / payload if payload > 0 else None
-
-
-def wire_record(method: str, delta: dict[str, dict[str, int]], payload_up: int,
-                payload_down: int, side: str = "tx") -> dict:
-    """Wire bytes per direction from per-host counter deltas (labels ``s*`` are servers).
-
-    ``side="tx"``: up = what the workers transmitted, down = what the server transmitted.
-    ``side="rx"``: the same directions counted where they arrive (up = what the server
-    received, down = what the workers received). ddp: all ranks, the total split evenly.
-    ``ack_bytes_*`` are the pure-ACK frames among them (counted where they arrive: the
-    workers' ACKs at the server, the server's at the workers), ``data_ratio_*`` the ratio
-    without them: the framing overhead of the payload's own direction.
-    """
-    key = f"{side}_bytes"
-    wire = {h: v[key] for h, v in delta.items()}
-    acks = {h: v.get("ack_rx_bytes", 0) for h, v in delta.items()}
-    if method == "ddp":
-        total, ack_total = sum(wire.values()), sum(acks.values())
-        up, down = total // 2, total - total // 2
-        ack_up, ack_down = ack_total // 2, ack_total - ack_total // 2
-    else:
-        servers = sum(v for h, v in wire.items() if h.startswith("s"))
-        workers = sum(v for h, v in wire.items() if not h.startswith("s"))
-        up, down = (workers, servers) if side == "tx" else (servers, workers)
-        ack_up = sum(v for h, v in acks.items() if h.startswith("s"))
-        ack_down = sum(v for h, v in acks.items() if not h.startswith("s"))
-    return {"wire_bytes_up": up, "wire_bytes_down": down,
-            "payload_bytes_up": payload_up, "payload_bytes_down": payload_down,
-            "ratio_up": _ratio(up, payload_up), "ratio_down": _ratio(down, payload_down),
-            "ack_bytes_up": ack_up, "ack_bytes_down": ack_down,
-            "data_ratio_up": _ratio(up - ack_up, payload_up),
-            "data_ratio_down": _ratio(down - ack_down, payload_down)}
-
-
 def _steady(method: str, window: StepWindow | None) -> dict | None:
     ends = window.window() if window is not None else None
     if ends is None:
@@ -356,47 +269,6 @@ def _steady(method: str, window: StepWindow | None) -> dict | None:
                       r1["cum_bytes_down"] - r0["cum_bytes_down"], side="rx")
     return {"from_step": r0["step"], "to_step": r1["step"],
             "seconds": r1["wall"] - r0["wall"], **rec}
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-@contextlib.contextmanager
-def _interrupts_raise():
-    """SIGINT/SIGTERM/SIGHUP raise KeyboardInterrupt, so cleanup runs on all three. SIGINT
-    too gets its handler here: a process started in the background by a shell without job
-    control, or by a parent that ignored it, inherits SIGINT ignored, and Python then keeps
-    ignoring it; and none of the three stays blocked (a mask inherited from the parent)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    old = {s: signal.signal(s, signal.default_int_handler if s == signal.SIGINT else handler)
-           for s in STOP_SIGNALS}
-    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
-@contextlib.contextmanager
-def _no_interrupts():
-    """Cleanup must not itself be interrupted by a second Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = {s: signal.signal(s, signal.SIG_IGN) for s in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 def cluster_roles(cfg: TrainConfig) -> tuple[list[str], list[str]]:
@@ -411,34 +283,6 @@ def cluster_roles(cfg: TrainConfig) -> tuple[list[str], list[str]]:
     return [*servers, *workers], ["server"] * cfg.servers + ["worker"] * cfg.workers
 
 
-def traffic(cfg: TrainConfig) -> str:
-    """How :func:`wire_record` splits the hosts' bytes: ``ps`` (servers ``s*`` against
-    workers) or ``ddp`` (every host sends and receives alike: allreduce, colocated servers)."""
-    return "ddp" if cfg.method == "ddp" or cfg.colocate else "ps"
-
-
-def parse_worker_rates(items: list[str] | tuple[str, ...], workers: int) -> dict[int, float]:
-    """``["I=MBIT", ...]`` (or one ``"I=MBIT,J=MBIT"``) as ``{I: Mbit/s}``; ConfigError naming
-    ``--worker-rate`` for a malformed item, an unknown worker or a rate that is not > 0."""
-    out: dict[int, float] = {}
-    for item in (t.strip() for text in items for t in text.split(",")):
-        if not item:
-            continue
-        worker, sep, rate = item.partition("=")
-        try:
-            i, mbit = int(worker), float(rate)
-        except ValueError:
-            i, mbit = -1, float("nan")
-        if not sep or i in out or not (i >= 0 and mbit > 0):
-            raise ConfigError("--worker-rate", f"expected I=MBIT (worker I, 0-based, at MBIT > 0 "
-                              f"Mbit/s), each worker once; got {item!r}")
-        if i >= workers:
-            raise ConfigError("--worker-rate", f"worker {i} does not exist: workers are "
-                              f"0..{workers - 1}")
-        out[i] = mbit
-    return out
-
-
 def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
                 loss_pct: float = 0.0, *, mtu: int = 1500,
                 module: str = "dist_quant.train",
@@ -449,8 +293,6 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     at its own rate. Returns ``{"run_dir", "link", "wire", "seconds"}`` and writes
     ``link.json`` and ``wire.json`` into the run directory (module docstring).
     """
-    from dist_quant.runtime.rank import default_run_dir
-
     require_root()
     cleanup_stale()  # namespaces of earlier runs that were killed before they could clean up
     if cfg.simulate:
@@ -467,7 +309,7 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     run_dir.mkdir(parents=True, exist_ok=True)
     tail = MetricsTail(run_dir / "metrics.jsonl", cfg)
     try:
-        with _interrupts_raise():
+        with interrupts_raise():
             cluster.build()
             job = run_hosts(cluster, link, roles, cfg.to_argv(), run_dir / "hosts",
                             module=module, run_id=cluster.prefix,
@@ -477,7 +319,7 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
                             summary=run_dir / "summary.json")
     finally:
         tail.close()
-        with _no_interrupts():
+        with no_interrupts():
             cluster.close()
     summary = json.loads((run_dir / "summary.json").read_text())
     link_rec = {"rate_mbit": link.rate_mbit, "latency_ms": link.latency_ms,
@@ -492,3 +334,22 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     write_json_atomic(run_dir / "wire.json", wire)
     return {"run_dir": str(run_dir), "link": link_rec, "wire": wire,
             "seconds": job["seconds"]}
+
+
+class NetnsEngine(Engine):
+    """``--engine netns``: one network namespace per host on this machine (needs root)."""
+
+    name = "netns"
+    mark = "ns"
+    help = "one network namespace per host"
+    summary = "network namespaces"
+    needs_root = True
+
+    def check(self) -> None:
+        require_root()
+
+    def run(self, cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
+            loss_pct: float = 0.0, *, mtu: int = 1500,
+            worker_rates: Mapping[int, float] | None = None) -> dict[str, Any]:
+        return run_cluster(cfg, rate_mbit, latency_ms, loss_pct, mtu=mtu,
+                           worker_rates=dict(worker_rates or {}))

@@ -34,7 +34,6 @@ restart continues from the latest checkpoint, so without one it would start over
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -119,25 +118,6 @@ def check_run_dir(cfg: TrainConfig) -> None:
     if holds_run(run_dir):
         raise ConfigError("--run-dir", f"{run_dir} already holds a run; continue it with "
                           f"--resume {run_dir}, or choose another --run-dir")
-
-
-def read_saved_config(run_dir: str | Path) -> dict:
-    """The ``config`` of a run directory's config.json; ConfigError(--resume) when unreadable."""
-    saved = Path(run_dir) / "config.json"
-    if not saved.is_file():
-        raise ConfigError("--resume", f"{saved} not found: not a run directory")
-    try:
-        saved_json = json.loads(saved.read_text())
-        config = saved_json["config"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
-        raise ConfigError("--resume", f"{saved} is corrupt ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
-    if not isinstance(config, dict):
-        raise ConfigError("--resume", f"{saved} is corrupt: 'config' is not an object")
-    if saved_json.get("model", "mlp") != "mlp":
-        raise ConfigError("--resume", f"{run_dir} was trained with a model of its own through "
-                          "dist_quant.fit; continue it with dist_quant.fit(..., resume=RUN_DIR)")
-    return config
 
 
 def check_data(cfg: TrainConfig):
