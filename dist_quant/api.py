@@ -124,6 +124,8 @@ def _run_here(cfg: TrainConfig, task: Task) -> dict[str, Any]:
 
 def _run_rank(cfg: TrainConfig, task: Task, workers_explicit: bool) -> dict[str, Any] | None:
     """This torchrun process's rank, as ``python -m dist_quant.train`` runs it."""
+    # a process entry point: `-m dist_quant.train` imports this package first, so importing
+    # the module at the top would load it a second time as __main__'s twin
     from dist_quant.train import run_distributed
 
     return run_distributed(cfg, workers_explicit, task)

@@ -185,6 +185,7 @@ def _hook_plan(config: dict[str, Any], summary: dict[str, Any],
                workers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if "params" not in summary:
         return (), ()
+    # torch comes with the hook: only for a DDP onebit run, so reading other runs stays light
     from dist_quant.baselines.hooks import OneBitState
 
     state = OneBitState(compressor=config.get("compressor", "onebit"),
