@@ -2,7 +2,9 @@
 
 Bad input (a payload, a gradient, a value out of range, a configuration) raises a
 :class:`ValueError` subclass, so callers may catch either. A run that ends on purpose raises
-:class:`RunAborted`; a worker that leaves a run raises :class:`WorkerLeaves`.
+:class:`RunAborted`; a worker that leaves a run raises :class:`WorkerLeaves`; a peer that died
+or stopped answering, :class:`PeerLostError`; a simulated cluster that could not be built or
+run, :class:`ClusterError`.
 """
 
 
@@ -41,3 +43,27 @@ class RunAborted(RuntimeError):
 class WorkerLeaves(Exception):  # noqa: N818 (an event, not a failure)
     """This worker leaves the run (``--inject-loss``, or it was dropped before the checkpoint
     a run resumes from): its process ends cleanly and its links close."""
+
+
+class PeerLostError(RuntimeError):
+    """A peer died or did not answer within the process-group timeout; ``rank`` is its global
+    rank (None when unknown)."""
+
+    def __init__(self, message: str, rank: int | None = None):
+        super().__init__(message)
+        self.rank = rank
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be built, a host failed, or the machine cannot host one.
+
+    An ``exit_code`` attribute, where set, is the status the command exits with (default 1).
+    """
+
+
+class ComposeError(ClusterError):
+    """A compose job failed; ``exit_code`` is the job's status (2: a bad option)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

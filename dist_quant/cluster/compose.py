@@ -47,7 +47,10 @@ from dist_quant.cluster.engine import ClusterError, Engine
 from dist_quant.cluster.records import QUEUE_FRAMES, REPO, MetricsTail, traffic, wire_record
 from dist_quant.cluster.signals import interrupts_raise, no_interrupts
 from dist_quant.config import TrainConfig
-from dist_quant.errors import ConfigError
+from dist_quant.errors import (
+    ComposeError,  # noqa: F401 (re-exported)
+    ConfigError,
+)
 from dist_quant.runner.launcher import SHOWN
 from dist_quant.runtime.metrics import write_json_atomic
 from dist_quant.runtime.rank import default_run_dir
@@ -61,14 +64,6 @@ STOP_TIMEOUT_S = 5
 BUILTIN_DATA = ("mnist1d", "teacher")
 _seq = itertools.count()
 _LINE = re.compile(r"^\S+\s+\| ?(.*)$")   # compose's "service_1  | text" prefix
-
-
-class ComposeError(ClusterError):
-    """A compose job failed; ``exit_code`` is the job's status (2: a bad option)."""
-
-    def __init__(self, message: str, exit_code: int = 1):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 def compose_command() -> list[str]:

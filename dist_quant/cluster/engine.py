@@ -25,14 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dist_quant.config import TrainConfig
-from dist_quant.errors import ConfigError
-
-
-class ClusterError(RuntimeError):
-    """The cluster could not be built, a host failed, or the machine cannot host one.
-
-    An ``exit_code`` attribute, where set, is the status the command exits with (default 1).
-    """
+from dist_quant.errors import ClusterError, ConfigError  # noqa: F401 (re-exported)
 
 
 class Engine(ABC):

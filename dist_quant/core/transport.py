@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dist_quant.errors import PeerLostError  # noqa: F401 (re-exported)
+
 # message tags (gloo matches on (peer, tag); nccl orders per peer and ignores them)
 TAG_PAYLOAD, TAG_TELEMETRY, TAG_STATS, TAG_CONTROL, TAG_DOWN, TAG_SIZE, TAG_BLOB = range(1, 8)
 
@@ -38,15 +40,6 @@ DONE, LOST = 0, 1 << 20  # notices: the run ended; LOST + r: the leader lost ran
 TAG_NOTICE, TAG_REPORT = 8, 9  # on the notice group: server -> others; others -> server
 SERVER_GRACE = 3.0  # seconds a worker waits for the server beyond the timeout
 NOTIFY_S = 2.0  # seconds the server spends telling the other workers which rank was lost
-
-
-class PeerLostError(RuntimeError):
-    """A peer died or did not answer within the process-group timeout; ``rank`` is its global
-    rank (None when unknown)."""
-
-    def __init__(self, message: str, rank: int | None = None):
-        super().__init__(message)
-        self.rank = rank
 
 
 def _cause(err: BaseException) -> str:
