@@ -22,7 +22,8 @@ from run_states import assert_equal, final
 
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
-from dist_quant.ps.consistency import Bounded, Replay, Synchronous, VirtualClock
+from dist_quant.ps.arrivals import Replay, VirtualClock
+from dist_quant.ps.consistency import Bounded, Synchronous
 from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.train import launch, run_in_process
 

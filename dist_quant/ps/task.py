@@ -4,7 +4,7 @@ A :class:`Task` is handed to every role (workers, servers, the leader) instead o
 building the MLP and loading the configured dataset itself. ``dist-quant train`` makes it from
 its config (:meth:`Task.from_config`: the MLP of ``--hidden`` on ``--dataset``);
 :func:`dist_quant.fit` from any ``torch.nn.Module`` factory and tensors
-(:meth:`Task.custom`). Both then run the same step (:mod:`dist_quant.ps.exchange`).
+(:meth:`Task.custom`). Both then run the same step (:mod:`dist_quant.ps.start`).
 
 Seeds of a custom model. ``model_fn()`` is called with the global CPU generator seeded from
 ``(seed, INIT)`` and restored afterwards, so every rank (and every virtual rank of the

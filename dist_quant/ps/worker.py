@@ -23,7 +23,7 @@ quantiser and dropout generators (seeded from ``(seed, i)``), its batch sampler 
    dropped is sent at the next step.
 
 The same :class:`Worker` object serves the distributed run and the single-process simulator
-(:mod:`dist_quant.ps.exchange` places it on a rank and moves its payloads).
+(:mod:`dist_quant.ps.state` places it on a rank; the steps move its payloads).
 """
 
 from __future__ import annotations
