@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_quant.data import Dataset
+from dist_quant.data import Dataset, load_dataset
 from dist_quant.ps import common
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -66,8 +66,6 @@ class Task:
     def from_config(cls, cfg: Any, data: Dataset | None = None) -> Task:
         """The MLP of ``cfg`` on ``cfg.dataset`` (what ``dist-quant train`` runs)."""
         if data is None:
-            from dist_quant.data import load_dataset
-
             data = load_dataset(cfg)
 
         def build(device: torch.device, dropout_generator: torch.Generator | None = None):

@@ -38,6 +38,7 @@ from dist_quant.config import TrainConfig
 from dist_quant.data import worker_batches
 from dist_quant.errors import NonFiniteGradientError
 from dist_quant.ps import common
+from dist_quant.ps.overlap import OverlappedBackward, apply_before_use
 from dist_quant.ps.shard import shard_tags
 from dist_quant.ps.task import Task
 
@@ -105,8 +106,6 @@ class Worker:
         self.posted = self.arrived = 0.0   # when the downlink was posted, when all of it was in
         self.overlap = None
         if cfg.overlap:
-            from dist_quant.ps.overlap import OverlappedBackward, apply_before_use
-
             self.overlap = OverlappedBackward(self)
             apply_before_use(self)
 
