@@ -90,7 +90,7 @@ class AsyncWorkerLoop:
         w = self.worker
         if self.next_down is not None:   # posted: each waited for as the forward reaches it
             w.receive_downlink(self.next_down)
-            w._apply_pending()
+            w.apply_pending()
             self.next_down = None
         else:
             w.receive_downlink([self.fabric.recv(self.p.server_ranks[s], self.rank, TAG_DOWN,

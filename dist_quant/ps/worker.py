@@ -117,7 +117,7 @@ class Worker:
         self.model.zero_grad(set_to_none=True)
         with self.task.randomness(self.dropout_gen):
             loss = self.task.loss_fn(self.model(self.x[idx]), self.y[idx])
-        self._apply_pending()  # shards that no module read in this forward
+        self.apply_pending()  # shards that no module read in this forward
         return loss
 
     def straggle(self, seconds: float) -> None:
@@ -171,7 +171,7 @@ class Worker:
         waiting = self.pending is not None and self.overlap is not None
         t0 = time.perf_counter()
         if self.overlap is None:
-            self._apply_pending()
+            self.apply_pending()
         t1 = time.perf_counter()
         if self.overlap is not None:
             g, loss, payload, encode_s, overlap_s = self.overlap.compute(ship)
@@ -208,7 +208,7 @@ class Worker:
         self.pending = [p if callable(p) else _ready(p) for p in payloads]
         self.posted = time.perf_counter()
 
-    def _apply_pending(self, shards: list[int] | None = None) -> None:
+    def apply_pending(self, shards: list[int] | None = None) -> None:
         """Decode the pending downlink of ``shards`` (default: all) into the replica."""
         if self.pending is None:
             return
@@ -265,7 +265,7 @@ class Worker:
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit for bit (the replica is in ``model``)."""
-        self._apply_pending()
+        self.apply_pending()
         return {"index": self.index, "step": self.step,
                 "model": {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()},
                 "generator": _one_or_list([g.get_state() for g in self.gens]),
