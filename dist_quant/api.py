@@ -7,7 +7,7 @@
 
 ``fit`` builds a :class:`~dist_quant.ps.task.Task` (the model factory, the data, the loss
 and the metric) and runs the same roles as ``dist-quant train``
-(:mod:`dist_quant.ps.exchange`), which builds the same kind of object from its config (the
+(:mod:`dist_quant.ps.start`), which builds the same kind of object from its config (the
 MLP on ``--dataset``). Where it runs:
 
 - ``simulate=True``: every rank in this process (:func:`dist_quant.runner.simulate.run_simulate`);

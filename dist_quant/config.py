@@ -36,7 +36,7 @@ BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a finite bound, so a hung peer always ends the run
 MAX_RESTARTS = 100
 # --eval-lag: pieces (= steps) an evaluation's parameter gather is spread over; why 8 is in
-# the docstring of dist_quant.ps.exchange ("Evaluation off the critical path")
+# the docstring of dist_quant.ps.evallag ("Evaluation off the critical path")
 EVAL_LAG = 8
 
 
@@ -408,8 +408,8 @@ class TrainConfig:
 
     @property
     def asynchronous(self) -> bool:
-        """Whether the run follows arrivals (:mod:`dist_quant.ps.events`) rather than the
-        lockstep of :mod:`dist_quant.ps.exchange`: ssp, async, or backup workers."""
+        """Whether the run follows arrivals (:mod:`dist_quant.ps.async_rank`) rather than the
+        lockstep of :mod:`dist_quant.ps.sync_step`: ssp, async, or backup workers."""
         return self.consistency != "sync" or self.backup_workers > 0
 
     @property

@@ -159,7 +159,7 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool, task: Any = None) 
         # finish before the group goes: tearing it down under one ended a rank with SIGABRT
         dist.barrier()
     else:
-        from dist_quant.ps.exchange import run_distributed_rank
+        from dist_quant.ps.start import run_distributed_rank
 
         rank = dist.get_rank()
         summary = run_distributed_rank(

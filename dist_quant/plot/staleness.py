@@ -1,7 +1,7 @@
 """``staleness.png``: how old the gradients of asynchronous runs were, and whose they were.
 
 Reads the ``update`` lines of ``metrics.jsonl`` (one per gradient that arrived; written by
-``--consistency ssp|async`` and ``--backup-workers``, :mod:`dist_quant.ps.events`). One row
+``--consistency ssp|async`` and ``--backup-workers``, :mod:`dist_quant.ps.async_rank`). One row
 per link; left, the share of the applied gradients at each staleness (the updates that landed
 between a gradient's read and its write), the mean in the legend; right, the share of the
 applied gradients each worker computed, and dotted the share it sent that was dropped. Seeds of

@@ -21,6 +21,8 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from dist_quant.compress import get_compressor
+from dist_quant.compress.momentum import WorkerMomentum
+from dist_quant.compress.shift import ShiftedServer, ShiftedWorker, parse_shift_rate
 from dist_quant.config import TrainConfig
 from dist_quant.core.model import build_mlp
 
@@ -60,9 +62,6 @@ def uplink_compressor(cfg: TrainConfig, stateful: bool):
 def wrap_uplink(cfg: TrainConfig, comp, stateful: bool):
     """Shifts (``--shift-rate``: the worker's shift, or the server's copies of every worker's)
     and worker momentum (``--worker-momentum``, workers only) around the uplink compressor."""
-    from dist_quant.compress.momentum import WorkerMomentum
-    from dist_quant.compress.shift import ShiftedServer, ShiftedWorker, parse_shift_rate
-
     rate = parse_shift_rate(cfg.shift_rate)
     if rate is None or rate > 0:
         comp = ShiftedWorker(comp, rate) if stateful else ShiftedServer(comp, rate)

@@ -1,6 +1,6 @@
 """The consistency rule of the parameter server: which arrivals make an update, who may go on.
 
-The server of an asynchronous run (:mod:`dist_quant.ps.events`) sees one event, a worker's
+The server of an asynchronous run (:mod:`dist_quant.ps.async_rank`) sees one event, a worker's
 gradient arriving, and asks its policy two questions: which gradients form an update now, and
 which workers may start their next step now. The answers depend on the order of the arrivals
 only (never on the clock), so a recorded order replays to the same updates
@@ -35,12 +35,9 @@ Policies (``W`` workers; a worker "has finished step t" once its t-th gradient h
   ``t - K``, i.e. once the slowest is at most K steps behind it. ``K = 0`` holds every worker
   until the slowest has finished the same step: sync.
 
-Arrival orders. A distributed run takes arrivals as the network delivers them. The simulator
-(``--simulate``) takes them from a :class:`VirtualClock`: worker ``i`` computes for ``f_i``
-time units per gradient (``f_i`` from ``--slow-worker``, 1 otherwise), from the moment of the
-arrival that released it (the server takes no time, links take none); the next arrival is the
-smallest ``(due time, worker index)``. ``--replay RUN_DIR`` takes them from a :class:`Replay`
-of the order recorded in that run's ``metrics.jsonl``.
+Arrival orders. A distributed run takes arrivals as the network delivers them; the simulator
+from a virtual clock (``--slow-worker``) or a replay of a recorded run (``--replay``):
+:mod:`dist_quant.ps.arrivals`.
 """
 
 from __future__ import annotations
@@ -49,11 +46,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dist_quant.config import TrainConfig
-from dist_quant.errors import ConfigError
-
-# options a replay may change: they name or place the run, or change its wall time only
-REPLAY_FREE = frozenset({"run_dir", "resume", "progress", "simulate", "replay", "slow_worker",
-                         "timeout", "backend", "device", "keep_checkpoints", "max_restarts"})
 
 
 @dataclass
@@ -159,115 +151,3 @@ def policy_of(cfg: TrainConfig) -> Policy:
     if cfg.consistency == "sync":
         return Synchronous(cfg.workers, cfg.backup_workers)
     return Bounded(cfg.workers, cfg.staleness if cfg.consistency == "ssp" else None)
-
-
-# ---- arrival orders ------------------------------------------------------------------------
-class VirtualClock:
-    """``--simulate``'s arrival order (module docstring): worker ``i`` takes ``factors[i]``
-    (default 1) time units per gradient from its release; ties go to the lower index."""
-
-    def __init__(self, workers: int, factors: dict[int, float] | None = None):
-        self.factors = [float((factors or {}).get(i, 1.0)) for i in range(workers)]
-        self.now = 0.0
-        self.due: dict[int, float] = {}
-
-    def released(self, workers: list[int]) -> None:
-        for i in workers:
-            self.due[i] = self.now + self.factors[i]
-
-    def next(self) -> int:
-        if not self.due:
-            raise RuntimeError("no worker is computing: nothing can arrive")
-        worker = min(self.due, key=lambda i: (self.due[i], i))
-        self.now = self.due.pop(worker)
-        return worker
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"now": self.now, "due": {str(i): t for i, t in self.due.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.now = float(state["now"])
-        self.due = {int(i): float(t) for i, t in state["due"].items()}
-
-
-class Replay:
-    """The arrival order of a recorded run (``order[k]`` = the worker of arrival ``k``);
-    ``losses[k]``: the workers the run lost after ``k`` arrivals (``--min-workers``), in the
-    order it noticed them."""
-
-    def __init__(self, order: list[int], source: str = "the record",
-                 losses: dict[int, list[int]] | None = None):
-        self.order, self.source = [int(i) for i in order], source
-        self.losses = {int(k): [int(i) for i in v] for k, v in (losses or {}).items()}
-        self.position = 0
-        self.computing: set[int] = set()
-        self.noticed = 0   # losses at the current position already given out
-
-    def loss(self) -> int | None:
-        """The next worker the record lost before the arrival at ``position``, if any."""
-        here = self.losses.get(self.position, [])
-        if self.noticed >= len(here):
-            return None
-        worker = here[self.noticed]
-        self.noticed += 1
-        self.computing.discard(worker)
-        return worker
-
-    def released(self, workers: list[int]) -> None:
-        self.computing.update(workers)
-
-    def next(self) -> int:
-        if self.position >= len(self.order):
-            raise ConfigError("--replay", f"{self.source} ends after {len(self.order)} "
-                              "arrivals; this run needs more (a different config, or an "
-                              "unfinished run)")
-        worker = self.order[self.position]
-        if worker not in self.computing:
-            raise ConfigError("--replay", f"{self.source}: arrival {self.position} is worker "
-                              f"{worker}, which is not computing here; the record was made "
-                              "by another config")
-        self.computing.discard(worker)
-        self.position += 1
-        self.noticed = 0
-        return worker
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "noticed": self.noticed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = int(state.get("position", 0))
-        self.noticed = int(state.get("noticed", 0))
-
-
-def recorded_order(cfg: TrainConfig) -> tuple[list[int], dict[int, list[int]]]:
-    """The arrival order recorded in ``cfg.replay``'s ``metrics.jsonl`` (its ``update``
-    lines) and the workers lost after each number of arrivals (its ``lost`` lines), after
-    checking that the run had ``cfg``'s options (but ``REPLAY_FREE``); ConfigError naming
-    ``--replay`` otherwise."""
-    import json
-    from pathlib import Path
-
-    from dist_quant.runtime.metrics import read_metrics
-
-    run_dir = cfg.replay
-    try:
-        saved = json.loads((Path(run_dir) / "config.json").read_text())["config"]
-        records = read_metrics(run_dir)
-        lines = [r for r in records if r.get("kind") == "update"]
-        losses: dict[int, list[int]] = {}
-        for r in records:
-            if r.get("kind") == "lost":
-                losses.setdefault(int(r["after"]), []).append(int(r["worker"]))
-    except (OSError, ValueError, KeyError) as err:
-        raise ConfigError("--replay", f"cannot read the record of {run_dir}: {err}") from None
-    mine = cfg.to_dict()
-    for name in sorted(set(mine) - REPLAY_FREE):
-        if name in saved and saved[name] != mine[name]:
-            raise ConfigError("--replay", f"{run_dir} ran with --{name.replace('_', '-')} "
-                              f"{saved[name]!r}, this run has {mine[name]!r}: a record replays "
-                              "only the run it was made by")
-    lines.sort(key=lambda r: r["arrival"])
-    if not lines or [r["arrival"] for r in lines] != list(range(len(lines))):
-        raise ConfigError("--replay", f"{run_dir}/metrics.jsonl holds no complete arrival "
-                          "record (arrivals 0..N-1): not an ssp, async or backup-workers run")
-    return [int(r["worker"]) for r in lines], losses

@@ -126,4 +126,4 @@ def apply_before_use(worker: Any) -> None:
 
 
 def _before(worker: Any, shards: list[int], module: Any, args: Any) -> None:
-    worker._apply_pending(shards)
+    worker.apply_pending(shards)

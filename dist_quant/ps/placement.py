@@ -1,6 +1,6 @@
 """Where the pieces of the step live: which rank serves which shard, which rank is which worker.
 
-The step itself (:mod:`dist_quant.ps.exchange`, arithmetic in
+The step itself (:mod:`dist_quant.ps.sync_step`, arithmetic in
 :mod:`dist_quant.ps.shard` and :mod:`dist_quant.ps.worker`) is the same for every
 topology; a :class:`Placement` only says on which rank each piece runs:
 

@@ -31,3 +31,12 @@ def pieces_upto(lag: int, eval_step: int, step: int, settle: bool) -> int:
     ``step`` settles (after its control: the run ends or a checkpoint is taken there)."""
     k = max(lag, 1)
     return k if settle else min(k, step - eval_step)
+
+
+def wants_stats(cfg: TrainConfig, lockstep: bool, completed: int) -> bool:
+    """Whether a worker released after ``completed`` steps of an asynchronous run sends its
+    BatchNorm statistics with its next gradient: when that gradient counts towards an
+    evaluation step (lockstep), or may (else: the next two steps), so that an evaluation finds
+    recent statistics of every worker that has sent since."""
+    t = completed + 1
+    return is_eval_step(cfg, t) or (not lockstep and is_eval_step(cfg, t + 1))

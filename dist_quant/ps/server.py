@@ -2,7 +2,7 @@
 
 The arithmetic of a server's step is :class:`~dist_quant.ps.shard.ShardServer` (decode and
 average, ``DecoupledMomentumSGD`` with the L2 term computed at the server (MATH 5a), the
-downlink); the order of the step's pieces is :mod:`dist_quant.ps.exchange`.
+downlink); the order of the step's pieces is :mod:`dist_quant.ps.sync_step`.
 
 Bad payloads. A payload that is marked non-finite or fails validation is left out of its
 shard (``--on-nonfinite skip``: the shard's ``g`` is the mean of the other rows; the first

@@ -131,7 +131,7 @@ class ShardServer:
     def downlink(self, replica: torch.Tensor | None = None) -> torch.Tensor:
         """The shard's downlink payload (flat uint8); advances the tracked ``replica`` (default
         the one replica of a synchronous run; an asynchronous server tracks one per group of
-        workers that read the same versions, :mod:`dist_quant.ps.events`)."""
+        workers that read the same versions, :mod:`dist_quant.ps.async_server`)."""
         if self.down_buf is not None:  # theta is the replica, the body of the payload
             payload = self.down.seal(self.down_buf).to_tensor()
         else:

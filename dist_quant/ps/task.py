@@ -4,7 +4,7 @@ A :class:`Task` is handed to every role (workers, servers, the leader) instead o
 building the MLP and loading the configured dataset itself. ``dist-quant train`` makes it from
 its config (:meth:`Task.from_config`: the MLP of ``--hidden`` on ``--dataset``);
 :func:`dist_quant.fit` from any ``torch.nn.Module`` factory and tensors
-(:meth:`Task.custom`). Both then run the same step (:mod:`dist_quant.ps.exchange`).
+(:meth:`Task.custom`). Both then run the same step (:mod:`dist_quant.ps.start`).
 
 Seeds of a custom model. ``model_fn()`` is called with the global CPU generator seeded from
 ``(seed, INIT)`` and restored afterwards, so every rank (and every virtual rank of the
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_quant.data import Dataset
+from dist_quant.data import Dataset, load_dataset
 from dist_quant.ps import common
 
 BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
@@ -66,8 +66,6 @@ class Task:
     def from_config(cls, cfg: Any, data: Dataset | None = None) -> Task:
         """The MLP of ``cfg`` on ``cfg.dataset`` (what ``dist-quant train`` runs)."""
         if data is None:
-            from dist_quant.data import load_dataset
-
             data = load_dataset(cfg)
 
         def build(device: torch.device, dropout_generator: torch.Generator | None = None):

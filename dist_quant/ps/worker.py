@@ -23,7 +23,7 @@ quantiser and dropout generators (seeded from ``(seed, i)``), its batch sampler 
    dropped is sent at the next step.
 
 The same :class:`Worker` object serves the distributed run and the single-process simulator
-(:mod:`dist_quant.ps.exchange` places it on a rank and moves its payloads).
+(:mod:`dist_quant.ps.state` places it on a rank; the steps move its payloads).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from dist_quant.config import TrainConfig
 from dist_quant.data import worker_batches
 from dist_quant.errors import NonFiniteGradientError, RunAborted, WorkerLeaves  # noqa: F401 (re-exported)
 from dist_quant.ps import common
+from dist_quant.ps.overlap import OverlappedBackward, apply_before_use
 from dist_quant.ps.shard import shard_tags
 from dist_quant.ps.task import Task
 
@@ -96,8 +97,6 @@ class Worker:
         self.posted = self.arrived = 0.0   # when the downlink was posted, when all of it was in
         self.overlap = None
         if cfg.overlap:
-            from dist_quant.ps.overlap import OverlappedBackward, apply_before_use
-
             self.overlap = OverlappedBackward(self)
             apply_before_use(self)
 
@@ -109,7 +108,7 @@ class Worker:
         self.model.zero_grad(set_to_none=True)
         with self.task.randomness(self.dropout_gen):
             loss = self.task.loss_fn(self.model(self.x[idx]), self.y[idx])
-        self._apply_pending()  # shards that no module read in this forward
+        self.apply_pending()  # shards that no module read in this forward
         return loss
 
     def straggle(self, seconds: float) -> None:
@@ -163,7 +162,7 @@ class Worker:
         waiting = self.pending is not None and self.overlap is not None
         t0 = time.perf_counter()
         if self.overlap is None:
-            self._apply_pending()
+            self.apply_pending()
         t1 = time.perf_counter()
         if self.overlap is not None:
             g, loss, payload, encode_s, overlap_s = self.overlap.compute(ship)
@@ -200,7 +199,7 @@ class Worker:
         self.pending = [p if callable(p) else _ready(p) for p in payloads]
         self.posted = time.perf_counter()
 
-    def _apply_pending(self, shards: list[int] | None = None) -> None:
+    def apply_pending(self, shards: list[int] | None = None) -> None:
         """Decode the pending downlink of ``shards`` (default: all) into the replica."""
         if self.pending is None:
             return
@@ -257,7 +256,7 @@ class Worker:
     # ---- checkpoints ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit for bit (the replica is in ``model``)."""
-        self._apply_pending()
+        self.apply_pending()
         return {"index": self.index, "step": self.step,
                 "model": {k: v.to("cpu", copy=True) for k, v in self.model.state_dict().items()},
                 "generator": _one_or_list([g.get_state() for g in self.gens]),

@@ -4,7 +4,7 @@
 :class:`~dist_quant.ps.worker.Worker` objects (shards, samplers, generators seeded from
 ``(seed, i)``, compressors, error feedback), the same
 :class:`~dist_quant.ps.shard.ShardServer` updates and the same phases of
-:mod:`dist_quant.ps.exchange`, placed by the same :class:`~dist_quant.ps.placement.
+:mod:`dist_quant.ps.sync_step`, placed by the same :class:`~dist_quant.ps.placement.
 Placement` (star, sharded or colocated); only the payloads are handed over in memory
 (:class:`~dist_quant.ps.fabric.LocalFabric`) instead of over torch.distributed. On the same
 device type and seed it ends with the same parameters, bit for bit, so tests use it as the
@@ -21,8 +21,8 @@ import torch
 
 from dist_quant.config import TrainConfig
 from dist_quant.ps import common
-from dist_quant.ps.exchange import run_all
 from dist_quant.ps.placement import place
+from dist_quant.ps.start import run_all
 from dist_quant.ps.task import Task
 from dist_quant.ps.worker import RunAborted
 
@@ -35,10 +35,6 @@ def run_simulate(cfg: TrainConfig, device: torch.device, run_dir: str,
     task = task or Task.from_config(cfg)
     model = task.model(device)
     placement = place(cfg, common.num_params(model))
-    if cfg.asynchronous:
-        from dist_quant.ps.events import run_events_all
-
-        return run_events_all(cfg, placement, task, device)
     return run_all(cfg, placement, task, device)
 
 

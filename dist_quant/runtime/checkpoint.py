@@ -13,7 +13,7 @@ tensors (loaded with ``weights_only=True``)::
 
 With ``--servers S > 1`` or ``--colocate`` the file also holds ``"shards"`` (the states of
 shards 1..S-1) and ``"server"`` holds shard 0's (``theta``, ``optimizer``, ``replica``,
-``generator``, its bounds) beside the model (:mod:`dist_quant.ps.exchange`). A synchronous
+``generator``, its bounds) beside the model (:mod:`dist_quant.ps.state`). A synchronous
 parameter-server checkpoint also holds ``"eval_stop"``: None, or ``{"eval_step": s, "at": t}``
 when the evaluation of step s reached ``--stop-accuracy`` and the run is to stop at step t
 (``--eval-lag``); no evaluation is in flight at a checkpoint.

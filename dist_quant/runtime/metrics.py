@@ -28,7 +28,7 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     payloads left out at this step (non-finite or invalid). ``lr`` is the learning rate of
     step ``t`` under the run's schedule (``dist_quant.core.lr_schedule.lr_at``); the optimizer
     applies the same value at its ``t``-th update. Sharded and colocated servers
-    (``dist_quant.ps.exchange``) add ``"servers": [{"bytes_up", "bytes_down", "skipped"}]``
+    (``dist_quant.ps.sync_step``) add ``"servers": [{"bytes_up", "bytes_down", "skipped"}]``
     (per shard: what server s's link carried, rows it left out) and ``"bytes_stats"`` (the
     BN statistics inside ``bytes_up``); a payload that stays on its rank is not counted.
     ``"time_overlap"``: seconds of uplink that ran beside backward (``--overlap``; else 0);
@@ -45,7 +45,7 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     "started_after": r, "dropped": null | "late" | "end"}``; the step lines of such runs add
     ``"updates"``, ``"gradients"`` (applied in that step) and ``"time_wait"`` (the mean time a
     worker waited for its release), and their ``time`` holds means per gradient
-    (``dist_quant.ps.events``).
+    (``dist_quant.ps.async_leader``).
 - ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,
   ``fp32_bytes_up``, ``fp32_bytes_down`` (what fp32 would have sent for the same steps),
   ``steps``, ``workers``, ``params``, ``wall_seconds``, ``compressor``, ``method``,

@@ -1,7 +1,7 @@
 """Inside one torchrun process: the device, the process group, restarts and failures.
 
 The rank's side of :mod:`dist_quant.train`, kept below everything that runs on a rank
-(:mod:`dist_quant.ps.exchange`, :mod:`dist_quant.ps.events`, :mod:`dist_quant.baselines.ddp`,
+(:mod:`dist_quant.ps.sync_step`, :mod:`dist_quant.ps.async_rank`, :mod:`dist_quant.baselines.ddp`,
 :mod:`dist_quant.runner.preflight`, :mod:`dist_quant.runner.simulate`): it imports none of
 them, so the command line (:mod:`dist_quant.train`) sits on top and nothing imports it back.
 
