@@ -174,7 +174,7 @@ def test_the_rank_side_imports_nothing_above_it():
     """train.py is the command line; the modules it starts take the rank's side from
     dist_quant.runtime.rank, so no import reaches back up to train."""
     root = Path(__file__).resolve().parents[1] / "dist_quant"
-    for path in ["runner/rank.py", "baselines/ddp.py", "runner/preflight.py",
+    for path in ["runtime/rank.py", "baselines/ddp.py", "runner/preflight.py",
                  "runner/simulate.py", "ps/start.py", "ps/sync_step.py", "ps/async_rank.py"]:
         tree = ast.parse((root / path).read_text())
         names = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
