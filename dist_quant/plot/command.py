@@ -19,7 +19,7 @@ from dist_quant.plot.html import write_html
 from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
 from dist_quant.plot.runs import find_runs, record_target
 from dist_quant.plot.scaling import scaling
-from dist_quant.plot.series import group_by_cap
+from dist_quant.plot.series import few_evaluations, group_by_cap
 from dist_quant.plot.staleness import staleness_figure
 
 
@@ -74,6 +74,8 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
                 f"{len(runs)} runs, rounded down to 0.1 point; set with --target")
     else:
         note = "given with --target"
+    for line in few_evaluations(groups):
+        click.echo(line, err=True)
     per_w = scaling(groups)
     figures = draw_all(groups, target, out, per_w)
     stale = staleness_figure(groups, out)   # asynchronous runs only
