@@ -17,9 +17,9 @@ import click
 from dist_quant.errors import ConfigError
 from dist_quant.plot.html import write_html
 from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
-from dist_quant.plot.runs import find_runs
+from dist_quant.plot.runs import find_runs, record_target
 from dist_quant.plot.scaling import scaling
-from dist_quant.plot.series import group_by_cap
+from dist_quant.plot.series import few_evaluations, group_by_cap
 from dist_quant.plot.staleness import staleness_figure
 
 
@@ -30,8 +30,9 @@ from dist_quant.plot.staleness import staleness_figure
               help="Directory for the PNGs, report.md and report.html (default: <first "
                    "path>/plots).")
 @click.option("--target", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Target test accuracy as a fraction (default: 90% of the best final "
-                   "accuracy over the runs given, rounded down to 0.1 point).")
+              help="Target test accuracy as a fraction (default: the target of the record's "
+                   "record.json, else 90% of the best final accuracy over the runs given, "
+                   "rounded down to 0.1 point).")
 def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> None:
     """Plot time to a target accuracy, accuracy against wall time and bytes, and phase times,
     one series per method (mean and min-max over seeds) in one panel per link and W; write
@@ -43,7 +44,8 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
     (staleness.png).
 
     Each path is a run directory (holding summary.json) or a sweep directory searched for
-    them recursively.
+    them recursively. A committed record's record.json gives what its runs do not keep
+    (their link, their sweep labels, the target it was plotted with).
     """
     given = ["dist-quant", "plot", *map(str, paths)]
     given += ["--out", str(out)] if out is not None else []
@@ -63,12 +65,17 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
     out = out or paths[0] / "plots"
     out.mkdir(parents=True, exist_ok=True)
     groups = group_by_cap(runs)
-    if target is None:
+    recorded = record_target(list(paths))
+    if target is None and recorded is not None:
+        target, note = recorded, "the record's target, from its record.json"
+    elif target is None:
         target = default_target(runs)
         note = (f"{100 * TARGET_FRACTION:g}% of the best final accuracy over the "
                 f"{len(runs)} runs, rounded down to 0.1 point; set with --target")
     else:
         note = "given with --target"
+    for line in few_evaluations(groups):
+        click.echo(line, err=True)
     per_w = scaling(groups)
     figures = draw_all(groups, target, out, per_w)
     stale = staleness_figure(groups, out)   # asynchronous runs only

@@ -109,6 +109,26 @@ def log_x(ax) -> None:
     ax.xaxis.set_minor_formatter(MinorLogLabels())
 
 
+def log_labels(low: float, high: float) -> int:
+    """How many ticks :func:`log_x` labels between ``low`` and ``high``: the powers of ten,
+    and 2 and 5 times them where the span is under 1.5 decades."""
+    if low <= 0 or high <= low:
+        return 0
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    subs = (1, 2, 5) if high / low <= 30 else (1,)
+    return sum(low <= m * 10 ** k <= high for k in decades for m in subs)
+
+
+def labelled_x(ax) -> None:
+    """At least two labelled ticks on a log x axis: where its view holds fewer (a narrow span,
+    a series of one point), round values spaced evenly instead."""
+    if ax.get_xscale() != "log" or log_labels(*ax.get_xlim()) >= 2:
+        return
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(4, min_n_ticks=2))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, pos: short(x)))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+
+
 def grid_figure(p: Plan, cols_per_panel: int = 1, height: float = PANEL_H,
                 width: float = PANEL_W):
     """A figure with one axes (or ``cols_per_panel``) per panel cell; unused cells hidden.
@@ -142,35 +162,61 @@ def method_legend(fig: Figure, p: Plan, bands: bool = False, title: str | None =
 
 
 def target_line(ax, target: float) -> None:
-    ax.axhline(100 * target, color="dimgrey", linestyle=(0, (4, 3)), linewidth=0.9, zorder=1)
-    ax.annotate(f"target {100 * target:.1f}%", (0.01, 100 * target), xycoords=("axes fraction",
-                "data"), xytext=(0, 2), textcoords="offset points", fontsize="x-small",
-                color="dimgrey", va="bottom")
+    """The target, dashed, labelled inside the axes: above the line, or below it where the
+    line runs near the top (call after the y limits are set)."""
+    y = 100 * target
+    ax.axhline(y, color="dimgrey", linestyle=(0, (4, 3)), linewidth=0.9, zorder=1)
+    low, high = ax.get_ylim()
+    above = (high - y) > 0.08 * (high - low)
+    ax.annotate(f"target {y:.1f}%", (0.01, y), xycoords=("axes fraction", "data"),
+                xytext=(0, 2 if above else -2), textcoords="offset points", fontsize="x-small",
+                color="dimgrey", va="bottom" if above else "top", annotation_clip=True)
 
 
-def draw_series(ax, s: Series, style: Style) -> None:
+def draw_series(ax, s: Series, style: Style) -> bool:
+    """Each seed thin, the mean bold over the min-max band; a series of one point (a single
+    evaluation) is a mark with its min-max bar. Returns whether it was one point."""
     for curve in s.seeds:
         pts = [(x, 100 * y) for x, y in zip(curve.x, curve.y, strict=True) if x > 0]
         if pts:
             ax.plot(*zip(*pts, strict=True), linewidth=0.6, alpha=0.45, zorder=2,
+                    marker=style.marker if len(pts) == 1 else None, markersize=3,
                     gid=f"seed:{s.method}", **style.line())
     keep = [i for i, x in enumerate(s.x) if x > 0]
     if not keep:
-        return
+        return False
     x = [s.x[i] for i in keep]
+    if len(keep) == 1:
+        i = keep[0]
+        ax.errorbar(x, [100 * s.mean[i]], yerr=[[100 * (s.mean[i] - s.low[i])],
+                    [100 * (s.high[i] - s.mean[i])]], fmt=style.marker, markersize=7,
+                    color=style.colour, capsize=3, zorder=4, label=s.method,
+                    gid=f"single:{s.method}")
+        return True
     ax.fill_between(x, [100 * s.low[i] for i in keep], [100 * s.high[i] for i in keep],
                     color=style.colour, alpha=0.2, linewidth=0, zorder=3)
     ax.plot(x, [100 * s.mean[i] for i in keep], linewidth=2.0, marker=style.marker,
             markersize=4, zorder=4, label=s.method, **style.line())
+    return False
+
+
+def single_note(ax, methods: list[str]) -> None:
+    """Says, inside the axes, which series are one evaluation each (a mark, no curve)."""
+    if methods:
+        ax.text(0.99, 0.02, "one evaluation, a mark (no curve): " + ", ".join(methods),
+                transform=ax.transAxes, ha="right", va="bottom", fontsize="x-small",
+                color="dimgrey", gid="single-note")
 
 
 def accuracy_ylim(ax, p: Plan, panel_list: list[list[Series]]) -> None:
     """From a little under the lowest mean at the second evaluation (the first is near
     chance) to a little over the best accuracy: the approach to the target fills the panel."""
-    highs = [100 * max(max(c.y) for c in s.seeds if c.y) for ss in panel_list for s in ss]
+    highs = [100 * max(max(c.y) for c in s.seeds if c.y) for ss in panel_list for s in ss
+             if any(c.y for c in s.seeds)]
     lows = [100 * s.mean[min(1, len(s.mean) - 1)] for ss in panel_list for s in ss if s.mean]
-    if highs and lows:
-        ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(max(highs), 100 * p.target) + 2))
+    if highs and lows:   # the target always in view, its label inside the axes
+        ax.set_ylim(max(0.0, min(min(lows) - 5, 100 * p.target - 3)),
+                    min(100.0, max(max(highs), 100 * p.target) + 2))
 
 
 def accuracy_figure(p: Plan, x: str) -> Figure:
@@ -181,11 +227,12 @@ def accuracy_figure(p: Plan, x: str) -> Figure:
     for panel in p.panels:
         for ax, (kind, xlabel) in zip(where[id(panel)], kinds, strict=True):
             ss = panel_series(panel, kind, p.order)
-            for s in ss:
-                draw_series(ax, s, p.style[s.method])
-            target_line(ax, p.target)
+            single = [s.method for s in ss if draw_series(ax, s, p.style[s.method])]
             log_x(ax)
             accuracy_ylim(ax, p, [ss])
+            target_line(ax, p.target)
+            single_note(ax, single)
+            labelled_x(ax)
             ax.set_xlabel(xlabel)
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(panel.title, fontsize="medium")
@@ -246,6 +293,7 @@ def to_target_figure(p: Plan) -> Figure:
         if log:
             log_x(ax)
         ax.set_xlim(left, right)
+        labelled_x(ax)
         seeds = max(r.seeds for r in rows)
         ax.set_xlabel(f"wall time to {100 * p.target:.1f}% (s)"
                       + (": mean, min-max over seeds" if seeds > 1 else ", one seed")

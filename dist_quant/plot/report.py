@@ -48,7 +48,7 @@ from dist_quant.plot.points import Spread, has_several_seeds, points
 from dist_quant.plot.recipe import commits, machines, sweep_commands, versions, wrapped
 from dist_quant.plot.runs import Run
 from dist_quant.plot.scaling import scaling_table
-from dist_quant.plot.series import first_runs, method_order
+from dist_quant.plot.series import few_evaluations, first_runs, method_order
 
 TARGET_FRACTION = 0.9
 NOT_REACHED = "not reached"
@@ -254,9 +254,11 @@ def write_report(groups: dict[str, list[Run]], target: float, target_note: str,
                  figures: list[Path], out: Path, scaling: dict | None = None,
                  command: str | None = None) -> Path:
     runs = [r for members in groups.values() for r in members]
+    warnings = few_evaluations(groups)   # a series of fewer than three evaluations
     parts = [
         "# Bandwidth versus convergence", "",
         f"Target test accuracy: **{100 * target:.1f}%** ({target_note}).", "",
+        *[f"- {line}" for line in warnings], *([""] if warnings else []),
         f"{len(runs)} run(s) under {len(groups)} link setting(s). Bits per coordinate: uplink "
         "bytes x 8 / (params x steps x workers). MB = 10^6 bytes, counted at the first "
         "evaluation at or above the target, as is the time to target (wall seconds). Speed-up: "

@@ -176,6 +176,27 @@ def panel_series(panel: Panel, x: str, order: list[str]) -> list[Series]:
     return [series_of(m, runs[m], x) for m in order if m in runs]
 
 
+FEW_EVALUATIONS = 3
+
+
+def few_evaluations(groups: dict[str, list[Run]]) -> list[str]:
+    """One warning line per series (a method in one panel) whose runs hold fewer than
+    ``FEW_EVALUATIONS`` evaluations: its curves are a point or a segment, and its time to
+    target can only be one of those evaluations."""
+    out = []
+    for panel in panels(groups):
+        runs: dict[str, list[Run]] = defaultdict(list)
+        for run in panel.runs:
+            runs[run.method].append(run)
+        for method, members in runs.items():
+            n = min(len(clean_evals(r)) for r in members)
+            if n < FEW_EVALUATIONS:
+                out.append(f"warning: {method} ({panel.title}): {n} evaluation"
+                           f"{'' if n == 1 else 's'} per run, fewer than {FEW_EVALUATIONS}; "
+                           "evaluate more often (--set eval_every=N) or train longer")
+    return out
+
+
 def group_by_cap(runs: list[Run]) -> dict[str, list[Run]]:
     """Runs grouped by link, slowest cap first, loopback last; labels unique within a group;
     runs in method order (:func:`method_order`: DDP fp32 first, then
