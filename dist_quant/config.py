@@ -250,19 +250,6 @@ class TrainConfig:
                 f"got {self.servers}")
         if self.bucket_size < 0:
             bad("bucket_size", f"must be >= 0 (0 = whole tensor); got {self.bucket_size}")
-        try:
-            from dist_quant.compress.shift import parse_shift_rate
-
-            rate = parse_shift_rate(self.shift_rate)
-        except ValueError as err:
-            bad("shift_rate", str(err))
-        if (rate is None or rate > 0) and self.error_feedback:
-            bad("shift_rate", "and --error-feedback both correct the compression error; "
-                "use one")
-        if (rate is None or rate > 0) and self.compressor in ("none",):
-            bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
-        if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
-            bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
         if tensorboard_requested({"tensorboard": self.tensorboard}) and tensorboard_missing():
             bad("tensorboard", tensorboard_missing())
         if self.worker_momentum and self.method != "ps":
@@ -335,8 +322,23 @@ class TrainConfig:
         if self.simulate and self.method != "ps":
             bad("simulate", "runs the parameter-server job only (--method ps)")
         self._validate_consistency(bad)
+        # the checks below import the compressors and the data (torch): every other option
+        # is refused before them, in well under a second
+        try:
+            from dist_quant.compress.shift import parse_shift_rate  # torch: checked last
+
+            rate = parse_shift_rate(self.shift_rate)
+        except ValueError as err:
+            bad("shift_rate", str(err))
+        if (rate is None or rate > 0) and self.error_feedback:
+            bad("shift_rate", "and --error-feedback both correct the compression error; "
+                "use one")
+        if (rate is None or rate > 0) and self.compressor in ("none",):
+            bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
+        if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
+            bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
         if self.dataset in ("mnist1d", "teacher"):
-            from dist_quant.data.dataset import check_batch_fits
+            from dist_quant.data.dataset import check_batch_fits  # torch: checked last
 
             check_batch_fits(self.train_size, self.workers, self.batch_size)
         self._validate_compressors()
@@ -426,7 +428,7 @@ class TrainConfig:
         return out
 
     def _validate_compressors(self) -> None:
-        from dist_quant.compress import available_compressors
+        from dist_quant.compress import available_compressors  # torch: checked last
 
         names = available_compressors()
         if self.compressor not in names:
