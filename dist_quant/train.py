@@ -54,7 +54,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
-from dist_quant.config import TrainConfig, click_options
+from dist_quant.config import GroupedCommand, TrainConfig, click_options
 from dist_quant.errors import ConfigError, RunAborted, WorkerLeaves
 from dist_quant.runner.launcher import SHUTDOWN_TIMEOUT, die_with_parent, run_torchrun
 from dist_quant.runtime.rank import (  # noqa: F401 (the rank's side, also reachable from here)
@@ -155,7 +155,8 @@ def config_error(err: ConfigError) -> None:
     sys.exit(2)
 
 
-@click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("train", cls=GroupedCommand,
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click_options()
 @click.pass_context
 def train_command(ctx: click.Context, **params: Any) -> None:
@@ -241,7 +242,8 @@ def run_in_process(cfg: TrainConfig) -> int:
     return 0
 
 
-@click.command("dist_quant.train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("dist_quant.train", cls=GroupedCommand,
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click_options()
 @click.pass_context
 def main(ctx: click.Context, **params: Any) -> None:

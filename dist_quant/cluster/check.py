@@ -14,11 +14,11 @@ from typing import Any
 
 import click
 
-from dist_quant.config import click_options
+from dist_quant.config import GroupedCommand, click_options
 from dist_quant.errors import ConfigError
 
 
-@click.command("dist_quant.cluster.check",
+@click.command("dist_quant.cluster.check", cls=GroupedCommand,
                context_settings={"help_option_names": ["-h", "--help"]})
 @click_options()
 @click.pass_context

@@ -21,6 +21,7 @@ line of wire figures (bytes on the wire per direction and their ratio to the pay
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -28,24 +29,27 @@ from typing import Any
 
 import click
 
-from dist_quant.config import click_options
+from dist_quant.config import LINKS, GroupedCommand, GroupedOption, click_options
+
+link_option = functools.partial(click.option, cls=GroupedOption, group=LINKS)
 
 
-@click.command("cluster", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--rate", type=float, default=0.0, show_default=True,
-              help="Link rate cap in Mbit/s, each host and direction; 0 = uncapped.")
-@click.option("--latency", type=float, default=0.0, show_default=True,
-              help="One-way host-to-host latency in ms (needs the netem qdisc).")
-@click.option("--loss", type=float, default=0.0, show_default=True,
-              help="Packet loss in percent on each host-to-host path (needs netem).")
-@click.option("--mtu", type=int, default=1500, show_default=True, help="Link MTU in bytes.")
-@click.option("--worker-rate", "worker_rate", multiple=True, metavar="I=MBIT",
-              help="Worker I's own link cap in Mbit/s, both directions (repeatable; 0-based, "
-                   "host w{I+1}); the other hosts keep --rate.")
-@click.option("--engine", type=click.Choice(["netns", "compose"]), default="netns",
-              show_default=True,
-              help="netns: one network namespace per host; compose: one container per host "
-                   "(docker-compose.yml; launch/docker-host.sh prepares the machine).")
+@click.command("cluster", cls=GroupedCommand,
+               context_settings={"help_option_names": ["-h", "--help"]})
+@link_option("--rate", type=float, default=0.0, show_default=True,
+             help="Link rate cap in Mbit/s, each host and direction; 0 = uncapped.")
+@link_option("--latency", type=float, default=0.0, show_default=True,
+             help="One-way host-to-host latency in ms (needs the netem qdisc).")
+@link_option("--loss", type=float, default=0.0, show_default=True,
+             help="Packet loss in percent on each host-to-host path (needs netem).")
+@link_option("--mtu", type=int, default=1500, show_default=True, help="Link MTU in bytes.")
+@link_option("--worker-rate", "worker_rate", multiple=True, metavar="I=MBIT",
+             help="Worker I's own link cap in Mbit/s, both directions (repeatable; 0-based, "
+                  "host w{I+1}); the other hosts keep --rate.")
+@link_option("--engine", type=click.Choice(["netns", "compose"]), default="netns",
+             show_default=True,
+             help="netns: one network namespace per host; compose: one container per host "
+                  "(docker-compose.yml; launch/docker-host.sh prepares the machine).")
 @click.option("--cleanup", is_flag=True,
               help="Only remove namespaces left by cluster runs whose process is gone.")
 @click_options()
