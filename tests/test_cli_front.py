@@ -1,5 +1,6 @@
 """What a user meets first at the command line: bad options refused before torch is imported,
-and ``--help`` grouped under headings, without the testing aids (which stay accepted).
+``--help`` grouped under headings, without the testing aids (which stay accepted), and output
+that reads the same for every method (summary line, progress bar, refusals).
 
 The refusal's time is measured by ``benchmarks/cli_refusal.py`` (a benchmark, not a timed
 test): here only that nothing heavy is imported before the options are checked.
@@ -8,6 +9,7 @@ test): here only that nothing heavy is imported before the options are checked.
 from __future__ import annotations
 
 import dataclasses
+import io
 import subprocess
 import sys
 
@@ -17,6 +19,7 @@ from click.testing import CliRunner
 from dist_quant.cluster.check import main as check_main
 from dist_quant.cluster.command import cluster
 from dist_quant.config import GROUPS, LINKS, RUNTIME, TESTING, TrainConfig
+from dist_quant.runtime.progress import Progress, summary_line
 from dist_quant.sweep import expand_grid, parse_axis, sweep
 from dist_quant.train import main as train_main
 from dist_quant.train import train_command
@@ -107,3 +110,41 @@ def test_testing_aids_are_still_accepted(tmp_path):
     name, values = parse_axis("inject_nonfinite=0:3")   # and as a sweep's --set field
     (point,) = expand_grid(["ps-onebit"], {name: values})
     assert point.cfg.inject_nonfinite == "0:3"
+
+
+# ---- one voice in the output ---------------------------------------------------------------
+SUMMARY = {"test_accuracy": 0.724, "bytes_up": 710_000, "bytes_down": 89_900_000,
+           "fp32_bytes_up": 21_700_000, "fp32_bytes_down": 89_900_000, "steps": 600,
+           "workers": 4, "params": 47242, "wall_seconds": 12.3}
+
+
+@pytest.mark.parametrize("fields, name", [
+    ({"method": "ps", "compressor": "onebit", "downlink": "none"}, "ps onebit"),
+    ({"method": "ps", "compressor": "sign", "downlink": "kbit"}, "ps sign, downlink kbit"),
+    ({"method": "ps", "compressor": "none", "downlink": "none"}, "ps fp32"),
+    ({"method": "ddp", "compressor": "none", "ddp_hook": "none"}, "ddp fp32"),
+    ({"method": "ddp", "compressor": "powersgd", "ddp_hook": "powersgd"}, "ddp powersgd"),
+    ({"method": "ddp", "compressor": "onebit", "ddp_hook": "onebit"}, "ddp onebit"),
+])
+def test_summary_lines_name_the_method_the_same_way(fields, name):
+    line = summary_line({**SUMMARY, **fields})
+    assert line.startswith(f"{name}: test accuracy 72.4% | up 0.71 MB, down 89.90 MB | ")
+
+
+def test_progress_names_the_train_loss_and_shows_elapsed_and_eta():
+    stream = io.StringIO()
+    bar = Progress(100, stream=stream)
+    bar.started -= 10.0   # ten seconds in, a quarter done: thirty to go
+    for step in range(1, 26):
+        bar.update(step, 1.25, 0.5 if step == 25 else float("nan"), 1000, 2000)
+    line = stream.getvalue().splitlines()[-1]
+    assert "train loss 1.250" in line and "test acc 50.0%" in line
+    assert line.endswith("0:10, ETA 0:30"), line
+
+
+def test_ddp_with_a_compressor_is_offered_every_hook(tmp_path):
+    result = CliRunner().invoke(train_command, ["--method", "ddp", "--compressor", "onebit",
+                                                "--run-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    assert "--ddp-hook fp16|powersgd" in result.output
+    assert "--ddp-hook onebit --compressor onebit" in result.output
