@@ -18,13 +18,16 @@ MLP on ``--dataset``). Where it runs:
 Both end with the same parameters bit for bit on the same device type and seed, and write the
 same run directory (``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``summary.json``).
 The summary is returned by the rank that leads (the server of shard 0: rank 0 in the default
-placement, this process with ``simulate=True``); every other rank gets None.
+placement, this process with ``simulate=True``), with ``run_dir`` added (where the run wrote);
+every other rank gets None. The leading rank prints the run's one-line summary, as
+``dist-quant train`` does.
 
 Options are the fields of :class:`~dist_quant.config.TrainConfig` (``workers``, ``servers``,
 ``colocate``, ``compressor``, ``bucket_size``, ``downlink``, ``steps``, ``batch_size``,
 ``lr``, ``lr_schedule``, ``seed``, ``run_dir``, ``checkpoint_every``, ``resume``, ...),
-validated as on the command line: a bad one raises :class:`~dist_quant.errors.ConfigError`
-naming it. The fields that describe the built-in MLP and dataset (``FIT_FIXED``) are given by
+validated as on the command line: a bad value raises :class:`~dist_quant.errors.ConfigError`
+naming it, a keyword that is no field a :class:`TypeError` naming it and its close matches.
+The fields that describe the built-in MLP and dataset (``FIT_FIXED``) are given by
 ``model_fn`` and the data and are refused; ``train_size`` and ``test_size`` are recorded from
 the data. ``method`` must be ``ps``. With ``resume=RUN_DIR`` (and the same options, more
 ``steps``) the run continues from the latest checkpoint bit for bit; ``run_dir`` defaults to it.
@@ -41,6 +44,8 @@ buffers and their limits: see :mod:`dist_quant.ps.task`.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -68,6 +73,7 @@ def fit(model_fn: Callable[[], torch.nn.Module], train: Any, test: Any, *,
     Returns the run's summary on the leading rank, None on the others (see the module
     docstring for where it runs, the options and the data).
     """
+    unknown_keyword(options)
     for name in FIT_FIXED:
         if name in options:
             raise ConfigError("--" + name.replace("_", "-"), "is given by model_fn and the data "
@@ -94,6 +100,18 @@ def fit(model_fn: Callable[[], torch.nn.Module], train: Any, test: Any, *,
         return _run_rank(cfg, task, workers_explicit="workers" in options)
     raise ConfigError("--simulate", "fit runs in a torchrun job (torchrun --nproc-per-node "
                       f"{cfg.world_size} script.py) or in this process with simulate=True")
+
+
+def unknown_keyword(options: dict[str, Any]) -> None:
+    """TypeError, as Python words it, for a keyword that is no option of :func:`fit`."""
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    for name in options:
+        if name not in fields:
+            close = difflib.get_close_matches(name, [*fields, "loss_fn", "metric"], n=3,
+                                              cutoff=0.8)
+            hint = (f". Did you mean {' or '.join(repr(c) for c in close)}?" if close else
+                    " (the options are the fields of dist_quant.TrainConfig)")
+            raise TypeError(f"fit() got an unexpected keyword argument {name!r}{hint}")
 
 
 def as_tensors(data: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:

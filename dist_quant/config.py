@@ -8,6 +8,12 @@ and the allowed range, before any process starts.
 Fields that move the bandwidth/accuracy trade-off: ``compressor``, ``bucket_size``, ``bits``,
 ``qsgd_levels``, ``sparsity_ratio``, ``error_feedback`` and ``downlink`` (fewer bytes, more
 gradient noise); ``workers`` and ``batch_size`` (more data per step, more payloads per step).
+
+Every field has a ``group``: the heading it is listed under in ``--help`` (``GROUPS``, in
+order), in every command that takes the options (``train``, ``cluster``, ``sweep``'s
+``--set``). The testing aids (group ``TESTING``: ``--inject-nonfinite WORKER:STEP``, a NaN
+gradient; ``--inject-loss WORKER:K``, a worker that leaves an asynchronous run) are accepted
+everywhere but left out of ``--help``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import click
 
 from dist_quant.errors import ConfigError
 
@@ -41,6 +49,20 @@ EVAL_LAG = 8
 
 
 _DEFAULT_STALENESS = 2
+
+# the headings of --help, in order; every field is in one (its ``group``)
+JOB = "Job"
+DATA = "Data and model"
+OPTIMIZER = "Optimizer"
+COMPRESSION = "Compression"
+SERVER = "Parameter server"
+DDP = "DDP"
+LINKS = "Cluster links"   # the options of `dist-quant cluster` and a sweep's links
+RUNTIME = "Runtime and faults"
+OUTPUT = "Output"
+GROUPS = (JOB, DATA, OPTIMIZER, COMPRESSION, SERVER, DDP, LINKS, RUNTIME, OUTPUT)
+TESTING = "Testing aids"   # accepted, not listed in --help
+OTHER = "Other options"
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -75,151 +97,172 @@ def tensorboard_missing() -> str | None:
 class TrainConfig:
     # --- what runs -------------------------------------------------------------------------
     method: str = _opt("ps", "ps: parameter server with compressed payloads; ddp: torch DDP "
-                       "allreduce baseline (see --ddp-hook).", choices=METHODS)
-    workers: int = _opt(4, "Number of worker processes W (the server is an extra rank 0).")
+                       "allreduce baseline (see --ddp-hook).", choices=METHODS, group=JOB)
+    workers: int = _opt(4, "Number of worker processes W (the server is an extra rank 0).",
+                        group=JOB)
     servers: int = _opt(1, "Dedicated parameter servers S (--method ps): the flat parameters "
                         "are split into S contiguous shards on uplink bucket boundaries, "
-                        "balanced by size; server s owns shard s. 1 = one server (the star).")
+                        "balanced by size; server s owns shard s. 1 = one server (the star).",
+                        group=SERVER)
     colocate: bool = _opt(False, "No dedicated server: each of the W workers also serves 1/W "
                           "of the parameters (compressed all-to-all up, all-gather down). "
-                          "Needs --servers 1.")
+                          "Needs --servers 1.", group=SERVER)
     overlap: bool = _opt(False, "Send each shard's uplink payload as soon as backward has "
                          "produced its gradients (last layers first), and start the next "
                          "forward on the first layers as soon as their downlink shard has "
                          "arrived; same parameters as without it. Needs several shards "
-                         "(--servers > 1 or --colocate) to hide much.")
+                         "(--servers > 1 or --colocate) to hide much.", group=SERVER)
     consistency: str = _opt("sync", "When the server applies a gradient and a worker may go "
                             "on: sync (every step waits for the W gradients), ssp (each "
                             "gradient is applied as soon as a worker reads the parameters; a "
                             "worker may start step t once every worker has finished step "
                             "t - K - 1, K = --staleness) or async (no bound). Star and "
-                            "dedicated sharded servers only.", choices=CONSISTENCY)
+                            "dedicated sharded servers only.", choices=CONSISTENCY, group=SERVER)
     staleness: int = _opt(_DEFAULT_STALENESS, "K of --consistency ssp: how many steps a "
-                          "worker may run ahead of the slowest (0 = sync).")
+                          "worker may run ahead of the slowest (0 = sync).", group=SERVER)
     staleness_lr: bool = _opt(False, "ssp and async: divide each gradient by its staleness "
                               "(at least 1) before it is applied, i.e. lr / staleness "
-                              "(Zhang et al. 2016).")
+                              "(Zhang et al. 2016).", group=SERVER)
     backup_workers: int = _opt(0, "B of --consistency sync: each step uses the first W - B "
-                               "gradients to arrive and drops the others (Chen et al. 2016).")
+                               "gradients to arrive and drops the others (Chen et al. 2016).",
+                               group=SERVER)
     # --- uplink compression ----------------------------------------------------------------
     compressor: str = _opt("onebit", "Uplink compressor: none (fp32), fp16, bf16, onebit, kbit, "
                            "sign; baselines qsgd (--qsgd-levels), terngrad, topk (with "
-                           "--error-feedback) and randk (--sparsity-ratio).")
+                           "--error-feedback) and randk (--sparsity-ratio).", group=COMPRESSION)
     bucket_size: int = _opt(128, "Coordinates per header (the (a, b) of onebit/kbit, the scale of "
                             "sign/qsgd/terngrad); 0 = the whole flattened gradient (the "
-                            "per-tensor rule).")
-    bits: int = _opt(2, "Bits per coordinate for the kbit compressor (1..8).")
+                            "per-tensor rule).", group=COMPRESSION)
+    bits: int = _opt(2, "Bits per coordinate for the kbit compressor (1..8).", group=COMPRESSION)
     header_dtype: str = _opt("fp32", "Type of the (a, b) headers on the wire; fp16 rounds outward "
-                             "so the decode stays unbiased.", choices=HEADER_DTYPES)
+                             "so the decode stays unbiased.", choices=HEADER_DTYPES,
+                             group=COMPRESSION)
     error_feedback: bool = _opt(False, "Wrap the uplink compressor in error feedback. It needs a "
                                 "contractive compressor (sign); around stochastic 1-bit "
-                                "rounding the carried error grows and long runs diverge.")
+                                "rounding the carried error grows and long runs diverge.",
+                                group=COMPRESSION)
     worker_momentum: bool = _opt(False, "Each worker keeps the momentum of its own gradient "
                                  "and compresses that (with --error-feedback: DGC's momentum "
                                  "correction); the server averages and steps with no momentum "
-                                 "of its own. Same method without compression.")
+                                 "of its own. Same method without compression.", group=COMPRESSION)
     shift_rate: str = _opt("0", "Shifted compression: each worker sends C(g - h) and both sides "
                            "move the shift h by ALPHA times the decode (DIANA with an unbiased "
                            "compressor, EF21 with sign/topk and 1); 0 = off, auto = "
-                           "1 / (1 + omega) (1 for sign/topk).")
+                           "1 / (1 + omega) (1 for sign/topk).", group=COMPRESSION)
     qsgd_levels: int = _opt(4, "Levels s of the qsgd compressor (1..32767): 1 + bit_length(s) "
-                            "bits per coordinate, plus the bucket's norm.")
+                            "bits per coordinate, plus the bucket's norm.", group=COMPRESSION)
     sparsity_ratio: float = _opt(0.01, "Fraction of the coordinates that topk and randk send, "
-                                 "in (0, 1]: 64 x ratio bits per coordinate.")
+                                 "in (0, 1]: 64 x ratio bits per coordinate.", group=COMPRESSION)
     # --- downlink --------------------------------------------------------------------------
     downlink: str = _opt("none", "Downlink compressor: none sends fp32 parameters; any other "
                          "compressor sends the compressed change of the workers' replica, its "
                          "error carried to the next step (so it must be contractive: sign, "
-                         "fp16, bf16, kbit with --bits >= 2).")
-    downlink_bucket_size: int = _opt(128, "Bucket size of the downlink compressor.")
+                         "fp16, bf16, kbit with --bits >= 2).", group=COMPRESSION)
+    downlink_bucket_size: int = _opt(128, "Bucket size of the downlink compressor.",
+                                     group=COMPRESSION)
     # --- data and model --------------------------------------------------------------------
     dataset: str = _opt("mnist1d", "mnist1d (generated), teacher (synthetic), mnist (IDX files "
-                        "in --data-dir) or a path to an .npz with x, y, x_test, y_test.")
-    data_dir: str = _opt("", "Directory holding the MNIST IDX files (for --dataset mnist).")
-    train_size: int = _opt(4000, "Training examples to generate (mnist1d, teacher).")
-    test_size: int = _opt(1000, "Test examples to generate (mnist1d, teacher).")
-    hidden: str = _opt("192,192", "Hidden layer widths, comma separated.")
+                        "in --data-dir) or a path to an .npz with x, y, x_test, y_test.",
+                        group=DATA)
+    data_dir: str = _opt("", "Directory holding the MNIST IDX files (for --dataset mnist).",
+                         group=DATA)
+    train_size: int = _opt(4000, "Training examples to generate (mnist1d, teacher).", group=DATA)
+    test_size: int = _opt(1000, "Test examples to generate (mnist1d, teacher).", group=DATA)
+    hidden: str = _opt("192,192", "Hidden layer widths, comma separated.", group=DATA)
     keep_prob: float = _opt(0.8, "Dropout KEEP probability p in (0, 1] (1 disables dropout; "
-                            "torch's Dropout takes the drop probability 1 - p).")
-    batchnorm: bool = _opt(True, "BatchNorm after every hidden Linear.")
+                            "torch's Dropout takes the drop probability 1 - p).", group=DATA)
+    batchnorm: bool = _opt(True, "BatchNorm after every hidden Linear.", group=DATA)
     init: str = _opt("he", "Hidden weight init: he (2/fan_in), lecun (1/fan_in), double "
-                     "(4/fan_in).", choices=INITS)
+                     "(4/fan_in).", choices=INITS, group=DATA)
     # --- optimisation ----------------------------------------------------------------------
-    steps: int = _opt(1000, "Synchronous steps to run.")
-    batch_size: int = _opt(512, "Minibatch size per worker (at most its shard: train_size / W).")
-    lr: float = _opt(0.2, "Learning rate eta (the peak of --lr-schedule).")
+    steps: int = _opt(1000, "Synchronous steps to run.", group=JOB)
+    batch_size: int = _opt(512, "Minibatch size per worker (at most its shard: train_size / W).",
+                           group=OPTIMIZER)
+    lr: float = _opt(0.2, "Learning rate eta (the peak of --lr-schedule).", group=OPTIMIZER)
     lr_schedule: str = _opt("constant", "Learning-rate schedule after the warmup: constant, step "
                             "(times --lr-gamma every --lr-step-size steps) or cosine (to 0 at "
-                            "the last step).", choices=LR_SCHEDULES)
+                            "the last step).", choices=LR_SCHEDULES, group=OPTIMIZER)
     warmup_steps: int = _opt(0, "Linear warmup: the learning rate rises from lr / N to lr over "
-                             "the first N steps (0 = none).")
-    lr_step_size: int = _opt(300, "Steps between two decays of the step schedule.")
-    lr_gamma: float = _opt(0.1, "Factor of each decay of the step schedule, in (0, 1].")
-    momentum: float = _opt(0.9, "Momentum mu on the stochastic gradient only (0 <= mu < 1).")
+                             "the first N steps (0 = none).", group=OPTIMIZER)
+    lr_step_size: int = _opt(300, "Steps between two decays of the step schedule.", group=OPTIMIZER)
+    lr_gamma: float = _opt(0.1, "Factor of each decay of the step schedule, in (0, 1].",
+                           group=OPTIMIZER)
+    momentum: float = _opt(0.9, "Momentum mu on the stochastic gradient only (0 <= mu < 1).",
+                           group=OPTIMIZER)
     weight_decay: float = _opt(5e-4, "L2 coefficient lambda, applied at the server outside "
-                               "momentum.")
-    decay_all: bool = _opt(False, "Also decay biases and BatchNorm parameters.")
-    seed: int = _opt(0, "Run seed; worker r's generator is seeded from (seed, r).")
+                               "momentum.", group=OPTIMIZER)
+    decay_all: bool = _opt(False, "Also decay biases and BatchNorm parameters.", group=OPTIMIZER)
+    seed: int = _opt(0, "Run seed; worker r's generator is seeded from (seed, r).", group=JOB)
     # --- DDP baseline ----------------------------------------------------------------------
     ddp_hook: str = _opt("none", "Communication hook for --method ddp: none (fp32 allreduce), "
                          "fp16 (torch fp16_compress_hook), powersgd, onebit (this project's "
                          "compressed all-to-all + all-gather, with --compressor, --bucket-size, "
-                         "--bits, --header-dtype, --error-feedback).", choices=DDP_HOOKS)
-    powersgd_rank: int = _opt(2, "Matrix approximation rank of the PowerSGD hook.")
+                         "--bits, --header-dtype, --error-feedback).", choices=DDP_HOOKS, group=DDP)
+    powersgd_rank: int = _opt(2, "Matrix approximation rank of the PowerSGD hook.", group=DDP)
     # --- run bookkeeping -------------------------------------------------------------------
     run_dir: str = _opt("", "Directory for config.json, metrics.jsonl, summary.json and "
-                        "checkpoints (default: runs/<time>-<method>).")
-    eval_every: int = _opt(100, "Evaluate on the test split every N steps (and at the end).")
+                        "checkpoints (default: runs/<time>-<method>).", group=OUTPUT)
+    eval_every: int = _opt(100, "Evaluate on the test split every N steps (and at the end).",
+                           group=OUTPUT)
     eval_lag: int = _opt(EVAL_LAG, "Synchronous parameter server: the parameters of an "
                          "evaluation at step s reach the evaluating rank in N pieces, one per "
                          "step, beside training; it is evaluated at step s + N, whose control "
                          "carries its --stop-accuracy decision (the run stops there). 0 = "
                          "gather and evaluate before step s ends (every rank waits). The last "
-                         "step and checkpoint steps finish their evaluations at once.")
-    checkpoint_every: int = _opt(0, "Write a checkpoint every N steps (0 = only at the end).")
-    resume: str = _opt("", "Run directory whose latest checkpoint the run continues from.")
+                         "step and checkpoint steps finish their evaluations at once.",
+                         group=SERVER)
+    checkpoint_every: int = _opt(0, "Write a checkpoint every N steps (0 = only at the end).",
+                                 group=RUNTIME)
+    resume: str = _opt("", "Run directory whose latest checkpoint the run continues from.",
+                       group=JOB)
     keep_checkpoints: int = _opt(3, "Keep the K newest checkpoints of the run, delete older "
-                                 "ones (0 = keep all).")
+                                 "ones (0 = keep all).", group=RUNTIME)
     max_restarts: int = _opt(0, "Restart the job up to N times after a process fails "
                              "(torchrun's elastic restarts); each restart continues from the "
-                             "latest checkpoint (--checkpoint-every defaults to --eval-every).")
+                             "latest checkpoint (--checkpoint-every defaults to --eval-every).",
+                             group=RUNTIME)
     # --- processes and faults --------------------------------------------------------------
     backend: str = _opt("auto", "torch.distributed backend; auto = nccl on CUDA, else gloo.",
-                        choices=BACKENDS)
-    device: str = _opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES)
+                        choices=BACKENDS, group=RUNTIME)
+    device: str = _opt("auto", "auto = cuda when available, else cpu.", choices=DEVICES,
+                       group=RUNTIME)
     timeout: float = _opt(60.0, "Process-group timeout in seconds: a dead peer ends the run "
-                          "after at most this long.")
+                          "after at most this long.", group=RUNTIME)
     min_workers: int = _opt(0, "--consistency async: a lost worker (its process ended, its "
                             "host went down, or it stopped answering within --timeout) is "
                             "dropped and named, and the run goes on while at least N workers "
                             "remain; 0 = W: a lost worker ends the run, as in every other "
-                            "mode.")
+                            "mode.", group=SERVER)
     on_nonfinite: str = _opt("skip", "A non-finite or invalid worker payload: skip it (the step "
-                             "uses the other workers) or abort the run.", choices=ON_NONFINITE)
-    progress: bool = _opt(True, "Show a progress bar on rank 0.")
+                             "uses the other workers) or abort the run.", choices=ON_NONFINITE,
+                             group=RUNTIME)
+    progress: bool = _opt(True, "Show a progress bar on rank 0.", group=OUTPUT)
     force: bool = _opt(False, "Start the job even when preflight estimates that its processes "
-                       "need more memory than is available.")
+                       "need more memory than is available.", group=RUNTIME)
     # --- experiments and testing aids ------------------------------------------------------
     simulate: bool = _opt(False, "Run the W workers and the server in one process (the "
-                          "single-process reference; same parameters as the distributed run).")
+                          "single-process reference; same parameters as the distributed run).",
+                          group=JOB)
     stop_accuracy: float = _opt(0.0, "Stop once test accuracy at an evaluation reaches this "
-                                "fraction (0..1); 0 = run all steps. For time-to-target sweeps.")
+                                "fraction (0..1); 0 = run all steps. For time-to-target sweeps.",
+                                group=JOB)
     tensorboard: bool = _opt(False, "Also write the step and evaluation scalars as TensorBoard "
                              "event files in the run directory (needs the tensorboard package; "
-                             "DIST_QUANT_TENSORBOARD=1 does the same).")
+                             "DIST_QUANT_TENSORBOARD=1 does the same).", group=OUTPUT)
     inject_nonfinite: str = _opt("", "Testing aid: WORKER:STEP makes worker WORKER (0-based) "
-                                 "hold a NaN gradient at step STEP (1-based); empty = never.")
+                                 "hold a NaN gradient at step STEP (1-based); empty = never.",
+                                 group=TESTING)
     inject_loss: str = _opt("", "Testing aid of the asynchronous modes: WORKER:K makes worker "
                             "WORKER (0-based) leave the run instead of computing its K-th "
                             "gradient (1-based): its process ends and its links close, as a "
-                            "lost host's would; empty = never.")
+                            "lost host's would; empty = never.", group=TESTING)
     slow_worker: str = _opt("", "I=FACTOR (repeatable, or I=F,J=G): worker I (0-based) computes "
                             "FACTOR times slower: it waits FACTOR - 1 times its measured "
                             "compute after each backward. Wall time only; --simulate takes "
-                            "its arrival order from it.", repeatable=True)
+                            "its arrival order from it.", repeatable=True, group=RUNTIME)
     replay: str = _opt("", "With --simulate: a run directory of --consistency ssp|async or "
                        "--backup-workers whose recorded arrival order the simulation follows "
-                       "(it then ends with that run's parameters, bit for bit).")
+                       "(it then ends with that run's parameters, bit for bit).", group=JOB)
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
@@ -248,19 +291,6 @@ class TrainConfig:
                 f"got {self.servers}")
         if self.bucket_size < 0:
             bad("bucket_size", f"must be >= 0 (0 = whole tensor); got {self.bucket_size}")
-        try:
-            from dist_quant.compress.shift import parse_shift_rate
-
-            rate = parse_shift_rate(self.shift_rate)
-        except ValueError as err:
-            bad("shift_rate", str(err))
-        if (rate is None or rate > 0) and self.error_feedback:
-            bad("shift_rate", "and --error-feedback both correct the compression error; "
-                "use one")
-        if (rate is None or rate > 0) and self.compressor in ("none",):
-            bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
-        if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
-            bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
         if tensorboard_requested({"tensorboard": self.tensorboard}) and tensorboard_missing():
             bad("tensorboard", tensorboard_missing())
         if self.worker_momentum and self.method != "ps":
@@ -333,8 +363,23 @@ class TrainConfig:
         if self.simulate and self.method != "ps":
             bad("simulate", "runs the parameter-server job only (--method ps)")
         self._validate_consistency(bad)
+        # the checks below import the compressors and the data (torch): every other option
+        # is refused before them, in well under a second
+        try:
+            from dist_quant.compress.shift import parse_shift_rate  # torch: checked last
+
+            rate = parse_shift_rate(self.shift_rate)
+        except ValueError as err:
+            bad("shift_rate", str(err))
+        if (rate is None or rate > 0) and self.error_feedback:
+            bad("shift_rate", "and --error-feedback both correct the compression error; "
+                "use one")
+        if (rate is None or rate > 0) and self.compressor in ("none",):
+            bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
+        if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
+            bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
         if self.dataset in ("mnist1d", "teacher"):
-            from dist_quant.data.dataset import check_batch_fits
+            from dist_quant.data.dataset import check_batch_fits  # torch: checked last
 
             check_batch_fits(self.train_size, self.workers, self.batch_size)
         self._validate_compressors()
@@ -424,6 +469,7 @@ class TrainConfig:
         return out
 
     def _validate_compressors(self) -> None:
+        # torch comes with the compressors: checked last, after every other option
         from dist_quant.compress import available_compressors, get_compressor
 
         names = available_compressors()
@@ -512,21 +558,70 @@ class TrainConfig:
         return argv
 
 
+class GroupedOption(click.Option):
+    """A click option listed under the heading ``group`` by :class:`GroupedCommand`."""
+
+    def __init__(self, *args: Any, group: str = OTHER, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.group = group
+
+
+class GroupedCommand(click.Command):
+    """A command whose ``--help`` lists its options under headings: its own (in order of
+    appearance), those of ``GROUPS``, then ``Other options``; hidden options (the testing aids)
+    are left out."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and isinstance(param, click.Option):  # arguments: in Usage
+                rows.setdefault(getattr(param, "group", OTHER), []).append(record)
+        own = [heading for heading in rows if heading not in (*GROUPS, OTHER)]  # first
+        for heading in (*own, *GROUPS, OTHER):
+            if rows.get(heading):
+                with formatter.section(heading):
+                    formatter.write_dl(rows[heading])
+
+
+class SetFieldsCommand(GroupedCommand):
+    """A command that takes config fields as ``--set FIELD=VALUE``: its ``--help`` ends with
+    the fields under the same headings as ``train --help`` (testing aids left out)."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_options(ctx, formatter)
+        with formatter.section("Fields of --set (the options of train, by group)"):
+            formatter.write_dl([(heading, ", ".join(names))
+                                for heading, names in field_groups().items()])
+
+
+def field_groups(cls: type = TrainConfig) -> dict[str, list[str]]:
+    """``{heading: [field, ...]}`` in the order of ``GROUPS``, testing aids left out."""
+    out: dict[str, list[str]] = {heading: [] for heading in GROUPS}
+    for f in dataclasses.fields(cls):
+        if f.metadata["group"] != TESTING:
+            out[f.metadata["group"]].append(f.name)
+    return {heading: names for heading, names in out.items() if names}
+
+
 def click_options(cls: type = TrainConfig):
-    """Decorator adding one click option per config field (the CLI stays a thin mapping)."""
-    import click
+    """Decorator adding one click option per config field (the CLI stays a thin mapping),
+    each under its field's ``group`` (use with ``cls=GroupedCommand``); testing aids hidden."""
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(cls)):
             dashed = f.name.replace("_", "-")
+            group = f.metadata["group"]
             kwargs: dict[str, Any] = {"default": f.default, "show_default": True,
-                                      "help": f.metadata.get("help", "")}
+                                      "help": f.metadata.get("help", ""), "cls": GroupedOption,
+                                      "group": group, "hidden": group == TESTING}
             if isinstance(f.default, bool):
                 fn = click.option(f"--{dashed}/--no-{dashed}", f.name, **kwargs)(fn)
                 continue
             if f.metadata.get("repeatable"):  # given several times: joined with commas
                 fn = click.option(f"--{dashed}", f.name, multiple=True, default=(),
-                                  help=kwargs["help"], callback=_joined)(fn)
+                                  help=kwargs["help"], callback=_joined, cls=GroupedOption,
+                                  group=group, hidden=group == TESTING)(fn)
                 continue
             if f.metadata.get("choices"):
                 kwargs["type"] = click.Choice(f.metadata["choices"])

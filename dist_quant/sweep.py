@@ -106,7 +106,7 @@ import click
 from dist_quant.cluster.engine import parse_worker_rates
 from dist_quant.cluster.records import log_tail
 from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
-from dist_quant.config import TrainConfig
+from dist_quant.config import LINKS, OUTPUT, RUNTIME, SetFieldsCommand, TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.presets import PRESETS
 from dist_quant.runtime.metrics import write_json_atomic
@@ -480,7 +480,8 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
                        worker_rates=uneven, engine=engine)
 
 
-@click.command("sweep", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("sweep", cls=SetFieldsCommand,
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--method", "-m", "methods", multiple=True, metavar="PRESET[:FIELD=V,...]",
               help=f"A method (repeatable). Presets: {', '.join(PRESETS)}.")
@@ -542,3 +543,14 @@ def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: 
                f"now, {len(index['failed'])} failed; index {Path(out_dir) / INDEX}")
     if index["failed"]:
         sys.exit(1)
+
+
+# the headings of sweep --help (dist_quant.config.GroupedCommand): the points, then the groups
+# of train --help that these options share
+_HEADINGS = {"methods": "Points", "sets": "Points", "seeds": "Points", "grid": "Points",
+             "dry_run": "Points", "rate": LINKS, "latency": LINKS, "loss": LINKS,
+             "worker_rate": LINKS, "cluster": LINKS, "engine": LINKS, "slow_worker": RUNTIME,
+             "progress": OUTPUT}
+for _param in sweep.params:
+    if _param.name in _HEADINGS:
+        _param.group = _HEADINGS[_param.name]

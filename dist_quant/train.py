@@ -53,8 +53,9 @@ from typing import Any
 
 import click
 
-from dist_quant.config import TrainConfig, click_options
-from dist_quant.errors import ConfigError
+from dist_quant.config import GroupedCommand, TrainConfig, click_options
+from dist_quant.errors import ConfigError, RunAborted, WorkerLeaves
+from dist_quant.runner.launcher import SHUTDOWN_TIMEOUT, die_with_parent, run_torchrun
 from dist_quant.runner.options import config_error, config_from_options  # noqa: F401 (also from here)
 from dist_quant.runtime.rank import (  # noqa: F401 (the rank's side, also reachable from here)
     STARTUP_TIMEOUT,
@@ -78,8 +79,6 @@ def full_argv(cfg: TrainConfig) -> list[str]:
 # ---- launcher --------------------------------------------------------------------------------
 def torchrun_command(cfg: TrainConfig) -> list[str]:
     """``python -m dist_quant.localrun ...`` (torchrun on loopback) for this config here."""
-    from dist_quant.runner.launcher import SHUTDOWN_TIMEOUT
-
     if cfg.simulate:
         return [sys.executable, "-m", "dist_quant.train", *full_argv(cfg)]
     nproc = cfg.world_size
@@ -94,7 +93,7 @@ def launch(cfg: TrainConfig, extra_env: dict[str, str] | None = None,
     """Check ``cfg`` (:func:`dist_quant.runner.preflight.preflight`, unless ``checked``: a problem
     writes one line to file descriptor 2 and returns 2, nothing started), then run the job as
     a torchrun subprocess on this machine; return its exit status."""
-    from dist_quant.runner.launcher import run_torchrun
+    # preflight imports torch (the device, the data): after the options are checked
     from dist_quant.runner.preflight import preflight
 
     if not checked:
@@ -109,7 +108,8 @@ def launch(cfg: TrainConfig, extra_env: dict[str, str] | None = None,
     return run_torchrun(torchrun_command(cfg), env, Path(cfg.run_dir), cfg.method)
 
 
-@click.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("train", cls=GroupedCommand,
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click_options()
 @click.pass_context
 def train_command(ctx: click.Context, **params: Any) -> None:
@@ -126,10 +126,11 @@ def train_command(ctx: click.Context, **params: Any) -> None:
       torchrun --nnodes 2 --node-rank NODE --nproc-per-node 3 --rdzv-backend c10d \\
           --rdzv-endpoint HOST0:29400 --rdzv-id job1 -m dist_quant.train --workers 5
     """
-    from dist_quant.runner.preflight import preflight
-
     try:
         cfg, explicit = config_from_options(ctx, params)
+        # preflight imports torch (the device, the data): after the options are checked
+        from dist_quant.runner.preflight import preflight
+
         cfg = preflight(cfg, explicit)
         if cfg.simulate:
             click.echo(f"dist-quant train: run directory {cfg.run_dir}", err=True)
@@ -146,20 +147,20 @@ def run_distributed(cfg: TrainConfig, workers_explicit: bool, task: Any = None) 
     """This torchrun process's part of the job; the parameter server's leader returns the
     summary (``task``: :func:`dist_quant.fit`'s model and data; None: the MLP of ``cfg``). A
     process group that existed before stays; one started here is destroyed at the end."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # torch: in a rank's process only, not the launcher's
 
     owned = not dist.is_initialized()
     cfg, device, backend = join_job(cfg, workers_explicit)
     summary = None
     if cfg.method == "ddp":
-        from dist_quant.baselines.ddp import run_ddp
+        from dist_quant.baselines.ddp import run_ddp  # torch: in a rank's process only
 
         run_ddp(cfg)
         # every rank's outstanding collectives (the loss gathers started during backward)
         # finish before the group goes: tearing it down under one ended a rank with SIGABRT
         dist.barrier()
     else:
-        from dist_quant.ps.start import run_distributed_rank
+        from dist_quant.ps.start import run_distributed_rank  # torch: in a rank only
 
         rank = dist.get_rank()
         summary = run_distributed_rank(
@@ -183,11 +184,10 @@ def backend_failure(err: BaseException) -> str:
 
 def run_in_process(cfg: TrainConfig) -> int:
     """The ``--simulate`` reference in this process."""
-    import torch
+    import torch  # torch: once the options are checked (bad ones are refused without it)
 
-    from dist_quant.core.transport import PeerLostError
-    from dist_quant.ps.worker import RunAborted
-    from dist_quant.runner.simulate import run_simulate
+    from dist_quant.core.transport import PeerLostError  # torch, as above
+    from dist_quant.runner.simulate import run_simulate  # torch, as above
 
     torch.set_num_threads(1)
     if not cfg.run_dir:
@@ -206,14 +206,13 @@ def run_in_process(cfg: TrainConfig) -> int:
     return 0
 
 
-@click.command("dist_quant.train", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("dist_quant.train", cls=GroupedCommand,
+               context_settings={"help_option_names": ["-h", "--help"]})
 @click_options()
 @click.pass_context
 def main(ctx: click.Context, **params: Any) -> None:
     """Entry point of each torchrun process (see the module docstring)."""
-    import torch
-
-    from dist_quant.runner.launcher import die_with_parent
+    import torch  # torch: a rank's process; `--help` and bad options answer without it
 
     die_with_parent()
     torch.set_num_threads(1)
@@ -226,8 +225,7 @@ def main(ctx: click.Context, **params: Any) -> None:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise click.UsageError("run under torchrun (torchrun --nproc-per-node W+1 -m "
                                "dist_quant.train ...), or use `dist-quant train`")
-    from dist_quant.core.transport import PeerLostError
-    from dist_quant.ps.worker import RunAborted, WorkerLeaves
+    from dist_quant.core.transport import PeerLostError  # torch: after the options are checked
 
     who = f"rank {os.environ['RANK']}"
     try:

@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None, **options) -> dict | None:
         workers=args.workers, compressor=args.compressor, bucket_size=128, steps=args.steps,
         batch_size=64, lr=0.05, lr_schedule="cosine", eval_every=100, seed=args.seed,
         simulate=args.simulate, run_dir=args.run_dir, **options)
-    if summary is not None:  # the leading rank
-        print(f"test accuracy {summary['test_accuracy']:.4f}")
+    if summary is not None:  # the leading rank (fit has printed the summary line)
+        print(f"run directory {summary['run_dir']}")
     return summary
 
 

@@ -185,7 +185,10 @@ def test_bad_inputs_are_refused_clearly(tmp_path):
                                                             "159"),
         (dict(test=[1, 2, 3]), ValueError, "test: a dataset must be non-empty and give (x, y)"),
         (dict(test=None), TypeError, "test must be a pair of tensors (x, y) or a map-style"),
-        (dict(options=dict(workerz=3)), ConfigError, "--workerz: unknown option"),
+        (dict(options=dict(workerz=3)), TypeError, "fit() got an unexpected keyword argument "
+                                                   "'workerz'. Did you mean 'workers'?"),
+        (dict(options=dict(lrr=0.1)), TypeError, "argument 'lrr'. Did you mean 'lr'"),
+        (dict(options=dict(zzz=1)), TypeError, "argument 'zzz' (the options are the fields"),
         (dict(options=dict(lr=-1.0)), ConfigError, "--lr: must be > 0"),
         (dict(options=dict(hidden="8")), ConfigError, "--hidden: is given by model_fn"),
         (dict(options=dict(batch_size=100)), ConfigError, "--batch-size"),

@@ -167,6 +167,9 @@ def _check_format(run: Path, compressor: str, steps: int, eval_every: int) -> li
     assert summary["bytes_up"] == sum(r["bytes_up"] for r in step_lines)
     assert summary["bytes_down"] == sum(r["bytes_down"] for r in step_lines)
     assert summary["test_accuracy"] == eval_lines[-1]["test_accuracy"]
+    # read as a parameter-server run is: the step evaluated, each evaluation's own step
+    assert summary["test_step"] == eval_lines[-1]["step"] and summary["eval_lag"] == 0
+    assert all(r["evaluated_at"] == r["step"] for r in eval_lines)
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     for key in ("test_loss", "fp32_bytes_up", "fp32_bytes_down", "params", "wall_seconds",
                 "skipped_payloads"):
@@ -190,7 +193,7 @@ def test_fp32_bytes_are_the_ring_allreduce_of_the_gradient_exactly(three_ranks):
     n = read_summary(run)["params"]
     assert n == sum(p.numel() for p in build_model(cfg, 40, 10, torch.device("cpu"))
                     .parameters())
-    for r in _check_format(run, "ddp-none", cfg.steps, cfg.eval_every):
+    for r in _check_format(run, "none", cfg.steps, cfg.eval_every):
         # W = 3: each reduce-scatter and each allgather moves (W - 1) * 4n bytes in total
         assert r["bytes_up"] == 2 * 4 * n + _stats_bytes(r["step"], cfg)
         assert r["bytes_down"] == 2 * 4 * n
@@ -216,7 +219,7 @@ def test_fp16_hook_halves_the_bytes_and_writes_the_format(two_ranks):
     run = two_ranks / "fp16"
     cfg = _cfg(run)
     n = read_summary(run)["params"]
-    for r in _check_format(run, "ddp-fp16", cfg.steps, cfg.eval_every):
+    for r in _check_format(run, "fp16", cfg.steps, cfg.eval_every):
         assert r["bytes_up"] == 2 * n + _stats_bytes(r["step"], cfg)
         assert r["bytes_down"] == 2 * n
 
@@ -242,7 +245,7 @@ def test_powersgd_hook_counts_its_p_q_and_uncompressed_allreduces(two_ranks):
     n = read_summary(run)["params"]
     compressed = _powersgd_elements(cfg)
     assert compressed < n / 5
-    for r in _check_format(run, "ddp-powersgd", cfg.steps, cfg.eval_every):
+    for r in _check_format(run, "powersgd", cfg.steps, cfg.eval_every):
         elements = n if r["step"] <= POWERSGD_START_ITER else compressed
         assert r["bytes_up"] == 4 * elements + _stats_bytes(r["step"], cfg)
         assert r["bytes_down"] == 4 * elements

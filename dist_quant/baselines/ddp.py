@@ -74,6 +74,12 @@ Not supported for DDP: checkpoints and ``--resume`` (a baseline reruns in second
 ``--inject-nonfinite`` and ``--on-nonfinite`` (a non-finite gradient propagates as it does in
 plain DDP). ``--stop-accuracy`` ends the run at the first evaluation reaching it.
 
+The run directory reads as the parameter server's (:mod:`dist_quant.runtime.metrics`): eval
+lines add ``evaluated_at`` (their own step), the summary ``test_step`` and ``eval_lag`` (0), and
+its ``compressor`` names what compresses the gradient as the parameter server's does: ``none``
+(fp32), ``fp16``, ``powersgd``, or the onebit hook's ``--compressor`` (``ddp_hook`` says which
+hook ran).
+
 Launch: ``dist-quant train --method ddp --workers 4 --ddp-hook powersgd`` or
 ``torchrun --nproc-per-node 4 -m dist_quant.train --method ddp --ddp-hook fp16``.
 """
@@ -258,7 +264,11 @@ def hook_bytes(state: Any) -> tuple[int, int]:
 
 
 def compressor_name(cfg: TrainConfig) -> str:
-    return f"ddp-{cfg.ddp_hook}"
+    """What compresses the gradient, named as the parameter server's ``compressor`` is:
+    ``none`` (fp32 allreduce), ``fp16``, ``powersgd``, or the onebit hook's ``--compressor``."""
+    if cfg.ddp_hook == "onebit":
+        return cfg.compressor
+    return cfg.ddp_hook
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +347,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     recorder = RunRecorder(cfg.run_dir, cfg.to_dict()) if rank == 0 else None
     progress = Progress(cfg.steps, enabled=cfg.progress and rank == 0)
     test_loss = test_acc = float("nan")
-    evals, step = 0, 0
+    evals, step, last_eval = 0, 0, None
     hooked = hook_bytes(state)
     slow, last_compute = cfg.slow_factors.get(rank, 1.0), 0.0
     try:
@@ -380,10 +390,11 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                 if recorder is not None:
                     rec = recorder.step(step, float(torch.cat(losses).mean()), up, down, times)
                     if with_stats:
-                        evals += 1
+                        evals, last_eval = evals + 1, step
                         test_loss, test_acc = _evaluate_with_mean_stats(model, x_test, y_test,
                                                                         stats)
-                        recorder.eval(step, test_loss, test_acc)
+                        # evaluated at its own step, as an unlagged parameter-server run
+                        recorder.eval(step, test_loss, test_acc, extra={"evaluated_at": step})
                         stop = 0 < cfg.stop_accuracy <= test_acc
                     progress.update(step, rec["loss"], test_acc, recorder.cum_up,
                                     recorder.cum_down)
@@ -404,6 +415,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
             fp32_bytes_up=step * grad_up + evals * (world - 1) * 4 * n_stats,
             fp32_bytes_down=step * grad_down, steps=step, workers=world, params=n_params,
             compressor=compressor_name(cfg), method="ddp", ddp_hook=cfg.ddp_hook,
+            test_step=last_eval, eval_lag=0,
             powersgd_rank=cfg.powersgd_rank if cfg.ddp_hook == "powersgd" else None,
             powersgd_start_iter=POWERSGD_START_ITER if cfg.ddp_hook == "powersgd" else None,
             **(_onebit_summary(cfg, state) if cfg.ddp_hook == "onebit" else {}),
@@ -411,7 +423,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
             stop_accuracy=cfg.stop_accuracy,
             stopped_early=step < cfg.steps)
         recorder.close()
-        print(f"{compressor_name(cfg)}: {summary_line(summary)}", flush=True)
+        print(summary_line(summary), flush=True)
     return DDPResult(model=model, steps=step, summary=summary)
 
 

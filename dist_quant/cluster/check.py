@@ -14,13 +14,13 @@ from typing import Any
 
 import click
 
-from dist_quant.config import click_options
+from dist_quant.config import GroupedCommand, click_options
 from dist_quant.errors import ConfigError
 from dist_quant.runner.options import config_from_options
 from dist_quant.runner.preflight import preflight
 
 
-@click.command("dist_quant.cluster.check",
+@click.command("dist_quant.cluster.check", cls=GroupedCommand,
                context_settings={"help_option_names": ["-h", "--help"]})
 @click_options()
 @click.pass_context

@@ -23,6 +23,7 @@ line of wire figures (bytes on the wire per direction and their ratio to the pay
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -33,26 +34,29 @@ import click
 from dist_quant.cluster.engine import ClusterError, parse_worker_rates
 from dist_quant.cluster.netns import cleanup_stale, require_root
 from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
-from dist_quant.config import click_options
+from dist_quant.config import LINKS, GroupedCommand, GroupedOption, click_options
 from dist_quant.errors import ConfigError
 from dist_quant.runner.options import config_error, config_from_options
 from dist_quant.runner.preflight import preflight
 from dist_quant.runtime.progress import summary_line
 
+link_option = functools.partial(click.option, cls=GroupedOption, group=LINKS)
 
-@click.command("cluster", context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--rate", type=float, default=0.0, show_default=True,
-              help="Link rate cap in Mbit/s, each host and direction; 0 = uncapped.")
-@click.option("--latency", type=float, default=0.0, show_default=True,
-              help="One-way host-to-host latency in ms (needs the netem qdisc).")
-@click.option("--loss", type=float, default=0.0, show_default=True,
-              help="Packet loss in percent on each host-to-host path (needs netem).")
-@click.option("--mtu", type=int, default=1500, show_default=True, help="Link MTU in bytes.")
-@click.option("--worker-rate", "worker_rate", multiple=True, metavar="I=MBIT",
-              help="Worker I's own link cap in Mbit/s, both directions (repeatable; 0-based, "
-                   "host w{I+1}); the other hosts keep --rate.")
-@click.option("--engine", type=EngineChoice(), default=DEFAULT_ENGINE, show_default=True,
-              help="; ".join(f"{e.name}: {e.help}" for e in engines()) + ".")
+
+@click.command("cluster", cls=GroupedCommand,
+               context_settings={"help_option_names": ["-h", "--help"]})
+@link_option("--rate", type=float, default=0.0, show_default=True,
+             help="Link rate cap in Mbit/s, each host and direction; 0 = uncapped.")
+@link_option("--latency", type=float, default=0.0, show_default=True,
+             help="One-way host-to-host latency in ms (needs the netem qdisc).")
+@link_option("--loss", type=float, default=0.0, show_default=True,
+             help="Packet loss in percent on each host-to-host path (needs netem).")
+@link_option("--mtu", type=int, default=1500, show_default=True, help="Link MTU in bytes.")
+@link_option("--worker-rate", "worker_rate", multiple=True, metavar="I=MBIT",
+             help="Worker I's own link cap in Mbit/s, both directions (repeatable; 0-based, "
+                  "host w{I+1}); the other hosts keep --rate.")
+@link_option("--engine", type=EngineChoice(), default=DEFAULT_ENGINE, show_default=True,
+             help="; ".join(f"{e.name}: {e.help}" for e in engines()) + ".")
 @click.option("--cleanup", is_flag=True,
               help="Only remove namespaces left by cluster runs whose process is gone.")
 @click_options()

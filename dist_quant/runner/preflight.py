@@ -67,6 +67,8 @@ PS_ONLY = ("bucket_size", "bits", "header_dtype", "error_feedback", "downlink",
            "min_workers", "inject_loss",
            "keep_checkpoints", "resume", "max_restarts")
 DDP_ONLY = ("ddp_hook", "powersgd_rank")
+# the uplink settings that --ddp-hook onebit reads as well (dist_quant.baselines.hooks)
+ONEBIT_HOOK = ("compressor", "bucket_size", "bits", "header_dtype", "error_feedback")
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "checkpoints")
 
 
@@ -77,12 +79,14 @@ def _flag(name: str) -> str:
 def check_conflicts(cfg: TrainConfig, explicit: set[str]) -> None:
     """Options given on the command line that the chosen method would silently ignore."""
     if cfg.method == "ddp":
-        if "compressor" in explicit and cfg.compressor != "none":
+        hooked = ONEBIT_HOOK if cfg.ddp_hook == "onebit" else ()
+        if "compressor" in explicit and cfg.compressor != "none" and not hooked:
             raise ConfigError("--compressor", f"{cfg.compressor!r} compresses the parameter "
-                              "server's uplink; --method ddp allreduces fp32 or uses "
-                              "--ddp-hook fp16|powersgd")
+                              "server's uplink; --method ddp allreduces fp32, or compresses "
+                              "with --ddp-hook fp16|powersgd, or --ddp-hook onebit "
+                              f"--compressor {cfg.compressor} (this project's hook)")
         for name in PS_ONLY:
-            if name in explicit:
+            if name in explicit and name not in hooked:
                 raise ConfigError(_flag(name), "applies to the parameter-server job only "
                                   "(--method ps); drop it for --method ddp")
     else:

@@ -221,10 +221,12 @@ class RunRecorder:
         return rec
 
     def summary(self, **fields: Any) -> dict[str, Any]:
+        """Write ``summary.json``; return it with ``run_dir`` added (the directory is not
+        written into the file: a run directory may be moved, a record committed)."""
         out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
                "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
         self._write_json("summary.json", out, int(fields.get("steps", 0)))
-        return out
+        return {**out, "run_dir": str(self.dir)}
 
     def close(self) -> None:
         self._fh.close()
