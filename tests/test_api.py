@@ -205,11 +205,13 @@ def test_bad_inputs_are_refused_clearly(tmp_path):
 
 
 # ---- the README's example ------------------------------------------------------------------
-def test_readme_example_is_the_example_file():
-    """The README's "Your own model" shows examples/cnn_shapes.py as it is (run above under
-    torchrun and simulated), so the example a reader copies is the tested one."""
+def test_the_documented_example_is_the_example_file():
+    """The documentation's "Your own model" shows examples/cnn_shapes.py by including the file
+    itself (run above under torchrun and simulated), so the example a reader copies is the
+    tested one."""
     assert "fit" in dist_quant.__all__
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "training.md").read_text()
     section = text.split("## Your own model", 1)[1]
     block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
-    assert block == EXAMPLE.read_text()
+    assert block.strip() == f'--8<-- "{EXAMPLE.relative_to(ROOT).as_posix()}"'
+    assert EXAMPLE.is_file()
