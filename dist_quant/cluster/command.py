@@ -28,7 +28,7 @@ from typing import Any
 
 import click
 
-from dist_quant.config import click_options
+from dist_quant.config import MODEL_FIELDS, click_options
 
 
 @click.command("cluster", context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,7 +48,7 @@ from dist_quant.config import click_options
                    "(docker-compose.yml; launch/docker-host.sh prepares the machine).")
 @click.option("--cleanup", is_flag=True,
               help="Only remove namespaces left by cluster runs whose process is gone.")
-@click_options()
+@click_options(exclude=MODEL_FIELDS)   # its links are real: --rate and the rest are its own
 @click.pass_context
 def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: int,
             worker_rate: tuple[str, ...], engine: str, cleanup: bool, **params: Any) -> None:

@@ -75,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_quant.core.lr_schedule import schedule_from_config
+from dist_quant.runtime.clock import Clock
 from dist_quant.runtime.diskfault import WholeLines, disk_write
 from dist_quant.runtime.tensorboard import open_writer
 from dist_quant.version import __version__
@@ -145,6 +146,7 @@ class RunRecorder:
         self.skipped = 0
         self.t0 = time.perf_counter()
         self.wall_offset = 0.0
+        model_times: dict[int, float] = {}   # a resumed run's modelled clock, step -> time
         metrics = self.dir / "metrics.jsonl"
         if resume_step is not None and metrics.exists():
             kept = []
@@ -157,6 +159,8 @@ class RunRecorder:
                     self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
                     self.wall_offset = rec["wall"]
                     self.skipped += rec.get("skipped", 0)
+                    if "model_time" in rec:
+                        model_times[rec["step"]] = rec["model_time"]
             self._write_text("metrics.jsonl", "".join(k + "\n" for k in kept), start)
         else:
             with disk_write(metrics, start, self.dir):
@@ -170,6 +174,26 @@ class RunRecorder:
         self._lr = None
         if "lr" in config:
             self._lr = (float(config["lr"]), schedule_from_config(config))
+        self._clock: Clock | None = None
+        self._target = float(config.get("stop_accuracy", 0.0) or 0.0)
+        self._at_target: float | None = None   # modelled time of the first evaluation there
+        if config.get("clock", "wall") == "dedicated":
+            self._clock = self._open_clock(config, model_times, start)
+            self.t0 = time.perf_counter()   # the calibration is no part of the run's time
+
+    def _open_clock(self, config: dict[str, Any], model_times: dict[int, float],
+                    start: int) -> Clock:
+        """The modelled clock (``--clock dedicated``): its calibration measured (or loaded from
+        ``--calibration``) and written as ``calibration.json``."""
+        # the calibration runs the model (torch): plotting and reading runs never import it
+        from dist_quant.runtime.calibrate import for_run
+
+        calibration = for_run(config)
+        self._write_json("calibration.json", calibration, start)
+        clock = Clock(config, calibration)
+        clock.at.update(model_times)
+        clock.time = model_times[max(model_times)] if model_times else 0.0
+        return clock
 
     def wall(self) -> float:
         return self.wall_offset + time.perf_counter() - self.t0
@@ -188,6 +212,9 @@ class RunRecorder:
                "skipped": int(skipped), **(extra or {})}
         if self._lr is not None:
             rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
+        if self._clock is not None:
+            rec["model_wall"] = self._clock.step(rec)
+            rec["model_time"] = self._clock.time
         self._fh.write(json.dumps(rec) + "\n")
         if self._tb is not None:
             self._tb.record(rec)
@@ -203,6 +230,10 @@ class RunRecorder:
                "test_accuracy": float(test_accuracy), "cum_bytes_up": int(up),
                "cum_bytes_down": int(down), "wall": self.wall() if wall is None else wall,
                **(extra or {})}
+        if self._clock is not None:   # that of its step, as its wall time
+            rec["model_time"] = self._clock.record_time(int(step))
+            if self._target and self._at_target is None and test_accuracy >= self._target:
+                self._at_target = rec["model_time"]
         self._fh.write(json.dumps(rec) + "\n")
         if self._tb is not None:
             self._tb.record(rec)
@@ -223,6 +254,10 @@ class RunRecorder:
     def summary(self, **fields: Any) -> dict[str, Any]:
         out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
                "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
+        if self._clock is not None:
+            out.update(clock="dedicated", model_seconds=self._clock.time,
+                       model_time_to_target=self._at_target, model_link=self._clock.links.name,
+                       host_speed=self._clock.speed)
         self._write_json("summary.json", out, int(fields.get("steps", 0)))
         return out
 
