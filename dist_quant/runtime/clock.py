@@ -263,8 +263,8 @@ class Clock:
         for i in range(w):
             f = self.slow.get(i, 1.0)
             arrive = self.arrive.get(i, [0.0] * shards)
-            if overlap:
-                clock = 0.0
+            if overlap:   # from the first shard's arrival, which may precede the step
+                clock = -math.inf
                 for s in range(shards):
                     clock = max(clock, arrive[s]) + (c["down_decode"] + f * c["forward"]) * q[s]
                 for s in reversed(range(shards)):
