@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -250,3 +251,51 @@ def test_modelled_run_same_parameters(tmp_path):
         [r["model_wall"] for r in steps]
     summary = json.loads((modelled / "summary.json").read_text())
     assert summary["clock"] == "dedicated" and summary["model_seconds"] == steps[-1]["model_time"]
+
+
+def fake_run(path, cfg, steps, evals):
+    """A run directory written by hand: its steps' bytes and its evaluations."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"config": cfg}))
+    (path / "calibration.json").write_text(json.dumps(CAL))
+    lines = [{"kind": "step", **s} for s in steps] + [
+        {"kind": "eval", "step": t, "test_accuracy": a} for t, a in evals]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (path / "summary.json").write_text(json.dumps({"test_accuracy": evals[-1][1],
+                                                   "wall_seconds": 1.0}))
+    return path
+
+
+def test_retime(tmp_path):
+    """Two recorded runs re-timed on two links: the star as in test_star, DDP fp32 as in
+    test_ring; x ddp fp32 is DDP's time to target over the star's."""
+    from click.testing import CliRunner
+
+    from dist_quant.analysis.retime import retime
+    from dist_quant.cli import main
+
+    star = config(rate=0.0, clock="wall", steps=2, eval_every=2, eval_lag=0)
+    fake_run(tmp_path / "sw" / "star", star, [record(1, [2 * SEG], [2 * SEG]),
+                                              record(2, [2 * SEG], [2 * SEG])],
+             [(2, 0.7)])
+    ddp = config(method="ddp", rate=0.0, clock="wall", steps=2, eval_every=2)
+    fake_run(tmp_path / "sw" / "ddp", ddp, [
+        {"step": t, "bytes_up": 2 * SEG, "bytes_down": 2 * SEG} for t in (1, 2)], [(2, 0.7)])
+    rows, skipped = retime([tmp_path / "sw"], [RATE, RATE / 2], [1.0], target=0.6)
+    assert skipped == [] and len(rows) == 4
+    by = {(Path(r["run"]).name, r["rate_mbit"]): r for r in rows}
+    # the star at RATE: 15 + 14 ms, and the evaluation at step 2 (lag 0, the leader's own)
+    assert ms(by["star", RATE]["model_time_to_target_s"]) == 15 + 14 + 10
+    assert by["star", RATE]["target_step"] == 2
+    # DDP: the ring's chunks take 1 ms each at RATE (the calibration's encode and decode: 1.5)
+    assert ms(by["ddp", RATE]["model_seconds"]) == 2 * (6 + 1 + 2 + 0.5 + 1) + 10
+    assert by["star", RATE]["x_ddp_fp32"] == pytest.approx(31 / 39)
+    assert ms(by["star", RATE / 2]["model_time_to_target_s"]) > 39
+    out = CliRunner().invoke(main, ["retime", str(tmp_path / "sw"), "--rate", str(RATE),
+                                    "--host-speed", "1", "--host-speed", "2", "--target",
+                                    "0.6", "--out", str(tmp_path / "t")])
+    assert out.exit_code == 0, out.output
+    assert "modelled time" in out.output and (tmp_path / "t" / "retime.json").is_file()
+    bad = CliRunner().invoke(main, ["retime", str(tmp_path / "sw"), "--rate", "10",
+                                    "--host-speed", "-1"])
+    assert bad.exit_code == 2 and "--host-speed" in bad.output
