@@ -252,6 +252,20 @@ def test_modelled_run_same_parameters(tmp_path):
     summary = json.loads((modelled / "summary.json").read_text())
     assert summary["clock"] == "dedicated" and summary["model_seconds"] == steps[-1]["model_time"]
 
+    # plot --time model draws it against the modelled clock, and refuses a run without one
+    from click.testing import CliRunner
+
+    from dist_quant.cli import main
+
+    out = CliRunner().invoke(main, ["plot", str(modelled), "--time", "model", "--out",
+                                    str(tmp_path / "plots")])
+    assert out.exit_code == 0, out.output
+    report = (tmp_path / "plots" / "report.md").read_text()
+    assert "modelled: 10 Mbit/s" in report and "every time is modelled" in report
+    refused = CliRunner().invoke(main, ["plot", str(plain), "--time", "model", "--out",
+                                        str(tmp_path / "p2")])
+    assert refused.exit_code == 2 and "no modelled clock" in refused.output
+
 
 def fake_run(path, cfg, steps, evals):
     """A run directory written by hand: its steps' bytes and its evaluations."""
