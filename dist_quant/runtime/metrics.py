@@ -34,11 +34,15 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     ``"time_overlap"``: seconds of uplink that ran beside backward (``--overlap``; else 0);
     ``"time_overlap_down"``: seconds of the previous step's downlink that ran beside this step's
     work (``--overlap``; else 0).
+    ``--clock dedicated`` adds ``"model_wall"`` (the step's modelled seconds on dedicated hosts
+    and the modelled links, :mod:`dist_quant.runtime.clock`) and ``"model_time"`` (their sum
+    up to this step).
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
     "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``: the parameters after step t,
     with the wall time and cumulative bytes of step t. The synchronous parameter server adds
     ``"evaluated_at"``: the step at which the evaluation ran (``t + --eval-lag``, or earlier
     at the last step and at checkpoints; the line is written then, after that step's line).
+    ``--clock dedicated`` adds ``"model_time"``: that of its step, as its wall time.
   * update lines (``--consistency ssp|async``, ``--backup-workers``; one per gradient that
     reached the server): ``{"kind": "update", "arrival": a, "worker": i, "worker_step": k,
     "read": v, "applied": u or null, "staleness": u - 1 - v or null, "step": t,
@@ -60,6 +64,11 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
   ``dropped_per_worker``, ``wait_seconds_per_worker``, ``staleness_mean`` and
   ``staleness_histogram`` (``{"s": count}`` of the applied gradients). ``fp32_bytes_*``
   price every payload at the ``none`` compressor's size (statistics included, as sent).
+  ``--clock dedicated`` adds ``clock``, ``model_seconds``, ``model_time_to_target`` (the
+  modelled time of the first evaluation at ``--stop-accuracy`` or above; null without one),
+  ``model_link`` and ``host_speed``.
+- ``calibration.json`` (``--clock dedicated``): the CPU seconds of each phase the modelled
+  clock composes (:mod:`dist_quant.runtime.calibrate`), measured at the start or given.
 - ``checkpoints/``: ``step_<t>.pt`` files written atomically, plus ``latest`` (a text file
   naming the newest); contents in ``dist_quant.runtime.checkpoint``.
 """
