@@ -195,9 +195,11 @@ class RunRecorder:
         """The modelled clock (``--clock dedicated``): its calibration measured (or loaded from
         ``--calibration``) and written as ``calibration.json``."""
         # the calibration runs the model (torch): plotting and reading runs never import it
-        from dist_quant.runtime.calibrate import for_run
+        from dist_quant.runtime.calibrate import FILE, for_run, load
 
-        calibration = for_run(config)
+        saved = self.dir / FILE
+        # a resumed run keeps the calibration it started with: its clock goes on alike
+        calibration = load(saved) if model_times and saved.is_file() else for_run(config)
         self._write_json("calibration.json", calibration, start)
         clock = Clock(config, calibration)
         clock.at.update(model_times)
