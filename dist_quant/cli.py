@@ -17,6 +17,7 @@ COMMANDS = {
     "sweep": "dist_quant.sweep:sweep",
     "plot": "dist_quant.plot.command:plot",
     "predict": "dist_quant.analysis.predict:predict",
+    "retime": "dist_quant.analysis.retime:retime_command",
 }
 
 

@@ -40,6 +40,10 @@ DEVICES = ("auto", "cpu", "cuda")
 ON_NONFINITE = ("skip", "abort")
 LR_SCHEDULES = ("constant", "step", "cosine")
 CONSISTENCY = ("sync", "ssp", "async")
+CLOCKS = ("wall", "dedicated")
+# the options of the modelled cluster (--clock dedicated); the real clusters have their own
+LINK_FIELDS = ("rate", "latency", "mtu", "worker_rate")
+MODEL_FIELDS = (*LINK_FIELDS, "host_speed", "calibration")
 BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a finite bound, so a hung peer always ends the run
 MAX_RESTARTS = 100
@@ -58,9 +62,10 @@ COMPRESSION = "Compression"
 SERVER = "Parameter server"
 DDP = "DDP"
 LINKS = "Cluster links"   # the options of `dist-quant cluster` and a sweep's links
+MODELLED = "Modelled clock"   # --simulate on a modelled cluster (--clock dedicated)
 RUNTIME = "Runtime and faults"
 OUTPUT = "Output"
-GROUPS = (JOB, DATA, OPTIMIZER, COMPRESSION, SERVER, DDP, LINKS, RUNTIME, OUTPUT)
+GROUPS = (JOB, DATA, OPTIMIZER, COMPRESSION, SERVER, DDP, LINKS, MODELLED, RUNTIME, OUTPUT)
 TESTING = "Testing aids"   # accepted, not listed in --help
 OTHER = "Other options"
 
@@ -260,6 +265,27 @@ class TrainConfig:
                             "FACTOR times slower: it waits FACTOR - 1 times its measured "
                             "compute after each backward. Wall time only; --simulate takes "
                             "its arrival order from it.", repeatable=True, group=RUNTIME)
+    # --- the modelled clock (dist_quant.runtime.clock) -----------------------------------
+    clock: str = _opt("wall", "Which time the run reports: wall (this machine's) or dedicated "
+                      "(also, in every step and evaluation line, model_wall and model_time: "
+                      "the step composed as if every rank had a host of its own on the links "
+                      "below, from CPU-time costs calibrated at the start; synchronous modes "
+                      "only).", choices=CLOCKS, group=MODELLED)
+    rate: float = _opt(0.0, "--clock dedicated: every host's link in Mbit/s, each direction "
+                       "(0 = uncapped).", group=MODELLED)
+    latency: float = _opt(0.0, "--clock dedicated: one-way host-to-host latency in ms.",
+                        group=MODELLED)
+    mtu: int = _opt(1500, "--clock dedicated: the links' MTU in bytes.", group=MODELLED)
+    worker_rate: str = _opt("", "--clock dedicated: I=MBIT (repeatable): worker I's own link "
+                            "in Mbit/s; the other hosts keep --rate.", repeatable=True,
+                            group=MODELLED)
+    host_speed: float = _opt(1.0, "--clock dedicated: the modelled hosts compute X times "
+                             "faster than the CPU that measured the calibration.",
+                             group=MODELLED)
+    calibration: str = _opt("", "--clock dedicated: a calibration.json (or a run directory "
+                            "holding one) to use instead of measuring one at the start, so "
+                            "that runs on different machines share one.",
+                            group=MODELLED)
     replay: str = _opt("", "With --simulate: a run directory of --consistency ssp|async or "
                        "--backup-workers whose recorded arrival order the simulation follows "
                        "(it then ends with that run's parameters, bit for bit).", group=JOB)
@@ -363,6 +389,7 @@ class TrainConfig:
         if self.simulate and self.method != "ps":
             bad("simulate", "runs the parameter-server job only (--method ps)")
         self._validate_consistency(bad)
+        self._validate_clock(bad)
         # the checks below import the compressors and the data (torch): every other option
         # is refused before them, in well under a second
         try:
@@ -450,6 +477,63 @@ class TrainConfig:
             bad("replay", "replays a recorded arrival order in one process: add --simulate")
         if self.replay and not Path(self.replay, "metrics.jsonl").is_file():
             bad("replay", f"{self.replay} holds no metrics.jsonl: not a run directory")
+
+    def _validate_clock(self, bad) -> None:
+        """--clock and the modelled cluster's options (the mathematics:
+        ``dist_quant.runtime.clock``)."""
+        try:
+            rates = self.link_rates
+        except ValueError:
+            bad("worker_rate", f"must be I=MBIT[,J=MBIT...]; got {self.worker_rate!r}")
+        if self.clock == "wall":
+            given = [f for f in MODEL_FIELDS
+                     if getattr(self, f) != TrainConfig.__dataclass_fields__[f].default]
+            if given:
+                bad(given[0], "describes the modelled cluster of --clock dedicated; add "
+                    "--clock dedicated (or, for real links, use dist-quant cluster)")
+            return
+        if self.rate < 0:
+            bad("rate", f"must be >= 0 Mbit/s (0 = uncapped); got {self.rate:g}")
+        if not self.rate and not rates:
+            bad("clock", "dedicated needs the modelled links: give --rate MBIT (and "
+                "--worker-rate I=MBIT for uneven ones)")
+        if self.latency < 0:
+            bad("latency", f"must be >= 0 ms; got {self.latency:g}")
+        if not 576 <= self.mtu <= 65535:
+            bad("mtu", f"must be in 576..65535; got {self.mtu}")
+        for i, r in rates.items():
+            if not 0 <= i < self.workers:
+                bad("worker_rate", f"worker {i} does not exist: workers are "
+                    f"0..{self.workers - 1}")
+            if not (math.isfinite(r) and r > 0):
+                bad("worker_rate", f"MBIT must be > 0; got {r:g} for worker {i}")
+        if not self.host_speed > 0:
+            bad("host_speed", f"must be > 0 (X times this CPU); got {self.host_speed:g}")
+        if self.asynchronous:
+            bad("clock", "dedicated is not modelled yet for --consistency ssp|async or "
+                "--backup-workers (their arrival order); use --clock wall")
+        if self.calibration:
+            path = Path(self.calibration)
+            path = path / "calibration.json" if path.is_dir() else path
+            try:
+                cal = json.loads(path.read_text())
+                ok = isinstance(cal.get("seconds"), dict) and int(cal.get("params", 0)) > 0
+            except (OSError, ValueError, AttributeError, TypeError) as err:
+                bad("calibration", f"cannot read a calibration from {path}: {err}")
+            if not ok:
+                bad("calibration", f"{path} is not a calibration (\"seconds\" per phase, "
+                    "\"params\")")
+
+    @property
+    def link_rates(self) -> dict[int, float]:
+        """``{worker: Mbit/s}`` of ``--worker-rate`` (ValueError when malformed)."""
+        out: dict[int, float] = {}
+        for item in filter(None, (t.strip() for t in self.worker_rate.split(","))):
+            worker, sep, rate = item.partition("=")
+            if not sep or int(worker) in out:
+                raise ValueError(item)
+            out[int(worker)] = float(rate)
+        return out
 
     @property
     def asynchronous(self) -> bool:
@@ -604,12 +688,15 @@ def field_groups(cls: type = TrainConfig) -> dict[str, list[str]]:
     return {heading: names for heading, names in out.items() if names}
 
 
-def click_options(cls: type = TrainConfig):
+def click_options(cls: type = TrainConfig, exclude: tuple[str, ...] = ()):
     """Decorator adding one click option per config field (the CLI stays a thin mapping),
-    each under its field's ``group`` (use with ``cls=GroupedCommand``); testing aids hidden."""
+    each under its field's ``group`` (use with ``cls=GroupedCommand``); testing aids hidden;
+    ``exclude``: fields a command leaves out (it has options of its own by those names)."""
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(cls)):
+            if f.name in exclude:
+                continue
             dashed = f.name.replace("_", "-")
             group = f.metadata["group"]
             kwargs: dict[str, Any] = {"default": f.default, "show_default": True,

@@ -106,7 +106,7 @@ import click
 from dist_quant.cluster.engine import parse_worker_rates
 from dist_quant.cluster.records import log_tail
 from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
-from dist_quant.config import LINKS, OUTPUT, RUNTIME, SetFieldsCommand, TrainConfig
+from dist_quant.config import LINKS, MODEL_FIELDS, OUTPUT, RUNTIME, SetFieldsCommand, TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.presets import PRESETS
 from dist_quant.runtime.metrics import write_json_atomic
@@ -235,14 +235,26 @@ class Point:
             parts.append(f"loss{self.loss_pct:g}")
         parts += [f"w{i}at{r:g}mbit" for i, r in self.worker_rates]
         parts += [f"slow{i}x{f:g}" for i, f in sorted(self.cfg.slow_factors.items())]
+        if self.cfg.clock == "dedicated":   # the modelled cluster (dist_quant.runtime.clock)
+            c = self.cfg
+            parts.append("model" + (f"{c.rate:g}mbit" if c.rate else "uncapped")
+                         + (f"{c.latency:g}ms" if c.latency else "")
+                         + "".join(f"w{i}at{r:g}" for i, r in sorted(c.link_rates.items()))
+                         + (f"x{c.host_speed:g}" if c.host_speed != 1 else ""))
         if self.runner == "cluster" and (self.engine != DEFAULT_ENGINE or not self.capped):
             parts.append(get_engine(self.engine).mark)   # the default's: forced onto it
         parts += [f"s{self.cfg.seed}", digest.hexdigest()[:8]]
         return "_".join(parts)
 
 
+# fields of the modelled clock, left out at their defaults: a point of the measured clock keeps
+# the identity (and the name) it had before they existed
+CLOCK_FIELDS = ("clock", *MODEL_FIELDS)
+
+
 def config_identity(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+    return {k: v for k, v in config.items() if k not in NOT_IDENTITY
+            and not (k in CLOCK_FIELDS and v == FIELDS[k].default)}
 
 
 def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None = None,

@@ -34,7 +34,7 @@ import click
 from dist_quant.cluster.engine import ClusterError, parse_worker_rates
 from dist_quant.cluster.netns import cleanup_stale, require_root
 from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
-from dist_quant.config import LINKS, GroupedCommand, GroupedOption, click_options
+from dist_quant.config import LINKS, MODEL_FIELDS, GroupedCommand, GroupedOption, click_options
 from dist_quant.errors import ConfigError
 from dist_quant.runner.options import config_error, config_from_options
 from dist_quant.runner.preflight import preflight
@@ -59,7 +59,7 @@ link_option = functools.partial(click.option, cls=GroupedOption, group=LINKS)
              help="; ".join(f"{e.name}: {e.help}" for e in engines()) + ".")
 @click.option("--cleanup", is_flag=True,
               help="Only remove namespaces left by cluster runs whose process is gone.")
-@click_options()
+@click_options(exclude=MODEL_FIELDS)   # its links are real: --rate and the rest are its own
 @click.pass_context
 def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: int,
             worker_rate: tuple[str, ...], engine: str, cleanup: bool, **params: Any) -> None:

@@ -16,6 +16,7 @@ import click
 
 from dist_quant.errors import ConfigError
 from dist_quant.plot.html import write_html
+from dist_quant.plot.modeltime import AXIS, use_model_time
 from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
 from dist_quant.plot.runs import find_runs, record_target
 from dist_quant.plot.scaling import scaling
@@ -33,7 +34,11 @@ from dist_quant.plot.staleness import staleness_figure
               help="Target test accuracy as a fraction (default: the target of the record's "
                    "record.json, else 90% of the best final accuracy over the runs given, "
                    "rounded down to 0.1 point).")
-def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> None:
+@click.option("--time", "clock", type=click.Choice(["wall", "model"]), default="wall",
+              show_default=True,
+              help="The time axis: wall (measured) or model (the modelled clock of runs of "
+                   "--clock dedicated: dedicated hosts on modelled links).")
+def plot(paths: tuple[Path, ...], out: Path | None, target: float | None, clock: str) -> None:
     """Plot time to a target accuracy, accuracy against wall time and bytes, and phase times,
     one series per method (mean and min-max over seeds) in one panel per link and W; write
     report.md with one table per link cap (mean and spread over seeds where a point has
@@ -50,6 +55,7 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
     given = ["dist-quant", "plot", *map(str, paths)]
     given += ["--out", str(out)] if out is not None else []
     given += ["--target", f"{target:g}"] if target is not None else []
+    given += ["--time", clock] if clock != "wall" else []
     try:
         # matplotlib is optional (the plot extra): its absence is reported, not raised
         from dist_quant.plot.figures import draw_all, plan
@@ -60,6 +66,8 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
 
     try:
         runs = find_runs(list(paths))
+        runs = use_model_time(runs) if clock == "model" else runs
+        AXIS["time"] = "modelled time" if clock == "model" else "wall time"
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="RUN_OR_SWEEP_DIRS") from e
     out = out or paths[0] / "plots"
@@ -76,6 +84,9 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None) -> Non
         note = "given with --target"
     for line in few_evaluations(groups):
         click.echo(line, err=True)
+    if clock == "model":
+        note += ("; every time is modelled (--clock dedicated: dedicated hosts on the modelled "
+                 "links), not measured")
     per_w = scaling(groups)
     figures = draw_all(groups, target, out, per_w)
     stale = staleness_figure(groups, out)   # asynchronous runs only

@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from dist_quant.plot.modeltime import AXIS
 from dist_quant.plot.palette import PHASE_COLOURS, PHASE_HATCH, Style, styles
 from dist_quant.plot.report import point_rows
 from dist_quant.plot.runs import Run
@@ -221,7 +222,7 @@ def accuracy_ylim(ax, p: Plan, panel_list: list[list[Series]]) -> None:
 
 def accuracy_figure(p: Plan, x: str) -> Figure:
     """Accuracy against wall time (``x="wall"``) or MB (``"mb"``: uplink and up + down)."""
-    kinds = [("wall", "wall time (s)")] if x == "wall" else [
+    kinds = [("wall", f"{AXIS['time']} (s)")] if x == "wall" else [
         ("mb_up", "cumulative MB sent, uplink"), ("mb_total", "cumulative MB sent, up + down")]
     fig, where = grid_figure(p, len(kinds))
     for panel in p.panels:
@@ -295,7 +296,7 @@ def to_target_figure(p: Plan) -> Figure:
         ax.set_xlim(left, right)
         labelled_x(ax)
         seeds = max(r.seeds for r in rows)
-        ax.set_xlabel(f"wall time to {100 * p.target:.1f}% (s)"
+        ax.set_xlabel(f"{AXIS['time']} to {100 * p.target:.1f}% (s)"
                       + (": mean, min-max over seeds" if seeds > 1 else ", one seed")
                       + ("; no DDP fp32 run for a speed-up" if no_base else
                          "; speed-up vs DDP fp32"), fontsize="small")

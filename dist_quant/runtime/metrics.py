@@ -34,11 +34,15 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     ``"time_overlap"``: seconds of uplink that ran beside backward (``--overlap``; else 0);
     ``"time_overlap_down"``: seconds of the previous step's downlink that ran beside this step's
     work (``--overlap``; else 0).
+    ``--clock dedicated`` adds ``"model_wall"`` (the step's modelled seconds on dedicated hosts
+    and the modelled links, :mod:`dist_quant.runtime.clock`) and ``"model_time"`` (their sum
+    up to this step).
   * eval lines: ``{"kind": "eval", "step": t, "test_loss": float, "test_accuracy": float,
     "cum_bytes_up": int, "cum_bytes_down": int, "wall": s}``: the parameters after step t,
     with the wall time and cumulative bytes of step t. The synchronous parameter server adds
     ``"evaluated_at"``: the step at which the evaluation ran (``t + --eval-lag``, or earlier
     at the last step and at checkpoints; the line is written then, after that step's line).
+    ``--clock dedicated`` adds ``"model_time"``: that of its step, as its wall time.
   * update lines (``--consistency ssp|async``, ``--backup-workers``; one per gradient that
     reached the server): ``{"kind": "update", "arrival": a, "worker": i, "worker_step": k,
     "read": v, "applied": u or null, "staleness": u - 1 - v or null, "step": t,
@@ -60,6 +64,11 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
   ``dropped_per_worker``, ``wait_seconds_per_worker``, ``staleness_mean`` and
   ``staleness_histogram`` (``{"s": count}`` of the applied gradients). ``fp32_bytes_*``
   price every payload at the ``none`` compressor's size (statistics included, as sent).
+  ``--clock dedicated`` adds ``clock``, ``model_seconds``, ``model_time_to_target`` (the
+  modelled time of the first evaluation at ``--stop-accuracy`` or above; null without one),
+  ``model_link`` and ``host_speed``.
+- ``calibration.json`` (``--clock dedicated``): the CPU seconds of each phase the modelled
+  clock composes (:mod:`dist_quant.runtime.calibrate`), measured at the start or given.
 - ``checkpoints/``: ``step_<t>.pt`` files written atomically, plus ``latest`` (a text file
   naming the newest); contents in ``dist_quant.runtime.checkpoint``.
 """
@@ -75,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_quant.core.lr_schedule import schedule_from_config
+from dist_quant.runtime.clock import Clock
 from dist_quant.runtime.diskfault import WholeLines, disk_write
 from dist_quant.runtime.tensorboard import open_writer
 from dist_quant.version import __version__
@@ -145,6 +155,7 @@ class RunRecorder:
         self.skipped = 0
         self.t0 = time.perf_counter()
         self.wall_offset = 0.0
+        model_times: dict[int, float] = {}   # a resumed run's modelled clock, step -> time
         metrics = self.dir / "metrics.jsonl"
         if resume_step is not None and metrics.exists():
             kept = []
@@ -157,6 +168,8 @@ class RunRecorder:
                     self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
                     self.wall_offset = rec["wall"]
                     self.skipped += rec.get("skipped", 0)
+                    if "model_time" in rec:
+                        model_times[rec["step"]] = rec["model_time"]
             self._write_text("metrics.jsonl", "".join(k + "\n" for k in kept), start)
         else:
             with disk_write(metrics, start, self.dir):
@@ -170,6 +183,28 @@ class RunRecorder:
         self._lr = None
         if "lr" in config:
             self._lr = (float(config["lr"]), schedule_from_config(config))
+        self._clock: Clock | None = None
+        self._target = float(config.get("stop_accuracy", 0.0) or 0.0)
+        self._at_target: float | None = None   # modelled time of the first evaluation there
+        if config.get("clock", "wall") == "dedicated":
+            self._clock = self._open_clock(config, model_times, start)
+            self.t0 = time.perf_counter()   # the calibration is no part of the run's time
+
+    def _open_clock(self, config: dict[str, Any], model_times: dict[int, float],
+                    start: int) -> Clock:
+        """The modelled clock (``--clock dedicated``): its calibration measured (or loaded from
+        ``--calibration``) and written as ``calibration.json``."""
+        # the calibration runs the model (torch): plotting and reading runs never import it
+        from dist_quant.runtime.calibrate import FILE, for_run, load
+
+        saved = self.dir / FILE
+        # a resumed run keeps the calibration it started with: its clock goes on alike
+        calibration = load(saved) if model_times and saved.is_file() else for_run(config)
+        self._write_json("calibration.json", calibration, start)
+        clock = Clock(config, calibration)
+        clock.at.update(model_times)
+        clock.time = model_times[max(model_times)] if model_times else 0.0
+        return clock
 
     def wall(self) -> float:
         return self.wall_offset + time.perf_counter() - self.t0
@@ -188,6 +223,9 @@ class RunRecorder:
                "skipped": int(skipped), **(extra or {})}
         if self._lr is not None:
             rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
+        if self._clock is not None:
+            rec["model_wall"] = self._clock.step(rec)
+            rec["model_time"] = self._clock.time
         self._fh.write(json.dumps(rec) + "\n")
         if self._tb is not None:
             self._tb.record(rec)
@@ -203,6 +241,10 @@ class RunRecorder:
                "test_accuracy": float(test_accuracy), "cum_bytes_up": int(up),
                "cum_bytes_down": int(down), "wall": self.wall() if wall is None else wall,
                **(extra or {})}
+        if self._clock is not None:   # that of its step, as its wall time
+            rec["model_time"] = self._clock.record_time(int(step))
+            if self._target and self._at_target is None and test_accuracy >= self._target:
+                self._at_target = rec["model_time"]
         self._fh.write(json.dumps(rec) + "\n")
         if self._tb is not None:
             self._tb.record(rec)
@@ -225,6 +267,10 @@ class RunRecorder:
         written into the file: a run directory may be moved, a record committed)."""
         out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
                "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
+        if self._clock is not None:
+            out.update(clock="dedicated", model_seconds=self._clock.time,
+                       model_time_to_target=self._at_target, model_link=self._clock.links.name,
+                       host_speed=self._clock.speed)
         self._write_json("summary.json", out, int(fields.get("steps", 0)))
         return {**out, "run_dir": str(self.dir)}
 
