@@ -175,7 +175,7 @@ def backend_failure(err: BaseException) -> str:
     """The line for an error of torch.distributed or its backend that no role named: what
     happened and what to read first, then the error's first line without its source location
     (the traceback stays in the log)."""
-    from dist_quant.core.transport import _cause
+    from dist_quant.core.transport import _cause  # torch: only once a rank has failed
 
     return (f"the process group failed (a peer ended, or the rendezvous or a link cannot be "
             f"reached); read the other ranks' lines first, then launch.log in the run directory "
