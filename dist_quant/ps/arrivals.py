@@ -44,9 +44,11 @@ from dist_quant.ps.protocol import TELEMETRY_ASYNC
 from dist_quant.runtime.arrivalclock import ArrivalClock
 from dist_quant.runtime.metrics import read_metrics
 
-# options a replay may change: they name or place the run, or change its wall time only
+# options a replay may change: they name or place the run, or change its wall time only (or,
+# the calibration, its modelled time: a replay takes its order from the record)
 REPLAY_FREE = frozenset({"run_dir", "resume", "progress", "simulate", "replay", "slow_worker",
-                         "timeout", "backend", "device", "keep_checkpoints", "max_restarts"})
+                         "timeout", "backend", "device", "keep_checkpoints", "max_restarts",
+                         "calibration"})
 
 
 class VirtualClock:
