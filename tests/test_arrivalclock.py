@@ -10,6 +10,7 @@ speed factor f has its payload ready at 6 f + 1, later ones at (downlink in) + 1
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,18 @@ def test_ssp_k0_under_the_modelled_clock_is_the_synchronous_modelled_run(tmp_pat
     assert ev(k0) == ev(sync)
     assert all(r["staleness"] == 0 for r in lines(k0, "update"))
     assert all(r["model_wall"] > 0 for r in lines(k0, "step"))
+
+
+def test_a_resumed_modelled_run_ends_where_the_uninterrupted_one_ends(modelled, tmp_path):
+    """The clock's state travels in the checkpoint: the resumed run takes the same arrivals
+    at the same modelled times."""
+    opts = dict(consistency="async", slow_worker="1=3", worker_rate="2=0.25", servers=2,
+                calibration=str(modelled), checkpoint_every=3, keep_checkpoints=0, steps=7)
+    full = run(tmp_path, "full", **opts)
+    copy = tmp_path / "resumed"
+    shutil.copytree(full, copy)
+    (copy / "checkpoints" / "latest").write_text("step_6.pt\n")
+    cfg = TrainConfig(**{**TINY, **opts, "run_dir": str(copy), "resume": str(copy)})
+    assert run_in_process(cfg.validate()) == 0
+    assert timeless(copy) == timeless(full)
+    assert_equal(server_state(copy), server_state(full))
