@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 from run_states import assert_equal, final
-from test_clock import CAL, RATE, SEG, config, ms
+from test_clock import CAL, RATE, SEG, config, ms, record
 
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.ps.consistency import Bounded, Synchronous
 from dist_quant.runtime.arrivalclock import ArrivalClock
+from dist_quant.runtime.clock import Clock
 from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.train import run_in_process
 
@@ -103,6 +104,27 @@ def test_shards_wait_for_their_payloads_and_the_statuses():
     assert clock.next() == 0 and ms(clock.lead) == 7.5
     clock.updated([0], 1)
     assert ms(clock.at[1]) == 9.25
+
+
+@pytest.mark.parametrize("over", [dict(), dict(servers=2), dict(slow_worker="1=3"),
+                                  dict(servers=2, slow_worker="1=3", host_speed=2.0)])
+def test_ssp_k0_keeps_the_synchronous_clocks_pace(over):
+    """ssp with K = 0 is the synchronous step: once under way, each step takes what the
+    synchronous clock gives it (without evaluations). Only the first differs: a fresh
+    asynchronous run starts without a downlink, and its steps end at the leader's update
+    rather than at the last downlink's arrival. (With a latency the asynchronous servers
+    but the leader also wait for its UPDATE command, L after its decision, where the
+    synchronous step's servers step as soon as their rows are in.)"""
+    shards = over.get("servers", 1)
+    sync = Clock(config(**over), CAL)
+    want = [ms(sync.step(record(t, [2 * SEG] * shards, [2 * SEG] * shards)))
+            for t in range(1, 6)]
+    clock = ArrivalClock(config(consistency="ssp", **over), CAL)
+    clock.configure([SEG // shards] * shards, [SEG] * shards, [SEG] * shards, 0)
+    clock.configure = lambda *a, **k: None   # drive's single-shard configuration
+    drive(clock, Bounded(2, 0), 2, 10)
+    at = [0.0, *(ms(clock.at[t]) for t in range(1, 6))]
+    assert [round(b - a, 9) for a, b in zip(at[1:-1], at[2:], strict=True)] == want[1:]
 
 
 def test_the_state_carries_on():
