@@ -269,8 +269,9 @@ class TrainConfig:
     clock: str = _opt("wall", "Which time the run reports: wall (this machine's) or dedicated "
                       "(also, in every step and evaluation line, model_wall and model_time: "
                       "the step composed as if every rank had a host of its own on the links "
-                      "below, from CPU-time costs calibrated at the start; synchronous modes "
-                      "only).", choices=CLOCKS, group=MODELLED)
+                      "below, from CPU-time costs calibrated at the start; for ssp, async "
+                      "and backup workers, with --simulate, also the arrival order).",
+                      choices=CLOCKS, group=MODELLED)
     rate: float = _opt(0.0, "--clock dedicated: every host's link in Mbit/s, each direction "
                        "(0 = uncapped).", group=MODELLED)
     latency: float = _opt(0.0, "--clock dedicated: one-way host-to-host latency in ms.",
@@ -509,9 +510,10 @@ class TrainConfig:
                 bad("worker_rate", f"MBIT must be > 0; got {r:g} for worker {i}")
         if not self.host_speed > 0:
             bad("host_speed", f"must be > 0 (X times this CPU); got {self.host_speed:g}")
-        if self.asynchronous:
-            bad("clock", "dedicated is not modelled yet for --consistency ssp|async or "
-                "--backup-workers (their arrival order); use --clock wall")
+        if self.asynchronous and not self.simulate:
+            bad("clock", "dedicated gives --consistency ssp|async and --backup-workers the "
+                "arrival order of the modelled cluster: add --simulate (a distributed run's "
+                "order is the network's)")
         if self.calibration:
             path = Path(self.calibration)
             path = path / "calibration.json" if path.is_dir() else path

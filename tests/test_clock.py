@@ -171,9 +171,15 @@ def test_deterministic():
     assert runs[0] == runs[1]
 
 
-def test_async_not_modelled():
-    with pytest.raises(ConfigError, match="not modelled yet"):
+def test_async_has_a_clock_of_its_own():
+    """The synchronous step's clock refuses the asynchronous modes: their arrivals are timed
+    by runtime.arrivalclock (tests/test_arrivalclock.py)."""
+    from dist_quant.runtime.arrivalclock import ArrivalClock, clock_of
+
+    with pytest.raises(ConfigError, match="arrivalclock"):
         Clock(config(consistency="async"), CAL)
+    assert isinstance(clock_of(config(backup_workers=1), CAL), ArrivalClock)
+    assert isinstance(clock_of(config(), CAL), Clock)
 
 
 def test_links_of_config():

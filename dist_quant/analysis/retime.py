@@ -155,7 +155,8 @@ def retime(paths: list[Path], rates: list[float | None], host_speeds: list[float
         raise ConfigError("--worker-rate", f"must be I=MBIT; got {worker_rate!r}") from None
     given = load_calibration(calibration) if calibration else None
     runs = [read(d) for d in find_run_dirs(paths)]
-    skipped = [f"{r['dir']}: asynchronous (not modelled yet)" for r in runs
+    skipped = [f"{r['dir']}: asynchronous (its arrival order depends on the links: run it "
+               "with --simulate --clock dedicated on each)" for r in runs
                if not synchronous(r["config"])]
     runs = [r for r in runs if synchronous(r["config"])]
     target = default_target(runs) if target is None else target

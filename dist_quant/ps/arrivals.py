@@ -17,6 +17,11 @@ instead.
 - :class:`SimulatedArrivals` over a :class:`Replay` (``--simulate --replay RUN_DIR``): the
   order recorded in that run's ``metrics.jsonl`` (:func:`recorded_order`), lost workers
   included; the run ends with the recorded run's parameters, bit for bit.
+- ``--clock dedicated``: :meth:`SimulatedArrivals.attach` puts the modelled cluster's
+  :class:`~dist_quant.runtime.arrivalclock.ArrivalClock` in the virtual clock's place (the
+  order of the modelled times), or beside a :class:`Replay` (the recorded order, timed).
+  The leader tells every source what it decided (``updated(group, step)``,
+  ``dropped(worker)``); only the modelled clock uses it.
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ from dist_quant.errors import ConfigError
 from dist_quant.ps.fabric import TAG_STATS, TAG_TELEMETRY, TAG_UP
 from dist_quant.ps.placement import Placement
 from dist_quant.ps.protocol import TELEMETRY_ASYNC
+from dist_quant.runtime.arrivalclock import ArrivalClock
 from dist_quant.runtime.metrics import read_metrics
 
-# options a replay may change: they name or place the run, or change its wall time only
+# options a replay may change: they name or place the run, or change its wall time only (or,
+# the calibration, its modelled time: a replay takes its order from the record)
 REPLAY_FREE = frozenset({"run_dir", "resume", "progress", "simulate", "replay", "slow_worker",
-                         "timeout", "backend", "device", "keep_checkpoints", "max_restarts"})
+                         "timeout", "backend", "device", "keep_checkpoints", "max_restarts",
+                         "calibration"})
 
 
 class VirtualClock:
@@ -150,13 +158,44 @@ def recorded_order(cfg: TrainConfig) -> tuple[list[int], dict[int, list[int]]]:
 
 
 class SimulatedArrivals:
-    """The simulator's arrivals: the order of a :class:`VirtualClock` or a :class:`Replay`;
-    the payload is then read from the in-memory fabric. ``left(i)``: whether worker ``i``
-    has left the run (``--inject-loss``)."""
+    """The simulator's arrivals: the order of a :class:`VirtualClock`, an
+    :class:`~dist_quant.runtime.arrivalclock.ArrivalClock` or a :class:`Replay` (``timer``:
+    the modelled clock that times a replay, or None); the payload is then read from the
+    in-memory fabric. ``left(i)``: whether worker ``i`` has left the run (``--inject-loss``)."""
 
-    def __init__(self, order: VirtualClock | Replay, placement: Placement,
+    def __init__(self, order: VirtualClock | ArrivalClock | Replay, placement: Placement,
                  left: Any = lambda i: False):
         self.order, self.p, self.left = order, placement, left
+        self.timer: ArrivalClock | None = None
+
+    def attach(self, clock: ArrivalClock) -> None:
+        """``--clock dedicated``: the modelled cluster's arrivals replace the virtual clock's
+        (a replay keeps its order and is timed by ``clock``)."""
+        if isinstance(self.order, Replay):
+            self.timer = clock
+        else:
+            self.order = clock
+
+    @property
+    def clock(self) -> ArrivalClock | None:
+        """The modelled clock, if any."""
+        return self.timer or (self.order if isinstance(self.order, ArrivalClock) else None)
+
+    def modelled(self) -> dict[str, float]:
+        """The modelled times of the arrival just taken (``model_time``: when the leader took
+        it, ``model_wall``: its worker's cycle since its release); empty without the clock."""
+        clock = self.clock
+        if clock is None or clock.taken is None:
+            return {}
+        return {"model_time": clock.taken[1], "model_wall": clock.taken[2]}
+
+    def updated(self, group: list[int], step: int) -> None:
+        if self.clock is not None:
+            self.clock.updated(group, step)
+
+    def dropped(self, worker: int) -> None:
+        if self.clock is not None:
+            self.clock.dropped(worker)
 
     @classmethod
     def of(cls, cfg: TrainConfig, placement: Placement, left: Any) -> SimulatedArrivals:
@@ -168,13 +207,19 @@ class SimulatedArrivals:
 
     def released(self, workers: list[int]) -> None:
         self.order.released(workers)
+        if self.timer is not None:
+            self.timer.released(workers)
 
     def next(self) -> tuple[int, None, None, None]:
         """The next arrival; a worker that left (``--inject-loss``) is lost at the moment
         its next gradient would have arrived, one the record lost where the record lost it."""
         lost = self.order.loss() if isinstance(self.order, Replay) else None
+        if lost is not None and self.timer is not None:
+            self.timer.forget(lost)
         if lost is None:
             worker = self.order.next()
+            if self.timer is not None:
+                self.timer.next(forced=worker)
             if not self.left(worker):
                 return worker, None, None, None
             lost = worker
@@ -189,11 +234,16 @@ class SimulatedArrivals:
             self.order.position = received
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": type(self.order).__name__, **self.order.state_dict()}
+        state = {"kind": type(self.order).__name__, **self.order.state_dict()}
+        if self.timer is not None:
+            state["timer"] = self.timer.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("kind") == type(self.order).__name__:
             self.order.load_state_dict(state)
+        if self.timer is not None and "timer" in state:
+            self.timer.load_state_dict(state["timer"])
 
 
 class NetworkArrivals:
@@ -248,3 +298,12 @@ class NetworkArrivals:
                                 f"its gradient ({_cause(err)})", lost) from err
         bufs = self.buffers.pop(worker)
         return worker, bufs[0], bufs[1], bufs[2] if len(bufs) > 2 else None
+
+    def modelled(self) -> dict[str, float]:
+        return {}   # a distributed run has no modelled clock
+
+    def updated(self, group: list[int], step: int) -> None:
+        pass
+
+    def dropped(self, worker: int) -> None:
+        pass

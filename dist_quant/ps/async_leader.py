@@ -19,7 +19,9 @@ the worker's own count (its k-th gradient); ``read``: the version it was compute
 ``"late"`` for a backup worker's gradient that came after its step was made, ``"end"`` for one
 still unapplied when the run ended); ``step``: the step it counts towards;
 ``started_after``: the arrival whose decision released the worker to compute it (-1: the
-start), from which the bound of ``ssp`` can be checked.
+start), from which the bound of ``ssp`` can be checked. ``--clock dedicated`` adds
+``model_time`` (when the leader took it, modelled) and ``model_wall`` (its worker's cycle
+since its release): :mod:`dist_quant.runtime.arrivalclock`.
 
 Lost workers (``--consistency async --min-workers N``): :meth:`AsyncLeader.notice`.
 """
@@ -123,7 +125,8 @@ class AsyncLeader:
             self.win_up[s] += self.shard.up.payload_nbytes(hi - lo)
         self.queue.append({"arrival": self.received, "worker": i,
                            "worker_step": self.worker_steps[i], "read": self.read[i],
-                           "started_after": self.started_after[i], "telemetry": tel})
+                           "started_after": self.started_after[i], "telemetry": tel,
+                           **self.arrivals.modelled()})
         self.received += 1
 
     def notice(self, err: PeerLostError) -> None:
@@ -188,12 +191,14 @@ class AsyncLeader:
         if why == "late":
             self.command(DROP, [i])
             self.take(i)
+            self.arrivals.dropped(i)
         self.recorder.update({**self.update_line(info, self.completed + 1), "applied": None,
                               "staleness": None, "dropped": why})
 
     def update_line(self, info: dict, step: int) -> dict:
         return {k: info[k] for k in ("arrival", "worker", "worker_step", "read",
-                                     "started_after")} | {"step": step}
+                                     "started_after")} | {"step": step} | {
+            k: info[k] for k in ("model_time", "model_wall") if k in info}
 
     def release(self) -> None:
         """Release the workers the last decision let go (every shard sends its downlink)."""
@@ -227,6 +232,8 @@ class AsyncLeader:
         self.win_updates += 1
         self.version += 1
         self.applied += len(group)
+        done = self.applied >= (self.completed + 1) * self.W or self.policy.lockstep
+        self.arrivals.updated(group, step if done else 0)
         for i, info in zip(group, infos, strict=True):
             late = self.version - 1 - info["read"]
             self.staleness[late] += 1
@@ -234,7 +241,7 @@ class AsyncLeader:
             self.win_tel.append(info["telemetry"])
             self.recorder.update({**self.update_line(info, step), "applied": self.version,
                                   "staleness": late, "dropped": None})
-        if self.applied >= (self.completed + 1) * self.W or self.policy.lockstep:
+        if done:
             self.complete_step()
 
     # ---- the run ----------------------------------------------------------------------------

@@ -130,7 +130,8 @@ class AsyncRank(AsyncWorkerLoop, AsyncServer, AsyncLeader, AsyncSteps, RankState
 
 def run_async_all(cfg: TrainConfig, ranks: list[AsyncRank]) -> dict[str, Any]:
     """Every rank of the job in this process (``--simulate``, the leader last); the arrival
-    order from ``--replay`` or the virtual clock of ``--slow-worker``; returns the summary."""
+    order from ``--replay``, the modelled cluster (``--clock dedicated``) or the virtual clock
+    of ``--slow-worker``; returns the summary."""
     leader, others = ranks[-1], ranks[:-1]
     by_worker = {r.p.worker_of(r.rank): r for r in ranks if r.worker is not None}
     leader.arrivals = SimulatedArrivals.of(cfg, leader.p, lambda i: by_worker[i].left)
@@ -139,6 +140,14 @@ def run_async_all(cfg: TrainConfig, ranks: list[AsyncRank]) -> dict[str, Any]:
         r.take_resumed()
     for r in ranks:
         r.open_records(sequential=True)
+    clock = leader.recorder.clock
+    if clock is not None:   # --clock dedicated: the modelled cluster's arrival order
+        shard, bounds = leader.shard, leader.p.bounds
+        clock.configure([hi - lo for lo, hi in bounds],
+                        [shard.up.payload_nbytes(hi - lo) for lo, hi in bounds],
+                        [shard.down.payload_nbytes(hi - lo) for lo, hi in bounds],
+                        4 * leader.n_stats, flags=lambda i: leader.flags[i])
+        leader.arrivals.attach(clock)
     if cfg.resume:
         leader.arrivals.resume(leader.resumed_order, leader.received)
 

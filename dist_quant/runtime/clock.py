@@ -62,8 +62,9 @@ DDP (one allreduce of ``S = bytes_up + bytes_down`` over all ranks, a ring on th
 and the ``onebit`` hook as the colocated exchange on slices of ``n / W`` (no control, every
 rank steps the whole model). Not modelled: the telemetry and control messages' bytes, TCP slow
 start, checkpoint writing, the settling of evaluations other than the one due at a step that
-``--stop-accuracy`` ends, the asynchronous modes (their arrival order), and a resumed run's
-head starts (it starts with every downlink in).
+``--stop-accuracy`` ends, and a resumed run's head starts (it starts with every downlink in).
+The asynchronous modes (their arrival order) have a clock of their own:
+:mod:`dist_quant.runtime.arrivalclock`.
 """
 
 from __future__ import annotations
@@ -152,8 +153,9 @@ class Clock:
                  links: Links | None = None, host_speed: float | None = None,
                  allreduces: int = 1):
         if config.get("consistency", "sync") != "sync" or config.get("backup_workers", 0):
-            raise ConfigError("--clock", "dedicated is not modelled yet for --consistency "
-                              "ssp|async or --backup-workers (their arrival order)")
+            raise ConfigError("--clock", "the synchronous step's clock cannot time --consistency "
+                              "ssp|async or --backup-workers: their arrivals are "
+                              "dist_quant.runtime.arrivalclock's")
         self.links = links or Links.of(config)
         self.speed = float(host_speed if host_speed is not None
                            else config.get("host_speed", 1.0))

@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_quant.core.lr_schedule import schedule_from_config
+from dist_quant.runtime.arrivalclock import ArrivalClock, clock_of
 from dist_quant.runtime.clock import Clock
 from dist_quant.runtime.diskfault import WholeLines, disk_write
 from dist_quant.runtime.tensorboard import open_writer
@@ -183,7 +184,7 @@ class RunRecorder:
         self._lr = None
         if "lr" in config:
             self._lr = (float(config["lr"]), schedule_from_config(config))
-        self._clock: Clock | None = None
+        self._clock: Clock | ArrivalClock | None = None
         self._target = float(config.get("stop_accuracy", 0.0) or 0.0)
         self._at_target: float | None = None   # modelled time of the first evaluation there
         if config.get("clock", "wall") == "dedicated":
@@ -191,7 +192,7 @@ class RunRecorder:
             self.t0 = time.perf_counter()   # the calibration is no part of the run's time
 
     def _open_clock(self, config: dict[str, Any], model_times: dict[int, float],
-                    start: int) -> Clock:
+                    start: int) -> Clock | ArrivalClock:
         """The modelled clock (``--clock dedicated``): its calibration measured (or loaded from
         ``--calibration``) and written as ``calibration.json``."""
         # the calibration runs the model (torch): plotting and reading runs never import it
@@ -201,10 +202,15 @@ class RunRecorder:
         # a resumed run keeps the calibration it started with: its clock goes on alike
         calibration = load(saved) if model_times and saved.is_file() else for_run(config)
         self._write_json("calibration.json", calibration, start)
-        clock = Clock(config, calibration)
+        clock = clock_of(config, calibration)   # the asynchronous modes': their arrivals
         clock.at.update(model_times)
         clock.time = model_times[max(model_times)] if model_times else 0.0
         return clock
+
+    @property
+    def clock(self) -> Clock | ArrivalClock | None:
+        """The modelled clock (``--clock dedicated``), else None."""
+        return self._clock
 
     def wall(self) -> float:
         return self.wall_offset + time.perf_counter() - self.t0
