@@ -21,7 +21,8 @@ NSDI 2008):
   not this machine's;
 - ``F`` is recorded as ``dilate`` in ``summary.json``, ``link.json`` and ``wire.json``, and as
   ``dilation`` (:meth:`Dilation.info`: the factor, how it was asked, the training processes,
-  the cores, the timeout asked and the one the job ran with) in ``config.json`` and
+  the cores, the timeout asked and ``timeout_raw``, the one the job ran with as it recorded
+  it) in ``config.json`` and
   ``summary.json``; ``link.json`` keeps the asked link (``rate_mbit``, ``latency_ms``,
   ``worker_rates``) and what ``tc`` was given under ``applied``; ``config.json``'s ``timeout``
   is the asked one.
@@ -278,19 +279,23 @@ def dilate_records(run_dir: str | Path, dilation: Dilation, cfg: TrainConfig,
                    done: bool = True) -> dict[str, Any]:
     """Rewrite a run directory's records in dilated time (module docstring); ``cfg`` is the
     config asked for (its timeout undilated). ``done=False`` (a job that failed): the lines
-    and ``config.json`` only. Returns the rewritten ``{"summary", "link", "wire"}`` (None
+    and ``config.json`` only. Returns the rewritten ``{"summary", "wire"}`` (None
     for a file that is not there)."""
     d, f = Path(run_dir), dilation.factor
     _rewrite_metrics(d / "metrics.jsonl", lambda rec: dilate_line(rec, f))
     info = dilation.info(cfg)
 
     def config(obj: dict[str, Any]) -> dict[str, Any]:
-        obj.setdefault("config", {})["timeout"] = cfg.timeout
+        job = obj.setdefault("config", {})
+        # the timeout the job ran with, as it recorded it (a rewrite keeps the first reading)
+        ran = obj.get("dilation", {}).get("timeout_raw", job.get("timeout", info["timeout_raw"]))
+        job["timeout"] = cfg.timeout
+        info["timeout_raw"] = ran
         return {**obj, "dilation": info}
 
     _update_json(d / "config.json", config)
     if not done:
-        return {"summary": None, "link": None, "wire": None}
+        return {"summary": None, "wire": None}
 
     def summary(obj: dict[str, Any]) -> dict[str, Any]:
         for key in SUMMARY_TIMES:
