@@ -76,6 +76,13 @@ engine) and ``log.txt`` (the job's output).
 The name is stable: method label, workers, link and seed, then 8 hex digits of a hash of
 everything that defines the point (the full config, the link, the runner).
 
+Dilation. ``--dilate F`` (or ``auto``) runs every cluster point in dilated time
+(:mod:`dist_quant.cluster.dilation`: links at rate / F, latency and timeout x F, every time
+reported / F); ``auto`` is resolved per point (its training processes / the cores this job
+has, at least 1). The factor is part of the point's identity and of its name
+(``dilate2.5``); an undilated point's name stays as before. Points that would run locally
+refuse it (add ``--cluster``).
+
 Resume. A point is done when its ``summary.json`` exists and its ``config.json`` holds the
 point's config: running the same command again skips it; adding a point runs only that one;
 a failed or interrupted point runs again (its directory is cleared first). A failing point is
@@ -103,6 +110,7 @@ from typing import Any
 
 import click
 
+from dist_quant.cluster.dilation import AUTO, Dilation, check_engine, parse_dilate, run_dilated
 from dist_quant.cluster.engine import parse_worker_rates
 from dist_quant.cluster.records import log_tail
 from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
@@ -204,6 +212,7 @@ class Point:
     force_cluster: bool = False
     engine: str = DEFAULT_ENGINE   # how a cluster point runs: a registered engine's name
     worker_rates: tuple[tuple[int, float], ...] = ()   # (worker, Mbit/s): its own link cap
+    dilation: Dilation = Dilation()   # time dilation of a cluster point (--dilate)
 
     @property
     def capped(self) -> bool:
@@ -222,6 +231,8 @@ class Point:
             ident["engine"] = self.engine
         if self.worker_rates:
             ident["worker_rates"] = [list(w) for w in self.worker_rates]
+        if self.dilation.active:
+            ident["dilate"] = self.dilation.factor
         return ident
 
     @property
@@ -243,6 +254,8 @@ class Point:
                          + (f"x{c.host_speed:g}" if c.host_speed != 1 else ""))
         if self.runner == "cluster" and (self.engine != DEFAULT_ENGINE or not self.capped):
             parts.append(get_engine(self.engine).mark)   # the default's: forced onto it
+        if self.dilation.active:
+            parts.append(f"dilate{self.dilation.factor:g}")
         parts += [f"s{self.cfg.seed}", digest.hexdigest()[:8]]
         return "_".join(parts)
 
@@ -262,13 +275,16 @@ def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None
                 losses: Sequence[float] = (0.0,), force_cluster: bool = False,
                 base: TrainConfig | None = None,
                 worker_rates: Mapping[int, float] | None = None,
-                engine: str = DEFAULT_ENGINE) -> list[Point]:
+                engine: str = DEFAULT_ENGINE, dilate: float | None = 1.0,
+                cores: float | None = None) -> list[Point]:
     """Every combination of link, ``sets`` values and method, as validated points (in that
-    nesting order, methods innermost). Raises ConfigError for a bad combination (or an
-    ``engine`` that is not registered)."""
+    nesting order, methods innermost). ``dilate``: the factor of
+    :func:`~dist_quant.cluster.dilation.parse_dilate` (None = auto, resolved per point for
+    ``cores``, by default the cores this job has). Raises ConfigError for a bad combination
+    (or an ``engine`` that is not registered, or a dilated point that would run locally)."""
     if not methods:
         raise ConfigError("--method", "give at least one method (e.g. -m ps-onebit)")
-    get_engine(engine)
+    check_engine(get_engine(engine), Dilation(2.0) if dilate != 1.0 else Dilation())
     parsed = [parse_method(m) for m in methods]
     sets = dict(sets or {})
     names = list(sets)
@@ -287,6 +303,12 @@ def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None
                 point = Point(label, cfg, rate, float(latency or 0.0), float(loss or 0.0),
                               force_cluster, engine,
                               tuple(sorted((worker_rates or {}).items())))
+                if dilate != 1.0:
+                    if point.runner != "cluster":
+                        raise ConfigError("--dilate", "dilates the cluster's time; uncapped "
+                                          "points run locally (add --cluster)")
+                    point = dataclasses.replace(
+                        point, dilation=Dilation.resolve(dilate, cfg, cores))
                 if point.name not in seen:
                     seen.add(point.name)
                     points.append(point)
@@ -337,7 +359,8 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
         "rate_mbit": point.rate_mbit, "latency_ms": point.latency_ms,
         "loss_pct": point.loss_pct, "runner": point.runner,
         "worker_rates": {str(i): r for i, r in point.worker_rates},
-        **({"engine": point.engine} if point.runner == "cluster" else {})})
+        **({"engine": point.engine} if point.runner == "cluster" else {}),
+        **({"dilation": point.dilation.info(point.cfg)} if point.dilation.active else {})})
     cfg = point.cfg.replace(run_dir=str(run_dir), progress=False)
     log = run_dir / "log.txt"
     t0 = time.perf_counter()
@@ -345,9 +368,9 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
     try:
         with output_to(log):
             if point.runner == "cluster":
-                get_engine(point.engine).run(cfg, point.rate_mbit, point.latency_ms,
-                                             point.loss_pct,
-                                             worker_rates=dict(point.worker_rates))
+                run_dilated(get_engine(point.engine), cfg, point.rate_mbit,
+                            point.latency_ms, point.loss_pct,
+                            worker_rates=dict(point.worker_rates), dilation=point.dilation)
             else:
                 code = launch(cfg)
     except KeyboardInterrupt:
@@ -379,6 +402,8 @@ def _record(point: Point, run_dir: Path, seconds: float | None) -> dict[str, Any
         summary = json.loads((run_dir / "summary.json").read_text())
         rec.update({k: summary.get(k) for k in ("test_accuracy", "bytes_up", "bytes_down",
                                                   "wall_seconds", "steps", "compressor")})
+        if "dilate" in summary:
+            rec.update(dilate=summary["dilate"], wall_seconds_raw=summary["wall_seconds_raw"])
     return rec
 
 
@@ -453,10 +478,11 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
                         cluster: bool, seeds: str | None = None,
                         worker_rate: Sequence[str] = (),
                         slow_worker: Sequence[str] = (),
-                        engine: str = DEFAULT_ENGINE) -> list[Point]:
+                        engine: str = DEFAULT_ENGINE, dilate: str = "1") -> list[Point]:
     """The grid of the command line (and ``--grid`` file), validated; ``seeds``: the
     ``--seeds`` list, a ``seed`` axis merged with any ``--set seed=...``; ``worker_rate`` and
-    ``slow_worker``: ``I=VALUE`` items for every point."""
+    ``slow_worker``: ``I=VALUE`` items for every point; ``dilate``: ``--dilate``."""
+    factor = parse_dilate(dilate)
     spec = _grid_from_file(grid) if grid else {}
     axes: dict[str, list[Any]] = {}
     for name, values in (spec.get("set") or {}).items():
@@ -489,7 +515,7 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
     get_engine(engine).check_links(uneven)
     return expand_grid(list(methods) or list(spec.get("methods", [])), axes, rates, latencies,
                        losses, force_cluster=cluster or bool(spec.get("cluster", False)),
-                       worker_rates=uneven, engine=engine)
+                       worker_rates=uneven, engine=engine, dilate=factor)
 
 
 @click.command("sweep", cls=SetFieldsCommand,
@@ -518,13 +544,18 @@ def points_from_options(methods: Sequence[str], sets: Sequence[str], rate: str |
 @click.option("--engine", type=EngineChoice(), default=DEFAULT_ENGINE, show_default=True,
               help="How cluster points run: " + ", or ".join(e.summary for e in engines())
                    + ".")
+@click.option("--dilate", default="1", show_default=True, metavar="F|auto",
+              help="Run the cluster points in dilated time: link rates / F, latency and "
+                   "timeout x F, every time reported / F (raw ones kept as *_raw); "
+                   f"{AUTO} = each point's training processes / the cores of this job, at "
+                   "least 1.")
 @click.option("--dry-run", is_flag=True, help="List the points and whether they are done.")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar over points on stderr.")
 def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: str | None,
           rate: str | None, latency: str | None, loss: str | None,
           worker_rate: tuple[str, ...], slow_worker: tuple[str, ...], grid: str | None,
-          cluster: bool, engine: str, dry_run: bool, progress: bool) -> None:
+          cluster: bool, engine: str, dilate: str, dry_run: bool, progress: bool) -> None:
     """Run a grid of training jobs into OUT_DIR, one directory per point, skipping points
     already done there (run the same command again to resume).
 
@@ -541,7 +572,7 @@ def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: 
     """
     try:
         points = points_from_options(methods, sets, rate, latency, loss, grid, cluster, seeds,
-                                     worker_rate, slow_worker, engine)
+                                     worker_rate, slow_worker, engine, dilate)
     except ConfigError as err:
         raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
     if dry_run:
@@ -561,7 +592,8 @@ def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: 
 # of train --help that these options share
 _HEADINGS = {"methods": "Points", "sets": "Points", "seeds": "Points", "grid": "Points",
              "dry_run": "Points", "rate": LINKS, "latency": LINKS, "loss": LINKS,
-             "worker_rate": LINKS, "cluster": LINKS, "engine": LINKS, "slow_worker": RUNTIME,
+             "worker_rate": LINKS, "cluster": LINKS, "engine": LINKS, "dilate": LINKS,
+             "slow_worker": RUNTIME,
              "progress": OUTPUT}
 for _param in sweep.params:
     if _param.name in _HEADINGS:

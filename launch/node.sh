@@ -23,6 +23,9 @@
 #   DQ_RATE_MBIT [0]      rate cap in Mbit/s in each direction; 0 = uncapped
 #   DQ_LATENCY_MS [0]     one-way host-to-host latency; each link delays half of it per direction
 #   DQ_LOSS_PCT [0]       packet loss on a host-to-host path (applied where packets arrive)
+#   DQ_DILATE [1]         time dilation F (dist_quant.cluster.dilation): DQ_RATE_MBIT and
+#                         DQ_LATENCY_MS are already the dilated ones; the burst is sized for
+#                         the undilated rate (below)
 #   DQ_QUEUE_FRAMES [1000]  rate limiter queue in full frames (as deep as a NIC queue)
 #   DQ_ROLE               server | worker | colocated (exported as DIST_QUANT_ROLE for the
 #                         training job; colocated: a worker that also serves a shard)
@@ -49,7 +52,8 @@
 #       action mirred egress redirect dev ifb-dq
 #   tc qdisc add dev ifb-dq root handle 1: netem delay L/2ms loss p% limit 100000  (if L or p)
 #   tc qdisc add dev ifb-dq parent 1:1 handle 10: tbf rate Rmbit burst B limit Q
-# B = max(2 frames, 4 ms at R) bytes; Q = DQ_QUEUE_FRAMES full frames, in bytes. Also
+# B = max(2 frames, 4 F ms at R) bytes (F = DQ_DILATE: 4 ms at the undilated rate R F, so the
+# same bytes as undilated); Q = DQ_QUEUE_FRAMES full frames, in bytes (the same dilated). Also
 # `ip link set dev IFACE gso_max_segs 1`, so that every packet the stack hands down is one
 # wire frame: tbf meters and the byte counters count real frames with their headers.
 set -euo pipefail
@@ -60,6 +64,7 @@ RATE=${DQ_RATE_MBIT:-0}
 LATENCY=${DQ_LATENCY_MS:-0}
 LOSS=${DQ_LOSS_PCT:-0}
 QUEUE=${DQ_QUEUE_FRAMES:-1000}
+DILATE=${DQ_DILATE:-1}
 
 die() { echo "node.sh: $*" >&2; exit 2; }
 
@@ -86,8 +91,8 @@ shape_egress() {
     fi
     if positive "$rate"; then
         mtu=$(cat "/sys/class/net/$IFACE/mtu")
-        burst=$(awk -v r="$rate" -v m="$mtu" \
-            'BEGIN { b = r * 1e6 / 8 * 0.004; f = 2 * (m + 14); printf "%d", (b > f ? b : f) }')
+        burst=$(awk -v r="$rate" -v m="$mtu" -v d="$DILATE" \
+            'BEGIN { b = r * 1e6 / 8 * 0.004 * d; f = 2 * (m + 14); printf "%d", (b > f ? b : f) }')
         # shellcheck disable=SC2086  # $parent is several words on purpose
         run tc qdisc add dev "$dev" $parent tbf rate "${rate}mbit" burst "$burst" \
             limit $((QUEUE * (mtu + 14)))
@@ -98,6 +103,8 @@ shape() {
     is_number DQ_RATE_MBIT "$RATE"
     is_number DQ_LATENCY_MS "$LATENCY"
     is_number DQ_LOSS_PCT "$LOSS"
+    is_number DQ_DILATE "$DILATE"
+    awk -v d="$DILATE" 'BEGIN { exit !(d >= 1) }' || die "DQ_DILATE must be >= 1; got $DILATE"
     [[ $QUEUE =~ ^[1-9][0-9]*$ ]] ||
         die "DQ_QUEUE_FRAMES must be a positive integer; got '$QUEUE'"
     awk -v p="$LOSS" 'BEGIN { exit !(p < 100) }' || die "DQ_LOSS_PCT must be < 100; got $LOSS"

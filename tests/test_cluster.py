@@ -203,6 +203,53 @@ def test_sharded_and_colocated_servers_run_on_the_cluster(tmp_path, topology):
     assert wire["wire_bytes_up"] + wire["wire_bytes_down"] >= FRAME_FACTOR * payload
 
 
+@needs_netns
+def test_a_dilated_run_shapes_links_over_f_and_reports_raw_times_over_f(tmp_path):
+    """--dilate 2 on 10 Mbit/s links: tc is given 5 Mbit/s with the burst and queue of the
+    undilated link (the same bytes), the job the timeout x 2, and every time reported is the
+    raw one / 2 with the raw one beside it."""
+    from click.testing import CliRunner
+
+    from dist_quant.cluster.command import cluster as cluster_command
+
+    run, f, rate, mtu = tmp_path / "run", 2.0, 10.0, 1500
+    result = CliRunner().invoke(cluster_command, [
+        "--workers", "2", "--rate", f"{rate:g}", "--dilate", f"{f:g}", "--steps", "20",
+        "--eval-every", "10", "--timeout", "30", "--no-progress", "--run-dir", str(run)])
+    assert result.exit_code == 0, result.output
+    assert leftovers(f"dq{os.getpid()}-") == []
+    # the link caps as tc was given them: rate / F; burst and queue the undilated bytes
+    link = json.loads((run / "link.json").read_text())
+    assert link["rate_mbit"] == rate and link["dilate"] == f
+    assert link["applied"]["rate_mbit"] == rate / f
+    burst = max(int(rate * 1e6 / 8 * 0.004), 2 * (mtu + 14))   # node.sh's B, undilated
+    tbf = [c for c in link["tc_commands"] if " tbf " in c]
+    assert len(tbf) == 2 and all(
+        re.search(rf"tbf rate {rate / f:g}mbit burst {burst} limit {1000 * (mtu + 14)}$", c)
+        for c in tbf), tbf
+    # the timeout the job ran with (its own config.json), x F; the asked one kept
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["timeout"] == 30.0 and config["dilation"]["timeout_raw"] == 30 * f
+    assert config["dilation"]["factor"] == f
+    # every reported time is the raw one / F
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    timed = [x for x in lines if x["kind"] in ("step", "eval")]
+    assert len(timed) == 22
+    for x in timed:
+        assert x["wall"] == pytest.approx(x["wall_raw"] / f, rel=1e-12)
+        if x["kind"] == "step":
+            assert x["time"] == pytest.approx({k: v / f for k, v in x["time_raw"].items()},
+                                              rel=1e-12)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["wall_seconds"] == pytest.approx(summary["wall_seconds_raw"] / f, rel=1e-12)
+    assert summary["dilate"] == f
+    wire = json.loads((run / "wire.json").read_text())
+    assert wire["seconds"] == pytest.approx(wire["seconds_raw"] / f, rel=1e-12)
+    assert result.output.strip().splitlines()[-1] == (
+        f"dilated x{f:g}: {summary['wall_seconds']:.1f} s of dilated time, "
+        f"{summary['wall_seconds_raw']:.1f} s raw wall time")
+
+
 def test_the_command_shows_progress_and_ends_with_the_summary_and_wire_lines(tmp_path):
     from click.testing import CliRunner
 

@@ -9,6 +9,7 @@ Examples::
     dist-quant cluster --workers 4 --rate 10 --slow-worker 1=4 --consistency async
     dist-quant cluster --cleanup                                   # remove leftovers
     dist-quant cluster --engine compose --workers 4 --rate 10      # the same, as containers
+    dist-quant cluster --workers 4 --rate 10 --dilate auto         # times of dedicated cores
 
 Needs root (network namespaces, veth, tc). ``--engine compose`` runs the same hosts as
 containers of ``docker-compose.yml`` (:mod:`dist_quant.cluster.compose`; prepare the machine
@@ -19,6 +20,9 @@ with ``launch/docker-host.sh``); the records are the same. ``--engine`` takes an
 (:mod:`dist_quant.runner.preflight`). While the job runs it shows the training progress (steps,
 loss, accuracy, MB up and down); it ends with the summary line of ``dist-quant train`` and one
 line of wire figures (bytes on the wire per direction and their ratio to the payload).
+``--dilate F`` (or ``auto``: training processes / cores, at least 1) runs the job in dilated
+time (:mod:`dist_quant.cluster.dilation`): links at rate / F, latency and ``--timeout`` x F,
+every time reported / F (the raw ones kept beside them).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 import click
 
+from dist_quant.cluster.dilation import Dilation, check_engine, parse_dilate, run_dilated
 from dist_quant.cluster.engine import ClusterError, parse_worker_rates
 from dist_quant.cluster.netns import cleanup_stale, require_root
 from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
@@ -57,12 +62,17 @@ link_option = functools.partial(click.option, cls=GroupedOption, group=LINKS)
                   "host w{I+1}); the other hosts keep --rate.")
 @link_option("--engine", type=EngineChoice(), default=DEFAULT_ENGINE, show_default=True,
              help="; ".join(f"{e.name}: {e.help}" for e in engines()) + ".")
+@link_option("--dilate", default="1", show_default=True, metavar="F|auto",
+             help="Time dilation F >= 1: link rates / F, latency and --timeout x F, every "
+                  "time reported / F (raw ones kept as *_raw); auto = training processes / "
+                  "cores of this job, at least 1.")
 @click.option("--cleanup", is_flag=True,
               help="Only remove namespaces left by cluster runs whose process is gone.")
 @click_options(exclude=MODEL_FIELDS)   # its links are real: --rate and the rest are its own
 @click.pass_context
 def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: int,
-            worker_rate: tuple[str, ...], engine: str, cleanup: bool, **params: Any) -> None:
+            worker_rate: tuple[str, ...], engine: str, dilate: str, cleanup: bool,
+            **params: Any) -> None:
     """Train on a simulated cluster: one network namespace per host, links shaped with tc.
 
     Writes link.json and wire.json (bytes on the wire beside payload bytes) into the run
@@ -81,11 +91,17 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
             raise ConfigError("--simulate", "the cluster runs the distributed job; drop "
                               "--simulate")
         rates = parse_worker_rates(worker_rate, cfg.workers)
+        dilation = Dilation.resolve(parse_dilate(dilate), cfg)
+        check_engine(chosen, dilation)
         chosen.check()   # before anything is announced or checked: what is missing
         cfg = preflight(cfg, explicit)
         click.echo(f"dist-quant cluster: run directory {cfg.run_dir}", err=True)
         chosen.check_links(rates)
-        out = chosen.run(cfg, rate or None, latency, loss, mtu=mtu, worker_rates=rates)
+        if dilation.active:
+            click.echo(f"dist-quant cluster: {dilation.line(cfg, rate or None, latency)}",
+                       err=True)
+        out = run_dilated(chosen, cfg, rate or None, latency, loss, mtu=mtu,
+                          worker_rates=rates, dilation=dilation)
     except ConfigError as err:
         config_error(err)
     except ClusterError as err:
@@ -94,6 +110,9 @@ def cluster(ctx: click.Context, rate: float, latency: float, loss: float, mtu: i
     summary = json.loads((Path(out["run_dir"]) / "summary.json").read_text())
     click.echo(summary_line(summary))
     click.echo(wire_line(out["wire"]))
+    if "dilate" in summary:
+        click.echo(f"dilated x{summary['dilate']:g}: {summary['wall_seconds']:.1f} s of "
+                   f"dilated time, {summary['wall_seconds_raw']:.1f} s raw wall time")
 
 
 def wire_line(wire: dict) -> str:

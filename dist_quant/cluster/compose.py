@@ -142,8 +142,9 @@ def train_args(cfg: TrainConfig, run_dir: Path) -> str:
 
 
 def compose_env(cfg: TrainConfig, link: Link, run_dir: Path, subnet: str,
-                mtu: int) -> dict[str, str]:
-    """The variables of ``docker-compose.yml`` for this job."""
+                mtu: int, dilate: float = 1.0) -> dict[str, str]:
+    """The variables of ``docker-compose.yml`` for this job (``dilate``: ``DQ_DILATE``, the
+    time dilation the rate limiters' bursts are sized for)."""
     p = plan(cfg)
     return {**os.environ,
             "DQ_RUNS_DIR": str(run_dir.parent), "DQ_RUN_NAME": run_dir.name,
@@ -154,7 +155,8 @@ def compose_env(cfg: TrainConfig, link: Link, run_dir: Path, subnet: str,
             "DQ_SERVER_ROLE": p["server_role"], "DQ_WORKER_ROLE": p["worker_role"],
             "DQ_STEPS": str(cfg.steps), "DQ_SEED": str(cfg.seed),
             "DQ_RATE_MBIT": f"{link.rate_mbit or 0:g}", "DQ_LATENCY_MS": f"{link.latency_ms:g}",
-            "DQ_LOSS_PCT": f"{link.loss_pct:g}", "DQ_SUBNET": subnet, "DQ_MTU": str(mtu),
+            "DQ_LOSS_PCT": f"{link.loss_pct:g}", "DQ_DILATE": f"{dilate:g}",
+            "DQ_SUBNET": subnet, "DQ_MTU": str(mtu),
             "DQ_TRAIN_ARGS": train_args(cfg, run_dir)}
 
 
@@ -295,8 +297,10 @@ def remove_project(base: list[str], env: dict[str, str], project: str, interrupt
 
 def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
                 loss_pct: float = 0.0, *, mtu: int = 1500,
-                deadline_s: float | None = None) -> dict[str, Any]:
-    """Run ``cfg`` as one container per torchrun agent over shaped links (module docstring).
+                deadline_s: float | None = None, dilate: float = 1.0) -> dict[str, Any]:
+    """Run ``cfg`` as one container per torchrun agent over shaped links (module docstring);
+    ``dilate``: the links given are dilated by this factor
+    (:meth:`dist_quant.cluster.engine.Engine.run`).
 
     Returns ``{"run_dir", "link", "wire", "seconds"}`` like
     :func:`dist_quant.cluster.run.run_cluster`; raises :class:`ComposeError` with the failing
@@ -314,11 +318,11 @@ def run_compose(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     hosts_dir = run_dir / "hosts"
     hosts_dir.mkdir(parents=True, exist_ok=True)
     project = f"dq{os.getpid()}x{next(_seq)}"
-    env = compose_env(cfg, link, run_dir, free_subnet(), mtu)
+    env = compose_env(cfg, link, run_dir, free_subnet(), mtu, dilate)
     p = plan(cfg)
     base = [*compose, "-p", project, "-f", str(COMPOSE_FILE)]
     log = hosts_dir / "compose.log"
-    tail = MetricsTail(run_dir / "metrics.jsonl", cfg)
+    tail = MetricsTail(run_dir / "metrics.jsonl", cfg, dilate=dilate)
     found: list[dict[str, str]] = []
     code = None
     proc: subprocess.Popen | None = None
@@ -393,6 +397,7 @@ class ComposeEngine(Engine):
 
     def run(self, cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
             loss_pct: float = 0.0, *, mtu: int = 1500,
-            worker_rates: Mapping[int, float] | None = None) -> dict[str, Any]:
+            worker_rates: Mapping[int, float] | None = None,
+            dilate: float = 1.0) -> dict[str, Any]:
         self.check_links(worker_rates or {})
-        return run_compose(cfg, rate_mbit, latency_ms, loss_pct, mtu=mtu)
+        return run_compose(cfg, rate_mbit, latency_ms, loss_pct, mtu=mtu, dilate=dilate)

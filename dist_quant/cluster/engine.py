@@ -15,7 +15,9 @@ The order in which ``dist-quant cluster`` calls an engine:
    data and the run directory: can this machine run the engine now;
 3. :meth:`Engine.check_links` with the ``--worker-rate`` caps (``dist-quant sweep`` calls it
    while it reads its options, before any point runs);
-4. :meth:`Engine.run`.
+4. :meth:`Engine.run`, through :func:`dist_quant.cluster.dilation.run_dilated`, which
+   scales the link and the timeout by ``--dilate`` and rewrites the records in dilated time:
+   the engine itself is given the scaled link and the factor (``dilate``) only.
 """
 
 from __future__ import annotations
@@ -61,13 +63,19 @@ class Engine(ABC):
     @abstractmethod
     def run(self, cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
             loss_pct: float = 0.0, *, mtu: int = 1500,
-            worker_rates: Mapping[int, float] | None = None) -> dict[str, Any]:
+            worker_rates: Mapping[int, float] | None = None,
+            dilate: float = 1.0) -> dict[str, Any]:
         """Run ``cfg`` (a distributed job, not ``--simulate``) on this engine's hosts.
 
         ``rate_mbit`` None or 0 = uncapped, ``latency_ms`` one way host to host, ``loss_pct``
         on each host-to-host path, ``mtu`` of every link, ``worker_rates`` ``{I: Mbit/s}``
         worker I's own cap (refused as :meth:`check_links` refuses it). The hosts are
         removed however the job ends (success, failure, Ctrl-C, SIGTERM).
+
+        ``dilate`` (:mod:`dist_quant.cluster.dilation`): the rates and latency given are
+        already the dilated ones; the engine sizes each rate limiter's burst for the rate x
+        ``dilate`` (``launch/node.sh``'s ``DQ_DILATE``) and draws its progress bar in
+        dilated time. An engine whose ``run`` takes no ``dilate`` runs undilated only.
 
         Returns ``{"run_dir", "link", "wire", "seconds"}`` after writing the training job's
         files, ``link.json`` (``link``) and ``wire.json`` (``wire``: at least the fields of

@@ -66,11 +66,12 @@ class MetricsTail:
     """Follows ``metrics.jsonl`` while the hosts run and draws the training progress (steps,
     loss, accuracy, MB up and down) with :class:`dist_quant.runtime.progress.Progress` on
     stderr: the server's own bar goes to its host log. Call :meth:`poll` as often as the
-    engine looks at its hosts and :meth:`close` once they are done."""
+    engine looks at its hosts and :meth:`close` once they are done. ``dilate``: the time
+    dilation (:mod:`dist_quant.cluster.dilation`), the bar's times are the wall's / dilate."""
 
-    def __init__(self, metrics: Path, cfg: TrainConfig):
+    def __init__(self, metrics: Path, cfg: TrainConfig, dilate: float = 1.0):
         self.follower, self.cfg = JsonlFollower(metrics), cfg
-        self.progress = Progress(cfg.steps, cfg.progress)
+        self.progress = Progress(cfg.steps, cfg.progress, dilate=dilate)
         self.acc = float("nan")
         self.losses: dict[int, float] = {}  # training loss of each step seen
 

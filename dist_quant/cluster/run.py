@@ -93,16 +93,18 @@ MARK_EVERY_S = 0.25  # at most 4 counter marks a second (each reads tc statistic
 
 
 def node_env(host: Host, link: Link, *, role: str, nnodes: int, rdzv_host: str, run_id: str,
-             module: str, worker: int | None = None) -> dict[str, str]:
+             module: str, worker: int | None = None, dilate: float = 1.0) -> dict[str, str]:
     """The environment ``launch/node.sh`` reads (the same variables the compose file sets);
-    ``worker``: the worker index this host runs (``DIST_QUANT_WORKER``)."""
+    ``worker``: the worker index this host runs (``DIST_QUANT_WORKER``); ``dilate``: the
+    time dilation the rate limiter's burst is sized for (``DQ_DILATE``)."""
     path = os.environ.get("PYTHONPATH", "")
     extra = {} if worker is None else {"DIST_QUANT_WORKER": str(worker)}
     return {**os.environ, **extra,
             "PYTHONPATH": str(REPO) + (os.pathsep + path if path else ""),
             "DQ_IFACE": "eth0", "DQ_RATE_MBIT": f"{link.rate_mbit or 0:g}",
             "DQ_LATENCY_MS": f"{link.latency_ms:g}", "DQ_LOSS_PCT": f"{link.loss_pct:g}",
-            "DQ_QUEUE_FRAMES": str(QUEUE_FRAMES), "DQ_ROLE": role, "DQ_NNODES": str(nnodes),
+            "DQ_DILATE": f"{dilate:g}", "DQ_QUEUE_FRAMES": str(QUEUE_FRAMES), "DQ_ROLE": role,
+            "DQ_NNODES": str(nnodes),
             "DQ_RDZV_HOST": rdzv_host, "DQ_RDZV_PORT": str(RDZV_PORT), "DQ_RUN_ID": run_id,
             "DQ_MODULE": module, "DQ_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
 
@@ -175,9 +177,11 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
               deadline_s: float | None = None,
               tail: MetricsTail | None = None,
               worker_rates: dict[int, float] | None = None,
-              may_lose: int = 0, summary: Path | None = None) -> dict[str, Any]:
+              may_lose: int = 0, summary: Path | None = None,
+              dilate: float = 1.0) -> dict[str, Any]:
     """Shape every host, run one torchrun agent per host, return counters and tc commands.
-    ``worker_rates``: ``{I: Mbit/s}`` for the hosts of the workers whose link differs.
+    ``worker_rates``: ``{I: Mbit/s}`` for the hosts of the workers whose link differs;
+    ``dilate``: the time dilation of the links given (:func:`node_env`).
 
     Raises :class:`ClusterError` naming the host(s) found failed (with their logs' tails) at
     the first poll that sees one; the caller's cleanup then stops the others at once instead
@@ -192,7 +196,8 @@ def run_hosts(cluster: Cluster, link: Link, roles: list[str], args: list[str], l
     rdzv = cluster.hosts[0].addr
     links = host_links([h.label for h in cluster.hosts], link, worker_rates)
     envs = [node_env(h, own, role=r, nnodes=len(cluster.hosts), rdzv_host=rdzv,
-                     run_id=run_id, module=module, worker=None if r == "server" else w)
+                     run_id=run_id, module=module, worker=None if r == "server" else w,
+                     dilate=dilate)
             for h, r, (own, w) in zip(cluster.hosts, roles, links, strict=True)]
     tc_commands: list[str] = []
     for host, env in zip(cluster.hosts, envs, strict=True):
@@ -286,12 +291,15 @@ def cluster_roles(cfg: TrainConfig) -> tuple[list[str], list[str]]:
 def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
                 loss_pct: float = 0.0, *, mtu: int = 1500,
                 module: str = "dist_quant.train",
-                worker_rates: dict[int, float] | None = None) -> dict[str, Any]:
+                worker_rates: dict[int, float] | None = None,
+                dilate: float = 1.0) -> dict[str, Any]:
     """Run ``cfg`` with one namespace host per torchrun agent over shaped links.
 
     ``rate_mbit`` None or 0 = uncapped; ``worker_rates`` ``{I: Mbit/s}`` caps worker I's host
-    at its own rate. Returns ``{"run_dir", "link", "wire", "seconds"}`` and writes
-    ``link.json`` and ``wire.json`` into the run directory (module docstring).
+    at its own rate; ``dilate``: the links given are dilated by this factor
+    (:meth:`dist_quant.cluster.engine.Engine.run`). Returns ``{"run_dir", "link", "wire",
+    "seconds"}`` and writes ``link.json`` and ``wire.json`` into the run directory (module
+    docstring).
     """
     require_root()
     cleanup_stale()  # namespaces of earlier runs that were killed before they could clean up
@@ -307,7 +315,7 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
     labels, roles = cluster_roles(cfg)
     cluster = Cluster(labels, mtu=mtu)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tail = MetricsTail(run_dir / "metrics.jsonl", cfg)
+    tail = MetricsTail(run_dir / "metrics.jsonl", cfg, dilate=dilate)
     try:
         with interrupts_raise():
             cluster.build()
@@ -316,7 +324,7 @@ def run_cluster(cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
                             metrics=run_dir / "metrics.jsonl", tail=tail,
                             worker_rates=worker_rates,
                             may_lose=cfg.workers - cfg.min_alive,
-                            summary=run_dir / "summary.json")
+                            summary=run_dir / "summary.json", dilate=dilate)
     finally:
         tail.close()
         with no_interrupts():
@@ -350,6 +358,7 @@ class NetnsEngine(Engine):
 
     def run(self, cfg: TrainConfig, rate_mbit: float | None, latency_ms: float,
             loss_pct: float = 0.0, *, mtu: int = 1500,
-            worker_rates: Mapping[int, float] | None = None) -> dict[str, Any]:
+            worker_rates: Mapping[int, float] | None = None,
+            dilate: float = 1.0) -> dict[str, Any]:
         return run_cluster(cfg, rate_mbit, latency_ms, loss_pct, mtu=mtu,
-                           worker_rates=dict(worker_rates or {}))
+                           worker_rates=dict(worker_rates or {}), dilate=dilate)

@@ -67,7 +67,10 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None, clock:
     try:
         runs = find_runs(list(paths))
         runs = use_model_time(runs) if clock == "model" else runs
-        AXIS["time"] = "modelled time" if clock == "model" else "wall time"
+        factors = [1.0 if r.link is None else r.link.dilate for r in runs]
+        dilated = any(f != 1.0 for f in factors)   # --dilate: times are the wall's / F
+        AXIS["time"] = ("modelled time" if clock == "model" else
+                        "dilated time" if all(f != 1.0 for f in factors) else "wall time")
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="RUN_OR_SWEEP_DIRS") from e
     out = out or paths[0] / "plots"
@@ -84,6 +87,9 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None, clock:
         note = "given with --target"
     for line in few_evaluations(groups):
         click.echo(line, err=True)
+    if dilated and clock != "model":
+        note += ("; the runs marked dilated xF ran on a dilated cluster (--dilate F): their "
+                 "times are the wall times / F")
     if clock == "model":
         note += ("; every time is modelled (--clock dedicated: dedicated hosts on the modelled "
                  "links), not measured")

@@ -48,6 +48,6 @@ def use_model_time(runs: list[Run]) -> list[Run]:
         speed = float(run.config.get("host_speed", 1.0))
         rate = float(run.config.get("rate", 0.0)) or None
         run.link = ModelledLink(rate, float(run.config.get("latency", 0.0)), 0.0,
-                                str(run.config.get("worker_rate", ""))
+                                own=str(run.config.get("worker_rate", ""))
                                 + (f", hosts {speed:g}x" if speed != 1 else ""))
     return runs

@@ -2,9 +2,11 @@
 
 Reads only the run-directory format of :mod:`dist_quant.runtime.metrics` (``config.json``,
 ``metrics.jsonl``, ``summary.json``) and, where the cluster wrote them, ``link.json``
-(``rate_mbit``, ``latency_ms``, ``loss_pct``, ``hosts``) and ``wire.json``, and where a sweep
-wrote it ``point.json`` (the method's label). A run without
-``link.json`` ran on loopback with no cap. A run directory is any directory holding
+(``rate_mbit``, ``latency_ms``, ``loss_pct``, ``hosts``, ``dilate``) and ``wire.json``, and
+where a sweep wrote it ``point.json`` (the method's label). A run without
+``link.json`` ran on loopback with no cap. A dilated run (``dilate`` F in ``link.json``:
+:mod:`dist_quant.cluster.dilation`) is grouped apart, its link named "dilated xF", and its
+times are the dilated ones its records hold. A run directory is any directory holding
 ``summary.json``; a sweep directory is searched recursively.
 
 A record's manifest. A directory given to ``plot`` may hold ``record.json``: what the
@@ -45,16 +47,18 @@ class Link:
     rate_mbit: float | None
     latency_ms: float
     loss_pct: float
+    dilate: float = 1.0   # the time dilation of the run (its times are wall / dilate)
 
     @property
     def name(self) -> str:
         rate = "uncapped" if self.rate_mbit is None else f"{self.rate_mbit:g} Mbit/s"
         loss = f", {self.loss_pct:g}% loss" if self.loss_pct else ""
-        return f"{rate}, {self.latency_ms:g} ms{loss}"
+        dilated = f", dilated x{self.dilate:g}" if self.dilate != 1.0 else ""
+        return f"{rate}, {self.latency_ms:g} ms{loss}{dilated}"
 
-    def sort_key(self) -> tuple[float, float, float]:
+    def sort_key(self) -> tuple[float, float, float, float]:
         rate = float("inf") if self.rate_mbit is None else self.rate_mbit
-        return (rate, self.latency_ms, self.loss_pct)
+        return (rate, self.latency_ms, self.loss_pct, self.dilate)
 
 
 @dataclass
@@ -134,7 +138,7 @@ class Manifest:
 
 def link_of(raw: dict[str, Any]) -> Link:
     return Link(raw["rate_mbit"], float(raw.get("latency_ms", 0.0)),
-                float(raw.get("loss_pct", 0.0)))
+                float(raw.get("loss_pct", 0.0)), float(raw.get("dilate", 1.0)))
 
 
 def load_run(path: Path, manifest: Manifest | None = None) -> Run:

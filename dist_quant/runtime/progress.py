@@ -6,7 +6,8 @@ On a terminal the bar is redrawn in place (at most ten times a second) on stderr
 
 ``train loss`` is the training loss of the step (the mean over the workers' minibatches),
 ``test acc`` the latest evaluation's; then the time elapsed and the ETA, which extrapolates the
-steps run so far.
+steps run so far. A dilated cluster run (``--dilate F``) draws both in dilated time: the
+machine's seconds / F (:mod:`dist_quant.cluster.dilation`).
 
 Elsewhere (logs, pipes) one such line is printed per evaluation instead; ``DIST_QUANT_TTY=1``
 in the environment means a terminal (the launcher sets it for the ranks when its own stderr
@@ -33,8 +34,10 @@ WIDTH = 10
 
 
 class Progress:
-    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None):
+    def __init__(self, total: int, enabled: bool = True, stream: TextIO | None = None,
+                 dilate: float = 1.0):
         self.total, self.enabled = int(total), bool(enabled)
+        self.dilate = float(dilate)   # elapsed and ETA are the wall seconds / dilate
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty() or os.environ.get("DIST_QUANT_TTY") == "1"
         self.last_draw = 0.0
@@ -48,7 +51,7 @@ class Progress:
         done = int(WIDTH * step / max(self.total, 1))
         acc_text = "  -  " if math.isnan(acc) else f"{100 * acc:.1f}%"
         self.seen(step)
-        elapsed = time.monotonic() - self.started
+        elapsed = (time.monotonic() - self.started) / self.dilate
         ran = self.latest - self.first_step
         eta = clock(elapsed / ran * (self.total - self.latest)) if ran > 0 else "-"
         return (f"[{'#' * done}{'.' * (WIDTH - done)}] {step:>{len(str(self.total))}}/"
