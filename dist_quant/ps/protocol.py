@@ -3,7 +3,7 @@
 Both ends of a link know every size from the config, so each message below is a tensor of a
 fixed length (the tags are :mod:`dist_quant.ps.fabric`'s).
 
-- ``STATUS`` (server -> leader, ``float64[8]``): one per synchronous step, one per update in
+- ``STATUS`` (server -> leader, ``float64[11]``): one per synchronous step, one per update in
   the asynchronous step.
 - ``TELEMETRY`` (worker -> leader, ``float64``, :mod:`dist_quant.ps.worker`); the
   asynchronous step appends the worker's waiting time (``TELEMETRY_ASYNC``).
@@ -22,8 +22,10 @@ from dist_quant.core.transport import ABORT, CONTINUE, LAST
 from dist_quant.ps.worker import TELEMETRY
 
 # server -> leader: rows left out, could not step (0/1), abort requested (0/1),
-# decode s, update s, encode s, bytes received over links, bytes to send over links
-STATUS = ("left_out", "stuck", "abort", "decode", "update", "encode", "bytes_up", "bytes_down")
+# decode s, update s, encode s, bytes received over links, bytes to send over links, then the
+# decode, update and encode in this server thread's CPU seconds (dist_quant.runtime.phasetime)
+STATUS = ("left_out", "stuck", "abort", "decode", "update", "encode", "bytes_up", "bytes_down",
+          "cpu_decode", "cpu_update", "cpu_encode")
 
 TELEMETRY_ASYNC = (*TELEMETRY, "wait")
 
