@@ -34,6 +34,23 @@ CONTROL = 2                           # an asynchronous control: code, argument
 UPDATE, DROP, RELEASE, EVAL, SAVE, STOP, HALT, LOST = range(8)
 HEAD = 4                              # a command's head: op, step, workers, staleness sum
 
+
+def cpu_phases(telemetry: list[float], status: list[float], rest: float) -> dict[str, float]:
+    """A step's ``cpu`` (seconds of thread CPU time, :mod:`dist_quant.runtime.phasetime`) from
+    the workers' ``TELEMETRY`` (combined over gradients: summed, the largest or the mean), the
+    servers' ``STATUS`` (combined alike) and the recording thread's ``rest``
+    (``communicate``): the same phases as the step's ``time``."""
+    def tel(name: str) -> float:
+        return telemetry[TELEMETRY.index(name)]
+
+    def srv(name: str) -> float:
+        return status[STATUS.index(name)]
+
+    return {"compute": tel("cpu_compute"), "encode": tel("cpu_encode") + srv("cpu_encode"),
+            "decode": tel("cpu_decode") + srv("cpu_decode"), "update": srv("cpu_update"),
+            "communicate": rest}
+
+
 __all__ = ["ABORT", "CONTINUE", "CONTROL", "DROP", "EVAL", "GO", "HALT", "HEAD", "LAST", "LOST",
            "RELEASE", "RESHARD", "SAVE", "STATE", "STATUS", "STOP", "TELEMETRY",
-           "TELEMETRY_ASYNC", "UPDATE"]
+           "TELEMETRY_ASYNC", "UPDATE", "cpu_phases"]

@@ -64,7 +64,7 @@ from dist_quant.config import TrainConfig
 from dist_quant.ps.evallag import LaggedEvaluation, PendingEval
 from dist_quant.ps.fabric import TAG_CONTROL, TAG_DOWN, TAG_STATS, TAG_STATUS, TAG_TELEMETRY, TAG_UP
 from dist_quant.ps.placement import Placement
-from dist_quant.ps.protocol import ABORT, CONTINUE, LAST, STATUS, TELEMETRY
+from dist_quant.ps.protocol import ABORT, CONTINUE, LAST, STATUS, TELEMETRY, cpu_phases
 from dist_quant.ps.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.ps.server import STUCK_STEPS
 from dist_quant.ps.state import RankState
@@ -319,21 +319,6 @@ class SyncRank(LaggedEvaluation, RankState):
         return super().close_records(
             eval_lag=self.cfg.eval_lag, test_step=self.test_step,
             stop_eval_step=self.stop_eval if self.step < self.cfg.steps else None, **extra)
-
-
-def cpu_phases(telemetry: list[float], status: list[float], rest: float) -> dict[str, float]:
-    """A step's ``cpu`` from the workers' ``TELEMETRY`` and the servers' ``STATUS`` (each
-    combined over ranks: summed or the largest) and the recording thread's ``rest``
-    (``communicate``): the same phases as the step's ``time``."""
-    def tel(name: str) -> float:
-        return telemetry[TELEMETRY.index(name)]
-
-    def srv(name: str) -> float:
-        return status[STATUS.index(name)]
-
-    return {"compute": tel("cpu_compute"), "encode": tel("cpu_encode") + srv("cpu_encode"),
-            "decode": tel("cpu_decode") + srv("cpu_decode"), "update": srv("cpu_update"),
-            "communicate": rest}
 
 
 def _phase(ranks: list[SyncRank], name: str) -> None:
