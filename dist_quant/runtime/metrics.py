@@ -7,7 +7,9 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
   which do not apply), ``"model"`` (``"mlp"``, or ``"custom"`` for a fit model), ``"metric"``
   (the name of the evaluation metric recorded as ``test_accuracy``: ``"accuracy"`` unless fit
   was given another), ``"versions"`` (python, torch, numpy, dist_quant), ``"git_commit"``
-  (or null) and ``"machine"`` (``cpu``: the CPU model rank 0 ran on, ``logical_cpus``).
+  (or null) and ``"machine"`` (``cpu``: the CPU model rank 0 ran on, ``logical_cpus``,
+  ``cores``: :func:`cores`, ``load_start`` and, once the summary is written, ``load_end``:
+  :func:`load_average` at the start and at the end).
 - ``metrics.jsonl``: one JSON object per line.
 
   * step lines: ``{"kind": "step", "step": t, "loss": float, "bytes_up": int,
@@ -34,6 +36,8 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     ``"time_overlap"``: seconds of uplink that ran beside backward (``--overlap``; else 0);
     ``"time_overlap_down"``: seconds of the previous step's downlink that ran beside this step's
     work (``--overlap``; else 0).
+    ``"cpu"``: the phases of ``time`` in seconds of thread CPU time
+    (:mod:`dist_quant.runtime.phasetime`; the jobs say which thread's figures each holds).
     ``--clock dedicated`` adds ``"model_wall"`` (the step's modelled seconds on dedicated hosts
     and the modelled links, :mod:`dist_quant.runtime.clock`) and ``"model_time"`` (their sum
     up to this step).
@@ -42,7 +46,9 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     with the wall time and cumulative bytes of step t. The synchronous parameter server adds
     ``"evaluated_at"``: the step at which the evaluation ran (``t + --eval-lag``, or earlier
     at the last step and at checkpoints; the line is written then, after that step's line).
-    ``--clock dedicated`` adds ``"model_time"``: that of its step, as its wall time.
+    ``--clock dedicated`` adds ``"model_time"``: that of its step, as its wall time. An
+    evaluation that timed itself adds ``"time": {"evaluate": s}`` and ``"cpu": {"evaluate":
+    s}`` (wall and thread CPU seconds of the evaluation itself).
   * update lines (``--consistency ssp|async``, ``--backup-workers``; one per gradient that
     reached the server): ``{"kind": "update", "arrival": a, "worker": i, "worker_step": k,
     "read": v, "applied": u or null, "staleness": u - 1 - v or null, "step": t,
@@ -53,7 +59,9 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
 - ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,
   ``fp32_bytes_up``, ``fp32_bytes_down`` (what fp32 would have sent for the same steps),
   ``steps``, ``workers``, ``params``, ``wall_seconds``, ``compressor``, ``method``,
-  ``skipped_payloads``. The parameter-server job adds ``bucket_size``, ``downlink``,
+  ``skipped_payloads``, ``time_seconds`` and ``cpu_seconds`` (per phase, ``evaluate``
+  included: the sums of the lines' ``time`` and ``cpu``), ``cores``, ``load_start``,
+  ``load_end`` (as in config.json). The parameter-server job adds ``bucket_size``, ``downlink``,
   ``payload_nbytes_up``, ``payload_nbytes_down`` (one payload, bytes), ``simulate`` and
   ``stopped_early`` (``--stop-accuracy`` reached before ``--steps``); ``steps`` is the number
   of steps run; ``consistency``; synchronous runs add ``eval_lag``, ``stop_eval_step`` (the
