@@ -149,3 +149,8 @@ def test_every_simulated_run_records_cpu_beside_each_phase(mode, tmp_path):
     steps = [r for r in read_metrics(run) if r["kind"] == "step"]
     # one thread ran every role: it computed every step
     assert all(r["cpu"]["compute"] > 0.0 for r in steps)
+    for r in steps:   # each phase's CPU is its roles'
+        cpu, worker, server = r["cpu"], r["cpu_roles"]["worker"], r["cpu_roles"]["server"]
+        assert cpu["compute"] == worker["compute"] and cpu["update"] == server["update"]
+        assert cpu["encode"] == worker["encode"] + server["encode"]
+        assert cpu["decode"] == worker["decode"] + server["decode"]

@@ -44,6 +44,7 @@ from dist_quant.ps.protocol import (
     STOP,
     TELEMETRY_ASYNC,
     cpu_phases,
+    cpu_roles,
 )
 from dist_quant.ps.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.ps.server import STUCK_STEPS, evaluate_model
@@ -129,7 +130,8 @@ class AsyncSteps:
                                zip(self.win_up, self.win_down, skipped, strict=True)],
                    "bytes_stats": self.win_stats, "time_overlap": 0.0,
                    "time_overlap_down": 0.0, "time_wait": mean[TELEMETRY_ASYNC.index("wait")],
-                   "updates": self.win_updates, "gradients": len(self.win_tel)}, cpu=cpu)
+                   "updates": self.win_updates, "gradients": len(self.win_tel),
+                   "cpu_roles": cpu_roles(mean, own)}, cpu=cpu)
         if is_eval_step(self.cfg, t):
             self.recorder.eval(t, self.test_loss, self.test_acc, spent=self.eval_spent)
         self.progress.update(t, rec["loss"], self.test_acc, self.recorder.cum_up,

@@ -51,6 +51,16 @@ def cpu_phases(telemetry: list[float], status: list[float], rest: float) -> dict
             "communicate": rest}
 
 
+def cpu_roles(telemetry: list[float], status: list[float]) -> dict[str, dict[str, float]]:
+    """The phases of :func:`cpu_phases` by role (``cpu_roles`` of a step line): the workers'
+    ``compute``, ``encode`` (uplink) and ``decode`` (downlink), the servers' ``decode``
+    (uplink), ``update`` and ``encode`` (downlink)."""
+    tel = dict(zip(TELEMETRY, telemetry, strict=False))
+    srv = dict(zip(STATUS, status, strict=True))
+    return {"worker": {p: tel[f"cpu_{p}"] for p in ("compute", "encode", "decode")},
+            "server": {p: srv[f"cpu_{p}"] for p in ("decode", "update", "encode")}}
+
+
 __all__ = ["ABORT", "CONTINUE", "CONTROL", "DROP", "EVAL", "GO", "HALT", "HEAD", "LAST", "LOST",
            "RELEASE", "RESHARD", "SAVE", "STATE", "STATUS", "STOP", "TELEMETRY",
-           "TELEMETRY_ASYNC", "UPDATE", "cpu_phases"]
+           "TELEMETRY_ASYNC", "UPDATE", "cpu_phases", "cpu_roles"]

@@ -64,7 +64,15 @@ from dist_quant.config import TrainConfig
 from dist_quant.ps.evallag import LaggedEvaluation, PendingEval
 from dist_quant.ps.fabric import TAG_CONTROL, TAG_DOWN, TAG_STATS, TAG_STATUS, TAG_TELEMETRY, TAG_UP
 from dist_quant.ps.placement import Placement
-from dist_quant.ps.protocol import ABORT, CONTINUE, LAST, STATUS, TELEMETRY, cpu_phases
+from dist_quant.ps.protocol import (
+    ABORT,
+    CONTINUE,
+    LAST,
+    STATUS,
+    TELEMETRY,
+    cpu_phases,
+    cpu_roles,
+)
 from dist_quant.ps.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.ps.server import STUCK_STEPS
 from dist_quant.ps.state import RankState
@@ -234,8 +242,9 @@ class SyncRank(LaggedEvaluation, RankState):
                  "update": srv[1]}
         wall = self.window.elapsed().wall - self.t_eval
         times["communicate"] = max(0.0, wall - sum(times.values()))
-        cpu = cpu_phases(combine(self.telemetry, dim=0).tolist(),
-                         combine(self.status, dim=0).tolist(), self.window.rest())
+        workers, servers = (combine(self.telemetry, dim=0).tolist(),
+                            combine(self.status, dim=0).tolist())
+        cpu = cpu_phases(workers, servers, self.window.rest())
         ups = [int(b) for b in self.status[:, 6].tolist()]
         downs = [int(b) for b in self.status[:, 7].tolist()]
         rec = self.recorder.step(self.step, float(self.telemetry[:, 0].mean()),
@@ -248,7 +257,8 @@ class SyncRank(LaggedEvaluation, RankState):
                                                         strict=True)],
                                         "bytes_stats": self.stats_bytes,
                                         "time_overlap": tel[3],
-                                        "time_overlap_down": tel[4]}, cpu=cpu)
+                                        "time_overlap_down": tel[4],
+                                        "cpu_roles": cpu_roles(workers, servers)}, cpu=cpu)
         for e in self.pending + self.evaluated:
             if e.step == self.step:
                 e.wall, e.cum = rec["wall"], (rec["cum_bytes_up"], rec["cum_bytes_down"])
