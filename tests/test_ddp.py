@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from cpu_checks import check_cpu_records
 from torch import nn
 
 from dist_quant.baselines.ddp import (
@@ -175,6 +176,8 @@ def _check_format(run: Path, compressor: str, steps: int, eval_every: int) -> li
                 "skipped_payloads"):
         assert key in summary
     assert "config" in json.loads((run / "config.json").read_text())
+    # rank 0's thread CPU per phase (gloo's threads and the hooks' continuations not counted)
+    check_cpu_records(run, cpu_le_wall=False)
     return step_lines
 
 

@@ -65,6 +65,14 @@ hooks on a separate thread, so where a bucket overlaps backward this split is an
 MLP here fits in one bucket, which DDP reduces after the whole backward); ``update`` is the
 optimizer step.
 
+CPU time per phase (``cpu``, seconds of rank 0's training thread,
+:mod:`dist_quant.runtime.phasetime`): ``compute`` is that thread's CPU over forward and
+backward less what it spent inside the hooks' calls; ``encode`` the hooks' calls on it less the
+collectives issued from them; ``communicate`` the CPU of issuing the collectives on it; ``update``
+the optimizer step's. What runs on other threads is not counted: gloo's transfers, and every
+hook continuation (``then``) run when a collective completes, hence ``decode`` is 0 (the onebit
+hook's decodes, PowerSGD's second product run there). Evaluations: their eval lines.
+
 ``--slow-worker I=F``: rank ``I`` waits ``F - 1`` times its previous step's compute after the
 forward and before backward, whose hooks communicate (under the namespace cluster a rank is
 not tied to a host, so ``--worker-rate`` may cap another rank's link; the ring waits for
@@ -109,6 +117,7 @@ from dist_quant.errors import ConfigError
 from dist_quant.ps.common import DROPOUT, bn_stats, build_model, generator, load_bn_stats
 from dist_quant.ps.schedule import is_eval_step
 from dist_quant.runtime.metrics import RunRecorder
+from dist_quant.runtime.phasetime import now, since
 from dist_quant.runtime.progress import Progress, summary_line
 from dist_quant.runtime.rank import default_run_dir, pick_device
 
@@ -159,6 +168,10 @@ class AllreduceMeter:
             self.calls = 0
             self.comm: list[list[float]] = []   # [issued, completed]
             self.hooks: list[list[float]] = []  # [hook called, bucket result ready]
+            # CPU seconds of the thread that made the meter (training) inside hook calls and
+            # inside collective calls (the issue; a collective a hook issues is in both)
+            self.cpu_hooks = self.cpu_comm = 0.0
+        self.owner = threading.get_ident()
 
     def all_reduce(self, tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
@@ -170,7 +183,8 @@ class AllreduceMeter:
         return self._timed(dist.all_to_all_single, *args, **kwargs)
 
     def _timed(self, collective: Callable, *args: Any, **kwargs: Any) -> Any:
-        span = [time.perf_counter(), float("nan")]
+        start = now()
+        span = [start.wall, float("nan")]
         with self._lock:
             self.comm.append(span)
         work = collective(*args, **kwargs)
@@ -179,7 +193,15 @@ class AllreduceMeter:
         else:
             work.get_future().add_done_callback(
                 lambda _: span.__setitem__(1, time.perf_counter()))
+        self._owner_cpu("cpu_comm", start)
         return work
+
+    def _owner_cpu(self, field: str, start: Any) -> None:
+        """Add the CPU since ``start`` to ``field`` if this is the training thread."""
+        if threading.get_ident() == self.owner:
+            spent = since(start).cpu
+            with self._lock:
+                setattr(self, field, getattr(self, field) + spent)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(dist, name)
@@ -198,7 +220,8 @@ class AllreduceMeter:
     def wrap(self, hook: Callable) -> Callable:
         """A DDP hook that runs ``hook`` and records when its bucket result is ready."""
         def timed_hook(state: Any, bucket: dist.GradBucket) -> torch.futures.Future:
-            span = [time.perf_counter(), float("nan")]
+            start = now()
+            span = [start.wall, float("nan")]
             with self._lock:
                 self.hooks.append(span)
 
@@ -206,7 +229,9 @@ class AllreduceMeter:
                 span[1] = time.perf_counter()
                 return fut.value()
 
-            return hook(state, bucket).then(done)
+            future = hook(state, bucket).then(done)
+            self._owner_cpu("cpu_hooks", start)
+            return future
 
         # DDP checks these annotations as objects (this module defers annotations to strings)
         timed_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket,
@@ -214,10 +239,13 @@ class AllreduceMeter:
         return timed_hook
 
     def phases(self) -> dict[str, float]:
-        """communicate / encode / decode seconds of what was recorded since the last reset."""
+        """communicate / encode / decode seconds of what was recorded since the last reset;
+        ``hooks``: the hooks' wall time; ``cpu_hooks``, ``cpu_comm``: the training thread's CPU
+        inside the hook calls and the collective calls."""
         with self._lock:
             comm = [(a, b) for a, b in self.comm if b == b]
             hooks = [(a, b) for a, b in self.hooks if b == b]
+            cpu_hooks, cpu_comm = self.cpu_hooks, self.cpu_comm
         communicate = _union_length(comm)
         hook_time = _union_length(hooks)
         last_comm_end = max((b for _, b in comm), default=None)
@@ -226,7 +254,7 @@ class AllreduceMeter:
             decode = max(0.0, max(b for _, b in hooks) - last_comm_end)
         encode = max(0.0, hook_time - communicate - decode)
         return {"communicate": communicate, "encode": encode, "decode": decode,
-                "hooks": hook_time}
+                "hooks": hook_time, "cpu_hooks": cpu_hooks, "cpu_comm": cpu_comm}
 
 
 # --------------------------------------------------------------------------------------------
@@ -356,7 +384,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                 idx = sampler.next().to(device)
                 x, y = x_train[idx], y_train[idx]
                 meter.reset()
-                t0 = time.perf_counter()
+                t0 = now()
                 loss = nn.functional.cross_entropy(ddp(x), y)
                 if slow > 1.0:  # --slow-worker: before backward, whose hooks communicate
                     time.sleep((slow - 1.0) * last_compute)
@@ -364,10 +392,10 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                 loss_work, losses = _gather_to_rank0(loss.detach().double().reshape(1), world,
                                                      async_op=True)
                 loss.backward()  # returns once every bucket's hook future is complete
-                t1 = time.perf_counter()
+                t1 = now()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                t2 = time.perf_counter()
+                t2 = now()
                 loss_work.wait()
 
                 up, down = ring_allreduce_bytes(meter.nbytes, world)
@@ -375,11 +403,15 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                 up, down = up + counted[0] - hooked[0], down + counted[1] - hooked[1]
                 hooked = counted
                 ph = meter.phases()
-                compute = max(0.0, (t1 - t0) - ph["hooks"])
+                work, update = t1 - t0, t2 - t1
+                compute = max(0.0, work.wall - ph["hooks"])
                 last_compute = max(0.0, compute - (slow - 1.0) * last_compute)  # without the wait
                 times = {"compute": compute, "encode": ph["encode"],
                          "communicate": ph["communicate"], "decode": ph["decode"],
-                         "update": t2 - t1}
+                         "update": update.wall}
+                cpu = {"compute": max(0.0, work.cpu - ph["cpu_hooks"]),
+                       "encode": max(0.0, ph["cpu_hooks"] - ph["cpu_comm"]),
+                       "communicate": ph["cpu_comm"], "decode": 0.0, "update": update.cpu}
                 with_stats = is_eval_step(cfg, step)
                 stats = None
                 if with_stats and n_stats:
@@ -388,13 +420,16 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                     up += (world - 1) * 4 * n_stats
                 stop = False
                 if recorder is not None:
-                    rec = recorder.step(step, float(torch.cat(losses).mean()), up, down, times)
+                    rec = recorder.step(step, float(torch.cat(losses).mean()), up, down, times,
+                                        cpu=cpu)
                     if with_stats:
                         evals, last_eval = evals + 1, step
+                        te = now()
                         test_loss, test_acc = _evaluate_with_mean_stats(model, x_test, y_test,
                                                                         stats)
                         # evaluated at its own step, as an unlagged parameter-server run
-                        recorder.eval(step, test_loss, test_acc, extra={"evaluated_at": step})
+                        recorder.eval(step, test_loss, test_acc, extra={"evaluated_at": step},
+                                      spent=since(te))
                         stop = 0 < cfg.stop_accuracy <= test_acc
                     progress.update(step, rec["loss"], test_acc, recorder.cum_up,
                                     recorder.cum_down)

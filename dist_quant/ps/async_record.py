@@ -6,7 +6,11 @@ at evaluation steps (every shard's parameters, with the mean of the newest Batch
 statistics of the workers not dropped), checkpoints, and stops at ``--steps`` or
 ``--stop-accuracy``. A step line holds the means over the gradients applied in that step
 (loss, compute, encode, decode, wait), the leader's own update and encode time, and the bytes
-that crossed links since the previous line (uplink at arrival, downlink at release).
+that crossed links since the previous line (uplink at arrival, downlink at release). Its
+``cpu`` holds the same phases in thread CPU time (:mod:`dist_quant.runtime.phasetime`): the
+means of the gradients' worker figures plus the leader's own server's, and for
+``communicate`` the CPU of the leader's thread in the step outside every phase measured on it
+(simulated, every role's). The evaluation's own wall and CPU time go on its eval line.
 
 Checkpoints. At a checkpoint step the leader stops releasing, receives every gradient still
 being computed (without processing it) and saves, besides every shard's and worker's state
@@ -23,7 +27,6 @@ one goes on without it.
 
 from __future__ import annotations
 
-import time
 from collections import Counter, deque
 from typing import Any
 
@@ -40,10 +43,13 @@ from dist_quant.ps.protocol import (
     STATUS,
     STOP,
     TELEMETRY_ASYNC,
+    cpu_phases,
+    cpu_roles,
 )
 from dist_quant.ps.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.ps.server import STUCK_STEPS, evaluate_model
 from dist_quant.ps.worker import RunAborted, replica_of
+from dist_quant.runtime.phasetime import Window, now, since
 
 
 class AsyncSteps:
@@ -59,8 +65,9 @@ class AsyncSteps:
         self.win_stats = 0
         self.win_updates = 0
         self.win_status: list[torch.Tensor] = []   # the leader's own shard, per update
-        self.win_t0 = time.perf_counter()
+        self.window = Window()
         self.win_eval = 0.0
+        self.eval_spent = None   # the evaluation's own time (evaluate_model), at eval steps
 
     def complete_step(self) -> None:
         """Step ``completed + 1`` is made: record it, evaluate, checkpoint or stop."""
@@ -80,11 +87,11 @@ class AsyncSteps:
             reason = self.monitor.observe(t, loss) or ""
         last = t == self.cfg.steps
         if is_eval_step(self.cfg, t) and not reason:
-            te = time.perf_counter()
+            te = now()
             self.evaluate_now()
             self.evals += 1
             last = last or 0 < self.cfg.stop_accuracy <= self.test_acc
-            self.win_eval = time.perf_counter() - te
+            self.win_eval = (now() - te).wall
         if reason:
             self.abort(reason)
         self._record(t, loss, tel, statuses)
@@ -108,12 +115,13 @@ class AsyncSteps:
 
     def _record(self, t: int, loss: float, tel: torch.Tensor,
                 statuses: list[torch.Tensor]) -> None:
-        mean = tel.mean(0).tolist()    # loss, decode, compute, encode, overlap, down, wait
+        mean = tel.mean(0).tolist()    # TELEMETRY_ASYNC: loss, decode, compute, encode, ...
         own = statuses[0].sum(0).tolist()
         times = {"compute": mean[2], "encode": mean[3] + own[5], "decode": mean[1] + own[3],
                  "update": own[4]}
-        wall = time.perf_counter() - self.win_t0 - self.win_eval
+        wall = self.window.elapsed().wall - self.win_eval
         times["communicate"] = max(0.0, wall - sum(times.values()))
+        cpu = cpu_phases(mean, own, self.window.rest())
         skipped = [int(st[:, 0].sum()) for st in statuses]
         rec = self.recorder.step(
             t, loss, sum(self.win_up) + self.win_stats, sum(self.win_down), times,
@@ -121,10 +129,11 @@ class AsyncSteps:
             extra={"servers": [{"bytes_up": u, "bytes_down": d, "skipped": k} for u, d, k in
                                zip(self.win_up, self.win_down, skipped, strict=True)],
                    "bytes_stats": self.win_stats, "time_overlap": 0.0,
-                   "time_overlap_down": 0.0, "time_wait": mean[6],
-                   "updates": self.win_updates, "gradients": len(self.win_tel)})
+                   "time_overlap_down": 0.0, "time_wait": mean[TELEMETRY_ASYNC.index("wait")],
+                   "updates": self.win_updates, "gradients": len(self.win_tel),
+                   "cpu_roles": cpu_roles(mean, own)}, cpu=cpu)
         if is_eval_step(self.cfg, t):
-            self.recorder.eval(t, self.test_loss, self.test_acc)
+            self.recorder.eval(t, self.test_loss, self.test_acc, spent=self.eval_spent)
         self.progress.update(t, rec["loss"], self.test_acc, self.recorder.cum_up,
                              self.recorder.cum_down)
         self.new_window()
@@ -141,10 +150,12 @@ class AsyncSteps:
                                  "parameters for evaluation", hi - lo, torch.float32,
                                  out=self.theta[lo:hi])
         alive = [i for i in range(self.W) if i not in self.gone]
+        t0 = now()
         self.test_loss, self.test_acc = evaluate_model(
             self.model, self.x_test, self.y_test,
             self.last_stats[alive].mean(0) if self.n_stats else None, self.task.loss_fn,
             self.task.metric)
+        self.eval_spent = since(t0, charge_cpu=True)
 
     def abort(self, reason: str) -> None:
         self.command(HALT)

@@ -24,7 +24,6 @@ sends a group ``C(theta - r)`` once, with the shard's one generator.
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict, deque
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 from dist_quant.ps.fabric import TAG_COMMAND, TAG_DOWN, TAG_STATUS, TAG_THETA, TAG_UP, LocalFabric
 from dist_quant.ps.protocol import DROP, EVAL, HALT, HEAD, LOST, RELEASE, SAVE, STATUS, UPDATE
 from dist_quant.ps.worker import RunAborted
+from dist_quant.runtime.phasetime import charge, now, since
 
 
 class AsyncServer:
@@ -43,7 +43,7 @@ class AsyncServer:
     last report)."""
 
     def init_server(self) -> None:
-        self.encode_s = 0.0
+        self.encode_s = self.encode_cpu = 0.0
         self.inbox: defaultdict[int, deque[torch.Tensor]] = defaultdict(deque)
         self.posted: defaultdict[int, deque[Any]] = defaultdict(deque)
         self.groups = None if self.cfg.downlink == "none" else [
@@ -65,7 +65,7 @@ class AsyncServer:
         sh = self.shard
         self.step = step
         rows = torch.stack([self.take(i) for i in workers])
-        t1 = time.perf_counter()
+        t1 = now()
         g, bad = sh.aggregate(rows)
         if g is not None and not self.policy.mean:   # each gradient counts 1/W
             good = len(workers) - len(bad)
@@ -73,15 +73,20 @@ class AsyncServer:
                 g.mul_(good / self.W)
         if g is not None and self.cfg.staleness_lr and late > len(workers):
             g.mul_(len(workers) / late)   # lr / staleness, the mean staleness of the group
-        t2 = time.perf_counter()
+        t2 = now()
         sh.update(g, at_step=step)
-        t3 = time.perf_counter()
+        t3 = now()
+        decode, update = t2 - t1, t3 - t2
+        charge(decode.cpu + update.cpu)
         abort = self.judge_rows(bad)
         status = torch.zeros(len(STATUS), dtype=torch.float64)
-        status[:5] = torch.tensor([float(len(bad)), float(g is None), float(abort), t2 - t1,
-                                   t3 - t2], dtype=torch.float64)
+        status[:5] = torch.tensor([float(len(bad)), float(g is None), float(abort), decode.wall,
+                                   update.wall], dtype=torch.float64)
         status[5] = self.encode_s
-        self.encode_s = 0.0
+        status[STATUS.index("cpu_decode")] = decode.cpu
+        status[STATUS.index("cpu_update")] = update.cpu
+        status[STATUS.index("cpu_encode")] = self.encode_cpu
+        self.encode_s = self.encode_cpu = 0.0
         return status
 
     def _split(self, released: list[int]) -> list[tuple[list[int], torch.Tensor]]:
@@ -104,10 +109,12 @@ class AsyncServer:
 
     def send_downlink(self, workers: list[int]) -> None:
         """Send this shard's downlink to ``workers``."""
-        t0 = time.perf_counter()
+        t0 = now()
         sends = ([(workers, self.shard.downlink().clone())] if self.groups is None else
                  [(sel, self.shard.downlink(replica)) for sel, replica in self._split(workers)])
-        self.encode_s += time.perf_counter() - t0
+        encode = since(t0, charge_cpu=True)
+        self.encode_s += encode.wall
+        self.encode_cpu += encode.cpu
         for sel, payload in sends:
             for i in sel:
                 self.fabric.send(self.rank, self.p.worker_ranks[i], TAG_DOWN, payload,

@@ -39,6 +39,7 @@ import torch
 from dist_quant.ps.fabric import TAG_THETA
 from dist_quant.ps.schedule import eval_pieces, pieces_upto
 from dist_quant.ps.server import evaluate_model
+from dist_quant.runtime.phasetime import Clocks, now, since
 
 
 @dataclass
@@ -46,7 +47,8 @@ class PendingEval:
     """The leader's evaluation of step ``step``: the workers' averaged BN statistics (taken at
     that step), the parameters being gathered into ``theta`` (``sent`` pieces of each shard
     posted, ``waits`` their receives), and, once the step is recorded, its ``wall`` and
-    cumulative bytes, which the evaluation line carries."""
+    cumulative bytes, which the evaluation line carries; ``spent``: the evaluation's own wall
+    and CPU time (waits for its pieces excluded)."""
 
     step: int
     stats: torch.Tensor | None
@@ -59,6 +61,7 @@ class PendingEval:
     train_loss: float = float("nan")
     loss: float = float("nan")
     accuracy: float = float("nan")
+    spent: Clocks | None = None
 
 
 class LaggedEvaluation:
@@ -116,10 +119,12 @@ class LaggedEvaluation:
         ``--stop-accuracy`` makes step ``e.step + lag`` the last."""
         for wait in e.waits:
             wait()
+        t0 = now()
         with torch.no_grad():
             self.theta.copy_(e.theta)
         e.loss, e.accuracy = evaluate_model(self.model, self.x_test, self.y_test, e.stats,
                                             self.task.loss_fn, self.task.metric)
+        e.spent = since(t0, charge_cpu=True)
         e.evaluated_at = self.step
         self.test_loss, self.test_acc, self.test_step = e.loss, e.accuracy, e.step
         self.evals += 1

@@ -8,7 +8,7 @@ ends know from the config; nothing on the training path is pickled (states at ch
 on resume travel as blobs, as in :mod:`dist_quant.core.transport`). The messages are those of
 :mod:`dist_quant.core.transport` (gradient payload, telemetry, BN statistics, control, parameters
 payload, state blobs; same tags) plus two from each server to the leader: its step's status
-(``float64[8]``, see ``protocol.STATUS``) and, at evaluation steps, its shard of ``theta``.
+(``float64[11]``, see ``protocol.STATUS``) and, at evaluation steps, its shard of ``theta``.
 
 Remote sends are posted (``isend``) and waited for only at :meth:`RemoteFabric.flush`, at the
 end of the step: every rank posts all its sends of a phase before it blocks in a receive, so

@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from dist_quant.runtime.phasetime import Clocks, now
+
 
 class OverlappedBackward:
     """Backward of ``worker``'s model that ships every shard's payload when it is complete."""
@@ -67,10 +69,11 @@ class OverlappedBackward:
 
     def compute(self, ship: Callable[[int, torch.Tensor], None] | None,
                 ) -> tuple[torch.Tensor, float, list[torch.Tensor], float, float]:
-        """(g, loss, payloads per shard, seconds spent encoding, overlap seconds)."""
+        """(g, loss, payloads per shard, time spent encoding (wall and this thread's CPU,
+        :class:`~dist_quant.runtime.phasetime.Clocks`), overlap seconds)."""
         self.left = list(self.count)
         self.payloads: list[torch.Tensor | None] = [None] * len(self.count)
-        self.ship, self.encode_s, self.first = ship, 0.0, None
+        self.ship, self.encode, self.first = ship, Clocks(), None
         self.g.zero_()
         start = time.perf_counter()
         loss = self.w.forward_loss()
@@ -80,12 +83,12 @@ class OverlappedBackward:
         finally:
             self.active = False
         end = time.perf_counter()
-        self.w.straggle(end - start - self.encode_s)
+        self.w.straggle(end - start - self.encode.wall)
         overlap = end - self.first if self.first is not None else 0.0
         for s, payload in enumerate(self.payloads):
             if payload is None:
                 self._ship(s)
-        return self.g, float(loss.detach()), self.payloads, self.encode_s, overlap
+        return self.g, float(loss.detach()), self.payloads, self.encode, overlap
 
     def _ready(self, k: int, p: torch.Tensor) -> None:
         if not self.active:
@@ -98,12 +101,12 @@ class OverlappedBackward:
                 self._ship(s)
 
     def _ship(self, s: int) -> None:
-        t0 = time.perf_counter()
+        t0 = now()
         if s == 0:
             self.w._inject(self.g)
         data = self.w.encode(self.g, s)
         self.payloads[s] = data
-        self.encode_s += time.perf_counter() - t0
+        self.encode += now() - t0
         if self.ship is not None:
             self.ship(s, data)
         if self.first is None:

@@ -47,11 +47,15 @@ from older checkpoints: none).
 Phase times (``metrics.jsonl``): the slowest worker's ``compute``, ``encode``, ``decode``
 plus the slowest server's decode, update and downlink encode (sums in the simulator);
 ``communicate`` is the rest of the leader's step. Evaluation and checkpoints are outside.
+The step's ``cpu`` holds the same phases in thread CPU time (:mod:`dist_quant.runtime.phasetime`):
+the largest worker's and server's figures (sums in the simulator, where each role's phase is
+measured around that role's work), and for ``communicate`` the CPU of the leader's thread in
+its step outside every phase measured on it (its own pieces' and, simulated, every role's).
+An evaluation's own wall and CPU time go on its eval line.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -60,12 +64,21 @@ from dist_quant.config import TrainConfig
 from dist_quant.ps.evallag import LaggedEvaluation, PendingEval
 from dist_quant.ps.fabric import TAG_CONTROL, TAG_DOWN, TAG_STATS, TAG_STATUS, TAG_TELEMETRY, TAG_UP
 from dist_quant.ps.placement import Placement
-from dist_quant.ps.protocol import ABORT, CONTINUE, LAST, STATUS, TELEMETRY
+from dist_quant.ps.protocol import (
+    ABORT,
+    CONTINUE,
+    LAST,
+    STATUS,
+    TELEMETRY,
+    cpu_phases,
+    cpu_roles,
+)
 from dist_quant.ps.schedule import is_checkpoint_step, is_eval_step
 from dist_quant.ps.server import STUCK_STEPS
 from dist_quant.ps.state import RankState
 from dist_quant.ps.task import Task
 from dist_quant.ps.worker import RunAborted, replica_of
+from dist_quant.runtime.phasetime import Window, charge, now
 
 PHASES = ("up", "serve", "decide", "receive_control", "down_send", "down_recv", "record",
           "ckpt_send", "ckpt_save")
@@ -82,7 +95,7 @@ class SyncRank(LaggedEvaluation, RankState):
     # ---- 1. up ------------------------------------------------------------------------------
     def up(self) -> None:
         self.step += 1
-        self.t0 = time.perf_counter()
+        self.window = Window()
         self.with_stats = is_eval_step(self.cfg, self.step)
         if self.lag > 0:  # the evaluations' pieces due now travel beside this step's compute
             if self.shard is not None:
@@ -103,18 +116,21 @@ class SyncRank(LaggedEvaluation, RankState):
             return
         rows = self.fabric.gather(list(self.p.worker_ranks), self.rank, TAG_UP, sh.up_nbytes(),
                                   torch.uint8, "gradient payload", self.device)
-        t1 = time.perf_counter()
+        t1 = now()
         g, bad = sh.aggregate(rows)
-        t2 = time.perf_counter()
+        t2 = now()
         sh.update(g)
-        t3 = time.perf_counter()
+        t3 = now()
         self.down_payload = sh.downlink()
-        t4 = time.perf_counter()
+        t4 = now()
+        decode, update, encode = t2 - t1, t3 - t2, t4 - t3
+        charge(decode.cpu + update.cpu + encode.cpu)
         abort = self.judge_rows(bad)
         remote = self.p.remote_workers(sh.index)
         status = torch.tensor([float(v) for v in (
-            len(bad), g is None, abort, t2 - t1, t3 - t2, t4 - t3, remote * rows.shape[1],
-            remote * self.down_payload.numel())], dtype=torch.float64)
+            len(bad), g is None, abort, decode.wall, update.wall, encode.wall,
+            remote * rows.shape[1], remote * self.down_payload.numel(), decode.cpu, update.cpu,
+            encode.cpu)], dtype=torch.float64)
         self.fabric.send(self.rank, self.p.leader, TAG_STATUS, status, "server status")
         if self.with_stats:  # a copy: theta moves on while its pieces travel
             self.outgoing.append([self.step, sh.theta.clone(), 0])
@@ -149,7 +165,7 @@ class SyncRank(LaggedEvaluation, RankState):
         elif (diverged := self.monitor.observe(self.step,
                                                float(self.telemetry[:, 0].mean()))) is not None:
             reason = diverged
-        te = time.perf_counter()
+        te = now()
         if self.with_stats and not reason:
             self.pending.append(PendingEval(self.step, None if stats is None else stats.mean(0),
                                             torch.empty_like(self.theta)))
@@ -158,7 +174,7 @@ class SyncRank(LaggedEvaluation, RankState):
         if not reason:
             for e in [e for e in self.pending if e.step + self.lag == self.step]:
                 self.evaluate(e)
-        self.t_eval = time.perf_counter() - te
+        self.t_eval = (now() - te).wall
         last = self.step == self.cfg.steps or (self.stop_due is not None
                                                and self.step >= self.stop_due)
         self.control = ABORT if reason else LAST if last else CONTINUE
@@ -224,8 +240,11 @@ class SyncRank(LaggedEvaluation, RankState):
         srv = combine(self.status[:, 3:6], dim=0).tolist()      # decode, update, encode
         times = {"compute": tel[1], "encode": tel[2] + srv[2], "decode": tel[0] + srv[0],
                  "update": srv[1]}
-        wall = time.perf_counter() - self.t0 - self.t_eval
+        wall = self.window.elapsed().wall - self.t_eval
         times["communicate"] = max(0.0, wall - sum(times.values()))
+        workers, servers = (combine(self.telemetry, dim=0).tolist(),
+                            combine(self.status, dim=0).tolist())
+        cpu = cpu_phases(workers, servers, self.window.rest())
         ups = [int(b) for b in self.status[:, 6].tolist()]
         downs = [int(b) for b in self.status[:, 7].tolist()]
         rec = self.recorder.step(self.step, float(self.telemetry[:, 0].mean()),
@@ -238,7 +257,8 @@ class SyncRank(LaggedEvaluation, RankState):
                                                         strict=True)],
                                         "bytes_stats": self.stats_bytes,
                                         "time_overlap": tel[3],
-                                        "time_overlap_down": tel[4]})
+                                        "time_overlap_down": tel[4],
+                                        "cpu_roles": cpu_roles(workers, servers)}, cpu=cpu)
         for e in self.pending + self.evaluated:
             if e.step == self.step:
                 e.wall, e.cum = rec["wall"], (rec["cum_bytes_up"], rec["cum_bytes_down"])
@@ -249,7 +269,7 @@ class SyncRank(LaggedEvaluation, RankState):
         # the progress line of an evaluation names its own step, loss and bytes
         for e in sorted(self.evaluated, key=lambda e: e.step):
             self.recorder.eval(e.step, e.loss, e.accuracy, wall=e.wall, cum=e.cum,
-                               extra={"evaluated_at": e.evaluated_at})
+                               extra={"evaluated_at": e.evaluated_at}, spent=e.spent)
             self.progress.update(e.step, e.train_loss, e.accuracy, *e.cum)
         if all(e.step != self.step for e in self.evaluated):
             self.progress.update(self.step, rec["loss"], self.test_acc, self.recorder.cum_up,

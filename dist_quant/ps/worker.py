@@ -41,9 +41,11 @@ from dist_quant.ps import common
 from dist_quant.ps.overlap import OverlappedBackward, apply_before_use
 from dist_quant.ps.shard import shard_tags
 from dist_quant.ps.task import Task
+from dist_quant.runtime.phasetime import Clocks, charge, now
 
-# worker -> leader, per step (float64)
-TELEMETRY = ("loss", "decode", "compute", "encode", "overlap", "overlap_down")
+# worker -> leader, per step (float64): seconds of wall time, then of this thread's CPU time
+TELEMETRY = ("loss", "decode", "compute", "encode", "overlap", "overlap_down",
+             "cpu_decode", "cpu_compute", "cpu_encode")
 
 
 class Worker:
@@ -93,7 +95,8 @@ class Worker:
         # downlink payloads not yet decoded, one per shard: a function returning the payload
         # (with --overlap it waits for the payload's arrival); None once decoded
         self.pending: list[Callable[[], torch.Tensor] | None] | None = None
-        self.wait_s = self.decode_s = 0.0  # this step's downlink waits and decodes
+        self.wait_s = self.decode_s = 0.0  # this step's downlink waits and decodes (wall)
+        self.wait_cpu = self.decode_cpu = 0.0  # the same in this thread's CPU time
         self.posted = self.arrived = 0.0   # when the downlink was posted, when all of it was in
         self.overlap = None
         if cfg.overlap:
@@ -157,33 +160,39 @@ class Worker:
         previous step's downlink was in flight while this worker went on (from posting its
         receives to the arrival of its last shard, less the time the forward waited for it);
         both 0 without ``--overlap``. Waits for the downlink are not ``compute``.
+        ``cpu_decode``, ``cpu_compute``, ``cpu_encode``: the same phases in this thread's CPU
+        time (:mod:`dist_quant.runtime.phasetime`), charged to it; the payloads' sends
+        (``ship``) are in none of them.
         """
         self.wait_s = self.decode_s = 0.0
+        self.wait_cpu = self.decode_cpu = 0.0
         waiting = self.pending is not None and self.overlap is not None
-        t0 = time.perf_counter()
+        t0 = now()
         if self.overlap is None:
             self.apply_pending()
-        t1 = time.perf_counter()
+        t1 = now()
         if self.overlap is not None:
-            g, loss, payload, encode_s, overlap_s = self.overlap.compute(ship)
-            t2 = t3 = time.perf_counter()
-            t2 -= encode_s
+            g, loss, payload, encode, overlap_s = self.overlap.compute(ship)
+            t2 = t3 = now()
+            t2 -= encode
         else:
             g, loss = self.compute()
-            t2 = time.perf_counter()
+            t2 = now()
             payload = [self.encode(g, s) for s in range(len(self.bounds))]
-            t3 = time.perf_counter()
+            t3 = now()
             if ship is not None:
                 for s, data in enumerate(payload):
                     ship(s, data)
             overlap_s = 0.0
         self.step += 1
-        decode_s, compute_s, encode_s = t1 - t0, t2 - t1, t3 - t2
+        decode, compute, encode = t1 - t0, t2 - t1, t3 - t2
         if waiting:  # the downlink was decoded inside the forward: take it out of compute
-            compute_s -= self.wait_s + self.decode_s
-            decode_s = self.decode_s
+            compute -= Clocks(self.wait_s + self.decode_s, self.wait_cpu + self.decode_cpu)
+            decode = Clocks(self.decode_s, self.decode_cpu)
+        charge(decode.cpu + compute.cpu + encode.cpu)
         overlap_down = max(0.0, self.arrived - self.posted - self.wait_s) if waiting else 0.0
-        telemetry = torch.tensor([loss, decode_s, compute_s, encode_s, overlap_s, overlap_down],
+        telemetry = torch.tensor([loss, decode.wall, compute.wall, encode.wall, overlap_s,
+                                  overlap_down, decode.cpu, compute.cpu, encode.cpu],
                                  dtype=torch.float64, device=self.device)
         return payload, telemetry
 
@@ -207,9 +216,10 @@ class Worker:
             get = self.pending[s]
             if get is None:
                 continue
-            t0 = time.perf_counter()
+            t0 = now()
             payload = get()
-            t1 = self.arrived = time.perf_counter()
+            t1 = now()
+            self.arrived = t1.wall
             self.pending[s] = None
             lo, hi = self.bounds[s]
             replica = self.replica if len(self.bounds) == 1 else self.replica[lo:hi]
@@ -219,8 +229,11 @@ class Worker:
                 self.down.decode(payload, out=replica)
             else:
                 replica.add_(self.down.decode(payload, out=self.decoded[lo:hi]))
-            self.wait_s += t1 - t0
-            self.decode_s += time.perf_counter() - t1
+            wait, decode = t1 - t0, now() - t1
+            self.wait_s += wait.wall
+            self.wait_cpu += wait.cpu
+            self.decode_s += decode.wall
+            self.decode_cpu += decode.cpu
         if all(get is None for get in self.pending):
             self.pending = None
             self.params.load()

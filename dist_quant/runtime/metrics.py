@@ -7,7 +7,9 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
   which do not apply), ``"model"`` (``"mlp"``, or ``"custom"`` for a fit model), ``"metric"``
   (the name of the evaluation metric recorded as ``test_accuracy``: ``"accuracy"`` unless fit
   was given another), ``"versions"`` (python, torch, numpy, dist_quant), ``"git_commit"``
-  (or null) and ``"machine"`` (``cpu``: the CPU model rank 0 ran on, ``logical_cpus``).
+  (or null) and ``"machine"`` (``cpu``: the CPU model rank 0 ran on, ``logical_cpus``,
+  ``cores``: :func:`cores`, ``load_start`` and, once the summary is written, ``load_end``:
+  :func:`load_average` at the start and at the end).
 - ``metrics.jsonl``: one JSON object per line.
 
   * step lines: ``{"kind": "step", "step": t, "loss": float, "bytes_up": int,
@@ -34,6 +36,8 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     ``"time_overlap"``: seconds of uplink that ran beside backward (``--overlap``; else 0);
     ``"time_overlap_down"``: seconds of the previous step's downlink that ran beside this step's
     work (``--overlap``; else 0).
+    ``"cpu"``: the phases of ``time`` in seconds of thread CPU time
+    (:mod:`dist_quant.runtime.phasetime`; the jobs say which thread's figures each holds).
     ``--clock dedicated`` adds ``"model_wall"`` (the step's modelled seconds on dedicated hosts
     and the modelled links, :mod:`dist_quant.runtime.clock`) and ``"model_time"`` (their sum
     up to this step).
@@ -42,7 +46,9 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
     with the wall time and cumulative bytes of step t. The synchronous parameter server adds
     ``"evaluated_at"``: the step at which the evaluation ran (``t + --eval-lag``, or earlier
     at the last step and at checkpoints; the line is written then, after that step's line).
-    ``--clock dedicated`` adds ``"model_time"``: that of its step, as its wall time.
+    ``--clock dedicated`` adds ``"model_time"``: that of its step, as its wall time. An
+    evaluation that timed itself adds ``"time": {"evaluate": s}`` and ``"cpu": {"evaluate":
+    s}`` (wall and thread CPU seconds of the evaluation itself).
   * update lines (``--consistency ssp|async``, ``--backup-workers``; one per gradient that
     reached the server): ``{"kind": "update", "arrival": a, "worker": i, "worker_step": k,
     "read": v, "applied": u or null, "staleness": u - 1 - v or null, "step": t,
@@ -53,7 +59,9 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
 - ``summary.json``: ``test_accuracy``, ``test_loss``, ``bytes_up``, ``bytes_down``,
   ``fp32_bytes_up``, ``fp32_bytes_down`` (what fp32 would have sent for the same steps),
   ``steps``, ``workers``, ``params``, ``wall_seconds``, ``compressor``, ``method``,
-  ``skipped_payloads``. The parameter-server job adds ``bucket_size``, ``downlink``,
+  ``skipped_payloads``, ``time_seconds`` and ``cpu_seconds`` (per phase, ``evaluate``
+  included: the sums of the lines' ``time`` and ``cpu``), ``cores``, ``load_start``,
+  ``load_end`` (as in config.json). The parameter-server job adds ``bucket_size``, ``downlink``,
   ``payload_nbytes_up``, ``payload_nbytes_down`` (one payload, bytes), ``simulate`` and
   ``stopped_early`` (``--stop-accuracy`` reached before ``--steps``); ``steps`` is the number
   of steps run; ``consistency``; synchronous runs add ``eval_lag``, ``stop_eval_step`` (the
@@ -91,6 +99,7 @@ from dist_quant.runtime.tensorboard import open_writer
 from dist_quant.version import __version__
 
 PHASES = ("compute", "encode", "communicate", "decode", "update")
+EVAL_PHASE = "evaluate"   # an eval line's one phase (the evaluation itself)
 
 
 def git_commit() -> str | None:
@@ -124,7 +133,44 @@ def machine() -> dict[str, Any]:
     except OSError:
         pass
     return {"cpu": cpu or platform.processor() or platform.machine(),
-            "logical_cpus": os.cpu_count()}
+            "logical_cpus": os.cpu_count(), "cores": cores(), "load_start": load_average()}
+
+
+def load_average() -> list[float] | None:
+    """The machine's load average over 1, 5 and 15 minutes (``os.getloadavg``: runnable and
+    uninterruptible processes, all cores together); None where the platform has none."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+def cpu_quota(root: str | Path = "/sys/fs/cgroup") -> float | None:
+    """The cgroup CPU quota of this process in cores (cgroup v2 ``cpu.max``, else v1
+    ``cpu.cfs_quota_us / cpu.cfs_period_us``); None where no quota is set or readable."""
+    root = Path(root)
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if quota <= 0 or period <= 0 else quota / period
+
+
+def cores() -> dict[str, Any]:
+    """The cores the job had: ``affinity`` (the CPUs this process may run on,
+    ``os.sched_getaffinity``; null where the platform lacks it), ``quota`` (the cgroup CPU
+    quota in cores, :func:`cpu_quota`; null: none) and ``logical`` (``os.cpu_count()``)."""
+    try:
+        affinity: int | None = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        affinity = None
+    return {"affinity": affinity, "quota": cpu_quota(), "logical": os.cpu_count()}
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
@@ -156,6 +202,9 @@ class RunRecorder:
         self.skipped = 0
         self.t0 = time.perf_counter()
         self.wall_offset = 0.0
+        # seconds per phase summed over the lines written (kept ones included): wall, CPU
+        self.phase_wall = {p: 0.0 for p in (*PHASES, EVAL_PHASE)}
+        self.phase_cpu = {p: 0.0 for p in (*PHASES, EVAL_PHASE)}
         model_times: dict[int, float] = {}   # a resumed run's modelled clock, step -> time
         metrics = self.dir / "metrics.jsonl"
         if resume_step is not None and metrics.exists():
@@ -164,6 +213,7 @@ class RunRecorder:
                 rec = json.loads(line)
                 if rec["step"] <= resume_step:
                     kept.append(line)
+                    self._add_phases(rec)
                     if rec["kind"] != "step":  # a lagged eval line carries an older step's
                         continue
                     self.cum_up, self.cum_down = rec["cum_bytes_up"], rec["cum_bytes_down"]
@@ -175,10 +225,10 @@ class RunRecorder:
         else:
             with disk_write(metrics, start, self.dir):
                 metrics.write_text("")
-        self._write_json("config.json", {"config": config, "model": model, "metric": metric,
-                                         "versions": versions(), "git_commit": git_commit(),
-                                         "machine": machine()},
-                         start)
+        self._config = {"config": config, "model": model, "metric": metric,
+                        "versions": versions(), "git_commit": git_commit(),
+                        "machine": machine()}
+        self._write_json("config.json", self._config, start)
         self._fh = WholeLines(metrics, self.dir, start)  # closed in close()
         self._tb = open_writer(self.dir, config, resume_step)  # --tensorboard, else None
         self._lr = None
@@ -215,10 +265,20 @@ class RunRecorder:
     def wall(self) -> float:
         return self.wall_offset + time.perf_counter() - self.t0
 
+    def _add_phases(self, rec: dict[str, Any]) -> None:
+        """Add a line's ``time`` and ``cpu`` (where it has them) to the sums."""
+        for key, sums in (("time", self.phase_wall), ("cpu", self.phase_cpu)):
+            for phase, seconds in rec.get(key, {}).items():
+                if phase in sums:
+                    sums[phase] += float(seconds)
+
     def step(self, step: int, loss: float, bytes_up: int, bytes_down: int,
              times: dict[str, float], skipped: int = 0,
-             extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Append a step line; ``extra`` adds fields (the sharded job's per-server bytes)."""
+             extra: dict[str, Any] | None = None,
+             cpu: dict[str, float] | None = None) -> dict[str, Any]:
+        """Append a step line; ``extra`` adds fields (the sharded job's per-server bytes);
+        ``cpu``: the thread CPU seconds of the phases of ``times``
+        (:mod:`dist_quant.runtime.phasetime`; a phase left out is 0)."""
         self.cum_up += int(bytes_up)
         self.cum_down += int(bytes_down)
         self.skipped += int(skipped)
@@ -227,6 +287,9 @@ class RunRecorder:
                "cum_bytes_up": self.cum_up, "cum_bytes_down": self.cum_down,
                "wall": self.wall(), "time": {p: float(times.get(p, 0.0)) for p in PHASES},
                "skipped": int(skipped), **(extra or {})}
+        if cpu is not None:
+            rec["cpu"] = {p: float(cpu.get(p, 0.0)) for p in PHASES}
+        self._add_phases(rec)
         if self._lr is not None:
             rec["lr"] = self._lr[0] * self._lr[1].factor(int(step))
         if self._clock is not None:
@@ -239,14 +302,20 @@ class RunRecorder:
 
     def eval(self, step: int, test_loss: float, test_accuracy: float,
              wall: float | None = None, cum: tuple[int, int] | None = None,
-             extra: dict[str, Any] | None = None) -> dict[str, Any]:
+             extra: dict[str, Any] | None = None, spent: Any = None) -> dict[str, Any]:
         """Append an eval line; ``wall`` and ``cum`` (bytes up, down) default to now. A lagged
-        evaluation (``--eval-lag``) gives those of its step: its time to target is that step's."""
+        evaluation (``--eval-lag``) gives those of its step: its time to target is that step's.
+        ``spent``: the evaluation's own seconds (a :class:`~dist_quant.runtime.phasetime.Clocks`
+        difference), written as ``"time": {"evaluate": wall}, "cpu": {"evaluate": cpu}``."""
         up, down = (self.cum_up, self.cum_down) if cum is None else cum
         rec = {"kind": "eval", "step": int(step), "test_loss": float(test_loss),
                "test_accuracy": float(test_accuracy), "cum_bytes_up": int(up),
                "cum_bytes_down": int(down), "wall": self.wall() if wall is None else wall,
                **(extra or {})}
+        if spent is not None:
+            rec["time"] = {EVAL_PHASE: float(spent.wall)}
+            rec["cpu"] = {EVAL_PHASE: float(spent.cpu)}
+            self._add_phases(rec)
         if self._clock is not None:   # that of its step, as its wall time
             rec["model_time"] = self._clock.record_time(int(step))
             if self._target and self._at_target is None and test_accuracy >= self._target:
@@ -272,7 +341,14 @@ class RunRecorder:
         """Write ``summary.json``; return it with ``run_dir`` added (the directory is not
         written into the file: a run directory may be moved, a record committed)."""
         out = {"bytes_up": self.cum_up, "bytes_down": self.cum_down,
-               "wall_seconds": self.wall(), "skipped_payloads": self.skipped, **fields}
+               "wall_seconds": self.wall(), "skipped_payloads": self.skipped,
+               "time_seconds": dict(self.phase_wall), "cpu_seconds": dict(self.phase_cpu),
+               "cores": self._config["machine"]["cores"],
+               "load_start": self._config["machine"]["load_start"],
+               "load_end": load_average(), **fields}
+        # config.json records the load at the end too
+        self._config["machine"]["load_end"] = out["load_end"]
+        self._write_json("config.json", self._config, int(fields.get("steps", 0)))
         if self._clock is not None:
             out.update(clock="dedicated", model_seconds=self._clock.time,
                        model_time_to_target=self._at_target, model_link=self._clock.links.name,
