@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from dist_quant.config import stop_reached
 from dist_quant.ps.fabric import TAG_STATUS, TAG_THETA
 from dist_quant.ps.protocol import (
     ABORT,
@@ -83,7 +84,7 @@ class AsyncSteps:
             te = time.perf_counter()
             self.evaluate_now()
             self.evals += 1
-            last = last or 0 < self.cfg.stop_accuracy <= self.test_acc
+            last = last or stop_reached(self.cfg, self.test_loss, self.test_acc)
             self.win_eval = time.perf_counter() - te
         if reason:
             self.abort(reason)
