@@ -36,8 +36,11 @@ Data: each of ``train`` and ``test`` is a pair of tensors ``(x, y)`` with as man
 map-style dataset (``len`` and ``ds[i] -> (x_i, y_i)``), stacked once into tensors. Inputs are
 used as given (no standardisation); worker i trains on rows ``i, i + W, ...`` of ``train``.
 ``loss_fn(output, y)`` is the mean training loss (default cross-entropy), ``metric(output, y)``
-the mean evaluation metric of a batch (default accuracy), recorded as ``test_accuracy`` (and
-compared with ``stop_accuracy``); ``config.json`` names it (``"metric"``) and leaves out the
+the mean evaluation metric of a batch (default accuracy; both default ones read the classes
+from the output's last dimension, so per-token outputs ``[batch, tokens, classes]`` work),
+recorded as ``test_accuracy`` (and compared with ``stop_accuracy``; the loss with
+``stop_loss``); one forward pass on a batch checks that model, loss and metric fit before
+anything starts; ``config.json`` names it (``"metric"``) and leaves out the
 ``FIT_FIXED`` fields other than ``train_size`` and ``test_size``. The model's randomness, its
 buffers and their limits: see :mod:`dist_quant.ps.task`.
 """
@@ -61,7 +64,7 @@ from dist_quant.runtime.checkpoint import load_for_resume
 from dist_quant.runtime.rank import default_run_dir, pick_device
 
 # TrainConfig fields of the built-in MLP and datasets: given by model_fn and the data instead
-FIT_FIXED = (*MLP_FIELDS, "train_size", "test_size")
+FIT_FIXED = (*MLP_FIELDS, "task", "train_size", "test_size")
 
 
 def fit(model_fn: Callable[[], torch.nn.Module], train: Any, test: Any, *,

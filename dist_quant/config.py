@@ -45,6 +45,11 @@ CLOCKS = ("wall", "dedicated")
 LINK_FIELDS = ("rate", "latency", "mtu", "worker_rate")
 MODEL_FIELDS = (*LINK_FIELDS, "host_speed", "calibration")
 BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
+# --task: what is trained (dist_quant.ps.task); the first is the default, the MLP on --dataset
+TASKS = ("mnist1d-mlp", "shapes-cnn", "text-transformer")
+# the fields that describe the MLP and its dataset: another --task leaves them at their defaults
+MLP_TASK_FIELDS = ("dataset", "data_dir", "hidden", "keep_prob", "batchnorm", "init")
+OPTIMIZERS = ("sgd", "adamw")
 MAX_TIMEOUT = 7 * 24 * 3600.0   # seconds; a finite bound, so a hung peer always ends the run
 MAX_RESTARTS = 100
 # --eval-lag: pieces (= steps) an evaluation's parameter gather is spread over; why 8 is in
@@ -166,6 +171,12 @@ class TrainConfig:
     downlink_bucket_size: int = _opt(128, "Bucket size of the downlink compressor.",
                                      group=COMPRESSION)
     # --- data and model --------------------------------------------------------------------
+    task: str = _opt("mnist1d-mlp", "What is trained: mnist1d-mlp (the MLP of --hidden on "
+                     "--dataset), shapes-cnn (a small CNN with BatchNorm on generated 16x16 "
+                     "images of a bar, 4 orientations; --train-size/--test-size images), "
+                     "text-transformer (a causal byte-level transformer on the text of "
+                     "Python's documentation topics; its metric is next-byte accuracy).",
+                     choices=TASKS, group=DATA)
     dataset: str = _opt("mnist1d", "mnist1d (generated), teacher (synthetic), mnist (IDX files "
                         "in --data-dir) or a path to an .npz with x, y, x_test, y_test.",
                         group=DATA)
@@ -197,6 +208,18 @@ class TrainConfig:
     weight_decay: float = _opt(5e-4, "L2 coefficient lambda, applied at the server outside "
                                "momentum.", group=OPTIMIZER)
     decay_all: bool = _opt(False, "Also decay biases and BatchNorm parameters.", group=OPTIMIZER)
+    optimizer: str = _opt("sgd", "The update (on the server, or every DDP rank): sgd (momentum "
+                          "on the gradient, L2 outside it) or adamw (Adam with decoupled weight "
+                          "decay; --momentum is its beta1).", choices=OPTIMIZERS, group=OPTIMIZER)
+    beta2: float = _opt(0.999, "adamw: decay rate of the second moment, in [0, 1).",
+                        group=OPTIMIZER)
+    adam_eps: float = _opt(1e-8, "adamw: epsilon added to the root of the second moment.",
+                           group=OPTIMIZER)
+    onebit_adam_warmup: int = _opt(0, "adamw, parameter server: the 1-bit Adam recipe. After "
+                                   "N steps of AdamW on the (compressed) gradients the second "
+                                   "moment is frozen and every worker sends its own momentum, "
+                                   "compressed with error feedback (needs --error-feedback); "
+                                   "0 = off.", group=OPTIMIZER)
     seed: int = _opt(0, "Run seed; worker r's generator is seeded from (seed, r).", group=JOB)
     # --- DDP baseline ----------------------------------------------------------------------
     ddp_hook: str = _opt("none", "Communication hook for --method ddp: none (fp32 allreduce), "
@@ -251,6 +274,9 @@ class TrainConfig:
     stop_accuracy: float = _opt(0.0, "Stop once test accuracy at an evaluation reaches this "
                                 "fraction (0..1); 0 = run all steps. For time-to-target sweeps.",
                                 group=JOB)
+    stop_loss: float = _opt(0.0, "Stop once the test loss at an evaluation is at or below this "
+                            "value (nats; > 0); 0 = run all steps. With --stop-accuracy, the "
+                            "first of the two ends the run.", group=JOB)
     tensorboard: bool = _opt(False, "Also write the step and evaluation scalars as TensorBoard "
                              "event files in the run directory (needs the tensorboard package; "
                              "DIST_QUANT_TENSORBOARD=1 does the same).", group=OUTPUT)
@@ -386,6 +412,10 @@ class TrainConfig:
             bad("resume", f"run directory not found: {self.resume}")
         if not 0.0 <= self.stop_accuracy <= 1.0:
             bad("stop_accuracy", f"is a fraction, must be in [0, 1]; got {self.stop_accuracy}")
+        if self.stop_loss < 0:
+            bad("stop_loss", f"must be >= 0 (0 = off); got {self.stop_loss}")
+        self._validate_task(bad)
+        self._validate_optimizer(bad)
         self._validate_worker_at("inject_nonfinite", "STEP", bad)
         if self.simulate and self.method != "ps":
             bad("simulate", "runs the parameter-server job only (--method ps)")
@@ -406,12 +436,50 @@ class TrainConfig:
             bad("shift_rate", "needs a compressor (--compressor none sends the gradient exactly)")
         if (rate is None or rate > 0) and self.method == "ddp" and self.ddp_hook != "onebit":
             bad("shift_rate", "applies to the parameter server and --ddp-hook onebit only")
-        if self.dataset in ("mnist1d", "teacher"):
+        if self.dataset in ("mnist1d", "teacher") and self.task != "text-transformer":
             from dist_quant.data.dataset import check_batch_fits  # torch: checked last
 
             check_batch_fits(self.train_size, self.workers, self.batch_size)
         self._validate_compressors()
         return self
+
+    def _validate_task(self, bad) -> None:
+        """Another ``--task`` than the MLP's leaves the MLP's and its dataset's fields alone."""
+        if self.task == TASKS[0]:
+            return
+        for name in MLP_TASK_FIELDS:
+            if getattr(self, name) != _FIELD_DEFAULTS[name]:
+                bad(name, f"describes the MLP of --task {TASKS[0]}; --task {self.task} "
+                    "builds its own model and data")
+        if self.task == "text-transformer":
+            for name in ("train_size", "test_size"):
+                if getattr(self, name) != _FIELD_DEFAULTS[name]:
+                    bad(name, "does not apply to --task text-transformer: its train and "
+                        "validation splits are fixed by the text")
+
+    def _validate_optimizer(self, bad) -> None:
+        if not 0.0 <= self.beta2 < 1.0:
+            bad("beta2", f"must be in [0, 1); got {self.beta2}")
+        if not self.adam_eps > 0:
+            bad("adam_eps", f"must be > 0; got {self.adam_eps}")
+        if self.onebit_adam_warmup < 0:
+            bad("onebit_adam_warmup", f"must be >= 0 steps (0 = off); got "
+                f"{self.onebit_adam_warmup}")
+        if self.optimizer == "adamw" and self.worker_momentum:
+            bad("worker_momentum", "applies to --optimizer sgd (adamw keeps its moments on "
+                "the server; see --onebit-adam-warmup)")
+        if not self.onebit_adam_warmup:
+            return
+        if self.optimizer != "adamw":
+            bad("onebit_adam_warmup", "is a recipe of --optimizer adamw")
+        if self.method != "ps":
+            bad("onebit_adam_warmup", "applies to the parameter-server job only (--method ps)")
+        if self.consistency != "sync" or self.backup_workers:
+            bad("onebit_adam_warmup", "needs synchronous steps (--consistency sync, no "
+                "--backup-workers): the workers switch at the step the server freezes")
+        if not self.error_feedback:
+            bad("onebit_adam_warmup", "compresses the momentum with error feedback; add "
+                "--error-feedback")
 
     def _validate_worker_at(self, name: str, count: str, bad) -> None:
         """A testing aid's ``WORKER:N`` (``--inject-nonfinite``, ``--inject-loss``)."""
@@ -642,6 +710,19 @@ class TrainConfig:
             else:
                 argv += [flag, str(value)]
         return argv
+
+
+def stop_reached(config: Any, test_loss: float, test_accuracy: float) -> bool:
+    """Whether an evaluation ends the run early: its metric at ``--stop-accuracy`` or above,
+    or its loss at ``--stop-loss`` or below (either that is set; ``config``: a TrainConfig or
+    its dict)."""
+    get = config.get if isinstance(config, dict) else lambda k, d: getattr(config, k, d)
+    acc, loss = float(get("stop_accuracy", 0.0) or 0.0), float(get("stop_loss", 0.0) or 0.0)
+    return (0 < acc <= test_accuracy) or (loss > 0 and test_loss <= loss)
+
+
+# every field's default, for the checks that need to know whether a field was changed
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
 class GroupedOption(click.Option):

@@ -132,7 +132,9 @@ def test_custom_loss_and_metric_are_the_ones_used(tmp_path):
         return job.smoothed(output, target)
 
     summary = job.run(str(tmp_path / "run"), 4, loss_fn=loss, simulate=True, eval_every=4)
-    assert calls == [16] * 4 * 2 + [50]  # 2 workers x 4 steps, then one evaluation
+    # the check before launch (2 training rows, 2 test rows), 2 workers x 4 steps, then one
+    # evaluation
+    assert calls == [2, 2] + [16] * 4 * 2 + [50]
     model = job.plain()
     state = final(tmp_path / "run")
     model.load_state_dict(state["server"]["model"])
@@ -162,14 +164,18 @@ def test_a_map_style_dataset_trains_like_the_tensors(tmp_path):
 
 
 # ---- bad inputs ----------------------------------------------------------------------------
-class Scaled(nn.Module):
+class Counted(nn.Module):
+    """A model whose integer buffer changes in training: it cannot be averaged."""
+
     def __init__(self):
         super().__init__()
         self.linear = nn.Linear(256, 4)
-        self.register_buffer("scale", torch.ones(4))
+        self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
 
     def forward(self, x):
-        return self.linear(x.flatten(1)) * self.scale
+        if self.training:
+            self.calls += 1
+        return self.linear(x.flatten(1))
 
 
 def test_bad_inputs_are_refused_clearly(tmp_path):
@@ -180,7 +186,10 @@ def test_bad_inputs_are_refused_clearly(tmp_path):
         (dict(model_fn=3), TypeError, "model_fn must be a zero-argument callable"),
         (dict(model_fn=lambda: "cnn"), TypeError, "must return a torch.nn.Module; it returned "
                                                   "str"),
-        (dict(model_fn=Scaled), ValueError, "buffer 'scale' is not supported"),
+        (dict(model_fn=Counted), ValueError, "buffer 'calls' (torch.int64) changes in a "
+                                             "training forward and cannot be averaged"),
+        (dict(options=dict(task="text-transformer")), ConfigError, "--task: is given by "
+                                                                    "model_fn"),
         (dict(train=(train[0], train[1][:-1])), ValueError, "train: x has 160 rows but y has "
                                                             "159"),
         (dict(test=[1, 2, 3]), ValueError, "test: a dataset must be non-empty and give (x, y)"),

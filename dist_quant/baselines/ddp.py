@@ -3,12 +3,15 @@
 ``--method ddp`` runs W ranks, all workers (no server). Each rank trains the same model as the
 parameter-server job, on the same data, with the same optimizer:
 
-- model: :func:`dist_quant.ps.common.build_model`, initial weights from ``(seed, INIT)`` (the
-  PS server's init), dropout masks of rank ``r`` from ``(seed, r, DROPOUT)`` (PS worker ``r``'s);
+- model: the task's (:class:`dist_quant.ps.task.Task`, ``--task``), initial weights from
+  ``(seed, INIT)`` (the PS server's init), dropout masks of rank ``r`` from
+  ``(seed, r, DROPOUT)`` (PS worker ``r``'s), the task's loss and metric;
 - data: shard ``r`` of ``W`` and ``worker_batches(len(shard), batch_size, seed, r)``, exactly
   what PS worker ``r`` draws;
-- update: every rank applies ``DecoupledMomentumSGD`` over ``decay_param_groups`` to the
-  allreduced mean gradient (L2 outside momentum, computed locally: the PS server's math). The
+- update: every rank applies the server's optimizer (``--optimizer``: ``DecoupledMomentumSGD``
+  or ``AdamW``, :func:`dist_quant.core.optim.make_optimizer`) over ``decay_param_groups`` to
+  the allreduced mean gradient (decay outside the moments, computed locally: the PS
+  server's math). The
   allreduce result is bitwise the same on every rank, so the replicas stay equal.
 
 ``--ddp-hook`` picks the communication hook (all from ``torch.distributed.algorithms``):
@@ -108,14 +111,16 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_quant.baselines.hooks import OneBitState, onebit_hook
-from dist_quant.config import TrainConfig
+from dist_quant.config import TrainConfig, stop_reached
 from dist_quant.core import collective
 from dist_quant.core.lr_schedule import schedule_from_config
-from dist_quant.core.optim import DecoupledMomentumSGD, decay_param_groups
-from dist_quant.data import load_dataset, worker_batches
+from dist_quant.core.optim import decay_param_groups, make_optimizer
+from dist_quant.data import worker_batches
 from dist_quant.errors import ConfigError
-from dist_quant.ps.common import DROPOUT, bn_stats, build_model, generator, load_bn_stats
+from dist_quant.ps.common import DROPOUT, bn_stats, generator, load_bn_stats
 from dist_quant.ps.schedule import is_eval_step
+from dist_quant.ps.server import evaluate_model
+from dist_quant.ps.task import Task
 from dist_quant.runtime.metrics import RunRecorder
 from dist_quant.runtime.phasetime import now, since
 from dist_quant.runtime.progress import Progress, summary_line
@@ -353,13 +358,14 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     if rank == 0 and not cfg.run_dir:
         cfg = cfg.replace(run_dir=default_run_dir(cfg))
 
-    ds = load_dataset(cfg)
+    task = Task.from_config(cfg)
+    ds = task.data
     shard = ds.shard(rank, world)
     x_train, y_train = shard.x_train.to(device), shard.y_train.to(device)
     x_test, y_test = ds.x_test.to(device), ds.y_test.to(device)
     sampler = worker_batches(len(shard.y_train), cfg.batch_size, cfg.seed, rank)
-    model = build_model(cfg, ds.in_features, ds.num_classes, device,
-                        dropout_generator=generator(device, cfg.seed, rank, DROPOUT))
+    dropout_gen = generator(device, cfg.seed, rank, DROPOUT)
+    model = task.model(device, dropout_generator=dropout_gen)
     n_params = sum(p.numel() for p in model.parameters())
     n_stats = bn_stats(model).numel()
     # Replicas start equal by construction (same INIT seed): no start-up broadcast. BatchNorm
@@ -368,11 +374,12 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     meter = AllreduceMeter()
     hook, state = make_hook(cfg)
     ddp.register_comm_hook(state, meter.wrap(hook))
-    opt = DecoupledMomentumSGD(decay_param_groups(model, cfg.weight_decay, cfg.decay_all),
-                               lr=cfg.lr, momentum=cfg.momentum,
-                               schedule=schedule_from_config(cfg))
+    opt = make_optimizer(cfg, decay_param_groups(model, cfg.weight_decay, cfg.decay_all),
+                         schedule=schedule_from_config(cfg))
 
-    recorder = RunRecorder(cfg.run_dir, cfg.to_dict()) if rank == 0 else None
+    recorder = RunRecorder(cfg.run_dir, task.recorded_config(cfg), model=task.kind,
+                           metric=task.metric_name, data=task.data.info) \
+        if rank == 0 else None
     progress = Progress(cfg.steps, enabled=cfg.progress and rank == 0)
     test_loss = test_acc = float("nan")
     evals, step, last_eval = 0, 0, None
@@ -385,7 +392,8 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                 x, y = x_train[idx], y_train[idx]
                 meter.reset()
                 t0 = now()
-                loss = nn.functional.cross_entropy(ddp(x), y)
+                with task.randomness(dropout_gen):
+                    loss = task.loss_fn(ddp(x), y)
                 if slow > 1.0:  # --slow-worker: before backward, whose hooks communicate
                     time.sleep((slow - 1.0) * last_compute)
                 # telemetry (not counted): the loss travels to rank 0 while backward runs
@@ -426,11 +434,11 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                         evals, last_eval = evals + 1, step
                         te = now()
                         test_loss, test_acc = _evaluate_with_mean_stats(model, x_test, y_test,
-                                                                        stats)
+                                                                        stats, task)
                         # evaluated at its own step, as an unlagged parameter-server run
                         recorder.eval(step, test_loss, test_acc, extra={"evaluated_at": step},
                                       spent=since(te))
-                        stop = 0 < cfg.stop_accuracy <= test_acc
+                        stop = stop_reached(cfg, test_loss, test_acc)
                     progress.update(step, rec["loss"], test_acc, recorder.cum_up,
                                     recorder.cum_down)
                 if with_stats:
@@ -456,6 +464,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
             **(_onebit_summary(cfg, state) if cfg.ddp_hook == "onebit" else {}),
             allreduce="all-to-all+all-gather" if cfg.ddp_hook == "onebit" else "gloo-ring",
             stop_accuracy=cfg.stop_accuracy,
+            **({"stop_loss": cfg.stop_loss} if cfg.stop_loss else {}),
             stopped_early=step < cfg.steps)
         recorder.close()
         print(summary_line(summary), flush=True)
@@ -470,15 +479,25 @@ def _onebit_summary(cfg: TrainConfig, state: OneBitState) -> dict[str, Any]:
 
 
 def _evaluate_with_mean_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                              stats: list[torch.Tensor] | None) -> tuple[float, float]:
+                              stats: list[torch.Tensor] | None,
+                              task: Task | None = None) -> tuple[float, float]:
     """Evaluate with the ranks' averaged BatchNorm statistics, then restore rank 0's own (it
-    keeps training with them, as every PS worker does)."""
+    keeps training with them, as every PS worker does). The MLP is scored as it always was
+    (:func:`evaluate`); another task with its loss and metric, as the PS scores it."""
+    def score() -> tuple[float, float]:
+        if task is None or task.kind == "mlp":
+            return evaluate(model, x, y)
+        try:
+            return evaluate_model(model, x, y, None, task.loss_fn, task.metric)
+        finally:
+            model.train()
+
     if stats is None:
-        return evaluate(model, x, y)
+        return score()
     own = bn_stats(model)
     load_bn_stats(model, torch.stack(stats).mean(0))
     try:
-        return evaluate(model, x, y)
+        return score()
     finally:
         load_bn_stats(model, own)
 

@@ -80,3 +80,59 @@ class WorkerMomentum(Wrapper):
         self.buffer = None if buf is None else buf.detach().clone().float()
         if hasattr(self.inner, "load_state_dict"):
             self.inner.load_state_dict(state["inner"])
+
+
+class AdamMomentum(Wrapper):
+    """The worker's half of the 1-bit Adam recipe (:class:`dist_quant.core.optim.AdamW` with
+    ``freeze_after = K``). Worker ``i`` keeps ``m_i`` (float32, zero at start) and, at its
+    ``t``-th encode, ``m_i <- beta1 m_i + (1 - beta1) g_i``; it sends ``C(g_i)`` for
+    ``t <= K`` (the warm-up: the server runs AdamW on the mean gradient) and ``C(m_i)`` after
+    (the server has frozen ``v`` and takes the mean as its momentum). ``C`` is the inner
+    compressor, with error feedback (its residual carries over the switch). One encode is one
+    step (synchronous runs only); a non-finite gradient counts its step and leaves ``m_i``
+    as it was (nothing is sent; the server skips the row). Stateful: ``state_dict`` carries
+    ``m_i``, the step count and the inner compressor's state."""
+
+    def __init__(self, inner, beta1: float, warmup: int):
+        if isinstance(inner, WorkerMomentum | AdamMomentum):
+            raise ValueError("1-bit Adam: the inner compressor is already wrapped")
+        if not 0.0 <= float(beta1) < 1.0 or int(warmup) < 1:
+            raise ValueError(f"1-bit Adam: need beta1 in [0, 1) and warmup >= 1; got "
+                             f"{beta1!r}, {warmup!r}")
+        self.inner, self.beta1, self.warmup = inner, float(beta1), int(warmup)
+        self.name = inner.name
+        self.buffer: torch.Tensor | None = None
+        self.steps = 0
+
+    def __repr__(self) -> str:
+        return f"AdamMomentum({self.inner!r}, beta1={self.beta1}, warmup={self.warmup})"
+
+    def encode(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        flat = x.reshape(-1)
+        self.steps += 1
+        count = count_nonfinite(flat)
+        if count:
+            raise NonFiniteGradientError(count, flat.numel())
+        if self.buffer is None:
+            self.buffer = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+        self.buffer.lerp_(flat.float(), 1.0 - self.beta1)
+        return self.inner.encode(flat if self.steps <= self.warmup else self.buffer,
+                                 generator=generator)
+
+    def decode(self, payload, out=None):
+        return self.inner.decode(payload, out=out)
+
+    def decode_mean(self, batch, out=None):
+        return self.inner.decode_mean(batch, out=out)
+
+    def state_dict(self) -> dict:
+        inner = self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
+        return {"momentum_buffer": None if self.buffer is None else self.buffer.clone(),
+                "steps": self.steps, "inner": inner}
+
+    def load_state_dict(self, state: dict) -> None:
+        buf = state["momentum_buffer"]
+        self.buffer = None if buf is None else buf.detach().clone().float()
+        self.steps = int(state["steps"])
+        if hasattr(self.inner, "load_state_dict"):
+            self.inner.load_state_dict(state["inner"])

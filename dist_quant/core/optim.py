@@ -26,12 +26,36 @@ coincide for ``eta' = eta``, ``mu' = mu (1 - eta lambda)``, ``lambda' = lambda (
 changing with the schedule: no fixed coupled setting reproduces the decoupled rule. So the
 schedule (:mod:`dist_quant.core.lr_schedule`) belongs to ``DecoupledMomentumSGD``, which applies it
 itself: ``eta_t = eta f(t)`` in the rule above, nothing else changes.
+
+AdamW (Loshchilov & Hutter 2019, "Decoupled weight decay regularization"; :class:`AdamW`).
+With ``g_t`` the (averaged) stochastic gradient of ``L`` only, ``beta1, beta2 in [0, 1)``:
+
+    (A1) m_t = beta1 m_{t-1} + (1 - beta1) g_t,        v_t = beta2 v_{t-1} + (1 - beta2) g_t^2
+    (A2) theta_t = theta_{t-1} (1 - eta_t lambda)
+                   - eta_t (m_t / (1 - beta1^t)) / (sqrt(v_t / (1 - beta2^t)) + eps)
+
+with ``m_0 = v_0 = 0`` (the divisions undo that start's bias). The decay multiplies theta
+before the Adam step and never enters ``m`` or ``v`` (decoupled: with L2 in the gradient, a
+coordinate with a large ``v`` would be decayed less). This is ``torch.optim.AdamW``'s
+arithmetic, step for step.
+
+1-bit Adam (Tang et al. 2021; ``freeze_after = K > 0``). Adam's ``v`` is not linear in the
+gradient, so a compressed gradient's error enters it squared and error feedback cannot undo
+it; after a warm-up ``v`` changes slowly. So: steps ``t <= K`` are (A1, A2); from ``t = K + 1``
+on ``v`` stays ``v_K`` (and its correction ``1 - beta2^K``), and the gradient given to the
+step is taken to be the momentum itself, ``m_t := u_t``: the mean of the workers' own
+momenta ``m_i <- beta1 m_i + (1 - beta1) g_i`` (kept from step 1, so the mean of the ``m_i``
+is (A1)'s ``m`` of the mean gradient), each compressed with error feedback
+(:class:`dist_quant.compress.momentum.AdamMomentum`). (A2) is then linear in ``u``: the
+momentum-SGD step with a fixed per-coordinate preconditioner ``1 / (sqrt(v_K-hat) + eps)``,
+through which error feedback's delayed correction passes unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -118,6 +142,106 @@ class DecoupledMomentumSGD(torch.optim.Optimizer):
                     p.mul_(1.0 - lr * lam)
                 p.add_(m, alpha=-lr)
         return loss
+
+
+class AdamW(torch.optim.Optimizer):
+    """(A1, A2) of the module docstring; with ``freeze_after = K > 0`` the 1-bit Adam recipe
+    (steps after the K-th take the incoming "gradient" as the momentum, ``v`` frozen).
+
+    State per parameter: ``exp_avg`` (m), ``exp_avg_sq`` (v), ``step`` (updates of m: the
+    ``t`` of ``1 - beta1^t``) and ``variance_step`` (updates of v: the ``t`` of
+    ``1 - beta2^t``; it stops at K). Each group keeps ``updates``: the optimizer's steps,
+    :meth:`skip_step` included (a parameter-server step with no valid gradient), which the
+    schedule and the freeze read, and ``base_lr``. ``schedule`` as in
+    :class:`DecoupledMomentumSGD`. ``state_dict``/``load_state_dict`` round-trip exactly.
+    """
+
+    def __init__(
+        self, params: Iterable, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8, weight_decay: float = 0.0, schedule: LRSchedule | None = None,
+        freeze_after: int = 0,
+    ):
+        _check(lr, betas[0], weight_decay)
+        if not 0.0 <= betas[1] < 1.0:
+            raise ConfigError("--beta2", f"must be in [0, 1), got {betas[1]}")
+        if not eps > 0:
+            raise ConfigError("--adam-eps", f"must be > 0, got {eps}")
+        if freeze_after < 0:
+            raise ConfigError("--onebit-adam-warmup", f"must be >= 0, got {freeze_after}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
+                                  "weight_decay": weight_decay})
+        self.schedule = None if schedule is None or schedule.is_constant else schedule
+        self.freeze_after = int(freeze_after)
+        for group in self.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group.setdefault("updates", 0)
+
+    def _advance(self) -> None:
+        for group in self.param_groups:
+            group["updates"] += 1
+            if self.schedule is not None:
+                group["lr"] = group["base_lr"] * self.schedule.factor(group["updates"])
+
+    def skip_step(self) -> None:
+        """Count a step without an update: the schedule and the freeze move on, parameters
+        and moments stay."""
+        self._advance()
+
+    def frozen(self, group: dict) -> bool:
+        """Whether the group's current step runs with ``v`` frozen (1-bit Adam, after K)."""
+        return 0 < self.freeze_after < group["updates"]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._advance()
+        for group in self.param_groups:
+            lr, lam, eps = group["lr"], group["weight_decay"], group["eps"]
+            beta1, beta2 = group["betas"]
+            frozen = self.frozen(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("AdamW does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["variance_step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                state["step"] += 1
+                if lam != 0.0:
+                    p.mul_(1.0 - lr * lam)
+                if frozen:   # the workers' momentum, v as it was at step K
+                    m.copy_(p.grad)
+                else:
+                    m.lerp_(p.grad, 1.0 - beta1)
+                    v.mul_(beta2).addcmul_(p.grad, p.grad, value=1.0 - beta2)
+                    state["variance_step"] += 1
+                bias1 = 1.0 - beta1 ** state["step"]
+                bias2 = 1.0 - beta2 ** state["variance_step"]
+                denom = (v.sqrt() / bias2 ** 0.5).add_(eps)
+                p.addcdiv_(m, denom, value=-lr / bias1)
+        return loss
+
+
+def make_optimizer(cfg: Any, groups: list[dict], schedule: LRSchedule | None = None,
+                   momentum: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.optimizer`` (a TrainConfig or anything with its fields) over
+    ``groups`` (:func:`decay_param_groups`): :class:`DecoupledMomentumSGD` with
+    ``momentum`` (default ``cfg.momentum``) or :class:`AdamW` with ``beta1 = cfg.momentum``,
+    ``cfg.beta2``, ``cfg.adam_eps`` and ``freeze_after = cfg.onebit_adam_warmup``."""
+    if getattr(cfg, "optimizer", "sgd") == "adamw":
+        return AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, cfg.beta2), eps=cfg.adam_eps,
+                     schedule=schedule, freeze_after=cfg.onebit_adam_warmup)
+    return DecoupledMomentumSGD(groups, lr=cfg.lr,
+                                momentum=cfg.momentum if momentum is None else momentum,
+                                schedule=schedule)
 
 
 def decay_param_groups(

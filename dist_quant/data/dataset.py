@@ -45,6 +45,9 @@ class Dataset:
     x_test: torch.Tensor    # float32 [M, D]
     y_test: torch.Tensor    # int64 [M]
     num_classes: int
+    # what identifies data read from elsewhere (the text task's hash and sizes), recorded in
+    # config.json under "data" and checked on --resume; None for generated data
+    info: dict[str, Any] | None = None
 
     @property
     def in_features(self) -> int:

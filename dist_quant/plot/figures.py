@@ -33,6 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from dist_quant.plot.labels import metric_label
 from dist_quant.plot.modeltime import AXIS
 from dist_quant.plot.palette import PHASE_COLOURS, PHASE_HATCH, Style, styles
 from dist_quant.plot.report import point_rows
@@ -235,7 +236,7 @@ def accuracy_figure(p: Plan, x: str) -> Figure:
             single_note(ax, single)
             labelled_x(ax)
             ax.set_xlabel(xlabel)
-            ax.set_ylabel("test accuracy (%)")
+            ax.set_ylabel(metric_label([r.config for q in p.panels for r in q.runs]))
             ax.set_title(panel.title, fontsize="medium")
             ax.grid(True, which="both", alpha=0.3)
     several = any(len({r.config.get("seed") for r in panel.runs if r.method == m}) > 1

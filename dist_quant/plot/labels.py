@@ -122,3 +122,17 @@ def run_labels(configs: list[dict[str, Any]], ignore: frozenset[str] = frozenset
             seen[label] += 1
             out[i] = f"{label} #{seen[label]}"
     return out
+
+
+# the metric each --task records as test_accuracy, as a figure's axis names it
+METRIC_LABELS = {"text-transformer": "next-byte accuracy (%)",
+                 "shapes-cnn": "test accuracy, 4 orientations (%)"}
+
+
+def metric_label(configs: list[dict[str, Any]]) -> str:
+    """The y-axis label of ``test_accuracy`` for runs of these configs: the task's metric
+    (``METRIC_LABELS``; the MLP's and a fit model's: test accuracy), or a neutral one when
+    the runs mix tasks."""
+    labels = {METRIC_LABELS.get(c.get("task", ""), "test accuracy (%)") for c in configs}
+    return labels.pop() if len(labels) == 1 else "test metric (%)"
+

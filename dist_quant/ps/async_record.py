@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from dist_quant.config import stop_reached
 from dist_quant.ps.fabric import TAG_STATUS, TAG_THETA
 from dist_quant.ps.protocol import (
     ABORT,
@@ -90,7 +91,7 @@ class AsyncSteps:
             te = now()
             self.evaluate_now()
             self.evals += 1
-            last = last or 0 < self.cfg.stop_accuracy <= self.test_acc
+            last = last or stop_reached(self.cfg, self.test_loss, self.test_acc)
             self.win_eval = (now() - te).wall
         if reason:
             self.abort(reason)

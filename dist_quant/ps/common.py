@@ -21,12 +21,15 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector
 
 from dist_quant.compress import get_compressor
-from dist_quant.compress.momentum import WorkerMomentum
+from dist_quant.compress.momentum import AdamMomentum, WorkerMomentum
 from dist_quant.compress.shift import ShiftedServer, ShiftedWorker, parse_shift_rate
 from dist_quant.config import TrainConfig
 from dist_quant.core.model import build_mlp
 
 INIT, QUANTISER, DROPOUT, DOWNLINK = 0x1417, 0x9A47, 0xD209, 0xD0A1
+# attribute of a task's model naming the buffers averaged at evaluation (dist_quant.ps.task);
+# a model without it (the MLP) averages its BatchNorm running means and variances
+AVERAGED = "dist_quant_averaged"
 
 
 def derive_seed(seed: int, *tags: int) -> int:
@@ -61,12 +64,15 @@ def uplink_compressor(cfg: TrainConfig, stateful: bool):
 
 def wrap_uplink(cfg: TrainConfig, comp, stateful: bool):
     """Shifts (``--shift-rate``: the worker's shift, or the server's copies of every worker's)
-    and worker momentum (``--worker-momentum``, workers only) around the uplink compressor."""
+    and worker momentum (``--worker-momentum``, or 1-bit Adam's with
+    ``--onebit-adam-warmup``; workers only) around the uplink compressor."""
     rate = parse_shift_rate(cfg.shift_rate)
     if rate is None or rate > 0:
         comp = ShiftedWorker(comp, rate) if stateful else ShiftedServer(comp, rate)
     if cfg.worker_momentum and stateful:
         comp = WorkerMomentum(comp, cfg.momentum)
+    if getattr(cfg, "onebit_adam_warmup", 0) and stateful:
+        comp = AdamMomentum(comp, cfg.momentum, cfg.onebit_adam_warmup)
     return comp
 
 
@@ -148,10 +154,19 @@ def bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def averaged_buffers(model: nn.Module) -> list[torch.Tensor]:
+    """The buffers averaged over the workers at evaluation, in order: those the task named
+    (``AVERAGED``), else every BatchNorm's running mean and variance."""
+    names = getattr(model, AVERAGED, None)
+    if names is None:
+        return [t for m in bn_layers(model) for t in (m.running_mean, m.running_var)]
+    return [model.get_buffer(name) for name in names]
+
+
 def bn_stats(model: nn.Module) -> torch.Tensor:
-    """The running means and variances of every BatchNorm, concatenated (float32)."""
-    parts = [t.reshape(-1).float() for m in bn_layers(model) for t in (m.running_mean,
-                                                                         m.running_var)]
+    """The averaged buffers (:func:`averaged_buffers`: BatchNorm's running means and
+    variances, and a task's other changing buffers), concatenated (float32)."""
+    parts = [t.reshape(-1).float() for t in averaged_buffers(model)]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float32,
                                                       device=next(model.parameters()).device)
 
@@ -159,7 +174,6 @@ def bn_stats(model: nn.Module) -> torch.Tensor:
 @torch.no_grad()
 def load_bn_stats(model: nn.Module, flat: torch.Tensor) -> None:
     offset = 0
-    for m in bn_layers(model):
-        for t in (m.running_mean, m.running_var):
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
-            offset += t.numel()
+    for t in averaged_buffers(model):
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()

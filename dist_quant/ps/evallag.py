@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dist_quant.config import stop_reached
 from dist_quant.ps.fabric import TAG_THETA
 from dist_quant.ps.schedule import eval_pieces, pieces_upto
 from dist_quant.ps.server import evaluate_model
@@ -128,7 +129,7 @@ class LaggedEvaluation:
         e.evaluated_at = self.step
         self.test_loss, self.test_acc, self.test_step = e.loss, e.accuracy, e.step
         self.evals += 1
-        if self.stop_due is None and 0 < self.cfg.stop_accuracy <= e.accuracy:
+        if self.stop_due is None and stop_reached(self.cfg, e.loss, e.accuracy):
             self.stop_due, self.stop_eval = e.step + self.lag, e.step
         self.pending.remove(e)
         self.evaluated.append(e)

@@ -8,8 +8,10 @@ shards are placed is :mod:`dist_quant.ps.placement`'s business). One step of sha
    marked non-finite or fails validation is left out (:meth:`ShardServer.aggregate`), so a bad
    payload costs only its own shard's row: the other shards' steps are untouched;
 2. ``DecoupledMomentumSGD`` on the shard (MATH 5a): ``m <- mu m + g_s``,
-   ``theta_s <- theta_s - eta (m + lambda theta_s)``, with the decay of the parameter each
-   coordinate belongs to (weights only unless ``--decay-all``). The optimizer is elementwise,
+   ``theta_s <- theta_s - eta (m + lambda theta_s)``, or ``AdamW`` (``--optimizer adamw``,
+   :mod:`dist_quant.core.optim`, with the 1-bit Adam recipe when ``--onebit-adam-warmup``),
+   with the decay of the parameter each coordinate belongs to (weights only unless
+   ``--decay-all``). The optimizer is elementwise,
    so splitting a parameter over two shards changes no value: a shard holds one piece per
    parameter it overlaps (the whole parameter, shaped as it is, when the shard covers it);
 3. the downlink payload of the shard: ``--downlink none`` sends ``theta_s`` in fp32 (the
@@ -30,7 +32,7 @@ from torch import nn
 
 from dist_quant.config import TrainConfig
 from dist_quant.core.lr_schedule import schedule_from_config
-from dist_quant.core.optim import DecoupledMomentumSGD, decay_param_groups
+from dist_quant.core.optim import decay_param_groups, make_optimizer
 from dist_quant.errors import NonFiniteGradientError, PayloadError
 from dist_quant.ps import common
 
@@ -65,8 +67,8 @@ class ShardServer:
         self.pieces, groups = self._pieces(model)
         # --worker-momentum: the workers' payloads already hold the momentum
         momentum = 0.0 if cfg.worker_momentum else cfg.momentum
-        self.opt = DecoupledMomentumSGD(groups, lr=cfg.lr, momentum=momentum,
-                                        schedule=schedule_from_config(cfg))
+        self.opt = make_optimizer(cfg, groups, schedule=schedule_from_config(cfg),
+                                  momentum=momentum)
         self.g = torch.empty_like(self.replica)
         self.delta = torch.empty_like(self.replica)
         self.step = 0

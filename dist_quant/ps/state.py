@@ -206,7 +206,8 @@ class RankState:
             return
         self.recorder = RunRecorder(self.cfg.run_dir, self.task.recorded_config(self.cfg),
                                     resume_step=self.step if self.cfg.resume else None,
-                                    model=self.task.kind, metric=self.task.metric_name)
+                                    model=self.task.kind, metric=self.task.metric_name,
+                                    data=self.task.data.info)
         self.evals = sum(1 for r in read_metrics(self.cfg.run_dir) if r["kind"] == "eval")
         self.progress = Progress(self.cfg.steps, enabled=self.cfg.progress)
         self.test_loss = self.test_acc = float("nan")
@@ -237,7 +238,8 @@ class RankState:
             servers=p.num_shards, colocate=cfg.colocate, shard_sizes=[hi - lo for lo, hi
                                                                       in p.bounds],
             simulate=cfg.simulate, stopped_early=self.step < cfg.steps,
-            consistency=cfg.consistency), **extra})
+            consistency=cfg.consistency,
+            **({"stop_loss": cfg.stop_loss} if cfg.stop_loss else {})), **extra})
         self.recorder.close()
         print(summary_line(summary), flush=True)
         return summary

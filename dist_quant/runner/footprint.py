@@ -57,6 +57,7 @@ from pathlib import Path
 
 from dist_quant.config import TrainConfig
 from dist_quant.ps.common import build_model
+from dist_quant.ps.task import Task
 
 GENERATOR = 5056      # bytes of a CPU torch.Generator's state
 PER_TENSOR = 400      # zip record, alignment and pickle entry of one tensor (bytes, bound)
@@ -70,11 +71,13 @@ SLACK = 256 * 1024    # config.json, summary.json, launch.log, the checkpoints' 
 def model_shape(cfg: TrainConfig, in_features: int,
                 num_classes: int) -> tuple[int, int, int, int]:
     """(parameters n, state_dict bytes b, state_dict tensors T, parameter tensors P) of the
-    configured MLP (built on the meta device: shapes only, no memory)."""
+    configured MLP (built on the meta device: shapes only, no memory), or of ``--task``'s
+    model."""
     import torch
 
 
-    model = build_model(cfg, in_features, num_classes, torch.device("meta"))
+    model = build_model(cfg, in_features, num_classes, torch.device("meta")) \
+        if cfg.task == "mnist1d-mlp" else Task.from_config(cfg).model(torch.device("meta"))
     state = model.state_dict()
     params = list(model.parameters())
     return (sum(p.numel() for p in params),

@@ -75,7 +75,7 @@ def read_saved_config(run_dir: str | Path) -> dict:
                           f"{str(err).splitlines()[0] if str(err) else ''})") from None
     if not isinstance(config, dict):
         raise ConfigError("--resume", f"{saved} is corrupt: 'config' is not an object")
-    if saved_json.get("model", "mlp") != "mlp":
+    if saved_json.get("model", "mlp") == "custom":
         raise ConfigError("--resume", f"{run_dir} was trained with a model of its own through "
                           "dist_quant.fit; continue it with dist_quant.fit(..., resume=RUN_DIR)")
     return config

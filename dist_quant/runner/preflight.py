@@ -34,6 +34,7 @@ restart continues from the latest checkpoint, so without one it would start over
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from dist_quant.data import load_dataset
 from dist_quant.data.dataset import check_batch_fits
 from dist_quant.errors import ConfigError
 from dist_quant.ps.common import build_model
+from dist_quant.ps.task import Task
 from dist_quant.runner.footprint import (
     available_mb,
     job_memory_mb,
@@ -125,9 +127,10 @@ def check_run_dir(cfg: TrainConfig) -> None:
 
 
 def check_data(cfg: TrainConfig):
-    """Load the dataset as the ranks will; check every shard against the batch size."""
+    """Load the dataset as the ranks will (another --task: build the task, whose one forward
+    pass checks model, loss and metric); check every shard against the batch size."""
 
-    data = load_dataset(cfg)
+    data = load_dataset(cfg) if cfg.task == "mnist1d-mlp" else Task.from_config(cfg).data
     check_batch_fits(len(data.y_train), cfg.workers, cfg.batch_size)
     return data
 
@@ -197,8 +200,26 @@ def check_checkpoint(cfg: TrainConfig, data) -> None:
 
 
     state = load_for_resume(cfg)
-    model = build_model(cfg, data.in_features, data.num_classes, torch.device("cpu"))
+    check_data_identity(cfg, data)
+    model = build_model(cfg, data.in_features, data.num_classes, torch.device("cpu")) \
+        if cfg.task == "mnist1d-mlp" else Task.from_config(cfg, data).model("cpu")
     validate_state(state, cfg, model, latest_checkpoint(cfg.resume))
+
+
+def check_data_identity(cfg: TrainConfig, data) -> None:
+    """A resumed run reads the data it was trained on: the ``"data"`` its config.json
+    recorded (the text task's hash and size) must be what this machine loads now."""
+    try:
+        saved = json.loads((Path(cfg.resume) / "config.json").read_text()).get("data")
+    except (OSError, ValueError):
+        return   # read_saved_config has refused an unreadable one already
+    now = data.info
+    if (saved or now) and (saved or {}).get("sha256") != (now or {}).get("sha256"):
+        def said(info) -> str:
+            return (f"{info.get('source')} sha256 {str(info.get('sha256'))[:16]} "
+                    f"({info.get('bytes')} bytes)" if info else "no recorded data")
+        raise ConfigError("--resume", f"{cfg.resume} was trained on {said(saved)}; this "
+                          f"machine has {said(now)}: the data differ, the run cannot continue")
 
 
 def preflight(cfg: TrainConfig, explicit: set[str] | None = None) -> TrainConfig:

@@ -47,9 +47,13 @@ import torch
 import torch.nn.functional as F
 
 from dist_quant.compress import get_compressor
+from dist_quant.core.cnn import shapes_cnn
 from dist_quant.core.model import build_mlp
-from dist_quant.core.optim import DecoupledMomentumSGD
+from dist_quant.core.optim import decay_param_groups, make_optimizer
+from dist_quant.core.transformer import ByteTransformer
 from dist_quant.data.dataset import load_dataset
+from dist_quant.data.shapes import load_shapes
+from dist_quant.data.text import CONTEXT, load_text
 from dist_quant.errors import ConfigError
 
 PHASES = ("forward", "backward", "encode", "decode", "update", "down_encode", "down_decode",
@@ -92,24 +96,21 @@ def measure(config: dict[str, Any], repeats: int = REPEATS) -> dict[str, Any]:
 
 
 def _measure(config: dict[str, Any], repeats: int) -> dict[str, Any]:
-    missing = [k for k in ("hidden", "dataset", "batch_size") if k not in config]
+    needed = ("batch_size",) if config.get("task") in ("shapes-cnn", "text-transformer") \
+        else ("hidden", "dataset", "batch_size")
+    missing = [k for k in needed if k not in config]
     if missing:
-        raise ConfigError("--clock", "dedicated models the built-in MLP only (the config has "
+        raise ConfigError("--clock", "dedicated models the built-in tasks only (the config has "
                           f"no {missing[0]}); give --calibration FILE for another model")
-    data = load_dataset(SimpleNamespace(
-        dataset=config["dataset"], train_size=config.get("train_size", 4000),
-        test_size=config.get("test_size", 1000), data_dir=config.get("data_dir", "")))
     gen = torch.Generator().manual_seed(SEED)
-    hidden = [int(h) for h in str(config["hidden"]).split(",") if h.strip()]
-    model = build_mlp(data.in_features, hidden, data.num_classes,
-                      keep_prob=config.get("keep_prob", 1.0),
-                      batchnorm=config.get("batchnorm", True), init=config.get("init", "he"),
-                      generator=gen, dropout_generator=gen)
+    model, data = _task(config, gen)
     params = [p for p in model.parameters()]
     n = sum(p.numel() for p in params)
-    opt = DecoupledMomentumSGD(params, lr=config.get("lr", 0.2),
-                               momentum=config.get("momentum", 0.9),
-                               weight_decay=config.get("weight_decay", 5e-4))
+    opt = make_optimizer(SimpleNamespace(**{
+        "optimizer": "sgd", "lr": 0.2, "momentum": 0.9, "beta2": 0.999, "adam_eps": 1e-8,
+        "onebit_adam_warmup": 0, **{k: v for k, v in config.items() if k in (
+            "optimizer", "lr", "momentum", "beta2", "adam_eps")}}),
+        decay_param_groups(model, config.get("weight_decay", 5e-4)))
     up, down = _compressors(config)
     rows = max(int(config.get("workers", 1)), 1)
     batch = min(int(config["batch_size"]), data.x_train.shape[0])
@@ -121,7 +122,7 @@ def _measure(config: dict[str, Any], repeats: int) -> dict[str, Any]:
         model.train()
         opt.zero_grad(set_to_none=True)
         t0 = clock()
-        loss = F.cross_entropy(model(x), y)
+        loss = _cross_entropy(model(x), y)
         t1 = clock()
         loss.backward()
         t2 = clock()
@@ -149,8 +150,8 @@ def _measure(config: dict[str, Any], repeats: int) -> dict[str, Any]:
             model.eval()
             t11 = clock()
             out = model(data.x_test)
-            F.cross_entropy(out, data.y_test).item()
-            (out.argmax(1) == data.y_test).double().mean().item()
+            _cross_entropy(out, data.y_test).item()
+            (out.argmax(-1) == data.y_test).double().mean().item()
             t12 = clock()
         if rep == 0:   # warm-up: first calls allocate and pick kernels
             continue
@@ -160,6 +161,32 @@ def _measure(config: dict[str, Any], repeats: int) -> dict[str, Any]:
     return {"seconds": {p: statistics.median(v) for p, v in times.items()}, "params": n,
             "repeats": repeats, "threads": 1,
             "measured": "thread CPU time, median"}
+
+
+def _cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def _task(config: dict[str, Any], gen: torch.Generator) -> tuple[torch.nn.Module, Any]:
+    """The model and data of the run's ``--task`` (weights drawn from the calibration's own
+    seed: only the costs matter)."""
+    task = config.get("task", "mnist1d-mlp")
+    if task in ("shapes-cnn", "text-transformer"):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SEED)
+            if task == "shapes-cnn":
+                return shapes_cnn(), load_shapes(config.get("train_size", 4000),
+                                                 config.get("test_size", 1000))
+            return ByteTransformer(CONTEXT), load_text()
+    data = load_dataset(SimpleNamespace(
+        dataset=config["dataset"], train_size=config.get("train_size", 4000),
+        test_size=config.get("test_size", 1000), data_dir=config.get("data_dir", "")))
+    hidden = [int(h) for h in str(config["hidden"]).split(",") if h.strip()]
+    model = build_mlp(data.in_features, hidden, data.num_classes,
+                      keep_prob=config.get("keep_prob", 1.0),
+                      batchnorm=config.get("batchnorm", True), init=config.get("init", "he"),
+                      generator=gen, dropout_generator=gen)
+    return model, data
 
 
 def check(calibration: Any, where: str = "--calibration") -> dict[str, Any]:

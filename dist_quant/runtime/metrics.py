@@ -4,12 +4,14 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
 
 - ``config.json``: the resolved :class:`~dist_quant.config.TrainConfig` under ``"config"``
   (for a :func:`dist_quant.fit` model without the fields of the built-in MLP and dataset,
-  which do not apply), ``"model"`` (``"mlp"``, or ``"custom"`` for a fit model), ``"metric"``
-  (the name of the evaluation metric recorded as ``test_accuracy``: ``"accuracy"`` unless fit
-  was given another), ``"versions"`` (python, torch, numpy, dist_quant), ``"git_commit"``
-  (or null) and ``"machine"`` (``cpu``: the CPU model rank 0 ran on, ``logical_cpus``,
-  ``cores``: :func:`cores`, ``load_start`` and, once the summary is written, ``load_end``:
-  :func:`load_average` at the start and at the end).
+  which do not apply), ``"model"`` (``"mlp"``, the ``--task``, or ``"custom"`` for a fit
+  model), ``"metric"`` (the name of the evaluation metric recorded as ``test_accuracy``:
+  ``"accuracy"`` unless fit was given another, ``"next_byte_accuracy"`` for ``--task
+  text-transformer``), ``"data"`` (data read from elsewhere: ``--task text-transformer``'s
+  source, ``sha256`` and byte counts, :mod:`dist_quant.data.text`), ``"versions"`` (python,
+  torch, numpy, dist_quant), ``"git_commit"`` (or null) and ``"machine"`` (``cpu``: the CPU
+  model rank 0 ran on, ``logical_cpus``, ``cores``: :func:`cores`, ``load_start`` and, once
+  the summary is written, ``load_end``: :func:`load_average` at the start and at the end).
 - ``metrics.jsonl``: one JSON object per line.
 
   * step lines: ``{"kind": "step", "step": t, "loss": float, "bytes_up": int,
@@ -84,6 +86,7 @@ Layout of a run directory (the contract that ``plot``, ``sweep`` and ``cluster``
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -91,6 +94,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dist_quant.config import stop_reached
 from dist_quant.core.lr_schedule import schedule_from_config
 from dist_quant.runtime.arrivalclock import ArrivalClock, clock_of
 from dist_quant.runtime.clock import Clock
@@ -192,7 +196,8 @@ class RunRecorder:
     """
 
     def __init__(self, run_dir: str | Path, config: dict[str, Any], resume_step: int | None = None,
-                 model: str = "mlp", metric: str = "accuracy"):
+                 model: str = "mlp", metric: str = "accuracy",
+                 data: dict[str, Any] | None = None):
         self.dir = Path(run_dir)
         start = resume_step or 0
         with disk_write(self.dir, start, self.dir):
@@ -226,6 +231,7 @@ class RunRecorder:
             with disk_write(metrics, start, self.dir):
                 metrics.write_text("")
         self._config = {"config": config, "model": model, "metric": metric,
+                        **({"data": data} if data else {}),
                         "versions": versions(), "git_commit": git_commit(),
                         "machine": machine()}
         self._write_json("config.json", self._config, start)
@@ -235,7 +241,8 @@ class RunRecorder:
         if "lr" in config:
             self._lr = (float(config["lr"]), schedule_from_config(config))
         self._clock: Clock | ArrivalClock | None = None
-        self._target = float(config.get("stop_accuracy", 0.0) or 0.0)
+        self._settings = config
+        self._per_byte = metric == "next_byte_accuracy"   # the text task: its loss in bits too
         self._at_target: float | None = None   # modelled time of the first evaluation there
         if config.get("clock", "wall") == "dedicated":
             self._clock = self._open_clock(config, model_times, start)
@@ -316,9 +323,12 @@ class RunRecorder:
             rec["time"] = {EVAL_PHASE: float(spent.wall)}
             rec["cpu"] = {EVAL_PHASE: float(spent.cpu)}
             self._add_phases(rec)
+        if self._per_byte:
+            rec["test_bits_per_byte"] = float(test_loss) / math.log(2)
         if self._clock is not None:   # that of its step, as its wall time
             rec["model_time"] = self._clock.record_time(int(step))
-            if self._target and self._at_target is None and test_accuracy >= self._target:
+            if self._at_target is None and stop_reached(self._settings, test_loss,
+                                                        test_accuracy):
                 self._at_target = rec["model_time"]
         self._fh.write(json.dumps(rec) + "\n")
         if self._tb is not None:
@@ -346,6 +356,8 @@ class RunRecorder:
                "cores": self._config["machine"]["cores"],
                "load_start": self._config["machine"]["load_start"],
                "load_end": load_average(), **fields}
+        if self._per_byte and "test_loss" in fields:
+            out["test_bits_per_byte"] = float(fields["test_loss"]) / math.log(2)
         # config.json records the load at the end too
         self._config["machine"]["load_end"] = out["load_end"]
         self._write_json("config.json", self._config, int(fields.get("steps", 0)))

@@ -111,7 +111,11 @@ def summary_line(summary: dict[str, Any]) -> str:
     up, down = summary["bytes_up"], summary["bytes_down"]
     fp32_up, fp32_down = summary["fp32_bytes_up"], summary["fp32_bytes_down"]
     ratio = up / fp32_up if fp32_up else float("nan")
-    parts = [f"test accuracy {100 * summary['test_accuracy']:.1f}%",
+    quality = f"test accuracy {100 * summary['test_accuracy']:.1f}%"
+    if "test_bits_per_byte" in summary:   # the text task
+        quality = (f"next-byte accuracy {100 * summary['test_accuracy']:.1f}%, "
+                   f"{summary['test_bits_per_byte']:.3f} bits/byte")
+    parts = [quality,
              f"up {up / MB:.2f} MB, down {down / MB:.2f} MB",
              f"uplink 1/{1 / ratio:.1f} of fp32 ({100 * ratio:.2f}%)" if ratio else "uplink 0",
              f"downlink {100 * down / fp32_down:.1f}% of fp32" if fp32_down else "",
@@ -135,6 +139,7 @@ def summary_line(summary: dict[str, Any]) -> str:
     if summary.get("stopped_early"):
         at = summary.get("stop_eval_step")
         lagged = f" at the evaluation of step {at}" if at not in (None, summary["steps"]) else ""
-        parts.append(f"stopped early at step {summary['steps']}: --stop-accuracy reached"
+        which = "--stop-loss" if summary.get("stop_loss") else "--stop-accuracy"
+        parts.append(f"stopped early at step {summary['steps']}: {which} reached"
                      + lagged)
     return f"{method_name(summary)}: " + " | ".join(p for p in parts if p)
