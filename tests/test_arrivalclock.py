@@ -161,8 +161,8 @@ def lines(run_dir: Path, kind: str) -> list[dict]:
 
 
 def timeless(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in ("wall", "time", "time_wait", "cpu", "cpu_roles")}
-            for r in read_metrics(run_dir)]
+    measured = ("wall", "time", "time_wait", "cpu", "cpu_roles")
+    return [{k: v for k, v in r.items() if k not in measured} for r in read_metrics(run_dir)]
 
 
 def server_state(run_dir: Path) -> dict:
