@@ -174,7 +174,8 @@ def plan(cfg, engine: str, count: int, seed: int, kinds: tuple[str, ...]) -> lis
             hosts = [h for h in hosts if labels[h].startswith("w")
                      and int(labels[h][1:]) - 1 not in lost]
         host = rng.choice(list(hosts))
-        faults.append(Fault(kind, step, host, seconds, f"host {labels[host]}"))
+        name = f"host {labels[host]}" if kind == "partition" else f"the rank on host {labels[host]}"
+        faults.append(Fault(kind, step, host, seconds, name))
     return faults
 
 
@@ -398,6 +399,9 @@ def differences(x: Any, y: Any, where: str = "", limit: int = 5) -> list[str]:
 
     out: list[str] = []
 
+    def bits(t: torch.Tensor) -> torch.Tensor:   # so -0.0 differs from 0.0, NaN equals NaN
+        return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
     def walk(a: Any, b: Any, at: str) -> None:
         if len(out) >= limit:
             return
@@ -414,7 +418,7 @@ def differences(x: Any, y: Any, where: str = "", limit: int = 5) -> list[str]:
             for i, (u, v) in enumerate(zip(a, b, strict=True)):
                 walk(u, v, f"{at}[{i}]")
         elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+            if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(bits(a), bits(b)):
                 out.append(at)
         elif a != b:
             out.append(at)
@@ -568,6 +572,10 @@ def run_chaos(cfg, *, engine: str = "local", faults: int = 0, seed: int | None =
         raise ConfigError("--consistency", "chaos checks sync jobs against the undisturbed "
                           "run and async jobs against their replay; got "
                           f"{cfg.consistency}")
+    if cfg.backup_workers:
+        raise ConfigError("--backup-workers", "which gradients a step leaves out depends on "
+                          "timing: chaos checks sync jobs without backup workers against the "
+                          "undisturbed run")
     if engine not in ENGINES:
         raise ConfigError("--engine", f"must be one of {', '.join(ENGINES)}; got {engine!r}")
     if asynchronous and engine != "netns":
