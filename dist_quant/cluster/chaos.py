@@ -528,6 +528,11 @@ def check_async(cfg, out: Path, faults: list[Fault], code: int, err: str) -> dic
         summ = summary(job)
         lost = [r["worker"] for r in records(job, "lost")]
         meant = [f.target for f in faults if f.kind == "lose" and f.seen_step is not None]
+        for f in faults:   # the record's own words for the worker the job dropped
+            rec = next((r for r in records(job, "lost") if r["worker"] == f.target), None)
+            if f.kind == "lose" and rec is not None:
+                f.named += f"; record: worker {rec['worker']} lost at step {rec['step']}: " \
+                    f"{rec.get('cause', '')}"
         if sorted(lost) != sorted(meant):
             problems.append(f"the record's lost workers are {lost}; the lost hosts ran "
                             f"workers {meant}")
