@@ -17,9 +17,10 @@ import pytest
 import torch
 from rawtext import raw_escapes
 
-from dist_quant.cluster.chaos import Fault, differences, plan, run_chaos
+from dist_quant.cluster.chaos import Fault, differences, name_faults, plan, run_chaos
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
+from dist_quant.runtime.rank import continue_after_restart
 
 TINY = dict(hidden="7,5", train_size=120, test_size=30, batch_size=4, bucket_size=5,
             workers=2, progress=False)
@@ -103,6 +104,46 @@ def test_a_fault_says_what_it_does():
         "step 12: SIGSTOP to rank 1 (worker 0) for 2.5 s, then SIGCONT"
     assert Fault("partition", 7, 2, 3.0, "host w2").describe() == \
         "step 7: link of host w2 down for 3.0 s, then up"
+
+
+def test_a_kill_needs_its_name_and_a_restart_and_an_unplanned_restart_is_a_note():
+    kill = Fault("kill", 40, 1, name="rank 1 (worker 0)", seen_step=41)
+    err = ("dist_quant rank 1: lost contact with rank 0 (the server) while exchanging the "
+           "control (Timed out waiting 23000ms): a peer died or did not answer within "
+           "--timeout 20 s; ending the run\n"
+           "dist_quant: restart 1: no checkpoint in R yet; starting over from step 0\n"
+           "dist_quant rank 0: lost contact with rank 1 (worker 0) while exchanging ...\n"
+           "dist_quant: rank 1 (worker 0) was killed by SIGKILL\n"
+           "dist_quant: restart 2: continuing from the latest checkpoint of R\n")
+    problems, notes = name_faults([kill], err, None)
+    assert problems == [] and kill.named == "dist_quant: rank 1 (worker 0) was killed by SIGKILL"
+    assert len(notes) == 1 and "restart 1: no checkpoint" in notes[0]
+    assert "Timed out" in notes[0]   # what came before it
+    unnamed = Fault("kill", 40, 2, name="rank 2 (worker 1)", seen_step=41)
+    problems, _ = name_faults([unnamed], err, None)
+    assert problems == ["fault 1 (step 40: SIGKILL to rank 2 (worker 1)): no line of the job "
+                        "names rank 2 (worker 1)"]
+    no_restart = err.split("dist_quant: restart 2")[0]
+    problems, _ = name_faults([Fault(**{**kill.__dict__, "named": ""})], no_restart, None)
+    assert problems == ["fault 1 (step 40: SIGKILL to rank 1 (worker 0)): no restart followed"]
+
+
+def test_a_restart_before_the_first_checkpoint_says_so(tmp_path, monkeypatch, capfd):
+    """A rank killed before the first checkpoint: the restart starts over, and the server
+    says so (it used to say nothing, so the restart was not told)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0,
+                            world_size=1)
+    try:
+        cfg = TrainConfig(**TINY, run_dir=str(tmp_path / "run"))
+        assert continue_after_restart(cfg, True, 0, torch.device("cpu")) == cfg
+    finally:
+        dist.destroy_process_group()
+    err = capfd.readouterr().err
+    assert err == (f"dist_quant: restart 1: no checkpoint in {tmp_path / 'run'} yet; starting "
+                   "over from step 0\n")
 
 
 @pytest.mark.slow
