@@ -14,6 +14,7 @@ COMMANDS = {
     "verify": "dist_quant.verify.command:verify",
     "train": "dist_quant.train:train_command",
     "cluster": "dist_quant.cluster.command:cluster",
+    "chaos": "dist_quant.cluster.chaos:chaos",
     "sweep": "dist_quant.sweep:sweep",
     "plot": "dist_quant.plot.command:plot",
     "predict": "dist_quant.analysis.predict:predict",

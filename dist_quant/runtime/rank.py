@@ -86,7 +86,10 @@ def continue_after_restart(cfg: TrainConfig, is_server: bool, server_rank: int,
                 and (checkpoint_dir(cfg.run_dir) / "latest").is_file())
     flag = torch.tensor([found], dtype=torch.int64, device=device)
     dist.broadcast(flag, src=server_rank)
-    if not int(flag[0]):
+    if not int(flag[0]):   # a restart before the first checkpoint: said too, not silent
+        if is_server:
+            print(f"dist_quant: restart {attempt()}: no checkpoint in {cfg.run_dir or 'the run'}"
+                  " yet; starting over from step 0", file=sys.stderr, flush=True)
         return cfg
     if is_server:
         print(f"dist_quant: restart {attempt()}: continuing from the latest checkpoint of "
