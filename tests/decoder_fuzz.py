@@ -277,6 +277,30 @@ def check_header(raw: bytes) -> wire.Header | None:
     return None
 
 
+def run_header_example(ex: Example, path: str) -> None:
+    """The fixed header parser on the mutated bytes and on every prefix length around 32, and
+    the decoder the header names (if any) refusing or decoding them."""
+    header = check_header(ex.mutated)
+    for cut in (0, 1, 31, 32, 33):
+        check_header(ex.mutated[:cut])
+    if header is not None and header.compressor_id in wire.COMPRESSOR_NAMES:
+        for name, options in CONFIGS:
+            comp = get_compressor(name, **options)
+            if comp.wire_id == header.compressor_id:
+                with fast.use(path):
+                    kind, result = outcome(lambda comp=comp: comp.decode(as_tensor(ex.mutated)))
+                if kind == "ok":
+                    _expect_finite(result, header.n, f"{name} decode")
+
+
+def run(decoder: str, ex: Example, path: str) -> None:
+    """One example of ``decoder`` (a key of DECODERS) on ``path``."""
+    if decoder == "header":
+        run_header_example(ex, path)
+    else:
+        run_example(ex, path)
+
+
 def run_example(ex: Example, path: str) -> None:
     """Every entry point on the mutated bytes (see the module docstring); raises ContractError
     (or whatever escaped) when the contract is broken."""
