@@ -55,19 +55,15 @@ CHUNK = 50  # examples per hypothesis run (a fresh seed each)
 def _outcome_key(err: BaseException | None) -> str:
     if err is None:
         return "decoded"
-    text = re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "#", str(err))
+    text = re.sub(r"0x[0-9a-f]+", "0x#", str(err))
+    text = re.sub(r"\d+(\.\d+)?(e[+-]?\d+)?", "#", text)
     text = re.sub(r"'[^']*'", "'*'", text)
     return f"{type(err).__name__}: {text[:120]}"
 
 
 def _save(folder: Path, ex, path: str, outcome: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     stem = hashlib.sha256(ex.mutated + outcome.encode()).hexdigest()[:16]
-    (folder / f"{stem}.bin").write_bytes(ex.mutated)
-    (folder / f"{stem}.json").write_text(json.dumps(
-        {"config": ex.config, "n": ex.n, "path": path, "recipe": ex.recipe,
-         "outcome": outcome, "original": ex.original.hex(),
-         "rows": [r.hex() for r in ex.rows], "slot": ex.slot}, default=str))
+    decoder_fuzz.save_entry(folder, stem, ex, path, outcome)
 
 
 def _use_sanitized_kernels() -> None:
@@ -166,19 +162,10 @@ def _decode_for_key(decoder: str, ex):
 def replay(folder: Path) -> int:
     """Run every stored payload of a corpus or failures folder again; count the broken ones."""
     broken = total = 0
-    for meta in sorted(folder.rglob("*.json")):
-        if meta.stem.endswith("-outcome"):
-            continue
-        info = json.loads(meta.read_text())
-        ex = decoder_fuzz.Example(
-            config=tuple(info["config"]), n=info["n"],
-            original=bytes.fromhex(info["original"]),
-            mutated=meta.with_suffix(".bin").read_bytes(), recipe=info["recipe"],
-            rows=[bytes.fromhex(r) for r in info["rows"]], slot=info["slot"])
-        get_compressor(ex.config[0], **ex.config[1])
+    for meta in decoder_fuzz.entries(folder):
         total += 1
         try:
-            decoder_fuzz.run(meta.parent.name, ex, info["path"])
+            decoder_fuzz.replay_entry(meta)
         except Exception as exc:
             broken += 1
             print(f"BROKEN {meta}: {type(exc).__name__}: {exc}")
@@ -210,7 +197,8 @@ def parent(args) -> int:
     env.setdefault("OMP_NUM_THREADS", str(args.threads))
     if args.asan:  # built here, without the preload, into a private cache
         env["DIST_QUANT_CACHE"] = os.environ["DIST_QUANT_CACHE"] = str(out / "kernels-cache")
-        print(f"sanitized kernels: {fast.build(level=fast.isa(), extra_flags=SANITIZE)}")
+        print(f"sanitized kernels: {fast.build(level=fast.isa(), extra_flags=SANITIZE)}",
+              flush=True)
     summary = {}
     if args.asan:
         proc = subprocess.run([sys.executable, __file__, "--canary"], env=env, text=True,

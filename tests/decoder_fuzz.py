@@ -28,9 +28,11 @@ Crashes, hangs and out-of-bounds accesses are caught outside: by the process dyi
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
@@ -372,3 +374,30 @@ def _check_mean(comp, ex: Example, kind: str, result) -> None:
             raise ContractError("decode_mean differs from the mean of the rows' decodes")
         if use_out and mean.data_ptr() != out.data_ptr():
             raise ContractError("decode_mean(out=...) did not write into out")
+
+
+# ---- the corpus ------------------------------------------------------------------------------
+def save_entry(folder: Path, stem: str, ex: Example, path: str, outcome_text: str) -> None:
+    """One corpus (or failures) entry: ``<stem>.bin`` the mutated bytes, ``<stem>.json`` what
+    replays it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.bin").write_bytes(ex.mutated)
+    (folder / f"{stem}.json").write_text(json.dumps(
+        {"config": ex.config, "n": ex.n, "path": path, "recipe": ex.recipe,
+         "outcome": outcome_text, "original": ex.original.hex(),
+         "rows": [r.hex() for r in ex.rows], "slot": ex.slot}, default=str))
+
+
+def entries(folder: Path) -> list[Path]:
+    """The entries under a corpus folder (``<decoder>/<stem>.json``)."""
+    return sorted(p for p in folder.rglob("*.json") if not p.stem.endswith("-outcome"))
+
+
+def replay_entry(meta: Path) -> None:
+    """Run a stored entry again (its decoder is its folder's name); raises as run() does."""
+    info = json.loads(meta.read_text())
+    ex = Example(config=(info["config"][0], info["config"][1]), n=info["n"],
+                 original=bytes.fromhex(info["original"]),
+                 mutated=meta.with_suffix(".bin").read_bytes(), recipe=info["recipe"],
+                 rows=[bytes.fromhex(r) for r in info["rows"]], slot=info["slot"])
+    run(meta.parent.name, ex, info["path"])

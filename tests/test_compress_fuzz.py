@@ -8,8 +8,11 @@ with their corpus are ``benchmarks/fuzz_decoders.py``.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
+import tarfile
+from pathlib import Path
 
 import decoder_fuzz
 import pytest
@@ -21,6 +24,8 @@ from dist_quant.compress import fast, get_compressor, wire
 from dist_quant.errors import PayloadError
 
 FLT_MAX = torch.finfo(torch.float32).max
+CORPUS = Path(__file__).resolve().parent.parent / "benchmarks" / "fuzz-2026-12-07" / \
+    "corpus.tar.xz"
 PATHS = ["torch", "c"]
 
 
@@ -40,6 +45,17 @@ def test_mutated_payloads_are_refused_or_decode_finite(decoder):
         decoder_fuzz.run(decoder, ex, path)
 
     fuzz()
+
+
+def test_the_recorded_corpus_replays(tmp_path):
+    """One payload per distinct outcome of the long runs (benchmarks/fuzz-2026-12-07.md)."""
+    with tarfile.open(CORPUS) as tar:
+        tar.extractall(tmp_path, filter="data")
+    stored = decoder_fuzz.entries(tmp_path)
+    assert len(stored) > 100
+    for meta in stored:
+        if json.loads(meta.read_text())["path"] in _paths():
+            decoder_fuzz.replay_entry(meta)
 
 
 def _payload(name, n=50, **options):
