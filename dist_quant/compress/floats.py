@@ -59,10 +59,11 @@ class FloatCompressor(Compressor):
         return self._checked(wire.view_as(body, 0, n, self.dtype).to(torch.float32, copy=True))
 
     def _decode_into(self, body, n, out):
-        # the body is exactly n values (validated); viewed in place where it is aligned
-        aligned = body.storage_offset() % self.dtype.itemsize == 0
-        return self._checked(out.copy_(body.view(self.dtype) if aligned else
-                                       wire.view_as(body, 0, n, self.dtype)))
+        # the body is exactly n values (validated); viewed in place where it is aligned, and
+        # checked before out (a caller's buffer) is written
+        values = body.view(self.dtype) if body.storage_offset() % self.dtype.itemsize == 0 \
+            else wire.view_as(body, 0, n, self.dtype)
+        return out.copy_(self._checked(values))
 
     def _check_rows(self, batch, n):
         pass  # _mean_of_rows checks the mean
