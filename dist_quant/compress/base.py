@@ -236,8 +236,10 @@ class Compressor:
         tensor: a caller that decodes every step reuses one buffer and saves the allocation.
         """
         data = wire.as_bytes(payload)
-        n = self.check(data)
+        n = self._valid_n(wire.read_fixed(data), data.numel())
         body = data[wire.FIXED_NBYTES:]
+        if not self._decode_validates(body):
+            self._check_body(body, n)
         if out is None:
             return self._decode_body(body, n)
         out = _result(out, n, data.device)
@@ -248,6 +250,12 @@ class Compressor:
 
     def _check_body(self, body: torch.Tensor, n: int) -> None:
         """Validate the per-bucket reals of a body (subclasses with headers override)."""
+
+    def _decode_validates(self, body: torch.Tensor) -> bool:
+        """Whether decoding this body (or batch) validates its per-bucket reals as it converts
+        them (the compiled k-bit path), so that the decoders need not call ``_check_body``
+        first; :meth:`check` always calls it."""
+        return False
 
     def _decode_body(self, body: torch.Tensor, n: int) -> torch.Tensor:
         raise NotImplementedError
@@ -268,7 +276,8 @@ class Compressor:
                     row_n = self._valid_n(heads[0], batch.shape[1])
                 else:
                     row_n = self.validate(batch[row]).n
-                    self._check_body(batch[row, wire.FIXED_NBYTES:], row_n)
+                    if not self._decode_validates(batch):
+                        self._check_body(batch[row, wire.FIXED_NBYTES:], row_n)
             except NonFiniteGradientError as err:
                 err.row = row
                 err.args = (f"row {row}: {err.args[0]}",)
@@ -312,9 +321,12 @@ class Compressor:
 def _result(out: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     if out is None:
         return torch.empty(n, dtype=torch.float32, device=device)
-    if out.dtype != torch.float32 or out.numel() != n or not out.is_contiguous():
+    if out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous float32 tensor of {n} elements, got "
                          f"{out.dtype} with {out.numel()}")
+    if out.numel() != n:  # a payload of another size than the receiver expects
+        raise PayloadError(f"payload holds n={n} coordinates, out has {out.numel()}: out must "
+                           f"be a contiguous float32 tensor of {n} elements")
     return out if out.dim() == 1 else out.view(-1)
 
 

@@ -144,7 +144,7 @@ def _bind(path: Path) -> ctypes.CDLL:
     lib.dq_decode.restype = None
     lib.dq_decode_mean.argtypes = [ptr, i64, i64, i64, i64, i32, ptr, ptr, ptr, i64, i64, i32]
     lib.dq_decode_mean.restype = None
-    lib.dq_headers.argtypes = [ptr, ptr, i64, i64, i64, i32, ptr, ptr]
+    lib.dq_headers.argtypes = [ptr, ptr, i64, i64, i64, i32, i32, ptr, ptr]
     lib.dq_headers.restype = i64
     lib.dq_advise_huge.argtypes = [ptr, i64]
     lib.dq_advise_huge.restype = i32
@@ -356,7 +356,7 @@ def _fp32_headers(comp, body: torch.Tensor, n: int, start: int = 0) -> torch.Ten
     a_ptr = ab.data_ptr()
     base = body.data_ptr() + start
     bad = lib.dq_headers(base, base + nb * comp.hbytes, 0 if one else body.stride(0), w_count,
-                         nb, wire.HEADER_DTYPE_CODES[comp.header_dtype], a_ptr,
+                         nb, wire.HEADER_DTYPE_CODES[comp.header_dtype], comp.levels, a_ptr,
                          a_ptr + 4 * w_count * nb)
     if bad:
         for row in range(w_count):  # the torch check words the error
@@ -467,8 +467,8 @@ def sign_decode_mean(batch: torch.Tensor, n: int, comp, out: torch.Tensor,
     if batch.stride(1) != 1:
         batch = batch.contiguous()
     nb = comp.num_buckets(n)
-    s32 = batch[:, start:start + nb * comp.hbytes].contiguous().view(comp.hdtype).float()
-    s32 = s32.contiguous()
+    s32 = batch[:, start:start + nb * comp.hbytes].clone(
+        memory_format=torch.contiguous_format).view(comp.hdtype).float()  # a fresh, aligned copy
     bits_ptr = batch.data_ptr() + start + nb * comp.hbytes
     d = comp.bucket_size or n
     nt = int(streaming and n * 4 >= NONTEMPORAL_BYTES)

@@ -12,7 +12,7 @@ import torch
 
 from dist_quant.compress import wire
 from dist_quant.compress.base import Compressor, count_nonfinite
-from dist_quant.errors import NonFiniteGradientError
+from dist_quant.errors import NonFiniteGradientError, PayloadError
 
 
 class FloatCompressor(Compressor):
@@ -38,14 +38,50 @@ class FloatCompressor(Compressor):
             raise wire.WireRangeError(f"{bad} finite value(s) exceed the {self.name} range "
                                       f"(largest |x| = {x.abs().max().item():.4g})")
 
+    # A finite encoder never sends NaN or Inf (it sends a payload flagged non-finite instead),
+    # so a body that holds one is corrupt: the decodes check what they converted (one pass
+    # over the result; for decode_mean over the mean, which is finite only if every row is).
+    def _check_body(self, body, n):
+        bad = count_nonfinite(wire.view_as(body, 0, n, self.dtype))
+        if bad:
+            raise PayloadError(f"{bad} non-finite value(s) in the body")
+
+    def _decode_validates(self, body):
+        return True
+
+    def _checked(self, values: torch.Tensor) -> torch.Tensor:
+        bad = count_nonfinite(values)
+        if bad:
+            raise PayloadError(f"{bad} non-finite value(s) in the body")
+        return values
+
     def _decode_body(self, body, n):
-        return wire.view_as(body, 0, n, self.dtype).to(torch.float32, copy=True)
+        return self._checked(wire.view_as(body, 0, n, self.dtype).to(torch.float32, copy=True))
 
     def _decode_into(self, body, n, out):
-        # the body is exactly n values (validated); viewed in place where it is aligned
-        aligned = body.storage_offset() % self.dtype.itemsize == 0
-        return out.copy_(body.view(self.dtype) if aligned else
-                         wire.view_as(body, 0, n, self.dtype))
+        # the body is exactly n values (validated); viewed in place where it is aligned, and
+        # checked before out (a caller's buffer) is written
+        values = body.view(self.dtype) if body.storage_offset() % self.dtype.itemsize == 0 \
+            else wire.view_as(body, 0, n, self.dtype)
+        return out.copy_(self._checked(values))
+
+    def _check_rows(self, batch, n):
+        pass  # _mean_of_rows checks the mean
+
+    def _mean_of_rows(self, batch, n, out):
+        out.zero_()
+        for row in range(batch.shape[0]):
+            body = batch[row, wire.FIXED_NBYTES:]
+            aligned = body.storage_offset() % self.dtype.itemsize == 0
+            out.add_(body.view(self.dtype) if aligned else wire.view_as(body, 0, n, self.dtype))
+        out.div_(batch.shape[0])
+        if count_nonfinite(out):  # a non-finite row, or finite rows whose sum overflows
+            for row in range(batch.shape[0]):
+                try:
+                    self._check_body(batch[row, wire.FIXED_NBYTES:], n)
+                except PayloadError as err:
+                    raise PayloadError(f"row {row}: {err}") from None
+        return out
 
 
 class NoneCompressor(FloatCompressor):

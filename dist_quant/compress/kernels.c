@@ -790,19 +790,23 @@ int64_t dq_sign_encode(const float *x, int64_t n, int64_t d, int hdt, uint8_t *s
 }
 
 /* Public: header values of `rows` payloads (row_stride bytes apart) as fp32, and the number
-   of invalid ones (non-finite or negative scale a, non-finite offset b). */
+   of invalid ones (non-finite or negative scale a, non-finite offset b, or a top level
+   a levels + b that overflows fp32 in the decode's arithmetic). */
 int64_t dq_headers(const uint8_t *a_raw, const uint8_t *b_raw, int64_t row_stride,
-                   int64_t rows, int64_t nb, int hdt, float *a32, float *b32) {
+                   int64_t rows, int64_t nb, int hdt, int levels, float *a32, float *b32) {
     int64_t bad = 0, hb = hdt == 0 ? 4 : 2;
+    const float lf = (float)levels;
     for (int64_t w = 0; w < rows; w++) {
         for (int64_t j = 0; j < nb; j++) {
             uint32_t au = 0, bu = 0;
             memcpy(&au, a_raw + w * row_stride + j * hb, (size_t)hb);
             memcpy(&bu, b_raw + w * row_stride + j * hb, (size_t)hb);
             double av = hval(hdt, au), bv = hval(hdt, bu);
-            bad += !isfinite(av) || av < 0 || !isfinite(bv);
-            a32[w * nb + j] = (float)av;
-            b32[w * nb + j] = (float)bv;
+            float a = (float)av, b = (float)bv;
+            volatile float top = lf * a;  /* rounded as the decode rounds it */
+            bad += !isfinite(av) || av < 0 || !isfinite(bv) || !isfinite(top + b);
+            a32[w * nb + j] = a;
+            b32[w * nb + j] = b;
         }
     }
     return bad;

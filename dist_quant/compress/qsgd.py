@@ -97,6 +97,11 @@ class LevelCompressor(ScaledBuckets, Compressor):
 
     def _check_body(self, body, n):
         bits = self._check_scales(body, n)
+        s, _ = self._split(body, n)
+        top = s.float() / self.levels * self.levels  # the top level, as the decode rounds it
+        if not torch.isfinite(top).all():
+            raise PayloadError(f"the top level overflows float32 in "
+                               f"{int((~torch.isfinite(top)).sum())} bucket(s)")
         if n and (wire.unpack_bits(bits, n, self.bits).int() >> 1).max() > self.levels:
             raise PayloadError(f"a level exceeds s = {self.levels}")
 

@@ -178,17 +178,21 @@ class KBitCompressor(Compressor):
 
     # ---- decode ------------------------------------------------------------------------------
     def _check_body(self, body, n):
-        if not fast.usable(body):  # the compiled decode checks while converting
-            self._check_body_torch(body, n)
+        self._check_body_torch(body, n)
+
+    def _decode_validates(self, body):
+        return fast.usable(body)  # the compiled decode checks while converting
 
     def _check_rows(self, batch, n):
-        if fast.usable(batch):  # the compiled decode checks while converting
-            return
         nb = self.num_buckets(n)
+        if fast.usable(batch) or nb == 0:  # the compiled decode checks while converting
+            return
         start = wire.FIXED_NBYTES
         heads = batch[:, start:start + 2 * nb * self.hbytes].clone(
             memory_format=torch.contiguous_format).view(self.hdtype)  # a fresh, aligned copy
-        if not (torch.isfinite(heads).all() and (heads[:, :nb] >= 0).all()):  # [W, 2 nb]
+        a, b = heads[:, :nb].float(), heads[:, nb:].float()  # [W, nb] each
+        if not (torch.isfinite(heads).all() and (a >= 0).all()
+                and torch.isfinite(a * self.levels + b).all()):
             super()._check_rows(batch, n)  # finds and names the bad row
 
     def _check_body_torch(self, body, n):
@@ -201,6 +205,10 @@ class KBitCompressor(Compressor):
         if not torch.isfinite(b).all():
             raise PayloadError(f"non-finite offset b in {int((~torch.isfinite(b)).sum())} "
                                f"bucket(s)")
+        top = a.float() * self.levels + b.float()  # the largest level, as the decode rounds it
+        if not torch.isfinite(top).all():
+            raise PayloadError(f"the top level a L + b overflows float32 in "
+                               f"{int((~torch.isfinite(top)).sum())} bucket(s)")
 
     def _decode_into(self, body, n, out):
         return self._decode_body(body, n, out)

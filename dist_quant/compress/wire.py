@@ -44,6 +44,16 @@ occupies stream bits ``[i k, (i + 1) k)``, least significant bit first, and stre
 ``j % 8`` of byte ``j // 8``. Padding bits of the last byte are zero. So a 1-bit payload of n
 coordinates carries ``ceil(n / 8)`` bytes of bits plus its headers (MATH 4i).
 
+What a decoder refuses (:class:`~dist_quant.errors.PayloadError`, checked before anything is
+decoded, so a decode is always a finite float32 tensor of the header's ``n``): a fixed header
+that differs from the one the decoder's compressor writes for that ``n`` (version, id, flags,
+bits, header dtype, bucket size, reserved bytes), a length other than the one ``n`` needs, an
+``n`` other than the one an ``out`` buffer holds; a NaN or Inf value of a float body; a
+non-finite or negative scale, a non-finite offset, or a top level (``a L + b`` of kbit, ``s /
+L * L`` of qsgd, in the decode's float32 arithmetic) that overflows float32; a qsgd level above
+``s``; a sparse index out of range or out of order. A mean of rows that each decode finite can
+still overflow float32 where their sum does.
+
 A non-finite payload (``Compressor.nonfinite_payload``) has the usual length for its ``n`` so
 that fixed-size collectives still line up; its body is zero and decoding it raises
 :class:`~dist_quant.errors.NonFiniteGradientError` with the recorded count.
