@@ -232,8 +232,11 @@ def test_a_full_disk_ends_the_run_in_one_line_and_resume_elsewhere_ends_bit_for_
         newest = latest_checkpoint(run)
         metrics = (run / "metrics.jsonl").read_text()
         # continue from the named checkpoint into a roomier directory
+        # a longer --timeout (a change a resume allows): the resume's state exchange must not
+        # race the machine's load; what is tested is where it continues from
         done = subprocess.run([sys.executable, "-m", "dist_quant", "train", "--resume",
-                               str(run), "--run-dir", str(tmp_path / "roomy")],
+                               str(run), "--run-dir", str(tmp_path / "roomy"),
+                               "--timeout", "60"],
                               capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = err.strip().splitlines()

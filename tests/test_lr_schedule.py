@@ -155,11 +155,12 @@ def test_ddp_and_parameter_server_follow_the_same_schedule(tmp_path):
     assert schedule_from_config(cfg).factor(cfg.steps) != 1.0
 
 
-def test_readme_schedule_example_runs():
-    """The README's snippet, as written, on a small model: lr follows the schedule."""
+def test_the_documented_schedule_example_runs():
+    """The documentation's snippet (Training, learning-rate schedules), as written, on a small
+    model: lr follows the schedule."""
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     blocks = [b.split("```", 1)[0] for b in readme.split("```python\n")[1:]]
     snippet = next(b for b in blocks if "LRSchedule" in b)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
