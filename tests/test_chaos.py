@@ -17,7 +17,9 @@ import pytest
 import torch
 from rawtext import raw_escapes
 
-from dist_quant.cluster.chaos import Fault, differences, name_faults, plan, run_chaos
+from dist_quant.cluster.chaos import run_chaos
+from dist_quant.cluster.faults import Fault, plan
+from dist_quant.cluster.verdict import differences, name_faults
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.runtime.rank import continue_after_restart
