@@ -15,7 +15,8 @@ BACKENDS = ("auto", "gloo", "nccl")
 DEVICES = ("auto", "cpu", "cuda")
 ON_NONFINITE = ("skip", "abort")
 LR_SCHEDULES = ("constant", "step", "cosine")
-CONSISTENCY = ("sync", "ssp", "async")
+# the consistency modes: the built-in ones; dist_quant.ps.consistency.register_policy adds one
+CONSISTENCY = ["sync", "ssp", "async"]
 CLOCKS = ("wall", "dedicated")
 # the options of the modelled cluster (--clock dedicated); the real clusters have their own
 LINK_FIELDS = ("rate", "latency", "mtu", "worker_rate")

@@ -42,10 +42,11 @@ from a virtual clock (``--slow-worker``) or a replay of a recorded run (``--repl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dist_quant.config import TrainConfig
+from dist_quant.config import CONSISTENCY, TrainConfig
 
 
 @dataclass
@@ -146,8 +147,32 @@ class Bounded(Policy):
         self.waiting = [int(i) for i in state["waiting"]]
 
 
+# --consistency NAME -> the policy of a config; a new mode is its Policy subclass and one
+# register_policy line (the name becomes a choice of --consistency)
+POLICIES: dict[str, Callable[[TrainConfig], Policy]] = {
+    "sync": lambda cfg: Synchronous(cfg.workers, cfg.backup_workers),
+    "ssp": lambda cfg: Bounded(cfg.workers, cfg.staleness),
+    "async": lambda cfg: Bounded(cfg.workers, None),
+}
+
+
+def register_policy(name: str, factory: Callable[[TrainConfig], Policy]) -> None:
+    """Add ``--consistency name``: ``factory(cfg)`` builds its policy. An asynchronous mode:
+    it runs on the star or dedicated servers as ssp and async do."""
+    if name in POLICIES:
+        raise ValueError(f"consistency mode {name!r} is registered already")
+    POLICIES[name] = factory
+    CONSISTENCY.append(name)
+
+
+def unregister_policy(name: str) -> None:
+    """Remove a mode added by :func:`register_policy` (the built-in ones stay)."""
+    if name in ("sync", "ssp", "async"):
+        raise ValueError(f"{name!r} is a built-in consistency mode")
+    POLICIES.pop(name)
+    CONSISTENCY.remove(name)
+
+
 def policy_of(cfg: TrainConfig) -> Policy:
     """The policy of ``cfg``'s ``--consistency``, ``--staleness`` and ``--backup-workers``."""
-    if cfg.consistency == "sync":
-        return Synchronous(cfg.workers, cfg.backup_workers)
-    return Bounded(cfg.workers, cfg.staleness if cfg.consistency == "ssp" else None)
+    return POLICIES[cfg.consistency](cfg)
