@@ -121,6 +121,12 @@ def summary_line(summary: dict[str, Any]) -> str:
              f"downlink {100 * down / fp32_down:.1f}% of fp32" if fp32_down else "",
              f"{summary['steps']} steps, {summary['workers']} workers, "
              f"{summary['params']} params, {summary['wall_seconds']:.1f} s"]
+    if summary.get("clock") == "dedicated":   # the modelled cluster's time beside this machine's
+        at = summary.get("model_time_to_target")
+        parts.append(f"modelled {summary['model_seconds']:.1f} s on {summary['model_link']}"
+                     + (f", to target {at:.1f} s" if at is not None else "")
+                     + (f", hosts x{summary['host_speed']:g}"
+                        if summary.get("host_speed", 1) != 1 else ""))
     if "staleness_mean" in summary:  # an asynchronous run: how old, and whose, its gradients
         applied = summary["applied_per_worker"]
         share = "/".join(f"{100 * a / max(1, sum(applied)):.0f}" for a in applied)
