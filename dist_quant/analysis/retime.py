@@ -19,6 +19,12 @@ yet).
     dist-quant retime sweeps/w4 --rate 1 --rate 10 --rate 100 --host-speed 1 --host-speed 50
     dist-quant retime runs/a runs/b --rate 10 --target 0.68 --json
     dist-quant retime sweeps/w4 --rate 10 --out benchmarks/retime      # retime.md, .json
+    dist-quant retime sweeps --rate 1 --rate 10 --rate 1000 --heatmap pays.png
+
+Where compression pays (:mod:`dist_quant.analysis.heatmap`): the break-even link of each method
+and W (the rate below which it reaches the target sooner than DDP fp32) is printed after the
+table and written into retime.md and retime.json; ``--heatmap OUT.png`` draws ``x_ddp_fp32``
+as one row of heat maps per host speed, W against the link, one panel per method.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 
 import click
 
+from dist_quant.analysis.heatmap import break_even, break_even_text, save_heatmap
 from dist_quant.errors import ConfigError
 from dist_quant.runtime.calibrate import FILE as CALIBRATION_FILE
 from dist_quant.runtime.calibrate import load as load_calibration
@@ -225,10 +232,15 @@ def _rate(text: str) -> float | None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write retime.md and retime.json into this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="OUT.png", help="Also draw the time to target relative to DDP fp32 as "
+              "heat maps (W against the link; a row per host speed, a panel per method) with "
+              "each W's break-even link (needs matplotlib).")
 def retime_command(paths: tuple[Path, ...], rates: tuple[str, ...],
                    host_speeds: tuple[float, ...], latency: float, mtu: int,
                    worker_rate: tuple[str, ...], target: float | None,
-                   calibration: Path | None, out: Path | None, as_json: bool) -> None:
+                   calibration: Path | None, out: Path | None, as_json: bool,
+                   heatmap: Path | None) -> None:
     """Re-time recorded synchronous runs (RUN_OR_SWEEP_DIRS) on modelled clusters: every
     rank on a host of its own, --host-speed times the calibration's CPU, on links of --rate
     Mbit/s; print the modelled time to the target accuracy per run, link and host speed."""
@@ -239,14 +251,29 @@ def retime_command(paths: tuple[Path, ...], rates: tuple[str, ...],
     except ConfigError as err:
         raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
     text = table(rows)
+    even = break_even(rows)
+    if even:
+        text += "\n\nBreak-even link per method and W (modelled clock):\n\n" + \
+            break_even_text(even)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "retime.json").write_text(json.dumps({"rows": rows, "skipped": skipped},
-                                                    indent=2) + "\n")
+        (out / "retime.json").write_text(json.dumps(
+            {"rows": rows, "break_even": even, "skipped": skipped}, indent=2) + "\n")
         (out / "retime.md").write_text(
             "# Modelled time to target (dedicated hosts, modelled links)\n\n" + text + "\n")
+    if heatmap is not None:
+        try:
+            save_heatmap(rows, heatmap, f"Modelled time to {100 * rows[0]['target']:.0f}% "
+                         "relative to DDP fp32 (dedicated hosts, modelled links; black bar: "
+                         "break-even link)" if rows else "")
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--heatmap") from None
+        except ImportError:
+            raise click.UsageError("--heatmap needs matplotlib (pip install "
+                                   "'dist-quant[plot]')") from None
     if as_json:
-        click.echo(json.dumps({"rows": rows, "skipped": skipped}, indent=2))
+        click.echo(json.dumps({"rows": rows, "break_even": even, "skipped": skipped},
+                              indent=2))
         return
     click.echo(f"target accuracy {100 * rows[0]['target']:.1f}%; modelled clock" if rows
                else "no synchronous run")
