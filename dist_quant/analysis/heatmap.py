@@ -39,8 +39,8 @@ def rate_label(rate: float | None) -> str:
     if rate is None:
         return "uncapped"
     if rate >= 1000:
-        return f"{rate / 1000:g} Gbit/s"
-    return f"{rate:g} Mbit/s"
+        return f"{rate / 1000:.3g} Gbit/s"
+    return f"{rate:.3g} Mbit/s"
 
 
 def cells(rows: list[Row]) -> dict[tuple[float, str, int, float | None], float | None]:
@@ -160,7 +160,7 @@ def heatmap_figure(rows: list[Row], title: str = "") -> Any:
             if b == 0:
                 ax.set_ylabel("workers W")
     bar = fig.colorbar(image, ax=axes, shrink=0.8)
-    bar.set_label("DDP fp32 time to target / method's (modelled; > 1: method sooner)")
+    bar.set_label("x DDP fp32 (modelled; > 1: sooner)")
     fig.suptitle(title or "Modelled time to target relative to DDP fp32 (black bar: "
                  "break-even link)", fontsize=10)
     return fig
