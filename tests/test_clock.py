@@ -340,3 +340,18 @@ def test_retime_heatmap(tmp_path):
     assert [(r["workers"], r["where"], r["break_even_mbit"]) for r in saved["break_even"]] \
         == [(2, "below", RATE / 4)]
     assert "Break-even link" in (tmp_path / "t" / "retime.md").read_text()
+
+
+def test_retime_shared_compute():
+    """--shared-compute: the method-independent phases are their median over the runs of one
+    model and batch size; the coding phases stay each run's own; another batch size is apart."""
+    from dist_quant.analysis.retime import pool_compute
+
+    def cal(forward, encode):
+        return {**CAL, "seconds": {**CAL["seconds"], "forward": forward, "encode": encode}}
+
+    runs = [{"config": {"batch_size": b, "hidden": "8"}} for b in (32, 32, 32, 64)]
+    got = pool_compute(runs, [cal(1.0, 5.0), cal(2.0, 6.0), cal(6.0, 7.0), cal(9.0, 8.0)])
+    assert [g["seconds"]["forward"] for g in got] == [2.0, 2.0, 2.0, 9.0]
+    assert [g["seconds"]["encode"] for g in got] == [5.0, 6.0, 7.0, 8.0]
+    assert "median of 3 runs" in got[0]["source"]
