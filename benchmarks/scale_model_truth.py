@@ -1,15 +1,17 @@
 """Measured against modelled, run by run: mean step time (steps FROM onwards) and time to the
 target, on this machine's wall clock and on the modelled clock of the same run's step records.
 
-    python benchmarks/scale_model_truth.py RUN_DIR... --calibration CAL [--target 0.68]
-        [--from 50] [--rate none]
+    python benchmarks/scale_model_truth.py RUN_DIR... [--calibration CAL | --save-calibration
+        FILE] [--target 0.68] [--from 50] [--rate none]
 
 Measured: the ``wall`` of the step records (cumulative seconds since the run's start), the
 mean of its differences over steps FROM..last; time to target: the ``wall`` of the first
 evaluation at or above the target. Modelled: the run's own ``model_wall`` / ``model_time``
 where it ran with ``--clock dedicated``, else its step records re-timed with the modelled clock
 (``dist_quant.runtime.clock``, as ``dist-quant retime`` does) on ``--rate`` (none = uncapped)
-and the calibration ``--calibration``. Prints a markdown table; ``--json`` the rows.
+and the calibration ``--calibration``, or one measured here from the first run's configuration
+(``dist_quant.runtime.calibrate.measure``; ``--save-calibration`` writes it). Prints a markdown
+table; ``--json`` the rows.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import json
 from pathlib import Path
 
 from dist_quant.analysis.retime import read
-from dist_quant.runtime.calibrate import load
+from dist_quant.runtime.calibrate import load, measure
 from dist_quant.runtime.clock import Clock, Links
 
 
@@ -55,15 +57,21 @@ def compare(run_dir: Path, calibration: dict, target: float, first: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--calibration", required=True)
+    ap.add_argument("--calibration", default="")
+    ap.add_argument("--save-calibration", default="")
     ap.add_argument("--target", type=float, default=0.68)
     ap.add_argument("--from", dest="first", type=int, default=50)
     ap.add_argument("--rate", default="none")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rate = None if args.rate in ("none", "0") else float(args.rate)
-    rows = [compare(d, load(args.calibration), args.target, args.first, rate)
-            for d in args.runs]
+    if args.calibration:
+        cal = load(args.calibration)
+    else:
+        cal = {**measure(read(args.runs[0])["config"]), "source": "measured by scale_model_truth"}
+        if args.save_calibration:
+            Path(args.save_calibration).write_text(json.dumps(cal, indent=2) + "\n")
+    rows = [compare(d, cal, args.target, args.first, rate) for d in args.runs]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
