@@ -319,3 +319,45 @@ def test_retime(tmp_path):
     bad = CliRunner().invoke(main, ["retime", str(tmp_path / "sw"), "--rate", "10",
                                     "--host-speed", "-1"])
     assert bad.exit_code == 2 and "--host-speed" in bad.output
+
+
+def test_retime_heatmap(tmp_path):
+    """`retime --heatmap`: the PNG, and the break-even links in the output, retime.md and
+    retime.json (the star of test_retime against DDP fp32 at two rates)."""
+    pytest.importorskip("matplotlib")
+    from click.testing import CliRunner
+
+    from dist_quant.cli import main
+
+    star = config(rate=0.0, clock="wall", steps=2, eval_every=2, eval_lag=0)
+    fake_run(tmp_path / "sw" / "star", star, [record(t, [2 * SEG], [2 * SEG]) for t in (1, 2)],
+             [(2, 0.7)])
+    ddp = config(method="ddp", rate=0.0, clock="wall", steps=2, eval_every=2)
+    fake_run(tmp_path / "sw" / "ddp", ddp, [
+        {"step": t, "bytes_up": 2 * SEG, "bytes_down": 2 * SEG} for t in (1, 2)], [(2, 0.7)])
+    out = CliRunner().invoke(main, ["retime", str(tmp_path / "sw"), "--rate", str(RATE),
+                                    "--rate", str(RATE / 4), "--target", "0.6", "--out",
+                                    str(tmp_path / "t"), "--heatmap", str(tmp_path / "h.png")])
+    assert out.exit_code == 0, out.output
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Break-even link" in out.output
+    saved = json.loads((tmp_path / "t" / "retime.json").read_text())
+    # the star is slower than the ring at both rates (x = 31/39 at RATE): it pays at neither
+    assert [(r["workers"], r["where"], r["break_even_mbit"]) for r in saved["break_even"]] \
+        == [(2, "below", RATE / 4)]
+    assert "Break-even link" in (tmp_path / "t" / "retime.md").read_text()
+
+
+def test_retime_shared_compute():
+    """--shared-compute: the method-independent phases are their median over the runs of one
+    model and batch size; the coding phases stay each run's own; another batch size is apart."""
+    from dist_quant.analysis.retime import pool_compute
+
+    def cal(forward, encode):
+        return {**CAL, "seconds": {**CAL["seconds"], "forward": forward, "encode": encode}}
+
+    runs = [{"config": {"batch_size": b, "hidden": "8"}} for b in (32, 32, 32, 64)]
+    got = pool_compute(runs, [cal(1.0, 5.0), cal(2.0, 6.0), cal(6.0, 7.0), cal(9.0, 8.0)])
+    assert [g["seconds"]["forward"] for g in got] == [2.0, 2.0, 2.0, 9.0]
+    assert [g["seconds"]["encode"] for g in got] == [5.0, 6.0, 7.0, 8.0]
+    assert "median of 3 runs" in got[0]["source"]

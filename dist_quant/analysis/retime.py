@@ -13,23 +13,33 @@ sooner).
 
 Calibration, in order: ``--calibration FILE``; the run's own ``calibration.json`` (a run of
 ``--clock dedicated``); else measured here from the run's configuration (once per model,
-compressors and W). The asynchronous modes are skipped (their arrival order is not modelled
-yet).
+compressors and W); ``--shared-compute`` then takes the phases that do not depend on the
+method (forward, backward, update, evaluate) as their median over the runs of one model and
+batch size (:func:`pool_compute`). The asynchronous modes are skipped (their arrival order
+is not modelled yet).
 
     dist-quant retime sweeps/w4 --rate 1 --rate 10 --rate 100 --host-speed 1 --host-speed 50
     dist-quant retime runs/a runs/b --rate 10 --target 0.68 --json
     dist-quant retime sweeps/w4 --rate 10 --out benchmarks/retime      # retime.md, .json
+    dist-quant retime sweeps --rate 1 --rate 10 --rate 1000 --heatmap pays.png
+
+Where compression pays (:mod:`dist_quant.analysis.heatmap`): the break-even link of each method
+and W (the rate below which it reaches the target sooner than DDP fp32) is printed after the
+table and written into retime.md and retime.json; ``--heatmap OUT.png`` draws ``x_ddp_fp32``
+as one row of heat maps per host speed, W against the link, one panel per method.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
 import click
 
+from dist_quant.analysis.heatmap import break_even, break_even_text, save_heatmap
 from dist_quant.errors import ConfigError
 from dist_quant.runtime.calibrate import FILE as CALIBRATION_FILE
 from dist_quant.runtime.calibrate import load as load_calibration
@@ -42,6 +52,11 @@ CALIBRATION_KEY = ("method", "ddp_hook", "dataset", "train_size", "test_size", "
                    "batchnorm", "keep_prob", "batch_size", "compressor", "bucket_size", "bits",
                    "header_dtype", "qsgd_levels", "sparsity_ratio", "downlink",
                    "downlink_bucket_size", "workers")
+# the phases that do not depend on the method: the same computation for every run of one model
+# and batch size (--shared-compute pools them)
+SHARED_PHASES = ("forward", "backward", "update", "evaluate")
+COMPUTE_KEY = ("dataset", "train_size", "test_size", "hidden", "batchnorm", "keep_prob",
+               "batch_size")
 
 
 def find_run_dirs(paths: list[Path]) -> list[Path]:
@@ -100,6 +115,29 @@ def calibration_for(run: dict[str, Any], given: dict[str, Any] | None,
     return cache[key]
 
 
+def pool_compute(runs: list[dict[str, Any]], cals: list[dict[str, Any]]
+                 ) -> list[dict[str, Any]]:
+    """The calibrations ``cals`` of ``runs`` with each phase of ``SHARED_PHASES`` replaced by
+    its median over the runs of the same model and batch size (``COMPUTE_KEY``): those phases
+    are the same computation whatever the method, so that the runs' separate measurements
+    (each at its own run's start, on a machine whose load moves) do not enter a comparison of
+    methods as a difference of compute. The coding phases stay each run's own."""
+    groups: dict[str, list[int]] = {}
+    for i, run in enumerate(runs):
+        key = json.dumps({k: run["config"].get(k) for k in COMPUTE_KEY}, sort_keys=True)
+        groups.setdefault(key, []).append(i)
+    out = [dict(c, seconds=dict(c["seconds"])) for c in cals]
+    for members in groups.values():
+        for phase in SHARED_PHASES:
+            value = statistics.median(float(cals[i]["seconds"][phase]) for i in members)
+            for i in members:
+                out[i]["seconds"][phase] = value
+        for i in members:
+            out[i]["source"] = f"{cals[i].get('source', 'given')}; {', '.join(SHARED_PHASES)}: " \
+                f"median of {len(members)} runs"
+    return out
+
+
 def default_target(runs: list[dict[str, Any]]) -> float:
     best = max((r["summary"].get("test_accuracy", 0.0) for r in runs
                 if isinstance(r["summary"].get("test_accuracy"), float)
@@ -136,10 +174,10 @@ def is_ddp_fp32(config: dict[str, Any]) -> bool:
 
 def retime(paths: list[Path], rates: list[float | None], host_speeds: list[float],
            latency: float = 0.0, mtu: int = 1500, worker_rate: str = "",
-           target: float | None = None, calibration: str | None = None
-           ) -> tuple[list[dict[str, Any]], list[str]]:
+           target: float | None = None, calibration: str | None = None,
+           shared_compute: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of :func:`retime_run` for every synchronous run under ``paths``, link and host
-    speed, and the runs skipped (why)."""
+    speed, and the runs skipped (why). ``shared_compute``: :func:`pool_compute` first."""
     for r in rates:
         if r is not None and not r > 0:
             raise ConfigError("--rate", f"must be > 0 Mbit/s (none = uncapped); got {r:g}")
@@ -161,9 +199,11 @@ def retime(paths: list[Path], rates: list[float | None], host_speeds: list[float
     runs = [r for r in runs if synchronous(r["config"])]
     target = default_target(runs) if target is None else target
     cache: dict[str, dict[str, Any]] = {}
+    cals = [calibration_for(run, given, cache) for run in runs]
+    if shared_compute:
+        cals = pool_compute(runs, cals)
     rows = []
-    for run in runs:
-        cal = calibration_for(run, given, cache)
+    for run, cal in zip(runs, cals, strict=True):
         for rate in rates:
             for speed in host_speeds:
                 links = Links(rate, latency, mtu, own)
@@ -226,28 +266,53 @@ def _rate(text: str) -> float | None:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write retime.md and retime.json into this directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON.")
+@click.option("--shared-compute", is_flag=True,
+              help="Take the phases that do not depend on the method (forward, backward, "
+                   "update, evaluate) as their median over the runs of one model and batch "
+                   "size, each run keeping its own coding phases.")
+@click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="OUT.png", help="Also draw the time to target relative to DDP fp32 as "
+              "heat maps (W against the link; a row per host speed, a panel per method) with "
+              "each W's break-even link (needs matplotlib).")
 def retime_command(paths: tuple[Path, ...], rates: tuple[str, ...],
                    host_speeds: tuple[float, ...], latency: float, mtu: int,
                    worker_rate: tuple[str, ...], target: float | None,
-                   calibration: Path | None, out: Path | None, as_json: bool) -> None:
+                   calibration: Path | None, out: Path | None, as_json: bool,
+                   shared_compute: bool, heatmap: Path | None) -> None:
     """Re-time recorded synchronous runs (RUN_OR_SWEEP_DIRS) on modelled clusters: every
     rank on a host of its own, --host-speed times the calibration's CPU, on links of --rate
     Mbit/s; print the modelled time to the target accuracy per run, link and host speed."""
     try:
         rows, skipped = retime(list(paths), [_rate(r) for r in rates],
                                list(host_speeds) or [1.0], latency, mtu, ",".join(worker_rate),
-                               target, str(calibration) if calibration else None)
+                               target, str(calibration) if calibration else None,
+                               shared_compute)
     except ConfigError as err:
         raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
     text = table(rows)
+    even = break_even(rows)
+    if even:
+        text += "\n\nBreak-even link per method and W (modelled clock):\n\n" + \
+            break_even_text(even)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "retime.json").write_text(json.dumps({"rows": rows, "skipped": skipped},
-                                                    indent=2) + "\n")
+        (out / "retime.json").write_text(json.dumps(
+            {"rows": rows, "break_even": even, "skipped": skipped}, indent=2) + "\n")
         (out / "retime.md").write_text(
             "# Modelled time to target (dedicated hosts, modelled links)\n\n" + text + "\n")
+    if heatmap is not None:
+        try:
+            save_heatmap(rows, heatmap, f"Modelled time to {100 * rows[0]['target']:.0f}% "
+                         "relative to DDP fp32 (dedicated hosts, modelled links; black bar: "
+                         "break-even link)" if rows else "")
+        except ValueError as err:
+            raise click.BadParameter(str(err), param_hint="--heatmap") from None
+        except ImportError:
+            raise click.UsageError("--heatmap needs matplotlib (pip install "
+                                   "'dist-quant[plot]')") from None
     if as_json:
-        click.echo(json.dumps({"rows": rows, "skipped": skipped}, indent=2))
+        click.echo(json.dumps({"rows": rows, "break_even": even, "skipped": skipped},
+                              indent=2))
         return
     click.echo(f"target accuracy {100 * rows[0]['target']:.1f}%; modelled clock" if rows
                else "no synchronous run")
