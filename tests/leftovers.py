@@ -22,7 +22,9 @@ from pathlib import Path
 
 TOKEN_VAR = "DIST_QUANT_TEST_SESSION"
 TOKEN = os.environ.setdefault(TOKEN_VAR, uuid.uuid4().hex)
-DAEMONS = ("dockerd", "containerd", "docker-host.sh", "containerd-shim", "docker-proxy")
+DAEMONS = ("dockerd", "containerd", "docker-host.sh", "containerd-shim", "docker-proxy",
+           # multiprocessing's tracker of a spawning test process: it ends with that process
+           "multiprocessing.resource_tracker")
 NAMESPACE = re.compile(r"^dq(\d+)-")
 PROJECT = re.compile(r"^dq(\d+)x\d+$")
 SETTLE_S = 5.0   # what was just stopped may take a moment to be reaped

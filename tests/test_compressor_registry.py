@@ -145,7 +145,8 @@ def test_the_star_runs_it_up_and_down_with_shifts(int8, tmp_path):
     assert summary["payload_nbytes_down"] == Int8Compressor(7).payload_nbytes(n)
 
 
-# ---- the DDP hook, in two gloo processes (forked: they inherit the registration) ----------
+# ---- the DDP hook, in two gloo processes (spawned: each registers the toy compressor, with
+# the same one line, so no lock of the test process is inherited by a fork) ----------------
 WORLD, N, D = 2, 37, 4
 
 
@@ -155,6 +156,8 @@ def _grads() -> list[torch.Tensor]:
 
 
 def _hook_rank(rank: int, port: int, out: str) -> None:
+    if "int8" not in available_compressors():
+        register_compressor("int8", lambda **o: Int8Compressor(o.get("bucket_size") or 0))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -172,7 +175,7 @@ def _hook_rank(rank: int, port: int, out: str) -> None:
 
 def test_the_ddp_hook_slices_it_on_its_buckets(int8, tmp_path):
     mp.start_processes(_hook_rank, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
-                       join=True, start_method="fork")
+                       join=True, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     bounds = ranks[0]["bounds"]
     assert all(b % D == 0 for b in bounds[:-1]) and bounds[-1] == N
