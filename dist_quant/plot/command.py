@@ -16,7 +16,7 @@ import click
 
 from dist_quant.errors import ConfigError
 from dist_quant.plot.html import write_html
-from dist_quant.plot.modeltime import AXIS, use_model_time
+from dist_quant.plot.modeltime import use_model_time
 from dist_quant.plot.report import TARGET_FRACTION, default_target, write_report
 from dist_quant.plot.runs import find_runs, record_target
 from dist_quant.plot.scaling import scaling
@@ -69,8 +69,8 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None, clock:
         runs = use_model_time(runs) if clock == "model" else runs
         factors = [1.0 if r.link is None else r.link.dilate for r in runs]
         dilated = any(f != 1.0 for f in factors)   # --dilate: times are the wall's / F
-        AXIS["time"] = ("modelled time" if clock == "model" else
-                        "dilated time" if all(f != 1.0 for f in factors) else "wall time")
+        time_axis = ("modelled time" if clock == "model" else
+                     "dilated time" if all(f != 1.0 for f in factors) else "wall time")
     except ConfigError as e:
         raise click.BadParameter(str(e), param_hint="RUN_OR_SWEEP_DIRS") from e
     out = out or paths[0] / "plots"
@@ -94,7 +94,7 @@ def plot(paths: tuple[Path, ...], out: Path | None, target: float | None, clock:
         note += ("; every time is modelled (--clock dedicated: dedicated hosts on the modelled "
                  "links), not measured")
     per_w = scaling(groups)
-    figures = draw_all(groups, target, out, per_w)
+    figures = draw_all(groups, target, out, per_w, time_axis)
     stale = staleness_figure(groups, out)   # asynchronous runs only
     figures = [*figures, stale] if stale is not None else figures
     report = write_report(groups, target, note, figures, out, per_w, shlex.join(given))

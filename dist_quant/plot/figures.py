@@ -34,7 +34,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from dist_quant.plot.labels import metric_label
-from dist_quant.plot.modeltime import AXIS
 from dist_quant.plot.palette import PHASE_COLOURS, PHASE_HATCH, Style, styles
 from dist_quant.plot.report import point_rows
 from dist_quant.plot.runs import Run
@@ -57,12 +56,14 @@ PANEL_W, PANEL_H = 5.4, 3.8
 
 @dataclass
 class Plan:
-    """What every figure of one call shares: the panels, the methods and their styles."""
+    """What every figure of one call shares: the panels, the methods and their styles, the
+    target, and the name of the time axis (wall, dilated or modelled time)."""
 
     panels: list[Panel]
     order: list[str]
     style: dict[str, Style]
     target: float
+    time_axis: str = "wall time"
 
     @property
     def caps(self) -> list[str]:
@@ -82,10 +83,10 @@ class Plan:
         return 1.0 + 0.075 * max(len(m) for m in self.order)
 
 
-def plan(groups: Groups, target: float) -> Plan:
+def plan(groups: Groups, target: float, time_axis: str = "wall time") -> Plan:
     runs = [r for members in groups.values() for r in members]
     order = method_order(runs)
-    return Plan(panels(groups), order, styles(order, first_runs(runs)), target)
+    return Plan(panels(groups), order, styles(order, first_runs(runs)), target, time_axis)
 
 
 def short(value: float) -> str:
@@ -223,7 +224,7 @@ def accuracy_ylim(ax, p: Plan, panel_list: list[list[Series]]) -> None:
 
 def accuracy_figure(p: Plan, x: str) -> Figure:
     """Accuracy against wall time (``x="wall"``) or MB (``"mb"``: uplink and up + down)."""
-    kinds = [("wall", f"{AXIS['time']} (s)")] if x == "wall" else [
+    kinds = [("wall", f"{p.time_axis} (s)")] if x == "wall" else [
         ("mb_up", "cumulative MB sent, uplink"), ("mb_total", "cumulative MB sent, up + down")]
     fig, where = grid_figure(p, len(kinds))
     for panel in p.panels:
@@ -297,7 +298,7 @@ def to_target_figure(p: Plan) -> Figure:
         ax.set_xlim(left, right)
         labelled_x(ax)
         seeds = max(r.seeds for r in rows)
-        ax.set_xlabel(f"{AXIS['time']} to {100 * p.target:.1f}% (s)"
+        ax.set_xlabel(f"{p.time_axis} to {100 * p.target:.1f}% (s)"
                       + (": mean, min-max over seeds" if seeds > 1 else ", one seed")
                       + ("; no DDP fp32 run for a speed-up" if no_base else
                          "; speed-up vs DDP fp32"), fontsize="small")
@@ -385,8 +386,9 @@ def save(fig: Figure, out: Path, name: str) -> Path:
 
 
 def draw_all(groups: Groups, target: float, out: Path,
-             scaling: dict[str, list[ScalingRow]] | None = None) -> list[Path]:
-    p = plan(groups, target)
+             scaling: dict[str, list[ScalingRow]] | None = None,
+             time_axis: str = "wall time") -> list[Path]:
+    p = plan(groups, target, time_axis)
     figures = [save(to_target_figure(p), out, "to_target.png"),
                save(accuracy_figure(p, "wall"), out, "accuracy_vs_time.png"),
                save(accuracy_figure(p, "mb"), out, "accuracy_vs_bytes.png"),

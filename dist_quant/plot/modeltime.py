@@ -16,9 +16,6 @@ from dataclasses import dataclass
 from dist_quant.errors import ConfigError
 from dist_quant.plot.runs import Link, Run
 
-# the figures' time axis: "modelled time" once use_model_time has put the modelled clock in
-AXIS = {"time": "wall time"}
-
 
 @dataclass(frozen=True)
 class ModelledLink(Link):
@@ -35,7 +32,7 @@ class ModelledLink(Link):
 
 def use_model_time(runs: list[Run]) -> list[Run]:
     """``runs`` with ``model_time`` as their clock (ConfigError naming a run without one);
-    the caller names the figures' time axis (``AXIS``)."""
+    the caller names the figures' time axis (``draw_all``'s ``time_axis``)."""
     for run in runs:
         lines = [*run.steps, *run.evals]
         if run.config.get("clock") != "dedicated" or any("model_time" not in r for r in lines):
