@@ -2,7 +2,7 @@
 target, on this machine's wall clock and on the modelled clock of the same run's step records.
 
     python benchmarks/scale_model_truth.py RUN_DIR... [--calibration CAL | --save-calibration
-        FILE] [--target 0.68] [--from 50] [--rate none]
+        FILE] [--target 0.68] [--from 50] [--rate none] [--own-cpu]
 
 Measured: the ``wall`` of the step records (cumulative seconds since the run's start), the
 mean of its differences over steps FROM..last; time to target: the ``wall`` of the first
@@ -10,8 +10,9 @@ evaluation at or above the target. Modelled: the run's own ``model_wall`` / ``mo
 where it ran with ``--clock dedicated``, else its step records re-timed with the modelled clock
 (``dist_quant.runtime.clock``, as ``dist-quant retime`` does) on ``--rate`` (none = uncapped)
 and the calibration ``--calibration``, or one measured here from the first run's configuration
-(``dist_quant.runtime.calibrate.measure``; ``--save-calibration`` writes it). Prints a markdown
-table; ``--json`` the rows.
+(``dist_quant.runtime.calibrate.measure``; ``--save-calibration`` writes it); ``--own-cpu``
+replaces the calibration's phases by the run's own CPU time per phase
+(``dist_quant.analysis.retime.own_cpu``). Prints a markdown table; ``--json`` the rows.
 """
 
 from __future__ import annotations
@@ -20,23 +21,25 @@ import argparse
 import json
 from pathlib import Path
 
-from dist_quant.analysis.retime import read
+from dist_quant.analysis.retime import own_cpu, read
 from dist_quant.runtime.calibrate import load, measure
 from dist_quant.runtime.clock import Clock, Links
 
 
 def compare(run_dir: Path, calibration: dict, target: float, first: int,
-            rate: float | None) -> dict:
+            rate: float | None, own: bool = False) -> dict:
     run = read(run_dir)
     steps, evals = run["steps"], run["evals"]
-    if all("model_wall" in s for s in steps):
+    if own:
+        calibration = own_cpu(run, calibration)
+    if all("model_wall" in s for s in steps) and not own:
         model = [s["model_wall"] for s in steps]
         clock = "run's own --clock dedicated"
         link = run["summary"].get("model_link")
     else:
         c = Clock(run["config"], calibration, Links(rate, 0.0, int(run["config"].get("mtu", 1500))))
         model = [c.step(s, last=i == len(steps) - 1) for i, s in enumerate(steps)]
-        clock = "re-timed"
+        clock = "re-timed, own CPU" if own else "re-timed"
         link = c.links.name
     walls = [s["wall"] for s in steps]
     idx = [i for i, s in enumerate(steps) if s["step"] >= first and i > 0]
@@ -62,6 +65,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.68)
     ap.add_argument("--from", dest="first", type=int, default=50)
     ap.add_argument("--rate", default="none")
+    ap.add_argument("--own-cpu", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     rate = None if args.rate in ("none", "0") else float(args.rate)
@@ -71,7 +75,7 @@ def main() -> None:
         cal = {**measure(read(args.runs[0])["config"]), "source": "measured by scale_model_truth"}
         if args.save_calibration:
             Path(args.save_calibration).write_text(json.dumps(cal, indent=2) + "\n")
-    rows = [compare(d, cal, args.target, args.first, rate) for d in args.runs]
+    rows = [compare(d, cal, args.target, args.first, rate, args.own_cpu) for d in args.runs]
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -46,7 +46,7 @@ Methods. Presets (``PRESETS``) map onto :class:`~dist_quant.config.TrainConfig` 
 
 ``-m LABEL:field=value,field=value`` starts from the preset ``LABEL`` (or, for a label that is
 no preset, from the defaults) and sets the fields: ``-m ps-kbit2:compressor=kbit,bits=2``.
-Precedence, lowest first: TrainConfig defaults, the preset, ``--set``, the method's own fields.
+Precedence, lowest first: defaults, the ``--task``'s, the preset, ``--set``, the method's own.
 
 Axes. ``--set FIELD=V1,V2`` sweeps any TrainConfig field (one value = fixed for all points;
 ``hidden``'s values contain commas, so separate them with ``;``); the same field given twice
@@ -69,19 +69,17 @@ engine too. The default engine, ``netns``, runs network namespaces (needs root;
 :func:`dist_quant.cluster.run_cluster`); ``--engine compose`` runs containers
 (:func:`dist_quant.cluster.run_compose`). A point run on another engine than the default, or
 forced onto the default one, carries the engine's mark in its name (``dc``, ``ns``). Each
-point's directory
-(``OUT/<name>``) holds the run (``config.json``, ``metrics.jsonl``, ``summary.json``, and
-``link.json``/``wire.json`` from the cluster), ``point.json`` (label, preset, link, runner,
-engine) and ``log.txt`` (the job's output).
-The name is stable: method label, workers, link and seed, then 8 hex digits of a hash of
-everything that defines the point (the full config, the link, the runner).
+point's directory (``OUT/<name>``) holds the run (``config.json``, ``metrics.jsonl``,
+``summary.json``, and ``link.json``/``wire.json`` from the cluster), ``point.json`` (label,
+preset, link, runner, engine) and ``log.txt`` (the job's output). The name is stable: method
+label, workers, link and seed, then 8 hex digits of a hash of everything that defines the
+point (the full config, the link, the runner).
 
 Dilation. ``--dilate F`` (or ``auto``) runs every cluster point in dilated time
 (:mod:`dist_quant.cluster.dilation`: links at rate / F, latency and timeout x F, every time
 reported / F); ``auto`` is resolved per point (its training processes / the cores this job
-has, at least 1). The factor is part of the point's identity and of its name
-(``dilate2.5``); an undilated point's name stays as before. Points that would run locally
-refuse it (add ``--cluster``).
+has, at least 1). The factor is part of the point's identity and of its name (``dilate2.5``;
+an undilated point's name stays as before). Local points refuse it (add ``--cluster``).
 
 Resume. A point is done when its ``summary.json`` exists and its ``config.json`` holds the
 point's config: running the same command again skips it; adding a point runs only that one;
@@ -289,12 +287,14 @@ def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None
     sets = dict(sets or {})
     names = list(sets)
     base = base or TrainConfig()
+    base_given = {k for k, f in FIELDS.items() if getattr(base, k) != f.default}
     points, seen = [], set()
     for rate, latency, loss in product(rates, latencies, losses):
         for values in product(*(sets[n] for n in names)):
             chosen = dict(zip(names, values, strict=True))
             for label, preset, own in parsed:
-                cfg = base.replace(**{**preset, **chosen, **own})
+                cfg = base.replace(**{**preset, **chosen, **own}).with_task_defaults(
+                    {*preset, *chosen, *own, *base_given})   # the task's, for the rest
                 try:
                     cfg = cfg.validate()
                 except ConfigError as err:

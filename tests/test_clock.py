@@ -361,3 +361,44 @@ def test_retime_shared_compute():
     assert [g["seconds"]["forward"] for g in got] == [2.0, 2.0, 2.0, 9.0]
     assert [g["seconds"]["encode"] for g in got] == [5.0, 6.0, 7.0, 8.0]
     assert "median of 3 runs" in got[0]["source"]
+
+
+def _roles(compute, encode, w_decode, s_decode, update, s_encode):
+    return {"worker": {"compute": compute, "encode": encode, "decode": w_decode},
+            "server": {"decode": s_decode, "update": update, "encode": s_encode}}
+
+
+@pytest.mark.parametrize("simulated", [False, True])
+def test_retime_own_cpu(simulated):
+    """--own-cpu: each phase is the median of the run's own per-role CPU records (step 1 left
+    out), as whole-model costs: W = 4 colocated (S = 4 shards); a simulated run's records are
+    sums over the workers and over the servers, a cluster's the largest rank's."""
+    from dist_quant.analysis.retime import own_cpu
+
+    w = s = 4
+    k_w, k_s = (w, s) if simulated else (1, 1)
+    steps = [{"step": 1, "cpu_roles": _roles(*[100.0] * 6), "servers": [{}] * s}]
+    for step, f in ((2, 1.0), (3, 3.0), (4, 2.0)):   # medians: the f = 2 values
+        steps.append({"step": step, "servers": [{}] * s, "cpu_roles": _roles(
+            6.0 * f * k_w, 1.0 * f * k_w, 0.5 * f * k_w, 0.25 * f * k_s, 0.125 * f * k_s,
+            0.375 * f * k_s)})
+    run = {"config": {"workers": w, "simulate": simulated, "servers": 1, "colocate": True},
+           "steps": steps, "evals": [{"cpu": {"evaluate": 0.03}}, {"cpu": {"evaluate": 0.05}},
+                                     {}]}
+    got = own_cpu(run, CAL)["seconds"]
+    assert got["forward"] == pytest.approx(12.0 / 3)       # forward : backward as CAL's, 2 : 4
+    assert got["backward"] == pytest.approx(12.0 * 2 / 3)
+    assert got["encode"] == pytest.approx(2.0) and got["down_decode"] == pytest.approx(1.0)
+    assert got["decode"] == pytest.approx(0.5 * s / w)     # W rows of n / S coordinates
+    assert got["update"] == pytest.approx(0.25 * s)
+    assert got["down_encode"] == pytest.approx(0.75 * s)
+    assert got["evaluate"] == pytest.approx(0.04)
+    ddp = {**run, "steps": [{k: v for k, v in r.items() if k != "cpu_roles"} for r in steps]}
+    assert own_cpu(ddp, CAL) is CAL                         # no per-role records: unchanged
+
+
+def test_retime_own_cpu_and_shared_compute_refused(tmp_path):
+    from dist_quant.analysis.retime import retime
+
+    with pytest.raises(ConfigError, match="--own-cpu"):
+        retime([tmp_path], [10.0], [1.0], shared_compute=True, own=True)

@@ -195,3 +195,45 @@ def test_plots_name_each_task_metric():
     assert metric_label([{"task": "text-transformer"}] * 2) == "next-byte accuracy (%)"
     assert metric_label([{"task": "mnist1d-mlp"}, {}]) == "test accuracy (%)"
     assert metric_label([{"task": "text-transformer"}, {}]) == "test metric (%)"
+
+
+# ---- each task's own defaults ----------------------------------------------------------
+def test_each_task_brings_its_defaults_for_the_options_not_given():
+    """A command line or sweep point of another --task takes that task's defaults
+    (``TASK_DEFAULTS``) for the options it does not give; an option given keeps its value,
+    even one equal to the MLP's default, and travels to the ranks as given."""
+    import click
+    from click.testing import CliRunner
+
+    from dist_quant.config import TASK_DEFAULTS, click_options
+    from dist_quant.runner.options import config_from_options
+    from dist_quant.sweep import expand_grid
+
+    text = TASK_DEFAULTS["text-transformer"]
+    assert text["optimizer"] == "adamw" and TASK_DEFAULTS["shapes-cnn"]["lr"] == 0.05
+    cfg = TrainConfig(task="text-transformer").with_task_defaults()
+    assert {k: getattr(cfg, k) for k in text} == text
+    mine = TrainConfig(task="text-transformer").with_task_defaults({"lr"})
+    assert mine.lr == TrainConfig().lr and mine.batch_size == text["batch_size"]
+    argv = mine.to_argv()
+    assert argv[argv.index("--lr") + 1] == str(TrainConfig().lr)
+    assert TrainConfig().with_task_defaults() == TrainConfig()   # the MLP: nothing changes
+
+    @click.command()
+    @click_options()
+    @click.pass_context
+    def show(ctx, **params):
+        cfg, _ = config_from_options(ctx, params)
+        click.echo(f"{cfg.lr} {cfg.batch_size} {cfg.optimizer}")
+
+    runner = CliRunner()
+    assert runner.invoke(show, ["--task", "text-transformer"]).output.split() == \
+        [str(text["lr"]), str(text["batch_size"]), "adamw"]
+    assert runner.invoke(show, ["--task", "text-transformer", "--lr", "0.2"]).output.split() \
+        == ["0.2", str(text["batch_size"]), "adamw"]
+    assert runner.invoke(show, []).output.split() == ["0.2", "512", "sgd"]
+
+    points = expand_grid(["ps-fp32", "ps-tolerant", "mine:lr=0.1"],
+                         {"task": ["text-transformer"], "workers": [4]})
+    assert [p.cfg.lr for p in points] == [text["lr"], 1.0, 0.1]
+    assert {p.cfg.batch_size for p in points} == {text["batch_size"]}

@@ -15,8 +15,9 @@ Calibration, in order: ``--calibration FILE``; the run's own ``calibration.json`
 ``--clock dedicated``); else measured here from the run's configuration (once per model,
 compressors and W); ``--shared-compute`` then takes the phases that do not depend on the
 method (forward, backward, update, evaluate) as their median over the runs of one model and
-batch size (:func:`pool_compute`). The asynchronous modes are skipped (their arrival order
-is not modelled yet).
+batch size (:func:`pool_compute`); ``--own-cpu`` instead takes each run's compute from its own
+step records, the thread CPU time its ranks spent in each phase (:func:`own_cpu`). The
+asynchronous modes are skipped (their arrival order is not modelled yet).
 
     dist-quant retime sweeps/w4 --rate 1 --rate 10 --rate 100 --host-speed 1 --host-speed 50
     dist-quant retime runs/a runs/b --rate 10 --target 0.68 --json
@@ -138,6 +139,49 @@ def pool_compute(runs: list[dict[str, Any]], cals: list[dict[str, Any]]
     return out
 
 
+def own_cpu(run: dict[str, Any], base: dict[str, Any], first: int = 2) -> dict[str, Any]:
+    """``base`` with its phases replaced by what the run's own ranks spent, in thread CPU time:
+    the median over the step records from step ``first`` of each role's phase (``cpu_roles``:
+    the largest worker's and server's on a cluster, the sum over the workers or the servers
+    with ``--simulate``), as whole-model costs. With ``W`` workers, ``S`` shards and the
+    per-role medians ``w_p``, ``s_p`` (one worker, one server)::
+
+        forward + backward = w_compute   (split as in ``base``)
+        encode = w_encode,  down_decode = w_decode
+        decode = s_decode S / W          (a server decodes W rows of its n / S coordinates)
+        update = s_update S,  down_encode = s_encode S
+        evaluate = the median CPU time of the run's evaluations (``base``'s if none)
+
+    On a cluster whose ranks share cores this is the compute the run really paid, cache and
+    scheduling contention included; a calibration measures one process alone, as on a host of
+    its own. A run without per-role CPU records (the DDP baselines) keeps ``base``."""
+    steps = [r for r in run["steps"] if r["step"] >= first and "cpu_roles" in r]
+    if not steps:
+        return base
+    w = int(run["config"]["workers"])
+    shards = len(steps[-1].get("servers") or []) or int(run["config"].get("servers", 1))
+    simulated = bool(run["config"].get("simulate"))
+
+    def med(role: str, phase: str) -> float:
+        value = statistics.median(float(r["cpu_roles"][role][phase]) for r in steps)
+        return value / ((w if role == "worker" else shards) if simulated else 1)
+
+    sec = dict(base["seconds"])
+    fb = float(sec["forward"]) + float(sec["backward"])
+    share = float(sec["forward"]) / fb if fb > 0 else 0.5
+    compute = med("worker", "compute")
+    sec.update(forward=compute * share, backward=compute * (1 - share),
+               encode=med("worker", "encode"), down_decode=med("worker", "decode"),
+               decode=med("server", "decode") * shards / w,
+               update=med("server", "update") * shards,
+               down_encode=med("server", "encode") * shards)
+    evals = [float(e["cpu"]["evaluate"]) for e in run["evals"] if "evaluate" in e.get("cpu", {})]
+    if evals:
+        sec["evaluate"] = statistics.median(evals)
+    return {**base, "seconds": sec,
+            "source": f"the run's own CPU time per phase (median of {len(steps)} steps)"}
+
+
 def default_target(runs: list[dict[str, Any]]) -> float:
     best = max((r["summary"].get("test_accuracy", 0.0) for r in runs
                 if isinstance(r["summary"].get("test_accuracy"), float)
@@ -175,9 +219,14 @@ def is_ddp_fp32(config: dict[str, Any]) -> bool:
 def retime(paths: list[Path], rates: list[float | None], host_speeds: list[float],
            latency: float = 0.0, mtu: int = 1500, worker_rate: str = "",
            target: float | None = None, calibration: str | None = None,
-           shared_compute: bool = False) -> tuple[list[dict[str, Any]], list[str]]:
+           shared_compute: bool = False, own: bool = False
+           ) -> tuple[list[dict[str, Any]], list[str]]:
     """Rows of :func:`retime_run` for every synchronous run under ``paths``, link and host
-    speed, and the runs skipped (why). ``shared_compute``: :func:`pool_compute` first."""
+    speed, and the runs skipped (why). ``shared_compute``: :func:`pool_compute` first;
+    ``own``: each run's compute from its own records (:func:`own_cpu`)."""
+    if shared_compute and own:
+        raise ConfigError("--own-cpu", "takes each run's compute from its own records; "
+                          "--shared-compute pools the calibrations: give one of them")
     for r in rates:
         if r is not None and not r > 0:
             raise ConfigError("--rate", f"must be > 0 Mbit/s (none = uncapped); got {r:g}")
@@ -202,6 +251,8 @@ def retime(paths: list[Path], rates: list[float | None], host_speeds: list[float
     cals = [calibration_for(run, given, cache) for run in runs]
     if shared_compute:
         cals = pool_compute(runs, cals)
+    if own:
+        cals = [own_cpu(run, cal) for run, cal in zip(runs, cals, strict=True)]
     rows = []
     for run, cal in zip(runs, cals, strict=True):
         for rate in rates:
@@ -270,6 +321,10 @@ def _rate(text: str) -> float | None:
               help="Take the phases that do not depend on the method (forward, backward, "
                    "update, evaluate) as their median over the runs of one model and batch "
                    "size, each run keeping its own coding phases.")
+@click.option("--own-cpu", "own", is_flag=True,
+              help="Take each run's compute from its own step records (the thread CPU time "
+                   "its ranks spent per phase, contention included) instead of a calibration "
+                   "of one process alone.")
 @click.option("--heatmap", type=click.Path(dir_okay=False, path_type=Path), default=None,
               metavar="OUT.png", help="Also draw the time to target relative to DDP fp32 as "
               "heat maps (W against the link; a row per host speed, a panel per method) with "
@@ -278,7 +333,7 @@ def retime_command(paths: tuple[Path, ...], rates: tuple[str, ...],
                    host_speeds: tuple[float, ...], latency: float, mtu: int,
                    worker_rate: tuple[str, ...], target: float | None,
                    calibration: Path | None, out: Path | None, as_json: bool,
-                   shared_compute: bool, heatmap: Path | None) -> None:
+                   shared_compute: bool, own: bool, heatmap: Path | None) -> None:
     """Re-time recorded synchronous runs (RUN_OR_SWEEP_DIRS) on modelled clusters: every
     rank on a host of its own, --host-speed times the calibration's CPU, on links of --rate
     Mbit/s; print the modelled time to the target accuracy per run, link and host speed."""
@@ -286,7 +341,7 @@ def retime_command(paths: tuple[Path, ...], rates: tuple[str, ...],
         rows, skipped = retime(list(paths), [_rate(r) for r in rates],
                                list(host_speeds) or [1.0], latency, mtu, ",".join(worker_rate),
                                target, str(calibration) if calibration else None,
-                               shared_compute)
+                               shared_compute, own)
     except ConfigError as err:
         raise click.BadParameter(str(err).split(": ", 1)[-1], param_hint=err.option) from None
     text = table(rows)

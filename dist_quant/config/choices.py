@@ -24,6 +24,16 @@ MODEL_FIELDS = (*LINK_FIELDS, "host_speed", "calibration")
 BUILTIN_DATASETS = ("mnist1d", "teacher", "mnist")
 # --task: what is trained (dist_quant.ps.task); the first is the default, the MLP on --dataset
 TASKS = ("mnist1d-mlp", "shapes-cnn", "text-transformer")
+# each task's own defaults: what a command line or a sweep point of that --task takes for the
+# options it does not give (the MLP's defaults diverge on these models: lr 0.2 drove both to a
+# loss in the hundreds within 20 steps). The CNN's are the example's (examples/cnn_shapes.py);
+# the transformer's, AdamW at 1e-3 on batches of 16 windows, were chosen by a scan of lr
+# 1e-3 / 3e-3 and SGD 0.1 over 300 steps (benchmarks/workloads-2026-12-07).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "shapes-cnn": {"batch_size": 64, "lr": 0.05, "lr_schedule": "cosine", "steps": 600},
+    "text-transformer": {"batch_size": 16, "optimizer": "adamw", "lr": 0.001,
+                         "weight_decay": 0.01, "steps": 600, "eval_every": 50},
+}
 # the fields that describe the MLP and its dataset: another --task leaves them at their defaults
 MLP_TASK_FIELDS = ("dataset", "data_dir", "hidden", "keep_prob", "batchnorm", "init")
 OPTIMIZERS = ("sgd", "adamw")

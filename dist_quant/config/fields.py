@@ -32,6 +32,7 @@ from dist_quant.config.choices import (
     OUTPUT,
     RUNTIME,
     SERVER,
+    TASK_DEFAULTS,
     TASKS,
     TESTING,
     _worker_at,
@@ -339,13 +340,21 @@ class TrainConfig(ConfigChecks):
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
+    def with_task_defaults(self, given: set[str] | frozenset[str] = frozenset()) -> TrainConfig:
+        """This config with its ``--task``'s own defaults (``TASK_DEFAULTS``) for the fields
+        not in ``given`` (the options a command line or a sweep point set itself)."""
+        own = {k: v for k, v in TASK_DEFAULTS.get(self.task, {}).items() if k not in given}
+        return self.replace(**own) if own else self
+
     def to_argv(self, defaults: bool = False) -> list[str]:
-        """The command-line options that reproduce this config: the non-default fields, or
-        every field with ``defaults=True``."""
+        """The command-line options that reproduce this config: the non-default fields (and
+        every field its task has a default of: a value equal to the MLP's default is then
+        given, not replaced by the task's), or every field with ``defaults=True``."""
         argv: list[str] = []
+        keep = TASK_DEFAULTS.get(self.task, {})
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if value == f.default and not defaults:
+            if value == f.default and not defaults and f.name not in keep:
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):

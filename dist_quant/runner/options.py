@@ -3,7 +3,9 @@ options of ``dist-quant train`` shares (``train``, ``cluster``, the host check o
 
 :func:`config_from_options` turns click's parameters (from
 :func:`dist_quant.config.click_options`) into a :class:`~dist_quant.config.TrainConfig` and the
-names given explicitly, reading a resumed or replayed run's saved config as the base;
+names given explicitly, reading a resumed or replayed run's saved config as the base (a new
+run takes its ``--task``'s own defaults for the options not given:
+:meth:`~dist_quant.config.TrainConfig.with_task_defaults`);
 :func:`config_error` is how a command refuses a bad option: one line, exit status 2.
 """
 
@@ -47,7 +49,10 @@ def config_from_options(ctx: click.Context, params: dict[str, Any]) -> tuple[Tra
                   **{k: params[k] for k in explicit}, "resume": params["resume"]}
         if "run_dir" not in explicit:
             values["run_dir"] = params["resume"]
-    cfg = TrainConfig.from_dict(values).validate()
+    cfg = TrainConfig.from_dict(values)
+    if not (params["resume"] or params["replay"]):   # a saved config holds its task's values
+        cfg = cfg.with_task_defaults(explicit)
+    cfg = cfg.validate()
     if cfg.resume:
         # torch loads with the checkpoint: only a resumed run, after its options are checked
         from dist_quant.runtime.checkpoint import load_for_resume

@@ -3,6 +3,13 @@ the failures of each test (not part of the default test run: pytest collects ``t
 
     python tests/stress/repeat.py -n 20 --busy 2
     python tests/stress/repeat.py -n 5 tests/test_faults.py     (any pytest node ids)
+    python tests/stress/repeat.py -n 20 --keep stress-logs --company tests/test_chaos.py
+
+Each failing run's whole output (pytest's report, the captured output of the test) is written to
+``--keep DIR`` as ``round-K-<test>.log``, so a failure seen once can be read, not guessed at.
+``--company FILE_OR_NODE`` (repeatable) runs those tests first in the same pytest process as
+the test, each round: the test then runs after what the suite runs before it (its processes,
+namespaces, ports and files), not only on a fresh interpreter.
 
 Each round runs every test in its own pytest process (as the suite would, fixtures included),
 one after the other; the busy processes spin for the whole run. The namespace and compose
@@ -45,6 +52,10 @@ def main() -> int:
     ap.add_argument("-n", "--rounds", type=int, default=20)
     ap.add_argument("--busy", type=int, default=2, help="CPU-bound processes beside the tests")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="directory for the whole output of every failing run")
+    ap.add_argument("--company", action="append", default=[],
+                    help="tests run before the test in the same pytest process (repeatable)")
     args = ap.parse_args()
     busy = [mp.Process(target=spin, daemon=True) for _ in range(args.busy)]
     for p in busy:
@@ -55,19 +66,31 @@ def main() -> int:
         for k in range(1, args.rounds + 1):
             for test in args.tests:
                 t0 = time.monotonic()
+                output = ""
                 try:
                     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE",
-                                          "-p", "no:cacheprovider", test], cwd=ROOT,
-                                         capture_output=True, text=True, timeout=args.timeout)
+                                          "-p", "no:cacheprovider", *args.company, test],
+                                         cwd=ROOT, capture_output=True, text=True,
+                                         timeout=args.timeout)
+                    output = res.stdout + res.stderr
                     lines = res.stdout.splitlines()
                     bad = [x.split(" ", 1)[1].split(" - ")[0] for x in lines
                            if x.startswith(("FAILED ", "ERROR "))]
-                    code = res.returncode
-                except subprocess.TimeoutExpired:
+                    bad = [n for n in bad if n.startswith(test)] or \
+                        (bad if not args.company else [])
+                    code = 0 if args.company and not bad else res.returncode
+                except subprocess.TimeoutExpired as err:
                     bad, code = [test], -1
+                    output = f"timed out after {args.timeout:g} s\n" + \
+                        "".join(x.decode(errors="replace") if isinstance(x, bytes) else x
+                                for x in (err.stdout or "", err.stderr or ""))
                 runs[test] += 1
                 for node in bad or ([test] if code not in (0, 5) else []):
                     failed[node] += 1
+                if args.keep is not None and (bad or code not in (0, 5)):
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    name = test.split("::")[-1].replace("/", "_")[:80]
+                    (args.keep / f"round-{k}-{name}.log").write_text(output)
                 print(f"round {k}/{args.rounds} {test}: "
                       f"{'ok' if not bad and code in (0, 5) else 'FAILED ' + ', '.join(bad)} "
                       f"({time.monotonic() - t0:.0f} s)", flush=True)
