@@ -3,7 +3,7 @@
 # issue "Beyond one MLP" (fp32, the 1-bit rule in buckets of 128, ps-fast's uplink, sign with
 # error feedback: each on the star with an fp32 downlink), the whole ps-fast preset, and DDP
 # PowerSGD; every run to its full budget (no early stop: the final quality is the budget's),
-# evaluated every 25 steps (the transformer every 50), on the modelled clock at 10 Mbit/s.
+# evaluated every 25 steps, on the modelled clock at 10 Mbit/s.
 # The PS methods run in one process (--simulate), DDP under torchrun.
 #   benchmarks/workloads_record.sh OUT [TASKS]       (SEEDS=0,1,2; PS=1 / DDP=1: only those)
 set -euo pipefail
@@ -23,7 +23,7 @@ for task in $tasks; do
   case $task in
     mnist1d-mlp) own=(--set steps=600 --set eval_every=25) ;;
     shapes-cnn) own=(--set eval_every=25) ;;      # the task's defaults: 600 steps, cosine
-    text-transformer) own=() ;;                   # the task's defaults: 600 steps, every 50
+    text-transformer) own=(--set eval_every=25) ;;   # the task's defaults: 600 steps
   esac
   if [ "$task" = text-transformer ]; then
     ps+=(-m "ps-fast-up:$UP" -m ps-fast:simulate=true,worker_momentum=false

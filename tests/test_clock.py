@@ -93,6 +93,11 @@ def test_ring():
     assert ms(clock.step({**rec, "step": 2})) == 19
     slow = Clock(config(method="ddp", latency=5.0, slow_worker="1=2"), cal)
     assert ms(slow.step(rec)) == 12 + 2 * 6 + 1
+    # PowerSGD's hook: three allreduces one after the other (uncompressed, P, Q), each 2 rounds
+    # of a third of the bytes; with 5 ms of latency per round: 6 + 3 * 2 * 5 + 1 + the links
+    three = {**rec, "bytes_up": 6 * SEG, "bytes_down": 6 * SEG}
+    powersgd = Clock(config(method="ddp", ddp_hook="powersgd", latency=5.0), cal)
+    assert powersgd.allreduces == 3 and ms(powersgd.step(three)) == 6 + 3 * 2 * (5 + 1) + 1
 
 
 def test_overlap():

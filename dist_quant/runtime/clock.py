@@ -53,8 +53,9 @@ the start of step ``s + 1 + j``, ready at 0, into the same queues as the uplink;
 runs in the lead of step ``s + L_e``. The last step and checkpoint steps settle the evaluations
 in flight: what is left of their pieces is sent at ``B_s``, then they are evaluated.
 
-DDP (one allreduce of ``S = bytes_up + bytes_down`` over all ranks, a ring on the slowest link
-``R``; ``A`` allreduces)::
+DDP (``A`` allreduces one after the other, together ``S = bytes_up + bytes_down`` over all
+ranks, each a ring on the slowest link ``R``; ``A = 1``, PowerSGD's hook ``A = 3``: its
+uncompressed tensors, then P, then Q)::
 
     T = max_i (f_i (c_forward + c_backward) + c_encode) / X + A 2 (W-1) (L + wire(c) / R)
         + (c_decode + c_update) / X + c_evaluate / X at evaluation steps,  c = S / (2 W (W-1) A)
@@ -163,9 +164,10 @@ class Clock:
         self.n = int(calibration["params"])
         self.w = int(config["workers"])
         self.cfg = config
-        # PowerSGD allreduces its two factors, P and Q, one after the other
+        # torch's PowerSGD hook allreduces three buffers one after the other: the tensors it
+        # leaves uncompressed (biases, norms, matrices not worth a rank-r factor), P, then Q
         self.allreduces = allreduces if allreduces != 1 or config.get("ddp_hook") != "powersgd" \
-            else 2
+            else 3
         if config.get("method") == "ddp":
             self.kind = "hook" if config.get("ddp_hook") == "onebit" else "ring"
         elif config.get("colocate"):
