@@ -95,12 +95,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -115,6 +115,7 @@ from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, g
 from dist_quant.config import LINKS, MODEL_FIELDS, OUTPUT, RUNTIME, SetFieldsCommand, TrainConfig
 from dist_quant.errors import ConfigError
 from dist_quant.presets import PRESETS
+from dist_quant.runner.launcher import output_to, stopped_by
 from dist_quant.runtime.metrics import write_json_atomic
 from dist_quant.train import launch
 
@@ -326,29 +327,6 @@ def is_done(point: Point, run_dir: Path) -> bool:
         config_identity(saved) == config_identity(point.cfg.to_dict())
 
 
-@contextlib.contextmanager
-def output_to(path: Path) -> Iterator[None]:
-    """Send this process's stdout and stderr (file descriptors 1 and 2, which subprocesses
-    inherit) to ``path`` for the duration."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    try:
-        with open(path, "ab") as fh:
-            os.dup2(fh.fileno(), 1)
-            os.dup2(fh.fileno(), 2)
-            try:
-                yield
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os.dup2(saved[0], 1)
-                os.dup2(saved[1], 2)
-    finally:
-        os.close(saved[0])
-        os.close(saved[1])
-
-
 def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
     """Run one point into ``run_dir`` (cleared first); return its index record."""
     if run_dir.exists():
@@ -373,6 +351,8 @@ def run_point(point: Point, run_dir: Path) -> dict[str, Any]:
                             worker_rates=dict(point.worker_rates), dilation=point.dilation)
             else:
                 code = launch(cfg)
+                if (signum := stopped_by(code, run_dir)) is not None:
+                    raise KeyboardInterrupt(f"signal {signum}")   # the sweep stops too
     except KeyboardInterrupt:
         raise
     except Exception as err:  # a failed point is recorded; the sweep goes on
@@ -580,7 +560,13 @@ def sweep(out_dir: str, methods: tuple[str, ...], sets: tuple[str, ...], seeds: 
             state = "done" if is_done(p, Path(out_dir) / p.name) else "to run"
             click.echo(f"{p.name}  [{p.runner}, {state}]")
         return
-    index = run_sweep(points, out_dir, progress=progress)
+    try:
+        index = run_sweep(points, out_dir, progress=progress)
+    except KeyboardInterrupt as err:   # Ctrl-C, SIGTERM, SIGHUP: during a point or between two
+        signum = int(str(err).split()[-1]) if str(err).startswith("signal ") else signal.SIGINT
+        click.echo(f"dist-quant sweep {out_dir}: stopped by {signal.Signals(signum).name}; the "
+                   "same command resumes (points done are kept)", err=True)
+        sys.exit(128 + signum)
     done = sum(1 for p in points if index["points"][p.name]["status"] == "done")
     click.echo(f"sweep {out_dir}: {done}/{len(points)} points done, {len(index['ran'])} run "
                f"now, {len(index['failed'])} failed; index {Path(out_dir) / INDEX}")

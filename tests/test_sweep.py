@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,7 @@ from click.testing import CliRunner
 
 from dist_quant.config import TrainConfig
 from dist_quant.errors import ConfigError
+from dist_quant.runner.launcher import descendants
 from dist_quant.runtime.metrics import read_metrics, read_summary
 from dist_quant.sweep import (
     INDEX,
@@ -164,3 +170,49 @@ def test_seeds_and_repeated_set_of_one_field_sweep_every_value_once(tmp_path):
     result = CliRunner().invoke(sweep, [str(tmp_path / "out"), "-m", "ddp-fp32", "--seeds",
                                         "x", "--dry-run"])
     assert result.exit_code == 2 and "--seeds" in result.output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_whole_sweep_not_only_its_point(tmp_path, sig):
+    """Ctrl-C or SIGTERM during a point ends the sweep (not only the point, after which it
+    went on to the next): exit 128 + signal, one line saying so, no later point started,
+    nothing of the job left; the same command then resumes the stopped point."""
+    out = tmp_path / "sweep"
+    args = [sys.executable, "-m", "dist_quant", "sweep", str(out), "--no-progress",
+            "-m", "ps-fp32:simulate=true", "-m", "ps-onebit:simulate=true",
+            "--set", "steps=100000", "--set", "eval_every=100000", "--set", "workers=2",
+            "--set", "train_size=200", "--set", "test_size=50", "--set", "hidden=8",
+            "--set", "batch_size=8"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                (d / "metrics.jsonl").is_file() and (d / "metrics.jsonl").stat().st_size > 0
+                for d in out.glob("ps-*")):
+            time.sleep(0.2)
+        job = descendants(proc.pid)
+        assert job, "the point never started"
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, (stdout, stderr)
+    assert f"stopped by {signal.Signals(sig).name}; the same command resumes" in stderr
+    assert [d.name.split("_")[0] for d in out.glob("ps-*")] == ["ps-fp32"]   # no next point
+    t0 = time.monotonic()
+    while any(_alive(p) for p in job) and time.monotonic() - t0 < 10:
+        time.sleep(0.1)
+    assert not [p for p in job if _alive(p)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:   # a zombie is gone for our purpose
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

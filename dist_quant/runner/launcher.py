@@ -47,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -311,3 +312,35 @@ def run_torchrun(cmd: list[str], env: dict[str, str], run_dir: Path, method: str
         filt._write(f"dist_quant: {log_path} is incomplete "
                     f"({log_failed[0].strerror or log_failed[0]})\n")
     return code
+
+
+@contextlib.contextmanager
+def output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, which subprocesses
+    inherit) to ``path`` for the duration."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    try:
+        with open(path, "ab") as fh:
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+    finally:
+        os.close(saved[0])
+        os.close(saved[1])
+
+
+def stopped_by(code: int | None, run_dir: Path) -> int | None:
+    """The signal that stopped a job :func:`run_torchrun` ran (``128 + signal``, with its
+    ``stopped.json`` written), or None when it ended by itself."""
+    stops = {128 + s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    if code in stops and (Path(run_dir) / "stopped.json").is_file():
+        return int(code) - 128
+    return None
