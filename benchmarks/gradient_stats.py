@@ -16,6 +16,8 @@ batch of all four workers, as the synchronous fp32 run does), and described by:
   (the compressors' order: the parameters flattened in model order), ``(range - range without
   its most extreme coordinate) / range``, median and 90th percentile over the buckets: the part
   of the two levels that one coordinate takes;
+- **buckets across tensors**: the share of buckets of ``d`` whose coordinates come from more
+  than one parameter tensor (where the layer scale spread enters a bucket);
 - **the 1-bit rule's relative variance** ``omega_d = sum_i (g_i - min_B)(max_B - g_i) /
   ||g||^2`` (MATH.md 4c, the minimum-variance (a, b) per bucket B of ``d``) for d = 32 and 128:
   the variance the rule adds to the gradient, relative to its squared norm; averaging W
@@ -73,8 +75,13 @@ def describe(model: torch.nn.Module) -> dict[str, object]:
                               "scale_spread": max(positive) / min(positive), "kurtosis": kurt,
                               "largest_layer": max(rms, key=rms.get),
                               "smallest_layer": min(rms, key=rms.get)}
+    owner = torch.cat([torch.full((t.numel(),), k) for k, (_, t) in enumerate(named)])
     for d in BUCKETS:
         out[f"bucket{d}"] = bucket_stats(g, d)
+        n = owner.numel() // d * d
+        tensors = owner[:n].reshape(-1, d)
+        out[f"bucket{d}"]["across"] = float((tensors.min(1).values != tensors.max(1).values)
+                                            .double().mean())
     return out
 
 
@@ -110,14 +117,15 @@ def task_stats(task_name: str, after: list[int], seed: int) -> list[dict[str, ob
 def table(rows: list[dict[str, object]]) -> str:
     out = ["| task | after steps | params | layer scale spread (max/min RMS) | kurtosis | "
            "one coordinate's share of a bucket's range, d = 128 (median, p90) | same, d = 32 | "
-           "omega_128 | omega_32 |", "|" + "---|" * 9]
+           "omega_128 | omega_32 | buckets across tensors, d = 128, 32 |", "|" + "---|" * 10]
     for r in rows:
         b128, b32 = r["bucket128"], r["bucket32"]
         out.append(f"| {r['task']} | {r['after_steps']} | {r['params']:,} | "
                    f"{r['scale_spread']:.3g} | {r['kurtosis']:.3g} | "
                    f"{b128['share_median']:.2f}, {b128['share_p90']:.2f} | "
                    f"{b32['share_median']:.2f}, {b32['share_p90']:.2f} | "
-                   f"{b128['omega']:.3g} | {b32['omega']:.3g} |")
+                   f"{b128['omega']:.3g} | {b32['omega']:.3g} | "
+                   f"{100 * b128['across']:.0f}%, {100 * b32['across']:.0f}% |")
     return "\n".join(out)
 
 

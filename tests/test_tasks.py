@@ -237,3 +237,34 @@ def test_each_task_brings_its_defaults_for_the_options_not_given():
                          {"task": ["text-transformer"], "workers": [4]})
     assert [p.cfg.lr for p in points] == [text["lr"], 1.0, 0.1]
     assert {p.cfg.batch_size for p in points} == {text["batch_size"]}
+
+
+# ---- DDP on the new tasks ------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("task", list(RUNS))
+def test_ddp_fp32_follows_the_parameter_server_fp32_run_of_each_task(tmp_path, task):
+    """DDP runs the task's model, data, dropout and optimizer as the PS job does: with fp32 on
+    both sides the losses agree to rounding (the MLP's check, tests/test_sweep.py)."""
+    options = dict(workers=2, steps=3, eval_every=3, timeout=120.0, compressor="none")
+    ddp = cfg_of(task, tmp_path / "ddp", method="ddp", **options)
+    ps = cfg_of(task, tmp_path / "ps", simulate=True, **options)
+    assert launch(ddp) == 0 and run_in_process(ps) == 0
+    losses = [[r["loss"] for r in read_metrics(d) if r["kind"] == "step"]
+              for d in (ddp.run_dir, ps.run_dir)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_powersgd_on_a_model_of_two_buckets_ends(tmp_path):
+    """The transformer (1.4 MB) is two DDP buckets at DDP's defaults; torch's PowerSGD hook on
+    gloo then hung every rank for good (both of gloo's threads waiting inside the hook's
+    callbacks). It must end, and in one bucket."""
+    import subprocess
+    import sys
+
+    cfg = cfg_of("text-transformer", tmp_path / "r", method="ddp", ddp_hook="powersgd",
+                 workers=2, steps=3, eval_every=3, timeout=60.0)
+    res = subprocess.run([sys.executable, "-m", "dist_quant", "train", *cfg.to_argv()],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert read_summary(cfg.run_dir)["steps"] == 3

@@ -98,6 +98,7 @@ Launch: ``dist-quant train --method ddp --workers 4 --ddp-hook powersgd`` or
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -370,7 +371,8 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     n_stats = bn_stats(model).numel()
     # Replicas start equal by construction (same INIT seed): no start-up broadcast. BatchNorm
     # running statistics stay local (no buffer sync in forward), averaged at evaluation.
-    ddp = DistributedDataParallel(model, init_sync=False, forward_sync_buffers=False)
+    ddp = DistributedDataParallel(model, init_sync=False, forward_sync_buffers=False,
+                                  **bucket_options(model, cfg))
     meter = AllreduceMeter()
     hook, state = make_hook(cfg)
     ddp.register_comm_hook(state, meter.wrap(hook))
@@ -500,6 +502,20 @@ def _evaluate_with_mean_stats(model: nn.Module, x: torch.Tensor, y: torch.Tensor
         return score()
     finally:
         load_bn_stats(model, own)
+
+
+def bucket_options(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """PowerSGD on gloo: the whole model in one DDP bucket. torch's hook waits, inside the
+    callback of its first allreduce, for the allreduce of P; gloo runs callbacks on its work
+    threads (two), so with two buckets both threads wait there and none is left to run the
+    allreduces they wait for: every rank hangs for good, and no collective times out, since
+    none started (a 360,288-parameter transformer, 1.4 MB, made two buckets under DDP's 1 MB
+    first bucket). One bucket costs the overlap of communication with backward, which gloo on
+    CPU barely has."""
+    if cfg.ddp_hook != "powersgd" or dist.get_backend() != "gloo":
+        return {}
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"bucket_cap_mb": max(25, math.ceil(size / 2**20) + 1)}
 
 
 def run_ddp(cfg: TrainConfig) -> None:
