@@ -112,7 +112,15 @@ from dist_quant.cluster.dilation import AUTO, Dilation, check_engine, parse_dila
 from dist_quant.cluster.engine import parse_worker_rates
 from dist_quant.cluster.records import log_tail
 from dist_quant.cluster.registry import DEFAULT_ENGINE, EngineChoice, engines, get_engine
-from dist_quant.config import LINKS, MODEL_FIELDS, OUTPUT, RUNTIME, SetFieldsCommand, TrainConfig
+from dist_quant.config import (
+    LINKS,
+    MLP_TASK_FIELDS,
+    MODEL_FIELDS,
+    OUTPUT,
+    RUNTIME,
+    SetFieldsCommand,
+    TrainConfig,
+)
 from dist_quant.errors import ConfigError
 from dist_quant.presets import PRESETS
 from dist_quant.runner.launcher import output_to, stopped_by
@@ -318,13 +326,15 @@ def expand_grid(methods: Sequence[str], sets: Mapping[str, Sequence[Any]] | None
 
 # ---- running ---------------------------------------------------------------------------------
 def is_done(point: Point, run_dir: Path) -> bool:
-    """summary.json present and config.json holding this point's config."""
+    """summary.json present and config.json holding this point's config (which leaves out the
+    MLP's fields for another ``--task``)."""
     try:
         saved = json.loads((run_dir / "config.json").read_text())["config"]
     except (OSError, ValueError, KeyError):
         return False
-    return (run_dir / "summary.json").is_file() and \
-        config_identity(saved) == config_identity(point.cfg.to_dict())
+    mine = {k: v for k, v in config_identity(point.cfg.to_dict()).items()
+            if k in saved or k not in MLP_TASK_FIELDS}
+    return (run_dir / "summary.json").is_file() and config_identity(saved) == mine
 
 
 def run_point(point: Point, run_dir: Path) -> dict[str, Any]:

@@ -216,3 +216,20 @@ def _alive(pid: int) -> bool:
             return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_done_point_of_another_task_is_recognised(tmp_path):
+    """config.json of a --task other than the MLP leaves out the MLP's fields; a sweep run
+    again must still find the point done (it ran every such point again)."""
+    from dist_quant.config import MLP_TASK_FIELDS
+
+    point = expand_grid(["ps-fp32"], {"task": ["shapes-cnn"], "workers": [2]})[0]
+    run = tmp_path / point.name
+    run.mkdir()
+    saved = {k: v for k, v in point.cfg.to_dict().items() if k not in MLP_TASK_FIELDS}
+    (run / "config.json").write_text(json.dumps({"config": saved}))
+    assert not is_done(point, run)                       # no summary yet
+    (run / "summary.json").write_text("{}")
+    assert is_done(point, run)
+    other = expand_grid(["ps-fp32"], {"task": ["shapes-cnn"], "workers": [3]})[0]
+    assert not is_done(other, run)
