@@ -28,8 +28,8 @@ from dist_quant.runtime.clock import Clock, Links
 TARGETS = {"mnist1d-mlp": ("test_accuracy", 0.68, "above"),
            "shapes-cnn": ("test_accuracy", 0.95, "above"),
            "text-transformer": ("test_loss", 2.5, "below")}
-ORDER = ("ps-fp32", "ps-onebit", "ps-fast-up", "ps-sign-ef", "ps-onebit-adam", "ps-fast",
-         "ddp-powersgd")
+ORDER = ("ps-fp32", "ps-onebit", "ps-fast-up", "ps-sign-ef", "ps-onebit-adam", "ps-sign-adam",
+         "ps-fast", "ddp-powersgd")
 
 
 def hit(evals: list[dict], metric: str, target: float, better: str) -> dict | None:
