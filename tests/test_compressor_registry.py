@@ -170,6 +170,10 @@ def _hook_rank(rank: int, port: int, out: str) -> None:
     (ddp(_grads()[rank].unsqueeze(0)).sum()).backward()  # d/dw (w . g) = g
     torch.save({"grad": model.weight.grad.reshape(-1).clone(),
                 "bounds": state.plan(N, WORLD).bounds}, f"{out}/rank{rank}.pt")
+    # both ranks done before either closes its links: a rank that tore its process group down
+    # while the other's gloo thread still read from it aborted that one ("terminate called
+    # without an active exception", SIGABRT), once in a full suite run
+    dist.barrier()
     dist.destroy_process_group()
 
 
