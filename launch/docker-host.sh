@@ -14,7 +14,8 @@
 #    $DQ_STATE/dockerd.log. Its own bridges use 10.0.0.0/8 addresses (--bip, address pools), so
 #    no container network takes a range of the machine's own networks.
 # 3. The image $DQ_IMAGE (dist-quant:latest), rebuilt only when the files it is built from
-#    changed (their hash is the image's label dist-quant.source):
+#    changed (their hash, taken once per call, is the image's label dist-quant.source; a file
+#    changed while the image builds is named at the end, not mistaken for a stale image):
 #    - base: python:3.11-slim where a container registry answers, else a Debian base made with
 #      `debootstrap --variant=minbase` from the mirror apt uses here, with python3, venv, gcc and
 #      iproute2 already in it (cached in $DQ_CACHE), so the build needs no network;
@@ -57,11 +58,18 @@ source_hash() {
         xargs -0 sha256sum; echo "$TORCH_SPEC") | sha256sum | cut -c1-16
 }
 
+# the hash this call works against: taken once, so that a build and its check see the same
+# sources even if a file changes while the image builds (that change is then named, below)
+SOURCE=""
+
+image_label() {
+    docker image inspect -f '{{ index .Config.Labels "dist-quant.source" }}' "$IMAGE" 2>/dev/null
+}
+
 image_current() {
     local label
-    label=$(docker image inspect -f '{{ index .Config.Labels "dist-quant.source" }}' "$IMAGE" \
-        2>/dev/null) || return 1
-    [[ $label == "$(source_hash)" ]]
+    label=$(image_label) || return 1
+    [[ $label == "${SOURCE:-$(source_hash)}" ]]
 }
 
 install_engine() {
@@ -186,7 +194,7 @@ build_image() {
     fill_wheelhouse
     say "building $IMAGE from $base (a few minutes the first time)"
     docker build -q -t "$IMAGE" --build-arg BASE="$base" --build-arg TORCH_SPEC="$TORCH_SPEC" \
-        --label "dist-quant.source=$(source_hash)" "$REPO" > "$CACHE/build.log" 2>&1 ||
+        --label "dist-quant.source=$SOURCE" "$REPO" > "$CACHE/build.log" 2>&1 ||
         fail "docker build failed; see $CACHE/build.log"
 }
 
@@ -203,7 +211,9 @@ check() {
 
 mkdir -p "$CACHE"
 case ${1:-up} in
-    up) install_engine; start_daemon; build_image; check ;;
+    up) SOURCE=$(source_hash); install_engine; start_daemon; build_image; check
+        [[ $(source_hash) == "$SOURCE" ]] ||
+            say "the sources changed while this ran: $IMAGE holds them as they were at its start; run launch/docker-host.sh again to take the change" ;;
     check) check ;;
     stop) stop_daemon ;;
     *) echo "usage: launch/docker-host.sh [up | check | stop]" >&2; exit 2 ;;

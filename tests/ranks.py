@@ -38,3 +38,13 @@ def wait_for_lines(procs: list[subprocess.Popen], metrics: Path, lines: int = 3,
         assert all(p.poll() is None for p in procs), "a rank ended before the fault"
         assert time.monotonic() < deadline, "training did not start"
         time.sleep(0.2)
+
+
+def leave_group() -> None:
+    """End a spawned rank's process group: every rank meets at a barrier first, so none tears
+    its links down while another still sends (gloo then aborts the late rank with "terminate
+    called without an active exception")."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()

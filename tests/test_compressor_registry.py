@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import leave_group
 from test_hooks import _free_port
 from test_train import final, simulated, tiny
 
@@ -173,8 +174,7 @@ def _hook_rank(rank: int, port: int, out: str) -> None:
     # both ranks done before either closes its links: a rank that tore its process group down
     # while the other's gloo thread still read from it aborted that one ("terminate called
     # without an active exception", SIGABRT), once in a full suite run
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_the_ddp_hook_slices_it_on_its_buckets(int8, tmp_path):

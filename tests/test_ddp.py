@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from cpu_checks import check_cpu_records
+from ranks import leave_group
 from torch import nn
 
 from dist_quant.baselines.ddp import (
@@ -76,7 +77,7 @@ def _worker(rank: int, world: int, port: int, jobs: list[dict], out: str) -> Non
                        f"{out}/{job['name']}/final.pt")
         torch.save({"params": flat_params(result.model), "bn": bn_stats(result.model)},
                    f"{out}/{job['name']}/final_rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 def _spawn(world: int, jobs: list[dict], out: Path) -> Path:

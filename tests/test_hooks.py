@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import leave_group
 from test_ddp import _tcp_bytes_sent
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -198,7 +199,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result = {"draws": {k: _draws(rank, k) for k in (32, 1)},
               "tiny": _tiny_buckets(rank), "replicas": _replicas(rank, world)}
     torch.save(result, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.fixture(scope="module")
@@ -426,7 +427,7 @@ def _train_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.all_reduce(wire)
         if rank == 0:
             Path(f"{out}/{hook}/wire.txt").write_text(str(int(wire)))
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.fixture(scope="module")

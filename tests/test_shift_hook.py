@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import leave_group
 from test_hooks import Dot, _free_port, _targets
 from torch.nn.parallel import DistributedDataParallel
 
@@ -43,7 +44,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         "ef21": {"compressor": "sign", "shift_rate": 1.0},
         "plain": {"compressor": "onebit"}}.items()}
     torch.save(result, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.fixture(scope="module")
