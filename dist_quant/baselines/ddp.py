@@ -68,6 +68,12 @@ hooks on a separate thread, so where a bucket overlaps backward this split is an
 MLP here fits in one bucket, which DDP reduces after the whole backward); ``update`` is the
 optimizer step.
 
+Hangs. A peer that dies or stops answering ends every collective waiting on it after
+``--timeout`` (gloo's own timeout, named by the rank). A collective that never starts, so that
+no timeout of gloo's can fire (a hook blocked inside gloo's callbacks), is ended by
+:class:`dist_quant.runtime.watchdog.StepWatchdog`: no step for twice ``--timeout`` ends the
+rank with one line naming it and the step.
+
 CPU time per phase (``cpu``, seconds of rank 0's training thread,
 :mod:`dist_quant.runtime.phasetime`): ``compute`` is that thread's CPU over forward and
 backward less what it spent inside the hooks' calls; ``encode`` the hooks' calls on it less the
@@ -126,6 +132,7 @@ from dist_quant.runtime.metrics import RunRecorder
 from dist_quant.runtime.phasetime import now, since
 from dist_quant.runtime.progress import Progress, summary_line
 from dist_quant.runtime.rank import default_run_dir, pick_device
+from dist_quant.runtime.watchdog import StepWatchdog
 
 POWERSGD_START_ITER = 2
 
@@ -388,7 +395,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
     hooked = hook_bytes(state)
     slow, last_compute = cfg.slow_factors.get(rank, 1.0), 0.0
     try:
-        with meter.installed():
+        with meter.installed(), StepWatchdog(f"rank {rank}", 2 * cfg.timeout) as watch:
             for step in range(1, cfg.steps + 1):
                 idx = sampler.next().to(device)
                 x, y = x_train[idx], y_train[idx]
@@ -449,6 +456,7 @@ def train_ddp(cfg: TrainConfig) -> DDPResult:
                     dist.broadcast(flag, src=0)
                     if flag.item():
                         break
+                watch.beat(step)
     finally:
         progress.close()
 
