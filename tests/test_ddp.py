@@ -44,7 +44,9 @@ def _free_port() -> int:
 
 
 def _tcp_bytes_sent(pid: int) -> int | None:
-    """Sum of ``bytes_sent`` over this process's TCP sockets (``ss -ti``), or None."""
+    """Sum of ``bytes_sent`` less ``bytes_retrans`` over this process's TCP sockets
+    (``ss -ti``): the payload each sent once, a segment sent again counted once (a loaded
+    machine's loopback may drop and resend), or None."""
     if shutil.which("ss") is None:
         return None
     out = subprocess.run(["ss", "-tinpH"], capture_output=True, text=True).stdout.splitlines()
@@ -53,7 +55,9 @@ def _tcp_bytes_sent(pid: int) -> int | None:
         if f"pid={pid}," in line:
             m = re.search(r"bytes_sent:(\d+)", info)
             if m:
-                total, seen = total + int(m.group(1)), True
+                again = re.search(r"bytes_retrans:(\d+)", info)
+                total = total + int(m.group(1)) - (int(again.group(1)) if again else 0)
+                seen = True
     return total if seen else None
 
 
