@@ -230,6 +230,28 @@ def test_malformed_payloads_rejected(name, options, mutate, message):
                          data.numel() else mutate(data).unsqueeze(0))
 
 
+@pytest.mark.parametrize("name", ["fp16", "bf16"])
+def test_a_16_bit_mean_across_its_widening_chunks_is_the_rows_summed_in_order(name):
+    """Above MIXED_ADD_MAX decode_mean widens 16-bit rows MEAN_CHUNK coordinates at a time: bit
+    for bit the rows decoded, summed in row order and divided by W, across chunk edges and on
+    unaligned rows."""
+    from dist_quant.compress.floats import MEAN_CHUNK, MIXED_ADD_MAX
+
+    comp = get_compressor(name)
+    n = MIXED_ADD_MAX + MEAN_CHUNK + 3
+    gen = torch.Generator().manual_seed(5)
+    rows = torch.stack([comp.encode(torch.randn(n, generator=gen) * 10 ** w).to_tensor()
+                        for w in range(3)])
+    want = torch.zeros(n)
+    for r in rows:
+        want += comp.decode(r)
+    want /= 3
+    assert torch.equal(comp.decode_mean(rows), want)
+    odd = torch.zeros(3, rows.shape[1] + 1, dtype=torch.uint8)[:, 1:]   # rows at odd offsets
+    odd.copy_(rows)
+    assert torch.equal(comp.decode_mean(odd), want)
+
+
 def test_decode_mean_is_the_mean_of_decodes():
     for name in ("qsgd", "terngrad", "topk", "randk"):
         comp = get_compressor(name, ratio=0.2, bucket_size=16)

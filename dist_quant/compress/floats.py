@@ -14,6 +14,9 @@ from dist_quant.compress import wire
 from dist_quant.compress.base import Compressor, count_nonfinite
 from dist_quant.errors import NonFiniteGradientError, PayloadError
 
+MEAN_CHUNK = 1 << 18  # coordinates widened at a time by a 16-bit decode_mean (1 MiB of fp32)
+MIXED_ADD_MAX = 1 << 21  # up to here a 16-bit decode_mean adds its rows by torch's mixed add
+
 
 class FloatCompressor(Compressor):
     """The values themselves in ``dtype``: deterministic, so contractive (rounding to nearest
@@ -70,10 +73,26 @@ class FloatCompressor(Compressor):
 
     def _mean_of_rows(self, batch, n, out):
         out.zero_()
+        rows = []
         for row in range(batch.shape[0]):
             body = batch[row, wire.FIXED_NBYTES:]
             aligned = body.storage_offset() % self.dtype.itemsize == 0
-            out.add_(body.view(self.dtype) if aligned else wire.view_as(body, 0, n, self.dtype))
+            rows.append(body.view(self.dtype) if aligned else wire.view_as(body, 0, n, self.dtype))
+        if self.dtype == torch.float32 or out.device.type != "cpu" or n <= MIXED_ADD_MAX:
+            for values in rows:
+                out.add_(values)
+        else:
+            # On the CPU torch's mixed add (fp32 += fp16/bf16) slows down past a few million
+            # coordinates (16M, W = 4: 157 ms against 28 ms widened in chunks, AVX-512;
+            # benchmarks/finite_check_cost.py; below 2M it is the faster), so larger rows are
+            # widened a chunk at a time into one small buffer. The same arithmetic in the same
+            # order (exact widening, then each row added in row order): the same bits.
+            buf = torch.empty(min(n, MEAN_CHUNK), dtype=torch.float32)
+            for start in range(0, n, MEAN_CHUNK):
+                stop = min(n, start + MEAN_CHUNK)
+                acc, wide = out[start:stop], buf[:stop - start]
+                for values in rows:
+                    acc.add_(wide.copy_(values[start:stop]))
         out.div_(batch.shape[0])
         if count_nonfinite(out):  # a non-finite row, or finite rows whose sum overflows
             for row in range(batch.shape[0]):
