@@ -178,7 +178,14 @@ def test_training_run_records_wire_bytes(tmp_path):
     data_up = st["wire_bytes_up"] - st["ack_bytes_up"]
     assert st["payload_bytes_up"] >= worker_steps * summary["payload_nbytes_up"]
     stats = st["payload_bytes_up"] - worker_steps * summary["payload_nbytes_up"]  # eval steps
-    assert framed <= data_up <= framed + stats + 1024 * worker_steps + 1024 * 2 * st["seconds"]
+    # the window's edges: each mark is read a poll and a `tc` call after its step line, by when
+    # a worker may have sent the next step's first small messages (gloo's receive notices, the
+    # loss telemetry: a capture at the server saw 117-122 frames under 1,000 bytes per worker
+    # in an 8-step run, 17.6 KB, so at most about 2 KB per worker and step); a late end mark
+    # counts them, a late start mark leaves them out: up to one step's worth per worker
+    edges = 2048 * 2
+    assert framed <= data_up <= framed + stats + 1024 * worker_steps + 1024 * 2 * st["seconds"] \
+        + edges
     assert 0 < st["ack_bytes_up"] < st["wire_bytes_up"]
 
 
